@@ -1,0 +1,30 @@
+# The README's commands. `make demo` and `make test` work in a fresh clone with only Python 3.11:
+# they create .venv, install the project into it, and run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision pinned to the releases this project is tested with (CPU machines take them from the
+# local wheel cache; GPU machines get the CUDA build of the same release).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test lint bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/python -m lavis.demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

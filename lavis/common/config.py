@@ -1,0 +1,163 @@
+"""Load, merge and validate a project config.
+
+Order of precedence, lowest first:
+  1. the model's default YAML ``lavis/configs/models/<arch>/<model_type>.yaml``,
+  2. each dataset builder's default YAML ``lavis/configs/datasets/<builder>/defaults.yaml``,
+  3. the project YAML given with ``--cfg-path``,
+  4. ``--options key=value ...`` (dotted keys, values parsed as YAML).
+``model.arch`` and ``model.model_type`` are read after step 4, so an override of
+``model.model_type`` selects a different default YAML. The merged config is then
+checked against the schemas of the named components; every problem is reported
+in one ConfigError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lavis.common.errors import ConfigError
+from lavis.common.registry import nearest, registry
+from lavis.common.schema import check_mapping, merged_schema
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+SECTIONS = ("model", "datasets", "run")
+
+
+def model_default_path(arch: str, model_type: str) -> Path:
+    """Where the default YAML of a model type lives."""
+    return CONFIG_ROOT / "models" / arch / f"{model_type}.yaml"
+
+
+def dataset_default_path(builder: str) -> Path:
+    """Where the default YAML of a dataset builder lives."""
+    return CONFIG_ROOT / "datasets" / builder / "defaults.yaml"
+
+
+def read_yaml(path: str | Path) -> DictConfig:
+    """Read a YAML file into a DictConfig; a missing or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    return cfg
+
+
+def parse_options(options: list[str] | None) -> DictConfig:
+    """``["run.init_lr=1e-4", "run.valid_splits=[val]"]`` -> a DictConfig (values parsed as YAML)."""
+    options = list(options or [])
+    for option in options:
+        if "=" not in option or option.startswith("="):
+            raise ConfigError(f"--options: {option!r} is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(options)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"--options: {err}") from None
+
+
+def _model_defaults(model: DictConfig, source: str) -> DictConfig:
+    arch = model.get("arch")
+    model_type = model.get("model_type")
+    if not arch or not model_type:
+        missing = [k for k in ("arch", "model_type") if not model.get(k)]
+        raise ConfigError(f"{source}: model.{' and model.'.join(missing)} must be set")
+    registry.get("model", arch, key_path="model.arch")
+    path = model_default_path(arch, model_type)
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        hint = nearest(model_type, known)
+        hint = f" Did you mean {hint!r}?" if hint else ""
+        raise ConfigError(
+            f"model.model_type: unknown type {model_type!r} for arch {arch!r}.{hint} Known types: {', '.join(known)}"
+        )
+    return read_yaml(path)
+
+
+def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictConfig:
+    """The validated, defaults-filled config of a run (see the module docstring for the merge order)."""
+    project = read_yaml(cfg_path)
+    overrides = parse_options(options)
+    unknown = [k for k in list(project.keys()) + list(overrides.keys()) if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(
+            "; ".join(
+                f"{key}: unknown top-level section (did you mean {nearest(key, SECTIONS)!r}?)"
+                if nearest(key, SECTIONS)
+                else f"{key}: unknown top-level section; sections are {', '.join(SECTIONS)}"
+                for key in dict.fromkeys(unknown)
+            )
+            + f" (in {cfg_path} or --options)"
+        )
+    user = OmegaConf.merge(project, overrides)
+    layers = [_model_defaults(user.get("model") or OmegaConf.create(), str(cfg_path))]
+    for name in (user.get("datasets") or {}).keys():
+        registry.get("builder", name, key_path=f"datasets.{name}")
+        path = dataset_default_path(name)
+        if path.is_file():
+            layers.append(read_yaml(path))
+    merged = OmegaConf.merge(*layers, user)
+    return validate(merged, source=str(cfg_path))
+
+
+def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
+    """Check every section against its components' schemas; all problems are raised together."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: cannot resolve an interpolation: {err}") from None
+    errors: list[str] = []
+    out: dict = {}
+
+    model = plain.get("model") or {}
+    model_cls = _lookup("model", model.get("arch"), "model.arch", errors)
+    if model_cls is not None:
+        out["model"], errs = check_mapping(model, model_cls.Config, "model", extra_allowed=("arch", "model_type"))
+        errors += errs
+
+    out["datasets"] = {}
+    for name, section in (plain.get("datasets") or {}).items():
+        builder_cls = _lookup("builder", name, f"datasets.{name}", errors)
+        if builder_cls is not None:
+            out["datasets"][name], errs = check_mapping(section, builder_cls.Config, f"datasets.{name}")
+            errors += errs
+
+    run = plain.get("run") or {}
+    from lavis.runners.run_config import RunConfig
+
+    task_cls = _lookup("task", run.get("task"), "run.task", errors)
+    run_schema = merged_schema("RunSection", RunConfig, *([task_cls.Config] if task_cls is not None else []))
+    out["run"], errs = check_mapping(run, run_schema, "run")
+    errors += errs
+    if isinstance(out["run"], dict):
+        for key, kind in (("runner", "runner"), ("lr_sched", "lr_scheduler")):
+            if isinstance(out["run"].get(key), str):
+                _lookup(kind, out["run"][key], f"run.{key}", errors)
+
+    if errors:
+        listing = "\n  - ".join(dict.fromkeys(errors))
+        raise ConfigError(f"{source}: {len(errors)} problem(s) in the config:\n  - {listing}")
+    return OmegaConf.create(out)
+
+
+def _lookup(kind: str, name, key_path: str, errors: list[str]):
+    if not name:
+        errors.append(f"{key_path}: required key is missing")
+        return None
+    try:
+        return registry.get(kind, name, key_path=key_path)
+    except ConfigError as err:
+        errors.append(str(err))
+        return None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text (what is printed at start-up and saved as config.yaml)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,6 @@
+"""Tasks register themselves on import."""
+
+from lavis.tasks import captioning, vqa  # noqa: F401
+from lavis.tasks.base import BaseTask
+
+__all__ = ["BaseTask"]

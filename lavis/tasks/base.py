@@ -1,0 +1,102 @@
+"""What every task shares: building the model and data, the training loss, generation.
+
+A task owns the meaning of its samples and metrics and nothing about processes:
+the runner shards, gathers and de-duplicates; the task turns one batch into a
+loss or into records, and records into metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from lavis.common.registry import registry
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings used by ``valid_step`` (keys of the ``run`` section)."""
+
+    num_beams: int = 3
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    length_penalty: float = -2.0
+
+
+@dataclass
+class FewShotConfig:
+    """Few-shot evaluation settings (keys of the ``run`` section, used by evaluate.py)."""
+
+    num_shots: list[int] = field(default_factory=lambda: [0])
+    num_trials: int = 1
+    trial_seeds: list[int] = field(default_factory=lambda: [42])
+    num_samples: Optional[int] = None
+    demo_split: str = "train"
+    demo_method: Literal["random", "rices"] = "random"
+    rices_cache_dir: Optional[str] = None
+    zero_shot_text_demos: bool = True
+
+
+class BaseTask:
+    """Shared behaviour of captioning and VQA; subclasses set ``sample_id_key`` and the metric."""
+
+    sample_id_key: str = "id"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.run_cfg = cfg.run
+        # Set by whoever owns the run directory (runner or evaluate.py); results are written there.
+        self.result_dir: Optional[Path] = None
+
+    @classmethod
+    def setup_task(cls, cfg):
+        """The task for a validated config."""
+        return cls(cfg)
+
+    def build_model(self, model_cfg):
+        """The model named by the ``model`` section."""
+        from lavis.models import build_model
+
+        return build_model(model_cfg)
+
+    def build_datasets(self, datasets_cfg) -> dict:
+        """``{dataset_name: {split: Dataset}}`` from the ``datasets`` section."""
+        return {
+            name: registry.get("builder", name)(section).build_datasets() for name, section in datasets_cfg.items()
+        }
+
+    def train_step(self, model, batch):
+        """The language-modelling loss of one batch (labels mask everything but the target text)."""
+        return model(
+            vision_x=batch["vision_x"],
+            lang_x=batch["lang_x"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        ).loss
+
+    def generation_kwargs(self) -> dict:
+        """Decoding settings from the run section."""
+        run = self.run_cfg
+        return {
+            "num_beams": run.num_beams,
+            "max_new_tokens": run.max_new_tokens,
+            "min_new_tokens": run.min_new_tokens,
+            "length_penalty": run.length_penalty,
+        }
+
+    def generate_text(self, model, batch) -> list[str]:
+        """Decoded new text for every sample of an evaluation batch."""
+        new_tokens = model.generate(
+            vision_x=batch["vision_x"],
+            lang_x=batch["lang_x"],
+            attention_mask=batch["attention_mask"],
+            **self.generation_kwargs(),
+        )
+        return model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def result_path(self, split: str, suffix: str = "") -> Optional[Path]:
+        """Where the results of ``split`` are written (None when no run directory is set)."""
+        if self.result_dir is None:
+            return None
+        return Path(self.result_dir) / f"{split}{suffix}_results.json"

@@ -1,0 +1,49 @@
+"""Image captioning: generate a caption per image, score with pycocoevalcap (CIDEr by default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lavis.common.registry import registry
+from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig
+
+
+def postprocess_caption(text: str) -> str:
+    """OpenFlamingo's caption clean-up: cut where the model starts a new ``Output:`` prompt, drop quotes."""
+    return text.split("Output", 1)[0].replace('"', "").strip()
+
+
+@registry.register_task("captioning")
+class CaptioningTask(BaseTask):
+    """COCO-style captioning; records are ``{"image_id", "caption"}``."""
+
+    sample_id_key = "image_id"
+
+    @dataclass
+    class Config(GenerationConfig, FewShotConfig):
+        """Captioning keys of the ``run`` section."""
+
+        metrics: list[str] = field(default_factory=lambda: ["CIDEr", "BLEU", "ROUGE_L"])
+        agg_metric: str = "CIDEr"
+
+    def collator(self, model, role: str):
+        from lavis.datasets.collators import CaptionCollator
+
+        return CaptionCollator(model.tokenizer, role=role)
+
+    def valid_step(self, model, batch) -> list[dict]:
+        texts = self.generate_text(model, batch)
+        return [
+            {"image_id": int(image_id), "caption": postprocess_caption(text)}
+            for image_id, text in zip(batch["image_id"], texts)
+        ]
+
+    def evaluate(self, records: list[dict], split: str, dataset) -> dict:
+        from lavis.metrics.caption import caption_metrics, write_caption_results
+
+        path = self.result_path(split)
+        if path is not None:
+            write_caption_results(records, path)
+        metrics = caption_metrics(dataset.annotation_file, records, metrics=tuple(self.run_cfg.metrics))
+        metrics["agg_metrics"] = metrics[self.run_cfg.agg_metric]
+        return metrics

@@ -1,0 +1,60 @@
+"""Visual question answering: generate a short answer, score with the official VQAv2 accuracy."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lavis.common.registry import registry
+from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig
+
+
+def postprocess_answer(text: str) -> str:
+    """OpenFlamingo's answer clean-up: cut at the next prompt word, keep the first clause."""
+    text = re.split("Question|Answer|Short", text, maxsplit=1)[0]
+    return re.split(", ", text, maxsplit=1)[0].strip()
+
+
+@registry.register_task("vqa")
+class VQATask(BaseTask):
+    """VQAv2-style open-ended VQA; records are ``{"question_id", "answer"}``."""
+
+    sample_id_key = "question_id"
+
+    @dataclass
+    class Config(GenerationConfig, FewShotConfig):
+        """VQA keys of the ``run`` section (decoding defaults follow OpenFlamingo's VQAv2 protocol)."""
+
+        max_new_tokens: int = 5
+        always_normalize: bool = False
+
+    def collator(self, model, role: str):
+        from lavis.datasets.collators import VQACollator
+
+        return VQACollator(model.tokenizer, role=role)
+
+    def valid_step(self, model, batch) -> list[dict]:
+        texts = self.generate_text(model, batch)
+        return [
+            {"question_id": int(qid), "answer": postprocess_answer(text)}
+            for qid, text in zip(batch["question_id"], texts)
+        ]
+
+    def evaluate(self, records: list[dict], split: str, dataset) -> dict:
+        from lavis.metrics.vqa import vqa_accuracy, write_vqa_results
+
+        path = self.result_path(split)
+        if path is not None:
+            write_vqa_results(records, path)
+        if dataset.annotation_file is None:
+            # test-dev has no public answers: the results file is the submission, there is nothing to score.
+            return {}
+        accuracy = vqa_accuracy(
+            dataset.question_file,
+            dataset.annotation_file,
+            records,
+            always_normalize=self.run_cfg.always_normalize,
+        )
+        metrics = {"overall": accuracy["overall"], "agg_metrics": accuracy["overall"]}
+        metrics.update({f"answer_type/{k}": v for k, v in accuracy["perAnswerType"].items()})
+        return metrics
