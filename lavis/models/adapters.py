@@ -1,0 +1,495 @@
+"""Parameter-efficient adapters (HF peft) and the freezing policy of the Flamingo network.
+
+`apply_trainable_policy` freezes everything, injects peft adapters into the chosen parts IN PLACE (the
+language model keeps its original module names, e.g. `lang_encoder.model.layers.0.self_attn.q_proj`,
+so the cross-attention hooks and the checkpoint names of the network stay valid), then unfreezes the
+parts the TrainableConfig asks for. The peft wrapper objects are kept on the model in a plain dict
+(not registered as submodules, so no parameter is listed twice); they are what saves the LM adapter in
+peft's own format and what drives AdaLoRA's rank allocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lavis.common.errors import ConfigError
+from lavis.models.quantization import is_quantized
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_METHODS = ("lora", "ia3", "loha", "lokr", "adalora")
+ADAPTABLE_PARTS = ("lang_encoder", "gated_cross_attn_layers", "perceiver")
+NEW_TOKENS = ("<|endofchunk|>", "<image>")  # the added tokens whose embedding rows learn; <PAD> never does
+
+_PEFT_MODELS_ATTR = "_pet_peft_models"  # {part name: peft.PeftModel}, a plain dict on the Flamingo module
+_ROWS_ATTR = "_pet_trainable_rows"  # on the nn.Embedding: the row ids its gradient mask lets through
+_HOOK_ATTR = "_pet_row_mask_hook"
+
+
+@dataclass
+class AdapterConfig:
+    """Which peft method to inject, with which hyper-parameters, into which parts of Flamingo."""
+
+    method: Optional[str] = None  # lora | ia3 | loha | lokr | adalora; None = no adapter
+    r: int = 8  # rank (lora, loha, lokr); AdaLoRA's initial rank
+    alpha: int = 16
+    dropout: float = 0.05  # lora/adalora: input dropout; loha/lokr: rank dropout; unused by ia3
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # in lang_encoder
+    modules_to_save: Optional[list[str]] = None  # LM modules trained fully and saved with the adapter
+    apply_to: list[str] = field(default_factory=lambda: ["lang_encoder"])
+    # The Flamingo-specific parts name their layers differently from LLaMA.
+    xattn_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_kv", "to_out"])
+    perceiver_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_kv", "to_out"])
+    # ia3: the targets whose INPUT is rescaled (feed-forward outputs); each part uses those among its targets.
+    feedforward_modules: list[str] = field(default_factory=list)
+    # adalora: ranks shrink from r to target_r on average between step tinit and total_step - tfinal.
+    target_r: int = 4
+    total_step: Optional[int] = None
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    orth_reg_weight: float = 0.5
+
+
+@dataclass
+class TrainableConfig:
+    """Which non-adapter parts train. The vision encoder is always frozen."""
+
+    perceiver: bool = True
+    gated_cross_attn: bool = True
+    new_token_embeddings: bool = True  # only the rows of <|endofchunk|> and <image>
+    lm_embeddings: bool = False  # every row of the LM's input embedding
+
+
+def _coerce(cls, value, key: str):
+    """Accept the dataclass itself, a dict or an OmegaConf DictConfig (what the config loader hands over)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # omegaconf is a dependency; this only keeps the module importable without it
+        pass
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**value)
+
+
+def validate_adapter_config(cfg: AdapterConfig) -> None:
+    """Raise ConfigError (all problems in one message) when `cfg` cannot be applied."""
+    problems = []
+    if cfg.method is not None and cfg.method not in ADAPTER_METHODS:
+        problems.append(
+            f"adapters.method: unknown method {cfg.method!r}; known methods: {', '.join(ADAPTER_METHODS)}"
+        )
+    bad_parts = [p for p in cfg.apply_to if p not in ADAPTABLE_PARTS]
+    if bad_parts:
+        problems.append(
+            f"adapters.apply_to: unknown part(s) {bad_parts}; known parts: {', '.join(ADAPTABLE_PARTS)}"
+        )
+    if cfg.r <= 0:
+        problems.append(f"adapters.r: must be positive, got {cfg.r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        problems.append(f"adapters.dropout: must be in [0, 1), got {cfg.dropout}")
+    if cfg.method == "adalora":
+        if cfg.total_step is None or cfg.total_step <= 0:
+            problems.append(
+                "adapters.total_step: AdaLoRA needs the total number of optimizer steps (a positive int)"
+            )
+        elif cfg.tinit + cfg.tfinal >= cfg.total_step:
+            problems.append(
+                f"adapters.tinit + adapters.tfinal ({cfg.tinit} + {cfg.tfinal}) must be below "
+                f"adapters.total_step ({cfg.total_step})"
+            )
+        if not 0 < cfg.target_r <= cfg.r:
+            problems.append(f"adapters.target_r: must be in [1, r={cfg.r}], got {cfg.target_r}")
+    if cfg.method == "ia3":
+        targets = set(cfg.target_modules) | set(cfg.xattn_target_modules) | set(cfg.perceiver_target_modules)
+        stray = [m for m in cfg.feedforward_modules if m not in targets]
+        if stray:
+            problems.append(f"adapters.feedforward_modules: {stray} are not in any part's target modules")
+    if problems:
+        raise ConfigError("invalid adapter config:\n  " + "\n  ".join(problems))
+
+
+def _targets_of(cfg: AdapterConfig, part: str) -> list[str]:
+    return list(
+        {
+            "lang_encoder": cfg.target_modules,
+            "gated_cross_attn_layers": cfg.xattn_target_modules,
+            "perceiver": cfg.perceiver_target_modules,
+        }[part]
+    )
+
+
+def build_peft_config(cfg: AdapterConfig, part: str):
+    """The peft config object of `cfg.method` for one part of Flamingo."""
+    import peft
+
+    targets = _targets_of(cfg, part)
+    common: dict[str, Any] = {"target_modules": targets}
+    if part == "lang_encoder":
+        # CAUSAL_LM makes the saved adapter reload as PeftModelForCausalLM onto a plain LLaMA.
+        common["task_type"] = peft.TaskType.CAUSAL_LM
+        common["modules_to_save"] = list(cfg.modules_to_save) if cfg.modules_to_save else None
+    if cfg.method == "lora":
+        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **common)
+    if cfg.method == "loha":
+        return peft.LoHaConfig(r=cfg.r, alpha=cfg.alpha, rank_dropout=cfg.dropout, **common)
+    if cfg.method == "lokr":
+        return peft.LoKrConfig(r=cfg.r, alpha=cfg.alpha, rank_dropout=cfg.dropout, **common)
+    if cfg.method == "ia3":
+        feedforward = [m for m in cfg.feedforward_modules if m in targets]
+        return peft.IA3Config(feedforward_modules=feedforward, **common)
+    if cfg.method == "adalora":
+        return peft.AdaLoraConfig(
+            init_r=cfg.r,
+            target_r=cfg.target_r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            total_step=cfg.total_step,
+            tinit=cfg.tinit,
+            tfinal=cfg.tfinal,
+            deltaT=cfg.deltaT,
+            orth_reg_weight=cfg.orth_reg_weight,
+            **common,
+        )
+    raise ConfigError(
+        f"adapters.method: unknown method {cfg.method!r}; known methods: {', '.join(ADAPTER_METHODS)}"
+    )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / DataParallel (or the model itself)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def peft_models(model: nn.Module) -> dict:
+    """{part name: peft.PeftModel} of the adapters injected by apply_trainable_policy (empty if none)."""
+    return unwrap_model(model).__dict__.get(_PEFT_MODELS_ATTR, {})
+
+
+def _part(model: nn.Module, part: str) -> nn.Module:
+    module = getattr(model, part, None)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"adapters.apply_to: the model has no `{part}` module to put an adapter on")
+    return module
+
+
+def _inject(model: nn.Module, part: str, cfg: AdapterConfig):
+    import peft
+
+    module = _part(model, part)
+    peft_cfg = build_peft_config(cfg, part)
+    try:
+        # get_peft_model modifies `module` in place; the returned wrapper only points at it.
+        return peft.get_peft_model(module, peft_cfg)
+    except ValueError as error:  # peft reports unmatched target modules and bad options as ValueError
+        raise ConfigError(f"adapters: cannot apply {cfg.method} to {part}: {error}") from error
+
+
+def _new_token_ids(model: nn.Module) -> list[int]:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError(
+            "trainable.new_token_embeddings needs the model's tokenizer, but the model has none"
+        )
+    ids = []
+    for token in NEW_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ConfigError(f"trainable.new_token_embeddings: the tokenizer has no added token {token!r}")
+        ids.append(int(token_id))
+    return ids
+
+
+def train_embedding_rows(embedding: nn.Embedding, row_ids: list[int]) -> None:
+    """Make only `row_ids` of `embedding` learn: a gradient hook zeroes every other row's gradient.
+
+    With zero gradients Adam/AdamW moments stay zero and the update is exactly zero, so the other rows
+    stay bit-identical as long as the embedding gets no weight decay (the runner's policy: names
+    containing "embed" are not decayed).
+    """
+    weight = embedding.weight
+    keep = torch.zeros(weight.shape[0], 1, dtype=torch.bool)
+    keep[torch.tensor(row_ids, dtype=torch.long)] = True
+
+    def mask_gradient(grad: torch.Tensor) -> torch.Tensor:
+        # torch.where, not grad * mask: an inf in a frozen row (fp16 overflow) must become 0, not nan.
+        return torch.where(keep.to(grad.device), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+    old = getattr(embedding, _HOOK_ATTR, None)
+    if old is not None:
+        old.remove()
+    weight.requires_grad_(True)
+    setattr(embedding, _HOOK_ATTR, weight.register_hook(mask_gradient))
+    setattr(embedding, _ROWS_ATTR, list(row_ids))
+
+
+def apply_trainable_policy(model: nn.Module, adapters_cfg=None, trainable_cfg=None) -> nn.Module:
+    """Freeze `model`, inject the adapters of `adapters_cfg`, unfreeze per `trainable_cfg`; return `model`.
+
+    `model` is the Flamingo network (attributes vision_encoder, perceiver, lang_encoder,
+    gated_cross_attn_layers, tokenizer). Both configs may be dataclasses, dicts or DictConfigs.
+    Logs the trainable parameter count of each part.
+    """
+    adapters_cfg = _coerce(AdapterConfig, adapters_cfg, "adapters")
+    trainable_cfg = _coerce(TrainableConfig, trainable_cfg, "trainable")
+    validate_adapter_config(adapters_cfg)
+    model = unwrap_model(model)
+    if peft_models(model):
+        raise RuntimeError("apply_trainable_policy was already applied to this model (adapters are injected)")
+
+    if (trainable_cfg.lm_embeddings or trainable_cfg.new_token_embeddings) and is_quantized(
+        _part(model, "lang_encoder")
+    ):
+        raise ConfigError(
+            "trainable: the embeddings of a quantised language model cannot train; set "
+            "trainable.new_token_embeddings and trainable.lm_embeddings to false"
+        )
+
+    model.requires_grad_(False)
+    wrappers = {}
+    if adapters_cfg.method is not None:
+        for part in dict.fromkeys(adapters_cfg.apply_to):
+            wrappers[part] = _inject(model, part, adapters_cfg)
+    model.__dict__[_PEFT_MODELS_ATTR] = wrappers
+
+    if trainable_cfg.perceiver:
+        _part(model, "perceiver").requires_grad_(True)
+    if trainable_cfg.gated_cross_attn:
+        _part(model, "gated_cross_attn_layers").requires_grad_(True)
+    for part, flag in (
+        ("perceiver", trainable_cfg.perceiver),
+        ("gated_cross_attn_layers", trainable_cfg.gated_cross_attn),
+    ):
+        if flag and part in wrappers:
+            logger.warning(
+                "%s trains fully AND carries %s adapters; the adapters are redundant",
+                part,
+                adapters_cfg.method,
+            )
+
+    embedding = _part(model, "lang_encoder").get_input_embeddings()
+    if trainable_cfg.lm_embeddings:
+        embedding.weight.requires_grad_(True)
+    elif trainable_cfg.new_token_embeddings:
+        train_embedding_rows(embedding, _new_token_ids(model))
+
+    summary = trainable_parameter_summary(model)
+    lines = [f"  {part}: {n['trainable']:,} / {n['total']:,}" for part, n in summary.items()]
+    logger.info("trainable parameters (adapter %s):\n%s", adapters_cfg.method, "\n".join(lines))
+    return model
+
+
+def _owner_part(name: str) -> str:
+    head = name.split(".", 1)[0]
+    return head if head in ("vision_encoder", *ADAPTABLE_PARTS) else "other"
+
+
+def trainable_parameter_summary(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{part: {"trainable": n, "total": m}} per top-level part plus "total".
+
+    An embedding whose gradient is masked to a few rows counts only those rows as trainable.
+    """
+    model = unwrap_model(model)
+    masked = {}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and hasattr(module, _ROWS_ATTR):
+            masked[id(module.weight)] = len(getattr(module, _ROWS_ATTR)) * module.weight.shape[1]
+    summary: dict[str, dict[str, int]] = {}
+    for name, param in model.named_parameters():  # named_parameters already skips shared duplicates
+        counts = summary.setdefault(_owner_part(name), {"trainable": 0, "total": 0})
+        counts["total"] += param.numel()
+        if param.requires_grad:
+            counts["trainable"] += masked.get(id(param), param.numel())
+    summary["total"] = {k: sum(c[k] for c in summary.values()) for k in ("trainable", "total")}
+    return summary
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: detached tensor} of every parameter that requires grad (adapters + the policy's parts)."""
+    return {n: p.detach() for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def update_adapter_budget(model: nn.Module, global_step: int) -> None:
+    """AdaLoRA's rank re-allocation; call after backward and before zero_grad on each optimizer step.
+
+    A no-op for the other methods, so the runner may call it unconditionally.
+    """
+    for wrapper in peft_models(model).values():
+        if hasattr(wrapper.base_model, "update_and_allocate"):
+            wrapper.base_model.update_and_allocate(global_step)
+
+
+def adapter_regularization_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """AdaLoRA's orthogonality penalty (weighted by orth_reg_weight) to add to the loss; None for other methods.
+
+    peft adds it inside AdaLoraModel.forward, which we bypass (the LM is called directly, with its
+    cross-attention hooks), so the task adds this term itself. It pushes P (lora_A) and Q (lora_B)
+    of each SVD-style adapter towards orthonormal rows/columns: mean of ||P P^T - I||_F and ||Q^T Q - I||_F.
+    """
+    total = None
+    for wrapper in peft_models(model).values():
+        cfg = next(iter(wrapper.peft_config.values()))
+        if getattr(cfg, "peft_type", None) != "ADALORA" or cfg.orth_reg_weight == 0:
+            continue
+        norms = []
+        for name, param in wrapper.base_model.model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                gram = param @ param.T if ".lora_A." in name else param.T @ param
+                eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+                norms.append(torch.linalg.matrix_norm(gram - eye))
+        if norms:
+            term = cfg.orth_reg_weight * torch.stack(norms).mean()
+            total = term if total is None else total + term
+    return total
+
+
+@contextmanager
+def atomic_directory(directory: str) -> Iterator[str]:
+    """Yield a temporary sibling directory; on success fsync its files and move it to `directory`.
+
+    A reader never sees a half-written `directory`: either the old complete one or the new one.
+    """
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as handle:
+                    os.fsync(handle.fileno())
+        old = None
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+            os.rename(directory, os.path.join(old, "d"))
+        os.rename(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+        dir_fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _lm_wrapper(model: nn.Module):
+    wrapper = peft_models(model).get("lang_encoder")
+    if wrapper is None:
+        raise ConfigError(
+            "the language model has no adapter (adapters.method is null or adapters.apply_to lacks 'lang_encoder'); "
+            "there is nothing to save or merge"
+        )
+    return wrapper
+
+
+def save_adapter(model: nn.Module, directory: str) -> None:
+    """Save the LM adapter in peft's format (adapter_config.json + adapter_model.safetensors), atomically.
+
+    `peft.PeftModel.from_pretrained(plain_llama, directory)` reproduces our language model. When the
+    input embedding trains (new-token rows or all rows), the embedding matrices are saved too, since
+    the adapter alone would not reproduce the LM; the plain LLaMA must then have the resized
+    vocabulary (the tokenizer with the added tokens). Adapters on the cross-attention / perceiver
+    are not here: they are part of trainable_state_dict.
+    """
+    wrapper = _lm_wrapper(model)
+    embedding_trains = unwrap_model(model).lang_encoder.get_input_embeddings().weight.requires_grad
+    with atomic_directory(directory) as tmp:
+        # An explicit save_embedding_layers: peft's "auto" would compare vocab sizes against the base
+        # model's config, possibly looking it up on the Hub.
+        wrapper.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=embedding_trains)
+
+
+def _merged_lm_state_dict(lang_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain-model state dict of `lang_encoder` with every adapter merged in; the model is unchanged.
+
+    Each adapted layer is merged, its weights copied, then restored bit-exactly from a copy of the
+    original (unmerge alone would leave rounding error), one layer at a time to bound the extra memory.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    merged: dict[str, torch.Tensor] = {}
+    replaced = []  # module prefixes whose entries come from the merge, not from the raw state dict
+    for name, module in lang_encoder.named_modules():
+        if any(name.startswith(p) for p in replaced):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            originals = {k: v.detach().clone() for k, v in base.state_dict().items()}
+            module.merge()
+            merged.update({f"{name}.{k}": v.detach().clone() for k, v in base.state_dict().items()})
+            with warnings.catch_warnings():
+                # (IA)^3 warns that unmerge is inexact; the copy-back below makes it exact.
+                warnings.filterwarnings("ignore", message="Unmerge result can be inaccurate")
+                module.unmerge()
+            with torch.no_grad():
+                for k, v in base.state_dict().items():
+                    v.copy_(originals[k])
+            replaced.append(name + ".")
+        elif isinstance(module, ModulesToSaveWrapper):
+            trained = module.modules_to_save[module.active_adapters[0]]
+            merged.update({f"{name}.{k}": v.detach() for k, v in trained.state_dict().items()})
+            replaced.append(name + ".")
+    for key, value in lang_encoder.state_dict().items():
+        if not any(key.startswith(p) for p in replaced):
+            merged[key] = value
+    return merged
+
+
+def merge_and_export(model: nn.Module, directory: str) -> None:
+    """Merge the LM adapter into the weights and save a plain HF model directory (plus the tokenizer).
+
+    The directory loads with AutoModelForCausalLM and gives the adapted LM's outputs; `model` itself
+    keeps its (unmerged) adapter, so training or evaluation can go on.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _lm_wrapper(model)
+    net = unwrap_model(model)
+    lang_encoder = net.lang_encoder
+    if is_quantized(lang_encoder):
+        raise ConfigError(
+            "merge_and_export: cannot merge into a quantised language model; load it unquantised"
+        )
+    state = _merged_lm_state_dict(lang_encoder)
+    with torch.device("meta"):  # the key set of a plain model, without allocating one
+        expected = set(AutoModelForCausalLM.from_config(lang_encoder.config).state_dict())
+    if set(state) != expected:
+        raise RuntimeError(
+            f"merged state dict does not match a plain {type(lang_encoder).__name__}: "
+            f"missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
+        )
+    with atomic_directory(directory) as tmp:
+        lang_encoder.save_pretrained(tmp, state_dict=state)
+        tokenizer = getattr(net, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
