@@ -1,0 +1,90 @@
+"""The logic behind train.py and evaluate.py (the scripts themselves are thin)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from lavis.common.errors import UserError
+
+
+def _parser(description: str, checkpoint: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="project YAML (see configs/)")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. run.init_lr=1e-4 model.model_type=tiny (values parsed as YAML)",
+    )
+    if checkpoint:
+        parser.add_argument(
+            "--checkpoint", default=None, help="checkpoint to evaluate (default: the configured pretrained model)"
+        )
+    return parser
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A user's mistake ends the program with one line and exit code 2; a bug keeps its traceback."""
+    try:
+        yield
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_components(cfg):
+    """(task, model, datasets) for a validated config, with the run's seed fixed first.
+
+    Missing model files and missing data files are reported together, so that a
+    researcher setting up a real run learns every path to fix from one message.
+    """
+    import torch
+
+    from lavis.common.errors import ConfigError
+    from lavis.common.registry import registry
+
+    # The same seed on every rank gives every rank the same initial weights of the trainable parts.
+    torch.manual_seed(cfg.run.seed)
+    task = registry.get("task", cfg.run.task).setup_task(cfg)
+    model = datasets = None
+    problems = []
+    try:
+        model = task.build_model(cfg.model)
+    except UserError as err:
+        problems.append(str(err))
+    try:
+        datasets = task.build_datasets(cfg.datasets)
+    except UserError as err:
+        problems.append(str(err))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return task, model, datasets
+
+
+def train_main(argv=None) -> None:
+    """``train.py --cfg-path CFG [--options ...]``: train, validate and test as the config says."""
+    args = _parser("Fine-tune a model as a YAML project config says.", checkpoint=False).parse_args(argv)
+    with user_errors():
+        from lavis.common.config import load_config
+        from lavis.common.registry import registry
+
+        cfg = load_config(args.cfg_path, args.options)
+        task, model, datasets = build_components(cfg)
+        runner = registry.get("runner", cfg.run.runner)(cfg, task, model, datasets)
+        runner.train()
+
+
+def evaluate_main(argv=None) -> None:
+    """``evaluate.py --cfg-path CFG [--checkpoint PATH]``: few-shot evaluation and its table."""
+    args = _parser("Evaluate a checkpoint (or the pretrained model) few-shot.", checkpoint=True).parse_args(argv)
+    with user_errors():
+        from lavis.common.config import load_config
+        from lavis.runners.fewshot_eval import run_fewshot_evaluation
+
+        cfg = load_config(args.cfg_path, args.options)
+        task, model, datasets = build_components(cfg)
+        run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=args.checkpoint)
