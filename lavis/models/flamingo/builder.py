@@ -1,0 +1,210 @@
+"""The registered model ``openflamingo``: its config schema and how a config becomes a network."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lavis.common.errors import ConfigError
+from lavis.common.registry import registry
+from lavis.common.schema import check_mapping
+from lavis.models import adapters
+from lavis.models.adapters import AdapterConfig, TrainableConfig
+from lavis.models.flamingo.checkpoint_io import load_openflamingo_checkpoint
+from lavis.models.flamingo.flamingo import Flamingo
+from lavis.models.flamingo.tokenizer import (
+    END_OF_CHUNK,
+    MEDIA_TOKEN,
+    build_tiny_tokenizer,
+    load_llama_tokenizer,
+)
+from lavis.models.flamingo.vision import build_vision_tower, tiny_vision_tower
+from lavis.models.quantization import load_language_model
+
+logger = logging.getLogger(__name__)
+
+TINY = "tiny"  # value of a path key that selects the in-process tiny component
+LLAMA_ENV = "LLAMA_PATH"  # fallback for lang_encoder_path / tokenizer_path when they are null
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PerceiverConfig:
+    """Perceiver resampler sizes (OpenFlamingo defaults)."""
+
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    num_latents: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class CrossAttentionConfig:
+    """Gated cross-attention block sizes (OpenFlamingo defaults)."""
+
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of the random-initialised tiny components (used where a path key is ``tiny``)."""
+
+    image_size: int = 64
+    patch_size: int = 16
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_head_width: int = 32
+    lm_hidden_size: int = 128
+    lm_layers: int = 2
+    lm_heads: int = 4
+    lm_intermediate_size: int = 344
+    max_position_embeddings: int = 512
+    tokenizer_vocab_size: int = 640
+    seed: int = 0  # the whole tiny build is seeded, so two builds are identical
+
+
+def _path_key(value: Optional[str], key: str, what: str, env: str | None = None) -> str:
+    """A local path from the config (or ``env``), checked to exist; ConfigError naming the key otherwise."""
+    if value is None and env:
+        value = os.environ.get(env)
+    how = f"--options model.{key}=PATH" + (f" or the {env} environment variable" if env else "")
+    if value is None:
+        raise ConfigError(f"model.{key} is not set: give the {what} ({how})")
+    if value != TINY and not Path(value).exists():
+        raise ConfigError(f"model.{key}: {what} {value!r} does not exist (set it with {how})")
+    return value
+
+
+def tiny_language_model(tiny: TinyConfig, vocab_size: int, pad_token_id: int | None) -> LlamaForCausalLM:
+    """A random LLaMA of the tiny sizes, float32."""
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=tiny.lm_hidden_size,
+                         intermediate_size=tiny.lm_intermediate_size, num_hidden_layers=tiny.lm_layers,
+                         num_attention_heads=tiny.lm_heads, num_key_value_heads=tiny.lm_heads,
+                         max_position_embeddings=tiny.max_position_embeddings, rms_norm_eps=1e-6,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+@registry.register_model("openflamingo")
+class OpenFlamingo(Flamingo):
+    """OpenFlamingo built from a config section; has ``.tokenizer``, ``.image_processor``, ``.image_size``."""
+
+    @dataclass
+    class Config:
+        """Options of ``model`` (arch ``openflamingo``).
+
+        Path keys (``clip_vision_encoder_path``, ``lang_encoder_path``, ``tokenizer_path``) accept the
+        value ``tiny`` for the random in-process component sized by ``tiny``. ``lang_encoder_path`` and
+        ``tokenizer_path`` fall back to the ``LLAMA_PATH`` environment variable when null.
+
+        ``xattn_semantics`` (media masking) defaults to ``v2`` (the Flamingo paper: a token attends the
+        most recent ``<image>`` at or before it, generated tokens attend the prompt's last image), the
+        right choice when training new weights. ``llama7b_vitl14.yaml`` sets ``v1``: the released
+        OpenFlamingo-9B was trained and evaluated with v1's "next image" masking and only reproduces
+        its numbers with it.
+        """
+
+        clip_vision_encoder_path: Optional[str] = None  # open_clip model name or model-config JSON path
+        clip_vision_encoder_pretrained: Optional[str] = None  # open_clip tag or local weights; null = random
+        lang_encoder_path: Optional[str] = None  # local HF LLaMA directory
+        tokenizer_path: Optional[str] = None  # local HF tokenizer directory (tokenizer.json)
+        cross_attn_every_n_layers: int = 4
+        pretrained_checkpoint_path: Optional[str] = None  # OpenFlamingo checkpoint.pt; null = none
+        perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+        cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+        xattn_semantics: Literal["v1", "v2"] = "v2"
+        trainable: TrainableConfig = field(default_factory=TrainableConfig)
+        adapters: AdapterConfig = field(default_factory=AdapterConfig)
+        frozen_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+        quantization: Optional[Literal["8bit", "4bit"]] = None
+        gradient_checkpointing: bool = False
+        tiny: TinyConfig = field(default_factory=TinyConfig)
+
+    @classmethod
+    def config_from(cls, model_cfg) -> dict:
+        """The section as a plain dict with every default filled; ConfigError listing all problems."""
+        if isinstance(model_cfg, DictConfig):
+            model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+        values, errors = check_mapping(dict(model_cfg or {}), cls.Config, "model",
+                                       extra_allowed=("arch", "model_type"))
+        if errors:
+            raise ConfigError("invalid model config:\n  " + "\n  ".join(errors))
+        return values
+
+    @classmethod
+    def from_config(cls, model_cfg) -> OpenFlamingo:
+        """Build tokenizer, vision tower, LM and Flamingo parts; load the checkpoint; apply the policy."""
+        cfg = cls.config_from(model_cfg)
+        tiny = TinyConfig(**cfg["tiny"])
+        uses_tiny = TINY in (cfg["clip_vision_encoder_path"], cfg["lang_encoder_path"], cfg["tokenizer_path"])
+        seeded = torch.random.fork_rng(devices=[]) if uses_tiny else contextlib.nullcontext()
+        with seeded:
+            if uses_tiny:
+                torch.manual_seed(tiny.seed)
+            model = cls._build(cfg, tiny)
+        if cfg["pretrained_checkpoint_path"] is not None:
+            path = _path_key(cfg["pretrained_checkpoint_path"], "pretrained_checkpoint_path", "OpenFlamingo checkpoint")
+            load_openflamingo_checkpoint(model, path)
+        adapters.apply_trainable_policy(model, cfg["adapters"], cfg["trainable"])
+        if cfg["gradient_checkpointing"]:
+            model.set_gradient_checkpointing(True)
+        return model
+
+    @classmethod
+    def _build(cls, cfg: dict, tiny: TinyConfig) -> OpenFlamingo:
+        dtype = _DTYPES[cfg["frozen_dtype"]]
+        quantization = cfg["quantization"]
+        tok_path = _path_key(cfg["tokenizer_path"], "tokenizer_path", "tokenizer directory", LLAMA_ENV)
+        tokenizer = (build_tiny_tokenizer(tiny.tokenizer_vocab_size) if tok_path == TINY
+                     else load_llama_tokenizer(tok_path))
+
+        vision_path = cfg["clip_vision_encoder_path"]  # a name or a JSON path: build_vision_tower checks it
+        if vision_path is None:
+            raise ConfigError("model.clip_vision_encoder_path is not set: give an open_clip model name "
+                              "(ViT-L-14), a model-config JSON path, or tiny (--options model.clip_vision_encoder_path=...)")
+        if vision_path == TINY:
+            vision = tiny_vision_tower(tiny.image_size, tiny.patch_size, tiny.vision_width, tiny.vision_layers,
+                                       tiny.vision_head_width)
+        else:
+            vision = build_vision_tower(vision_path, cfg["clip_vision_encoder_pretrained"])
+        vision.visual.to(dtype)
+
+        lm_path = _path_key(cfg["lang_encoder_path"], "lang_encoder_path", "language model directory", LLAMA_ENV)
+        if lm_path == TINY:
+            if quantization is not None:
+                raise ConfigError("model.quantization: the tiny language model cannot be quantised; set it to null")
+            lang_encoder = tiny_language_model(tiny, len(tokenizer), tokenizer.pad_token_id).to(dtype)
+        else:
+            if quantization is not None and not torch.cuda.is_available():
+                raise ConfigError(f"model.quantization={quantization!r} needs a CUDA GPU (bitsandbytes); none is "
+                                  "available. Set model.quantization=null to run on the CPU.")
+            lang_encoder = load_language_model(lm_path, dtype, quantization, None)
+        if lang_encoder.get_input_embeddings().weight.shape[0] != len(tokenizer):
+            # N(0, 0.02) rows for the added tokens, as the release (transformers 4.28) drew them.
+            lang_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+
+        model = cls(vision.visual, lang_encoder, vis_dim=vision.vis_dim,
+                    media_token_id=tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
+                    eoc_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK),
+                    pad_token_id=tokenizer.pad_token_id,
+                    cross_attn_every_n_layers=cfg["cross_attn_every_n_layers"], perceiver=cfg["perceiver"],
+                    cross_attention=cfg["cross_attention"], xattn_semantics=cfg["xattn_semantics"])
+        model.tokenizer = tokenizer
+        model.image_processor = vision.image_processor
+        model.image_size = vision.image_size
+        return model
+
+    def save_adapter(self, directory: str) -> None:
+        """Save the language-model adapter in peft format (delegates to the adapters module)."""
+        adapters.save_adapter(self, directory)

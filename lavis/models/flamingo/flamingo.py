@@ -1,0 +1,248 @@
+"""The Flamingo network: frozen vision tower -> Perceiver -> gated cross-attention inside a causal LM.
+
+The HF language model keeps its own module tree and names (``lang_encoder.model.layers.<i>.self_attn``
+...), so a peft adapter saved from it loads onto a plain LLaMA. The cross-attention blocks live in
+``gated_cross_attn_layers[str(i)]`` and run through forward pre-hooks on decoder layer ``i``: the block
+transforms the hidden states right before the decoder layer, as OpenFlamingo's ``FlamingoLayer`` did.
+The media (Perceiver latents) and the per-token media index of the current call are held in a small
+conditioning object for the duration of one ``forward`` / ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from transformers import GenerationConfig
+
+from lavis.common.errors import CheckpointError, DataError
+from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
+from lavis.models.flamingo.perceiver import PerceiverResampler
+from lavis.models.flamingo.vision import patch_tokens
+
+
+def decoder_layers(lang_encoder: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a LLaMA-style HF causal LM (``model.layers``)."""
+    try:
+        return lang_encoder.get_decoder().layers
+    except AttributeError as err:
+        raise TypeError(f"{type(lang_encoder).__name__} has no get_decoder().layers; only LLaMA-style "
+                        "decoder-only models are supported") from err
+
+
+def pad_after_eos(tokens: torch.Tensor, eos_token_id, pad_token_id: int | None) -> torch.Tensor:
+    """Replace everything after each row's first eos by ``pad_token_id`` (HF beam search repeats the eos)."""
+    if pad_token_id is None or eos_token_id is None:
+        return tokens
+    eos = torch.as_tensor(eos_token_id, device=tokens.device).flatten()
+    is_eos = torch.isin(tokens, eos)
+    after_eos = (is_eos.cumsum(dim=-1) - is_eos.long()) > 0
+    return tokens.masked_fill(after_eos, pad_token_id)
+
+
+@dataclass
+class _Conditioning:
+    """Media of the current call and what the hooks derive from it."""
+
+    media: torch.Tensor | None = None  # (B, T_img, n_latents, D_vis), as encoded
+    expanded: torch.Tensor | None = None  # media repeated to the LM batch (beams / return sequences)
+    index: torch.Tensor | None = None  # (B_lm, L_call) media index of the current LM call
+    media_count: torch.Tensor | None = None  # (B_lm,) <image> tokens seen so far (v2 with a KV cache)
+
+
+class Flamingo(nn.Module):
+    """OpenFlamingo: ``forward(vision_x, lang_x, attention_mask, labels)`` and ``generate(...)``.
+
+    ``vision_x`` is float (B, T_img, F=1, C, H, W); images of a row are stacked in the order of its
+    ``<image>`` tokens. ``xattn_semantics`` picks the media masking ("v1" = the OpenFlamingo-9B release,
+    "v2" = the Flamingo paper); see :mod:`lavis.models.flamingo.cross_attention`.
+    """
+
+    def __init__(self, vision_encoder: nn.Module, lang_encoder: nn.Module, *, vis_dim: int,
+                 media_token_id: int, eoc_token_id: int, pad_token_id: int | None,
+                 cross_attn_every_n_layers: int = 4, perceiver: dict | None = None,
+                 cross_attention: dict | None = None, xattn_semantics: str = "v2"):
+        super().__init__()
+        if xattn_semantics not in ("v1", "v2"):
+            raise ValueError(f"xattn_semantics must be 'v1' or 'v2', got {xattn_semantics!r}")
+        self.vision_encoder = vision_encoder.requires_grad_(False).eval()
+        self.perceiver = PerceiverResampler(vis_dim, **(perceiver or {}))
+        self.lang_encoder = lang_encoder
+        self.media_token_id = media_token_id
+        self.eoc_token_id = eoc_token_id
+        self.pad_token_id = pad_token_id
+        self.xattn_semantics = xattn_semantics
+        self.gradient_checkpointing = False
+        layers = decoder_layers(lang_encoder)
+        lm_dim = lang_encoder.config.hidden_size
+        every = int(cross_attn_every_n_layers)
+        self.gated_cross_attn_layers = nn.ModuleDict({
+            str(i): GatedCrossAttentionBlock(lm_dim, vis_dim, **(cross_attention or {}))
+            for i in range(len(layers)) if (i + 1) % every == 0
+        })
+        self._cond = _Conditioning()
+        # Hooks are on the HF modules themselves, so they survive peft wrapping of lang_encoder.
+        lang_encoder.get_decoder().register_forward_pre_hook(self._on_lm_call, with_kwargs=True)
+        for name in self.gated_cross_attn_layers:
+            layers[int(name)].register_forward_pre_hook(self._xattn_hook(name), with_kwargs=True)
+
+    # ------------------------------------------------------------------ conditioning
+    def train(self, mode: bool = True):
+        """Train mode everywhere except the frozen vision tower (no dropout / BN updates there)."""
+        super().train(mode)
+        self.vision_encoder.eval()
+        return self
+
+    def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
+        """(B, T_img, F, C, H, W) -> Perceiver latents (B, T_img, n_latents, D_vis); the tower gets no grad."""
+        if vision_x.ndim != 6:
+            raise DataError(f"vision_x must be (batch, images, frames, C, H, W), got shape {tuple(vision_x.shape)}")
+        b, t, f = vision_x.shape[:3]
+        images = vision_x.reshape(b * t * f, *vision_x.shape[3:])
+        with torch.no_grad():
+            tokens = patch_tokens(self.vision_encoder, images)
+        tokens = tokens.reshape(b, t, f, *tokens.shape[1:]).to(self.perceiver.latents.dtype)
+        return self.perceiver(tokens)
+
+    def _check_media_tokens(self, vision_x: torch.Tensor, lang_x: torch.Tensor) -> None:
+        counts = (lang_x == self.media_token_id).sum(dim=-1)
+        if vision_x.shape[0] != lang_x.shape[0]:
+            raise DataError(f"vision_x has {vision_x.shape[0]} rows but lang_x has {lang_x.shape[0]}")
+        too_many = (counts > vision_x.shape[1]).nonzero().flatten().tolist()
+        if too_many:
+            row = too_many[0]
+            raise DataError(f"row {row} of lang_x has {int(counts[row])} <image> tokens but vision_x holds only "
+                            f"{vision_x.shape[1]} images per row")
+
+    @contextlib.contextmanager
+    def conditioned_on(self, media: torch.Tensor):
+        """Within the block, LM calls cross-attend to ``media`` (B, T_img, n, D) (encoded once)."""
+        self._cond = _Conditioning(media=media)
+        try:
+            yield
+        finally:
+            self._cond = _Conditioning()
+
+    def _on_lm_call(self, module, args, kwargs):
+        """Pre-hook of the decoder stack: compute the media index of this call's tokens."""
+        cond = self._cond
+        if cond.media is None:
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("Flamingo needs input_ids (not inputs_embeds) to place the media")
+        rows = input_ids.shape[0]
+        if cond.expanded is None or cond.expanded.shape[0] != rows:
+            if rows % cond.media.shape[0]:
+                raise ValueError(f"LM batch {rows} is not a multiple of the media batch {cond.media.shape[0]}")
+            # Beams / returned sequences of one sample are adjacent rows (HF repeat_interleave).
+            cond.expanded = cond.media.repeat_interleave(rows // cond.media.shape[0], dim=0)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past_len = cache.get_seq_length() if cache is not None else 0
+        past_count = cond.media_count if (past_len > 0 and cond.media_count is not None) else None
+        cond.index = media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count)
+        new = (input_ids == self.media_token_id).sum(dim=-1)
+        cond.media_count = new if past_count is None else past_count + new
+        return None
+
+    def _xattn_hook(self, name: str):
+        block = self.gated_cross_attn_layers[name]
+
+        def hook(module, args, kwargs):
+            cond = self._cond
+            if cond.index is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            dtype = block.ff_gate.dtype
+            media = cond.expanded.to(dtype)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                out = torch.utils.checkpoint.checkpoint(block, hidden.to(dtype), media, cond.index,
+                                                        use_reentrant=False)
+            else:
+                out = block(hidden.to(dtype), media, cond.index)
+            out = out.to(hidden.dtype)
+            if args:
+                return (out, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": out}
+
+        return hook
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **lm_kwargs):
+        """Logits (and ``.loss`` when ``labels``, -100 = ignored) of ``lang_x`` conditioned on ``vision_x``.
+
+        Like the release, no position ids are passed: the LM uses ``arange(L)`` for every row.
+        """
+        self._check_media_tokens(vision_x, lang_x)
+        media = self.encode_vision(vision_x)
+        with self.conditioned_on(media):
+            return self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+
+    @torch.no_grad()
+    def generate(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **generation_kwargs) -> torch.Tensor:
+        """HF generation with the KV cache; returns only the NEW tokens, (B * num_return_sequences, N_new).
+
+        Media are encoded once per call and shared by all decoding steps and beams. Defaults are the
+        release's: greedy, ``eos_token_id`` = ``<|endofchunk|>``, no sampling, ``length_penalty=1``.
+        Rows that ended early are padded with ``pad_token_id`` (default: the tokenizer's pad id).
+        Any ``GenerationConfig`` field may be given (num_beams, max_new_tokens, min_new_tokens,
+        do_sample, temperature, top_k, top_p, length_penalty, num_return_sequences, use_cache, ...).
+        """
+        self._check_media_tokens(vision_x, lang_x)
+        settings = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "early_stopping": False,
+                    "length_penalty": 1.0, "eos_token_id": self.eoc_token_id,
+                    "pad_token_id": self.pad_token_id, "bos_token_id": None}
+        settings.update(generation_kwargs)
+        if not settings.get("do_sample"):
+            # Sampling knobs the LM's own generation config may carry would only raise warnings.
+            settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_k", "top_p")}
+        config = GenerationConfig(**settings)
+        media = self.encode_vision(vision_x)
+        with self.conditioned_on(media):
+            out = self.lang_encoder.generate(input_ids=lang_x, attention_mask=attention_mask,
+                                             generation_config=config)
+        return pad_after_eos(out[:, lang_x.shape[1]:], config.eos_token_id, config.pad_token_id)
+
+    # ------------------------------------------------------------------ training helpers
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute decoder layers and cross-attention blocks in backward instead of storing activations."""
+        self.gradient_checkpointing = enabled
+        lm = self.lang_encoder
+        if enabled and hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enabled:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(lm, "activation_checkpointing_disable"):
+            lm.activation_checkpointing_disable()
+        else:
+            lm.gradient_checkpointing_disable()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """{name: tensor} of every parameter with ``requires_grad`` (never the frozen LM or vision tower)."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`trainable_state_dict` saved; strict on names and shapes (CheckpointError)."""
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(params) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(params))
+        bad_shape = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(params[k].shape)}"
+                     for k in sorted(set(params) & set(state_dict)) if state_dict[k].shape != params[k].shape]
+        if missing or unexpected or bad_shape:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} trainable parameters: {', '.join(missing[:10])}")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} entries (not trainable here): "
+                             f"{', '.join(unexpected[:10])}")
+            if bad_shape:
+                parts.append("shape mismatch: " + "; ".join(bad_shape[:10]))
+            raise CheckpointError("trainable state dict does not fit the model: " + " | ".join(parts))
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state_dict[name])
