@@ -85,13 +85,13 @@ class BaseTask:
             "length_penalty": run.length_penalty,
         }
 
-    def generate_text(self, model, batch) -> list[str]:
-        """Decoded new text for every sample of an evaluation batch."""
+    def generate_text(self, model, batch, **overrides) -> list[str]:
+        """Decoded new text for every sample of an evaluation batch (``overrides`` change decoding keys)."""
         new_tokens = model.generate(
             vision_x=batch["vision_x"],
             lang_x=batch["lang_x"],
             attention_mask=batch["attention_mask"],
-            **self.generation_kwargs(),
+            **{**self.generation_kwargs(), **overrides},
         )
         return model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 

@@ -32,7 +32,10 @@ class CaptioningTask(BaseTask):
         return CaptionCollator(model.tokenizer, role=role)
 
     def valid_step(self, model, batch) -> list[dict]:
-        texts = self.generate_text(model, batch)
+        return self.records(batch, self.generate_text(model, batch))
+
+    def records(self, batch, texts: list[str]) -> list[dict]:
+        """Result records of a batch from its generated texts."""
         return [
             {"image_id": int(image_id), "caption": postprocess_caption(text)}
             for image_id, text in zip(batch["image_id"], texts)
@@ -41,7 +44,7 @@ class CaptioningTask(BaseTask):
     def evaluate(self, records: list[dict], split: str, dataset) -> dict:
         from lavis.metrics.caption import caption_metrics, write_caption_results
 
-        path = self.result_path(split)
+        path = self.result_path(split, "_caption")
         if path is not None:
             write_caption_results(records, path)
         metrics = caption_metrics(dataset.annotation_file, records, metrics=tuple(self.run_cfg.metrics))

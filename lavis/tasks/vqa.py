@@ -34,7 +34,10 @@ class VQATask(BaseTask):
         return VQACollator(model.tokenizer, role=role)
 
     def valid_step(self, model, batch) -> list[dict]:
-        texts = self.generate_text(model, batch)
+        return self.records(batch, self.generate_text(model, batch))
+
+    def records(self, batch, texts: list[str]) -> list[dict]:
+        """Result records of a batch from its generated texts."""
         return [
             {"question_id": int(qid), "answer": postprocess_answer(text)}
             for qid, text in zip(batch["question_id"], texts)
@@ -43,7 +46,7 @@ class VQATask(BaseTask):
     def evaluate(self, records: list[dict], split: str, dataset) -> dict:
         from lavis.metrics.vqa import vqa_accuracy, write_vqa_results
 
-        path = self.result_path(split)
+        path = self.result_path(split, "_vqa")
         if path is not None:
             write_vqa_results(records, path)
         if dataset.annotation_file is None:

@@ -1,0 +1,228 @@
+"""Few-shot demonstration selection: random draws and RICES, on tiny generated datasets."""
+
+import math
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lavis.common.errors import ConfigError, DataError
+from lavis.datasets.fewshot import RICES, FewShotDataset, rices_demo_indices
+
+torch.set_num_threads(1)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A map-style dataset over ready-made items, with the contract's ``sample_id_key``/``sample_ids``."""
+
+    def __init__(self, items, sample_id_key):
+        self.items, self.sample_id_key = items, sample_id_key
+        self.loads = 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        self.loads += 1
+        return dict(self.items[index])
+
+    def sample_ids(self):
+        return list(dict.fromkeys(item[self.sample_id_key] for item in self.items))
+
+
+def vqa_dataset(num_images=12, questions_per_image=3):
+    """Questions about shared images: question_id 100*img + q, image_id img."""
+    items = []
+    for img in range(num_images):
+        for q in range(questions_per_image):
+            items.append(
+                {
+                    "image": torch.full((3, 2, 2), float(img)),
+                    "text_input": f"q{q}?",
+                    "answer": "yes",
+                    "answers": ["yes"] * 10,
+                    "question_id": 100 * img + q,
+                    "image_id": img,
+                }
+            )
+    return ListDataset(items, "question_id")
+
+
+def caption_dataset(num_images=10, captions_per_image=2):
+    items = [
+        {"image": torch.full((3, 2, 2), float(img)), "text_input": f"c{img}.{c}", "image_id": img}
+        for img in range(num_images)
+        for c in range(captions_per_image)
+    ]
+    return ListDataset(items, "image_id")
+
+
+def demo_indices_of(items):
+    return [item["demo_indices"] for item in items]
+
+
+def all_demos(data):
+    return [data.demo_indices(i) for i in range(len(data))]
+
+
+def test_random_demos_are_reproducible_and_differ_across_trials_and_seeds():
+    pool, queries = caption_dataset(), caption_dataset(num_images=4, captions_per_image=1)
+    base = all_demos(FewShotDataset(queries, pool, num_shots=4, seed=42, trial=0))
+    assert base == all_demos(FewShotDataset(queries, pool, num_shots=4, seed=42, trial=0))
+    assert all(len(row) == 4 == len(set(row)) for row in base)
+    other_trial = all_demos(FewShotDataset(queries, pool, num_shots=4, seed=42, trial=1))
+    other_seed = all_demos(FewShotDataset(queries, pool, num_shots=4, seed=7, trial=0))
+    assert other_trial != base and other_seed != base
+    # Different queries of one trial get different draws too.
+    assert len({tuple(row) for row in base}) == len(base)
+
+
+def test_random_demos_do_not_depend_on_access_order_or_workers():
+    pool, queries = vqa_dataset(), vqa_dataset(num_images=3, questions_per_image=2)
+    data = FewShotDataset(queries, pool, num_shots=3, seed=0)
+    forward = [data[i]["demo_indices"] for i in range(len(data))]
+    backward = [data[i]["demo_indices"] for i in reversed(range(len(data)))][::-1]
+    assert forward == backward
+    loader = DataLoader(data, batch_size=2, num_workers=2, collate_fn=demo_indices_of)
+    assert [row for batch in loader for row in batch] == forward
+
+
+def test_demos_never_show_the_query_sample_or_its_image():
+    data = vqa_dataset(num_images=6, questions_per_image=4)
+    # Pool == queries: the query itself and its image's other questions are always admissible
+    # candidates; a 20-shot draw over 24 items must skip them all.
+    fewshot = FewShotDataset(data, data, num_shots=20, seed=3)
+    for i in range(len(data)):
+        item = fewshot[i]
+        assert len(item["demos"]) == 20
+        assert all(d["image_id"] != item["image_id"] for d in item["demos"])
+        assert all(d["question_id"] != item["question_id"] for d in item["demos"])
+        assert [d["question_id"] for d in item["demos"]] == [data.items[j]["question_id"] for j in item["demo_indices"]]
+    with pytest.raises(DataError, match="only 20 admissible items, 21 demos"):
+        FewShotDataset(data, data, num_shots=21, seed=3)[0]
+
+
+def test_caption_demos_exclude_the_query_image():
+    data = caption_dataset(num_images=5, captions_per_image=2)
+    fewshot = FewShotDataset(data, data, num_shots=8, seed=1)
+    for i in range(len(data)):
+        item = fewshot[i]
+        assert all(d["image_id"] != item["image_id"] for d in item["demos"])
+
+
+def test_zero_shot_text_demo_option():
+    pool, queries = caption_dataset(), caption_dataset(num_images=3, captions_per_image=1)
+    text = FewShotDataset(queries, pool, num_shots=0, seed=5, zero_shot_text_demos=True)
+    item = text[1]
+    assert len(item["demos"]) == 2 and item["demos_text_only"] is True
+    assert item["demo_indices"] == text.demo_indices(1)
+    plain = FewShotDataset(queries, pool, num_shots=0, seed=5)
+    assert plain[1]["demos"] == [] and "demos_text_only" not in plain[1]
+    # The option only concerns 0-shot: with shots, demos carry their images.
+    assert "demos_text_only" not in FewShotDataset(queries, pool, num_shots=2, seed=5, zero_shot_text_demos=True)[0]
+
+
+def test_wrapper_exposes_the_query_dataset_and_validates_arguments():
+    pool, queries = caption_dataset(), caption_dataset(num_images=3, captions_per_image=1)
+    data = FewShotDataset(queries, pool, num_shots=1, seed=0)
+    assert len(data) == 3 and data.sample_id_key == "image_id" and data.sample_ids() == [0, 1, 2]
+    with pytest.raises(ConfigError, match="num_shots"):
+        FewShotDataset(queries, pool, num_shots=-1, seed=0)
+    with pytest.raises(ConfigError, match="'random' or 'rices'"):
+        FewShotDataset(queries, pool, num_shots=1, seed=0, method="nearest")
+    with pytest.raises(ConfigError, match="needs a RICES index"):
+        FewShotDataset(queries, pool, num_shots=1, seed=0, method="rices")
+
+
+# --- RICES ---------------------------------------------------------------------------------
+
+ANGLES = [0.0, 10.0, 30.0, 80.0, 170.0, -45.0]
+NORMS = [1.0, 0.5, 100.0, 3.0, 1.0, 2.0]  # a large norm must not win: similarity is cosine
+
+
+def vector_image(angle_deg, norm=1.0):
+    """A (2, 1, 1) "image" whose flattened pixels are a 2-D vector at ``angle_deg``."""
+    a = math.radians(angle_deg)
+    return torch.tensor([math.cos(a), math.sin(a)]).mul(norm).view(2, 1, 1)
+
+
+class CountingFeatures:
+    """feature_fn: flattens the image; counts the images it saw."""
+
+    def __init__(self):
+        self.images = 0
+
+    def __call__(self, images):
+        self.images += images.shape[0]
+        return images.flatten(1)
+
+
+def angle_pool(angles=ANGLES, norms=NORMS):
+    items = [
+        {"image": vector_image(a, n), "image_id": i, "text_input": f"c{i}"} for i, (a, n) in enumerate(zip(angles, norms))
+    ]
+    return ListDataset(items, "image_id")
+
+
+def test_rices_finds_true_nearest_neighbours_most_similar_last():
+    rices = RICES(angle_pool(), CountingFeatures(), cache_path=None, batch_size=4)
+    queries = torch.stack([vector_image(12.0, 7.0), vector_image(-40.0), vector_image(175.0)])
+    found = rices.find(queries, k=3)
+    # 12 deg: 10 (2 away), 0 (12), 30 (18; norm 100) -> most similar last. -40: -45, 0, 10. 175: 170, 80, -45.
+    assert found.tolist() == [[2, 0, 1], [1, 0, 5], [5, 3, 4]]
+    assert torch.allclose(rices.features.norm(dim=1), torch.ones(len(ANGLES)))
+
+
+def test_rices_caches_features_and_recomputes_a_stale_cache(tmp_path):
+    path = tmp_path / "rices" / "pool.pt"
+    fn = CountingFeatures()
+    first = RICES(angle_pool(), fn, cache_path=path, batch_size=4, feature_name="clip-a")
+    assert first.computed and fn.images == len(ANGLES) and path.is_file()
+    assert not [p for p in os.listdir(path.parent) if p != "pool.pt"]  # no temporary file left behind
+    second = RICES(angle_pool(), fn, cache_path=path, batch_size=4, feature_name="clip-a")
+    assert not second.computed and fn.images == len(ANGLES)  # read back, the encoder did not run
+    assert torch.equal(second.features, first.features) and second.pool_ids == first.pool_ids
+    # Another encoder name, or another pool, makes the cache stale.
+    assert RICES(angle_pool(), fn, cache_path=path, batch_size=4, feature_name="clip-b").computed
+    smaller = angle_pool(ANGLES[:4], NORMS[:4])
+    assert len(RICES(smaller, fn, cache_path=path, batch_size=4, feature_name="clip-b")) == 4
+    assert RICES(smaller, fn, cache_path=path, batch_size=4, feature_name="clip-b").computed is False
+
+
+def test_rices_refuses_a_file_that_is_not_its_cache(tmp_path):
+    path = tmp_path / "notes.pt"
+    torch.save({"something": torch.zeros(1)}, path)
+    with pytest.raises(DataError, match="notes.pt: not a RICES feature cache"):
+        RICES(angle_pool(), CountingFeatures(), cache_path=path, feature_name="x")
+
+
+def test_rices_demos_are_nearest_admissible_neighbours():
+    # Two questions per image; images at distinct angles.
+    angles = [0.0, 5.0, 20.0, 60.0, 100.0, 150.0]
+    items = [
+        {"image": vector_image(a), "text_input": "q?", "answer": "a", "answers": ["a"], "question_id": 10 * i + q,
+         "image_id": i}
+        for i, a in enumerate(angles)
+        for q in range(2)
+    ]
+    data = ListDataset(items, "question_id")
+    rices = RICES(data, CountingFeatures(), batch_size=5)
+    fewshot = FewShotDataset(data, data, num_shots=3, seed=0, method="rices", rices=rices)
+    item = fewshot[0]  # image 0 at 0 deg: its own two questions are excluded; then both of 5 deg, one of 20
+    assert [d["image_id"] for d in item["demos"]] == [2, 1, 1]
+    item = fewshot[9]  # image 4 at 100 deg: both questions of 60 (40 away), one of 150 (50 away)
+    assert [d["image_id"] for d in item["demos"]] == [5, 3, 3]
+    assert all(len(fewshot[i]["demos"]) == 3 for i in range(len(fewshot)))
+    # The ranking is a pure function of the features: another seed gives the same demos, and the
+    # query features are not recomputed for the same query dataset.
+    seen = rices.feature_fn.images
+    again = FewShotDataset(data, data, num_shots=3, seed=9, method="rices", rices=rices)
+    assert all_demos(again) == all_demos(fewshot) and rices.feature_fn.images == seen
+
+
+def test_rices_exclusion_falls_back_to_a_full_ranking():
+    # Candidate margin exceeded: the 40 nearest rows all belong to the query's image.
+    sims = torch.cat([torch.full((1, 40), 0.9), torch.tensor([[0.1, 0.5, 0.3]])], dim=1)
+    pool_ids = [(7, None)] * 40 + [(1, None), (2, None), (3, None)]
+    assert rices_demo_indices(sims, 2, [(7, None)], pool_ids) == [[42, 41]]
