@@ -1,0 +1,325 @@
+"""VQAv2 accuracy exactly as the official evaluation computes it (GT-Vision-Lab/VQA vqaEval.py @ a013f00).
+
+Per question, with ``gt`` the annotator answers (10 in VQAv2) and ``pred`` the predicted answer:
+
+1. ``gt`` and ``pred`` get ``\\n``/``\\t`` -> space and ``strip()``.
+2. Only when the GT answers are not all identical (after step 1, case-sensitive) are the GT answers *and*
+   the prediction normalised (``lavis.metrics.vqa_normalize``); otherwise the prediction is compared raw,
+   so GT = 10 x "yes" and prediction "Yes" scores 0. ``always_normalize=True`` normalises in every case
+   (not official, but what most people expect).
+3. accuracy = mean over the leave-one-out subsets (drop one GT answer each time) of
+   ``min(1, #matches / 3)``; with ``c`` matching GT answers out of 10 this is 0, .3, .6, .9, 1 for c = 0..4+.
+4. ``perQuestion`` = round(100 * acc, 2); ``overall``, ``perQuestionType[t]``, ``perAnswerType[t]`` =
+   round(100 * mean of the unrounded accuracies of the group, 2).
+
+Bit-for-bit fidelity: the float sums are done in the official order (answers in file order, questions in
+annotation-file order) and rounding is half away from zero on the exact binary value, as Python 2's
+``round`` (which produced the published numbers) did. Speed: each distinct string is normalised once and
+the leave-one-out is computed from match counts with numpy: ~40x faster than the official loop on
+200k questions (benchmarks/vqa_metric.py).
+
+Which questions are scored: by default those present in the results (a subset evaluation, as OpenFlamingo
+does); ``all_questions=True`` requires the results to cover exactly the annotated questions, like the
+official ``loadRes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+import numpy as np
+
+from lavis.common.errors import DataError, UserError
+from lavis.metrics import read_json, record_field, write_json_atomic
+from lavis.metrics.vqa_normalize import normalize_answer, normalize_whitespace
+
+
+def _records(source: Any, key: str, what: str) -> tuple[list, str]:
+    """Return (records, label) from a path, an official-format dict holding ``key``, or a list."""
+    if isinstance(source, (str, os.PathLike)):
+        label = os.fspath(source)
+        data = read_json(source, what)
+    else:
+        label, data = f"<{what} given in memory>", source
+    if isinstance(data, dict) and key:
+        if key not in data:
+            raise DataError(f"{what} {label}: expected a JSON list or an object with a '{key}' list")
+        data = data[key]
+    if not isinstance(data, list):
+        raise DataError(f"{what} {label}: expected a list of records, got {type(data).__name__}")
+    return data, label
+
+
+def _column(records: list, name: str, types: tuple, label: str) -> list:
+    """``[rec[name] for rec in records]`` with exact types checked at C speed; on any failure the slow
+    per-record check runs to raise a DataError naming the record."""
+    try:
+        values = [rec[name] for rec in records]
+    except (KeyError, TypeError, IndexError):
+        values = None
+    if values is None or not set(map(type, values)) <= set(types):
+        for i, rec in enumerate(records):
+            record_field(rec, name, types, label, i)
+    return values
+
+
+def _first_duplicate(ids: list, label: str, what: str = "question_id") -> DataError | None:
+    if len(set(ids)) == len(ids):
+        return None
+    seen: dict = {}
+    for i, qid in enumerate(ids):
+        if qid in seen:
+            return DataError(f"{label}: duplicate {what} {qid!r} in records #{seen[qid]} and #{i}")
+        seen[qid] = i
+    return None
+
+
+def _load_annotations(annotations: Any) -> tuple[list[dict], list[int], str]:
+    records, label = _records(annotations, "annotations", "VQA annotations")
+    qids = _column(records, "question_id", (int,), label)
+    _column(records, "question_type", (str,), label)
+    _column(records, "answer_type", (str,), label)
+    answers = _column(records, "answers", (list,), label)
+    if not all(answers):
+        i = next(i for i, a in enumerate(answers) if not a)
+        # The official code divides by the number of answers (test-dev files have none).
+        raise DataError(f"{label}: record #{i} (question_id {qids[i]}) has no GT answers to score against")
+    dup = _first_duplicate(qids, label)
+    if dup:
+        raise dup
+    return records, qids, label
+
+
+def _load_question_ids(questions: Any) -> tuple[set[int] | None, str]:
+    if questions is None:
+        return None, ""
+    records, label = _records(questions, "questions", "VQA questions")
+    ids = _column(records, "question_id", (int,), label)
+    dup = _first_duplicate(ids, label)
+    if dup:
+        raise dup
+    return set(ids), label
+
+
+def _load_predictions(results: Any, ann_ids: set[int], ann_label: str,
+                      question_ids: set[int] | None, q_label: str) -> tuple[dict[int, str], str]:
+    records, label = _records(results, "", "VQA results")
+    qids = _column(records, "question_id", (int,), label)
+    answers = _column(records, "answer", (str,), label)
+    dup = _first_duplicate(qids, label)
+    if dup:
+        raise dup
+    for known, where in ((question_ids, f"is not in the questions {q_label}"),
+                         (ann_ids, f"has no annotation in {ann_label}")):
+        if known is not None and not known.issuperset(qids):
+            i = next(i for i, qid in enumerate(qids) if qid not in known)
+            raise DataError(f"{label}: record #{i} has question_id {qids[i]}, which {where}")
+    return dict(zip(qids, answers)), label
+
+
+def _locate_bad_answer(anns: list[dict], label: str) -> DataError:
+    """Find the first malformed GT answer (slow path, only run once something failed)."""
+    for ann in anns:
+        for j, a in enumerate(ann["answers"]):
+            if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
+                return DataError(f"{label}: question_id {ann['question_id']} answer #{j} must be an object "
+                                 f"with a string 'answer': {a!r:.120}")
+    return DataError(f"{label}: malformed GT answers")
+
+
+_ROUND_CACHE: dict[float, float] = {}
+
+
+def round_official(value: float) -> float:
+    """Round to 2 decimals half away from zero on the exact binary value, as Python 2's ``round`` does."""
+    out = _ROUND_CACHE.get(value)
+    if out is None:
+        out = float(Decimal(value).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+        if len(_ROUND_CACHE) < 100_000:
+            _ROUND_CACHE[value] = out
+    return out
+
+
+def _sequential_sum(values: np.ndarray) -> float:
+    """Left-to-right float sum (Python 2's ``sum``); ``np.cumsum`` is strictly sequential, ``np.sum`` is not."""
+    return float(np.cumsum(values)[-1])
+
+
+def _exact_question_accuracy(answers: list[dict], pred: str, normalize: bool) -> float:
+    """The official per-question loop, used only when answer dicts may compare equal (repeated answer_id)."""
+    clean = normalize_answer if normalize else (lambda s: s)
+    gts = [dict(a, answer=clean(normalize_whitespace(a["answer"]))) for a in answers]
+    pred = clean(normalize_whitespace(pred))
+    total = 0.0
+    for held_out in gts:
+        matches = sum(1 for other in gts if other != held_out and other["answer"] == pred)
+        total += min(1, matches / 3)
+    return total / len(gts)
+
+
+def _repeated_dict_rows(anns: list[dict], lengths: np.ndarray) -> list[int]:
+    """Rows whose answer dicts are not guaranteed distinct (the official loop would then drop several)."""
+    ids = [a.get("answer_id") for ann in anns for a in ann["answers"]]
+    if lengths.min() == lengths.max():
+        mat = np.asarray(ids)
+        # Numeric ids compare like the dicts do (1 == 1.0 == True); anything else takes the slow path.
+        if mat.dtype.kind in "iufb":
+            mat = np.sort(mat.reshape(len(anns), -1), axis=1)
+            return np.nonzero((mat[:, 1:] == mat[:, :-1]).any(axis=1))[0].tolist()
+    rows, start = [], 0
+    for r, n in enumerate(lengths.tolist()):
+        chunk = ids[start:start + n]
+        start += n
+        if None in chunk or len({repr(i) for i in chunk}) < n:
+            rows.append(r)
+    return rows
+
+
+def _question_accuracies(anns: list[dict], preds: list[str], always_normalize: bool, label: str) -> np.ndarray:
+    """Unrounded official accuracy of each question (floats, same bits as the official code)."""
+    lengths = np.fromiter((len(ann["answers"]) for ann in anns), dtype=np.int64, count=len(anns))
+    # Intern every distinct raw string once (dict.fromkeys and map run at C speed); all string work below
+    # is per distinct string.
+    try:
+        flat_raw = [a["answer"] for ann in anns for a in ann["answers"]]
+        distinct = dict.fromkeys(flat_raw)
+        distinct.update(dict.fromkeys(preds))
+    except (KeyError, TypeError):
+        raise _locate_bad_answer(anns, label) from None
+    if not set(map(type, distinct)) <= {str}:
+        raise _locate_bad_answer(anns, label)
+    codes_of = {s: i for i, s in enumerate(distinct)}
+    flat = list(map(codes_of.__getitem__, flat_raw))
+    pred_codes = np.fromiter(map(codes_of.__getitem__, preds), dtype=np.int64, count=len(preds))
+    ws_ids: dict[str, int] = {}
+    norm_ids: dict[str, int] = {}
+    norm_of_ws: dict[str, int] = {}
+    raw_to_ws = np.empty(len(codes_of), dtype=np.int64)
+    raw_to_norm = np.empty(len(codes_of), dtype=np.int64)
+    for raw, code in codes_of.items():
+        ws = normalize_whitespace(raw)
+        raw_to_ws[code] = ws_ids.setdefault(ws, len(ws_ids))
+        if ws not in norm_of_ws:
+            norm_of_ws[ws] = norm_ids.setdefault(normalize_answer(ws), len(norm_ids))
+        raw_to_norm[code] = norm_of_ws[ws]
+
+    n_q, width = len(anns), int(lengths.max())
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    raw = np.full((n_q, width), -1, dtype=np.int64)
+    raw[valid] = np.asarray(flat, dtype=np.int64)  # row-major fill keeps each question's answer order
+    gt_ws = np.where(valid, raw_to_ws[raw], -1)
+    gt_norm = np.where(valid, raw_to_norm[raw], -1)
+
+    # The official gate: normalise only when the whitespace-cleaned GT answers are not all identical.
+    all_same = ((gt_ws == gt_ws[:, :1]) | ~valid).all(axis=1)
+    normalized = np.ones(n_q, dtype=bool) if always_normalize else ~all_same
+    match = np.where(normalized[:, None], gt_norm == raw_to_norm[pred_codes][:, None],
+                     gt_ws == raw_to_ws[pred_codes][:, None]) & valid
+    count = match.sum(axis=1)
+    # Leave-one-out: dropping a matching answer leaves count-1 matches, dropping another leaves count.
+    per_subset = np.minimum(1.0, (count[:, None] - match) / 3.0)
+    total = np.zeros(n_q)
+    for j in range(width):  # column by column = the official left-to-right sum within each question
+        total = total + np.where(valid[:, j], per_subset[:, j], 0.0)
+    acc = total / lengths
+    for r in _repeated_dict_rows(anns, lengths):
+        acc[r] = _exact_question_accuracy(anns[r]["answers"], preds[r], bool(normalized[r]))
+    return acc
+
+
+def _group_means(keys: list[str], acc: np.ndarray) -> dict[str, float]:
+    """Official ``round(100 * sum / len, 2)`` per group, groups in order of first appearance."""
+    codes: dict[str, int] = {}
+    group = np.fromiter((codes.setdefault(k, len(codes)) for k in keys), dtype=np.int64, count=len(keys))
+    order = np.argsort(group, kind="stable")  # stable: keeps question order inside each group
+    bounds = np.searchsorted(group[order], np.arange(len(codes) + 1))
+    out = {}
+    for key, g in codes.items():
+        members = acc[order[bounds[g]:bounds[g + 1]]]
+        out[key] = round_official(100 * _sequential_sum(members) / len(members))
+    return out
+
+
+def vqa_accuracy(questions: Any, annotations: Any, results: Any, per_question: bool = False,
+                 always_normalize: bool = False, all_questions: bool = False) -> dict:
+    """Official VQAv2 accuracy of ``results`` on a 0-100 scale.
+
+    ``questions``: path to the official questions JSON, its parsed dict, or the list of question records
+    (or None to skip the check that result ids are known questions). ``annotations``: path, parsed dict or
+    list of annotation records. ``results``: path or list of ``{"question_id", "answer"}``.
+    By default the questions present in ``results`` are scored; ``all_questions=True`` requires exactly the
+    annotated questions (official ``loadRes``). ``always_normalize=True`` normalises even when all GT
+    answers are identical (not official). Returns ``{"overall", "perQuestionType", "perAnswerType"}`` and,
+    with ``per_question=True``, ``"perQuestion": {question_id: accuracy}``. Bad input raises DataError.
+    """
+    ann_records, ann_qids, ann_label = _load_annotations(annotations)
+    question_ids, q_label = _load_question_ids(questions)
+    preds, res_label = _load_predictions(results, set(ann_qids), ann_label, question_ids, q_label)
+    if not preds:
+        raise DataError(f"{res_label}: no results to score")
+    if all_questions and len(preds) != len(ann_qids):
+        missing = [qid for qid in ann_qids if qid not in preds]
+        raise DataError(f"{res_label}: results cover {len(preds)} of the {len(ann_qids)} annotated questions "
+                        f"of {ann_label} (all_questions=True); missing question_ids, first ones: {missing[:10]}")
+    # Official order: the annotation file's order, whatever the order of the results.
+    anns = [ann for ann, qid in zip(ann_records, ann_qids) if qid in preds]
+    acc = _question_accuracies(anns, [preds[ann["question_id"]] for ann in anns], always_normalize, ann_label)
+    out: dict[str, Any] = {
+        "overall": round_official(100 * _sequential_sum(acc) / len(acc)),
+        "perQuestionType": _group_means([ann["question_type"] for ann in anns], acc),
+        "perAnswerType": _group_means([ann["answer_type"] for ann in anns], acc),
+    }
+    if per_question:
+        out["perQuestion"] = {ann["question_id"]: round_official(v)
+                              for ann, v in zip(anns, (100 * acc).tolist())}
+    return out
+
+
+def write_vqa_results(records: list[dict], path: str | os.PathLike) -> None:
+    """Write predictions in the official submission format ``[{"question_id", "answer"}]``, atomically.
+
+    Extra keys of ``records`` are dropped; a missing field, a wrong type or a repeated question_id raises
+    DataError.
+    """
+    label = f"VQA results to write to {os.fspath(path)}"
+    seen: set[int] = set()
+    out = []
+    for i, rec in enumerate(records):
+        qid = record_field(rec, "question_id", int, label, i)
+        answer = record_field(rec, "answer", str, label, i)
+        if qid in seen:
+            raise DataError(f"{label}: duplicate question_id {qid} (record #{i})")
+        seen.add(qid)
+        out.append({"question_id": qid, "answer": answer})
+    write_json_atomic(out, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print the accuracy of a results file as one JSON object on stdout."""
+    parser = argparse.ArgumentParser(prog="python -m lavis.metrics.vqa", description=main.__doc__)
+    parser.add_argument("--questions", help="official questions JSON (omit to skip the id check)")
+    parser.add_argument("--annotations", required=True, help="official annotations JSON")
+    parser.add_argument("--results", required=True, help="results JSON: [{question_id, answer}]")
+    parser.add_argument("--per-question", action="store_true", help="add perQuestion accuracies")
+    parser.add_argument("--always-normalize", action="store_true",
+                        help="normalise even when all GT answers are identical (not official)")
+    parser.add_argument("--all-questions", action="store_true",
+                        help="require results for every annotated question (official loadRes)")
+    args = parser.parse_args(argv)
+    try:
+        metrics = vqa_accuracy(args.questions, args.annotations, args.results, per_question=args.per_question,
+                               always_normalize=args.always_normalize, all_questions=args.all_questions)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
