@@ -1,0 +1,187 @@
+"""Dataset classes: records read by a builder, turned into model-ready items.
+
+A builder reads annotation files into *records* (plain dicts, checked up front)
+and hands them to one of these classes together with its processors. The
+dataset decodes the image and applies the processors when an item is asked
+for. Items follow CONTRACTS.dev.md:
+
+- caption train: ``{"image", "text_input", "image_id"}`` (one per image and caption)
+- caption eval:  ``{"image", "image_id", "captions"}`` (one per image; ``captions`` are the
+  references, handy for few-shot demonstrations; scoring reads ``annotation_file``)
+- vqa:           ``{"image", "text_input", "answers", "answer", "question_id", "image_id"}``
+
+Bad samples (an image that cannot be decoded while training) follow
+``on_bad_sample``: ``error`` raises a DataError naming the file and record;
+``skip`` logs the sample, adds one to ``num_skipped`` and returns another
+sample chosen deterministically (the next index), so an epoch never silently
+has fewer samples. ``num_skipped`` is shared with DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lavis.common.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# How many consecutive replacements a skip may try before the data is declared broken.
+MAX_CONSECUTIVE_BAD = 100
+
+
+class BadSample(Exception):
+    """An image or record that cannot be turned into an item (internal; becomes DataError or a skip)."""
+
+
+def decode_image(source: str | Path | bytes, where: str) -> Image.Image:
+    """An RGB PIL image from a path or encoded bytes; BadSample naming ``where`` when unreadable."""
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        with handle:
+            image = Image.open(handle)
+            image.load()  # decode now, inside the try, not lazily in the processor
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise BadSample(f"{where}: cannot read image: {err}") from err
+
+
+class SkipCounter:
+    """A count of skipped samples shared by the main process and DataLoader workers.
+
+    A plain attribute would be incremented in the worker's copy and lost; a
+    shared-memory integer is visible to the process that owns the dataset. The
+    count is per rank: the runner sums it over ranks (all_reduce) before logging
+    it as ``data/num_skipped`` in metrics.jsonl.
+    """
+
+    def __init__(self):
+        self._value = multiprocessing.get_context().Value("q", 0)
+
+    def add(self, n: int = 1) -> None:
+        """Add ``n`` skipped samples."""
+        with self._value.get_lock():
+            self._value.value += n
+
+    @property
+    def value(self) -> int:
+        """The number of samples skipped so far in this process and its workers."""
+        return int(self._value.value)
+
+
+@dataclass(frozen=True)
+class SampleFormat:
+    """How a record plus a processed image becomes an item, for one kind of split."""
+
+    name: str
+    sample_id_key: str
+    make_item: Callable[[dict, torch.Tensor, Callable[[str], str]], dict]
+
+
+def _caption_train_item(record: dict, image: torch.Tensor, text: Callable[[str], str]) -> dict:
+    return {"image": image, "text_input": text(record["caption"]), "image_id": record["image_id"]}
+
+
+def _caption_eval_item(record: dict, image: torch.Tensor, text: Callable[[str], str]) -> dict:
+    return {"image": image, "image_id": record["image_id"], "captions": [text(c) for c in record["captions"]]}
+
+
+def _vqa_item(record: dict, image: torch.Tensor, text: Callable[[str], str]) -> dict:
+    return {
+        "image": image,
+        "text_input": text(record["question"]),
+        "answers": list(record["answers"]),
+        "answer": record["answer"],
+        "question_id": record["question_id"],
+        "image_id": record["image_id"],
+    }
+
+
+CAPTION_TRAIN = SampleFormat("caption_train", "image_id", _caption_train_item)
+CAPTION_EVAL = SampleFormat("caption_eval", "image_id", _caption_eval_item)
+VQA = SampleFormat("vqa", "question_id", _vqa_item)
+SAMPLE_FORMATS = {f.name: f for f in (CAPTION_TRAIN, CAPTION_EVAL, VQA)}
+
+
+def describe_record(record: dict) -> str:
+    """The ids of a record, for messages: ``image_id=5 question_id=50``."""
+    keys = ("image_id", "question_id")
+    return " ".join(f"{k}={record[k]}" for k in keys if k in record)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A map-style dataset over records that point at image files (``record["image_path"]``)."""
+
+    def __init__(
+        self,
+        records: list[dict],
+        sample_format: SampleFormat,
+        vis_processor: Callable,
+        text_processor: Callable[[str], str],
+        on_bad_sample: str = "error",
+        name: str = "dataset",
+        annotation_file: str | None = None,
+        question_file: str | None = None,
+    ):
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.records = records
+        self.sample_format = sample_format
+        self.sample_id_key = sample_format.sample_id_key
+        self.vis_processor = vis_processor
+        self.text_processor = text_processor
+        self.on_bad_sample = on_bad_sample
+        self.name = name
+        self.annotation_file = annotation_file
+        self.question_file = question_file
+        self._skipped = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_skipped(self) -> int:
+        """Items served by a replacement because their image could not be decoded (this rank, all workers,
+        all epochs; a sample that fails in every epoch counts in every epoch)."""
+        return self._skipped.value
+
+    def sample_ids(self) -> list[int]:
+        """Every sample id of the split, in order (the runner's coverage check)."""
+        return list(dict.fromkeys(r[self.sample_id_key] for r in self.records))
+
+    def load(self, index: int) -> dict:
+        """The item of ``index``; BadSample when its image cannot be used."""
+        record = self.records[index]
+        where = f"{self.name}: {record['image_path']} ({describe_record(record)})"
+        image = decode_image(record["image_path"], where)
+        try:
+            pixels = self.vis_processor(image)
+        except (OSError, ValueError) as err:
+            raise BadSample(f"{where}: image processor failed: {err}") from err
+        return self.sample_format.make_item(record, pixels, self.text_processor)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self.records) <= index < len(self.records):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self.records)} samples")
+        index %= len(self.records)
+        for attempt in range(min(len(self.records), MAX_CONSECUTIVE_BAD)):
+            current = (index + attempt) % len(self.records)
+            try:
+                return self.load(current)
+            except BadSample as err:
+                if self.on_bad_sample == "error":
+                    raise DataError(f"{err} (set on_bad_sample: skip to replace bad samples)") from None
+                if attempt == 0:
+                    self._skipped.add()  # one per requested item served by a replacement
+                logger.warning("skipped bad sample %d, trying the next one: %s", current, err)
+        raise DataError(
+            f"{self.name}: {MAX_CONSECUTIVE_BAD} consecutive samples from index {index} could not be read; "
+            "the data is broken, not a few bad files"
+        )

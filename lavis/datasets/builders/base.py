@@ -1,0 +1,198 @@
+"""What every dataset builder shares: the config schema, checked JSON reading, splits and roles.
+
+``Builder(cfg).build_datasets()`` -> ``{split: Dataset}``. A builder subclass
+reads its annotation files into records (``read_records``), checking up front
+everything that can be checked before training (files exist, JSON parses,
+fields present, ids join, image files exist); the base class attaches the
+processors of the split's role and wraps the records in a dataset (image files,
+or webdataset shards when ``data_type: webdataset``).
+
+A split whose name is in ``train_splits`` gets the train role (train
+processors, one sample per caption); every other split gets the eval role.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from lavis.common.errors import ConfigError, DataError
+from lavis.common.schema import check_mapping
+from lavis.datasets.base import ImageDataset, SampleFormat
+from lavis.datasets.processors import build_processor
+
+logger = logging.getLogger(__name__)
+
+
+def _vis_defaults() -> dict[str, dict[str, Any]]:
+    return {"train": {"name": "clip_image_train", "image_size": 224}, "eval": {"name": "clip_image_eval", "image_size": 224}}
+
+
+@dataclass
+class ShardOptions:
+    """Streaming options used when ``data_type: webdataset``."""
+
+    shuffle: bool = True  # shard order and a buffer, train role only; eval is read in order
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    # ranks get ceil(N / world) samples by repeating up to world-1 samples (logged), or exactly their share.
+    uneven: Literal["pad", "exact"] = "pad"
+
+
+@dataclass
+class BuilderConfig:
+    """Keys shared by every builder's section (``datasets.<builder>``)."""
+
+    data_type: Literal["images", "webdataset"] = "images"
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    vis_processor: dict[str, dict[str, Any]] = field(default_factory=_vis_defaults)
+    text_processor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    on_bad_sample: Literal["error", "skip"] = "error"
+    max_samples: Optional[int] = None  # cap per split (the first N in file order), for demos and tests
+    check_images: bool = True  # stat every image file when the dataset is built
+    webdataset: ShardOptions = field(default_factory=ShardOptions)
+
+
+def read_json(path: str | Path, what: str):
+    """Parse a JSON file; a DataError naming the file (and line/column) when missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({what}): {err.msg} at line {err.lineno} column {err.colno}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read {what}: {err}") from None
+
+
+def require(record, fields: tuple[str, ...], path, where: str):
+    """Check that a JSON record is a mapping holding ``fields``; DataError naming file and record otherwise."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: {where} is not a JSON object: {str(record)[:80]}")
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise DataError(f"{path}: {where} lacks field(s) {', '.join(missing)}")
+    return record
+
+
+def require_list(document, key: str, path) -> list:
+    """``document[key]`` as a list, or a DataError naming the file and the key."""
+    if not isinstance(document, dict) or not isinstance(document.get(key), list):
+        raise DataError(f"{path}: expected a top-level object with a list {key!r}")
+    return document[key]
+
+
+def as_config(cfg, schema: type, key_path: str) -> DictConfig:
+    """A section (dict or DictConfig, validated or not) checked against ``schema`` with defaults filled."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    checked, errors = check_mapping(cfg or {}, schema, key_path)
+    if errors:
+        raise ConfigError(f"{key_path}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    return OmegaConf.create(checked)
+
+
+class BaseBuilder:
+    """Builds ``{split: Dataset}`` from a validated section; subclasses read the files."""
+
+    name = "base"
+    Config = BuilderConfig
+
+    def __init__(self, cfg=None):
+        self.key_path = f"datasets.{self.name}"
+        self.cfg = as_config(cfg, self.Config, self.key_path)
+
+    # --- for subclasses -------------------------------------------------------------------------
+    def read_records(self, split: str, role: str) -> tuple[list[dict], SampleFormat, dict]:
+        """(records, sample format, {"annotation_file": ..., "question_file": ...}) of an image split."""
+        raise NotImplementedError
+
+    def shard_info(self, split: str, role: str) -> tuple[str, SampleFormat, dict]:
+        """(shard pattern, sample format, scoring files) of a split stored as webdataset shards."""
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------------
+    def role(self, split: str) -> str:
+        """``train`` or ``eval``."""
+        return "train" if split in self.cfg.train_splits else "eval"
+
+    def processors(self, role: str):
+        """(image processor, text processor) configured for ``role``."""
+        vis, text = self.cfg.vis_processor, self.cfg.text_processor
+        for kind, table in (("vis_processor", vis), ("text_processor", text)):
+            if role not in table:
+                raise ConfigError(f"{self.key_path}.{kind}.{role}: no processor configured for the {role} role")
+        return (
+            build_processor(vis[role], f"{self.key_path}.vis_processor.{role}"),
+            build_processor(text[role], f"{self.key_path}.text_processor.{role}"),
+        )
+
+    def capped(self, records: list, split: str) -> list:
+        """At most ``max_samples`` records (the first ones), logged so a demo never looks like a full run."""
+        cap = self.cfg.max_samples
+        if cap is not None and len(records) > cap:
+            logger.info("%s/%s: using the first %d of %d samples (max_samples)", self.name, split, cap, len(records))
+            return records[:cap]
+        return records
+
+    def build_split(self, split: str):
+        """The dataset of one split."""
+        role = self.role(split)
+        vis, text = self.processors(role)
+        if self.cfg.data_type == "webdataset":
+            from lavis.datasets.builders.webdataset import build_shard_dataset
+
+            return build_shard_dataset(self, split, role, vis, text)
+        records, sample_format, files = self.read_records(split, role)
+        records = self.capped(records, split)
+        if not records:
+            raise DataError(f"{self.name}/{split}: the split is empty ({files or 'no files'})")
+        if self.cfg.check_images:
+            check_image_files(records, f"{self.name}/{split}")
+        return ImageDataset(
+            records,
+            sample_format,
+            vis,
+            text,
+            on_bad_sample=self.cfg.on_bad_sample,
+            name=f"{self.name}/{split}",
+            **files,
+        )
+
+    def build_datasets(self) -> dict:
+        """``{split: Dataset}`` for every split in ``splits``."""
+        if not self.cfg.splits:
+            raise ConfigError(f"{self.key_path}.splits: no split to build")
+        return {split: self.build_split(split) for split in self.cfg.splits}
+
+
+def check_image_files(records: list[dict], where: str) -> None:
+    """Every record's image file exists; one DataError listing the first few that do not."""
+    missing, seen = [], set()
+    for record in records:
+        path = record["image_path"]
+        if path in seen:
+            continue
+        seen.add(path)
+        if not os.path.isfile(path):
+            missing.append(f"{path} (image_id={record['image_id']})")
+    if missing:
+        shown = "\n  - ".join(missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise DataError(f"{where}: {len(missing)} image file(s) not found in the image folder:\n  - {shown}{more}")
+
+
+def path_or_error(value, key_path: str) -> str:
+    """A configured path that must be set; ConfigError naming the key otherwise."""
+    if not value:
+        raise ConfigError(f"{key_path}: must be set (a path)")
+    return str(value)

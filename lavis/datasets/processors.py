@@ -1,0 +1,182 @@
+"""Image and text processors, registered by name and chosen per role (train / eval).
+
+A dataset section names them as
+``vis_processor: {train: {name: clip_image_train, image_size: 224}, eval: {name: clip_image_eval, ...}}``
+and the same for ``text_processor``. The options of each processor are checked
+against its ``Config`` dataclass, so a misspelt option fails at start-up.
+
+``clip_image_eval`` is exactly open_clip's eval preprocessing
+(``open_clip.image_transform(size, is_train=False)``): resize the shorter side to
+``image_size`` with bicubic interpolation, center-crop, RGB, CLIP mean/std. It is
+built from torchvision directly because importing open_clip in every DataLoader
+worker costs seconds; a test checks both give the same tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from lavis.common.errors import ConfigError
+from lavis.common.registry import registry
+from lavis.common.schema import check_mapping
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _interpolation(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode.BILINEAR if name == "bilinear" else InterpolationMode.BICUBIC
+
+
+def _to_rgb(image):
+    # convert() copies even an RGB image; skipping the copy gives the same pixels
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@registry.register_processor("clip_image_eval")
+class ClipImageEvalProcessor:
+    """open_clip's eval transform: shorter side to ``image_size``, center crop, CLIP normalisation."""
+
+    @dataclass
+    class Config:
+        image_size: int = 224
+        interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+        mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+        std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+
+    def __init__(self, cfg):
+        from torchvision import transforms as T
+
+        self.image_size = int(cfg.image_size)
+        self.transform = T.Compose(
+            [
+                T.Resize(self.image_size, interpolation=_interpolation(cfg.interpolation)),
+                T.CenterCrop(self.image_size),
+                _to_rgb,
+                T.ToTensor(),
+                T.Normalize(mean=tuple(cfg.mean), std=tuple(cfg.std)),
+            ]
+        )
+
+    def __call__(self, image):
+        """PIL image -> float tensor (3, image_size, image_size)."""
+        return self.transform(image)
+
+
+@registry.register_processor("clip_image_train")
+class ClipImageTrainProcessor:
+    """Training augmentation on top of the CLIP normalisation.
+
+    Random resized crop with a mild default scale (0.9-1.0, as open_clip trains) so
+    that the content stays in view; colour jitter and horizontal flip are off by
+    default because colour and left/right are what captions and questions talk about.
+    """
+
+    @dataclass
+    class Config:
+        image_size: int = 224
+        interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+        mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+        std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+        min_scale: float = 0.9
+        max_scale: float = 1.0
+        color_jitter: float = 0.0
+        horizontal_flip: bool = False
+
+    def __init__(self, cfg):
+        from torchvision import transforms as T
+
+        if not 0.0 < cfg.min_scale <= cfg.max_scale <= 1.0:
+            raise ConfigError(
+                f"clip_image_train: need 0 < min_scale <= max_scale <= 1, got {cfg.min_scale}, {cfg.max_scale}"
+            )
+        self.image_size = int(cfg.image_size)
+        steps = [
+            T.RandomResizedCrop(
+                self.image_size,
+                scale=(cfg.min_scale, cfg.max_scale),
+                interpolation=_interpolation(cfg.interpolation),
+            ),
+            _to_rgb,
+        ]
+        if cfg.horizontal_flip:
+            steps.append(T.RandomHorizontalFlip())
+        if cfg.color_jitter > 0:
+            j = cfg.color_jitter
+            steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
+        steps += [T.ToTensor(), T.Normalize(mean=tuple(cfg.mean), std=tuple(cfg.std))]
+        self.transform = T.Compose(steps)
+
+    def __call__(self, image):
+        """PIL image -> float tensor (3, image_size, image_size), randomly augmented."""
+        return self.transform(image)
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _clean(text: str, lowercase: bool, max_words: Optional[int]) -> str:
+    text = _WHITESPACE.sub(" ", str(text)).strip()
+    if lowercase:
+        text = text.lower()
+    if max_words is not None:
+        text = " ".join(text.split(" ")[:max_words])
+    return text
+
+
+@registry.register_processor("caption_text")
+class CaptionTextProcessor:
+    """Caption text: strip, collapse whitespace, optional lower case, at most ``max_words`` words."""
+
+    @dataclass
+    class Config:
+        lowercase: bool = False
+        max_words: Optional[int] = 50
+
+    def __init__(self, cfg):
+        self.lowercase = bool(cfg.lowercase)
+        self.max_words = cfg.max_words
+
+    def __call__(self, text: str) -> str:
+        """The cleaned caption."""
+        return _clean(text, self.lowercase, self.max_words)
+
+
+@registry.register_processor("question_text")
+class QuestionTextProcessor:
+    """Question text: like captions, and always ending in exactly one ``?``."""
+
+    @dataclass
+    class Config:
+        lowercase: bool = False
+        max_words: Optional[int] = 50
+
+    def __init__(self, cfg):
+        self.lowercase = bool(cfg.lowercase)
+        self.max_words = cfg.max_words
+
+    def __call__(self, text: str) -> str:
+        """The cleaned question, with a trailing question mark."""
+        text = _clean(text, self.lowercase, self.max_words).rstrip("?").rstrip()
+        return f"{text}?"
+
+
+def build_processor(spec, key_path: str):
+    """The processor described by ``{name: ..., <options>}``; ConfigError naming ``key_path`` otherwise."""
+    from omegaconf import OmegaConf
+
+    if spec is not None and not isinstance(spec, dict):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if not spec or "name" not in spec:
+        raise ConfigError(f"{key_path}: a processor needs a 'name' (one of {', '.join(registry.names('processor'))})")
+    options = dict(spec)
+    name = options.pop("name")
+    cls = registry.get("processor", name, key_path=f"{key_path}.name")
+    checked, errors = check_mapping(options, cls.Config, key_path)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cls(OmegaConf.create(checked))
