@@ -78,7 +78,7 @@ def _check(run, datasets) -> list[str]:
     return splits
 
 
-def _rices_index(run, model, pool, name: str, run_dir: Path, device):
+def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label: str):
     if run.demo_method != "rices":
         return None
     cache_dir = Path(run.rices_cache_dir) if run.rices_cache_dir else run_dir / "rices"
@@ -87,7 +87,9 @@ def _rices_index(run, model, pool, name: str, run_dir: Path, device):
         # The CLIP image embedding (pooled and projected), as OpenFlamingo's RICES uses.
         return model.vision_encoder(images.to(device))
 
-    return RICES(pool, features, cache_dir / f"{name}_{run.demo_split}.pt", batch_size=run.batch_size_eval)
+    # The label keys the feature cache, so another model or checkpoint never reuses stale features.
+    return RICES(pool, features, cache_dir / f"{name}_{run.demo_split}.pt", batch_size=run.batch_size_eval,
+                 feature_name=model_label)
 
 
 def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = None) -> dict:
@@ -102,13 +104,13 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
         ckpt.load_trainable_state_dict(model, state.get("model", state), str(checkpoint))
     model.to(info.device).eval()
     task.result_dir = paths.results
-    label = Path(checkpoint).name if checkpoint else f"{cfg.model.arch}/{cfg.model.model_type} (pretrained)"
+    label = str(checkpoint) if checkpoint else f"{cfg.model.arch}/{cfg.model.model_type} (pretrained)"
     metrics_log = MetricsLog(paths.metrics, enabled=info.is_main)
 
     table: dict = {"model": label, "metric": "agg_metrics", "rows": {}}
     for name, by_split in datasets.items():
         pool = by_split[run.demo_split]
-        rices = _rices_index(run, model, pool, name, paths.run_dir, info.device)
+        rices = _rices_index(run, model, pool, name, paths.run_dir, info.device, label)
         for split in splits:
             queries = query_subset(by_split[split], run.num_samples, run.trial_seeds[0])
             row = {}

@@ -87,12 +87,17 @@ def _path_key(value: Optional[str], key: str, what: str, env: str | None = None)
 
 
 def tiny_language_model(tiny: TinyConfig, vocab_size: int, pad_token_id: int | None) -> LlamaForCausalLM:
-    """A random LLaMA of the tiny sizes, float32."""
+    """A random LLaMA of the tiny sizes, float32.
+
+    The output head is tied to the input embeddings: a random, frozen, untied head behind the final
+    RMSNorm caps the logits' range (about |h| * |w| = sqrt(d) * 0.02 * sqrt(d)), so a random tiny LM could
+    never become confident however its other parts train. Tied, training the embeddings trains the head.
+    """
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=tiny.lm_hidden_size,
                          intermediate_size=tiny.lm_intermediate_size, num_hidden_layers=tiny.lm_layers,
                          num_attention_heads=tiny.lm_heads, num_key_value_heads=tiny.lm_heads,
                          max_position_embeddings=tiny.max_position_embeddings, rms_norm_eps=1e-6,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=False)
+                         bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=True)
     return LlamaForCausalLM(config)
 
 

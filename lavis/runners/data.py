@@ -1,0 +1,136 @@
+"""Data loaders of the runner: a resumable training stream and sharded evaluation loaders.
+
+The training order is a pure function of (seed, data epoch, rank, world size): a
+DistributedSampler (also with one process) shuffles with its own generator, and the
+DataLoader gets its own generator too, so creating a loader never draws from the
+global torch RNG. A resumed run rebuilds the epoch's order and skips the
+micro-batches already consumed, replaying the rest of the epoch exactly.
+(With ``num_workers`` > 0, random augmentations drawn inside workers restart their
+worker seeds on resume; only with ``num_workers: 0``, where they draw from the
+restored main-process RNG, is the rest of the epoch bitwise identical.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
+
+from lavis.common.errors import ConfigError
+
+
+class SkipSampler(Sampler):
+    """The indices of ``base`` after the first ``skip`` ones (the part of an epoch not yet consumed)."""
+
+    def __init__(self, base: Sampler, skip: int = 0):
+        self.base = base
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        for i, index in enumerate(self.base):
+            if i >= self.skip:
+                yield index
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)
+
+
+def concat_train_datasets(datasets: dict, splits: list[str]) -> Dataset:
+    """One training dataset from every ``datasets[name][split]`` with ``split`` in ``splits``."""
+    parts = [by_split[split] for by_split in datasets.values() for split in splits if split in by_split]
+    if not parts:
+        available = sorted({f"{name}.{split}" for name, by_split in datasets.items() for split in by_split})
+        raise ConfigError(f"run.train_splits: no dataset has a split in {list(splits)}; available: {available}")
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+def leaf_datasets(dataset: Dataset) -> list[Dataset]:
+    """The datasets a ConcatDataset is made of (or the dataset itself)."""
+    if isinstance(dataset, ConcatDataset):
+        return [leaf for part in dataset.datasets for leaf in leaf_datasets(part)]
+    return [dataset]
+
+
+class TrainStream:
+    """Groups of ``accum`` micro-batches, one per optimizer step, across data epochs.
+
+    A data epoch yields ``steps_per_epoch = len(loader) // accum`` steps; the trailing
+    micro-batches that cannot fill a step are dropped, so every step averages the same
+    number of samples. ``position`` counts micro-batches consumed in ``data_epoch``.
+    """
+
+    def __init__(self, dataset: Dataset, collate_fn, batch_size: int, accum: int, rank: int, world_size: int,
+                 seed: int, num_workers: int = 0, pin_memory: bool = False):
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.batch_size = batch_size
+        self.accum = accum
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.data_epoch = 0
+        self.position = 0
+        self._iter = None
+        self.batches_per_epoch = len(self._sampler(0)) // batch_size
+        self.steps_per_epoch = self.batches_per_epoch // accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"run.batch_size_train={batch_size} x run.accum_grad_iters={accum} x {world_size} process(es) "
+                f"needs more samples than the training data has ({len(dataset)}); lower them"
+            )
+
+    def _sampler(self, epoch: int) -> DistributedSampler:
+        sampler = DistributedSampler(
+            self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
+        return sampler
+
+    def _open_epoch(self) -> None:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed * 1_000_003 + self.data_epoch * 1009 + self.rank)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=SkipSampler(self._sampler(self.data_epoch), self.position * self.batch_size),
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=True,
+            generator=generator,
+        )
+        self._iter = iter(loader)
+
+    def seek(self, data_epoch: int, position: int) -> None:
+        """Continue from micro-batch ``position`` of ``data_epoch`` (used on resume)."""
+        self.data_epoch, self.position, self._iter = data_epoch, position, None
+
+    def next_step(self) -> list:
+        """The micro-batches of the next optimizer step."""
+        if self.position + self.accum > self.steps_per_epoch * self.accum:
+            self.data_epoch, self.position, self._iter = self.data_epoch + 1, 0, None
+        if self._iter is None:
+            self._open_epoch()
+        micro_batches = [next(self._iter) for _ in range(self.accum)]
+        self.position += self.accum
+        return micro_batches
+
+    def state(self) -> dict:
+        return {"data_epoch": self.data_epoch, "position": self.position}
+
+
+def eval_loader(dataset: Dataset, collate_fn, batch_size: int, rank: int, world_size: int,
+                num_workers: int = 0) -> DataLoader:
+    """A loader over this rank's shard of ``dataset`` in a fixed order.
+
+    With several ranks the DistributedSampler pads the last shard with repeats;
+    the gathered records are de-duplicated by sample id afterwards.
+    """
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate_fn,
+                      num_workers=num_workers, drop_last=False)

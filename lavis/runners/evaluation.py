@@ -1,0 +1,82 @@
+"""Distributed evaluation of one split: shard, predict, gather, de-duplicate, check, score.
+
+Every rank runs ``task.valid_step`` on its shard with the unwrapped model; rank 0
+collects the records in memory, de-duplicates them by the task's sample id,
+checks that they cover ``dataset.sample_ids()`` exactly, and calls
+``task.evaluate``. The metrics (or the error) are broadcast, so every rank returns
+the same dict or raises the same error instead of waiting on a collective.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lavis.common import dist
+from lavis.common.errors import UserError
+from lavis.runners.data import eval_loader
+
+
+class _RemoteError(Exception):
+    pass
+
+
+@torch.no_grad()
+def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info, precision, batch_size: int,
+                   num_workers: int = 0) -> dict:
+    """The metrics of ``task.evaluate`` for one split, identical on every rank."""
+    # A joint task evaluates datasets of several kinds; each dataset knows its own sample id.
+    key = getattr(dataset, "sample_id_key", task.sample_id_key)
+    loader = eval_loader(dataset, task.collator(model, "eval"), batch_size, info.rank, info.world_size, num_workers)
+    was_training = model.training
+    model.eval()
+    records: list[dict] = []
+    try:
+        for batch in loader:
+            batch = move_to_device(batch, info.device)
+            with precision.autocast():
+                records.extend(task.valid_step(model, batch))
+    finally:
+        model.train(was_training)
+
+    gathered = dist.gather_records(records)
+    outcome: dict
+    if info.is_main:
+        try:
+            unique = dist.dedup_records(gathered, key)
+            if hasattr(dataset, "sample_ids"):
+                dist.check_coverage(unique, key, dataset.sample_ids(), where=f"{dataset_name}.{split}")
+            metrics = task.evaluate(unique, split, dataset)
+            if not isinstance(metrics, dict) or "agg_metrics" not in metrics:
+                raise TypeError(
+                    f"{type(task).__name__}.evaluate must return a dict with 'agg_metrics', got {metrics!r}"
+                )
+            outcome = {"metrics": {k: _plain(v) for k, v in metrics.items()}}
+        except UserError as err:
+            outcome = {"error": err}
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            if not info.distributed:
+                raise
+            outcome = {"error": _RemoteError(f"rank 0 failed to score {dataset_name}.{split}: {err!r}")}
+    else:
+        outcome = {}
+    outcome = dist.broadcast_object(outcome)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["metrics"]
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+def move_to_device(batch, device: torch.device):
+    """Tensors of a (nested) batch moved to ``device``; other values unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch

@@ -1,0 +1,159 @@
+"""The keys of the ``run`` section that the runners read, with their types and defaults.
+
+The config loader validates YAML against ``RunConfig`` (merged with the task's own
+``Config``) and the README's config reference is generated from it: the comment
+above each field is its documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from lavis.common.errors import ConfigError
+
+
+@dataclass
+class ParamGroupConfig:
+    """One entry of ``run.param_groups``: parameters whose name matches ``match`` get these settings."""
+
+    # Regular expression searched in the parameter's qualified name (e.g. "perceiver\\." or "lora_").
+    match: str = ""
+    # Multiplies the scheduled learning rate of these parameters (every schedule honours it).
+    lr_scale: float = 1.0
+    # Weight decay of these parameters; null keeps the default policy (no decay on biases, norms, gates, embeddings).
+    weight_decay: Optional[float] = None
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (``run.wandb``)."""
+
+    # wandb project; null uses "pet-vlm".
+    project: Optional[str] = None
+    # wandb run name; null uses the run name.
+    name: Optional[str] = None
+    # disabled (default, nothing is imported), offline (files under the run dir, no network) or online.
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+
+
+@dataclass
+class RunConfig:
+    """Every key of the ``run`` section used by ``runner_base`` and ``runner_iter``."""
+
+    # Registered task name (e.g. captioning, vqa); required.
+    task: Optional[str] = None
+    # Registered runner: runner_base (epochs) or runner_iter (iterations).
+    runner: str = "runner_base"
+    # auto (cuda when available, else cpu), cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Seed of python, numpy and torch (rank r uses seed + r) and of the data order.
+    seed: int = 42
+    # Directory under which each run gets its own folder <output_dir>/<run_name>/.
+    output_dir: str = "output"
+    # Name of the run folder; null uses a timestamp decided on rank 0.
+    run_name: Optional[str] = None
+
+    # Number of epochs (runner_base).
+    max_epoch: int = 1
+    # Total optimizer steps (runner_iter; required there).
+    max_iters: Optional[int] = None
+    # Optimizer steps per inner epoch, the unit of val_freq and of epoch-end checkpoints (runner_iter).
+    iters_per_inner_epoch: Optional[int] = None
+    # Stop after this many optimizer steps (a checkpoint is saved there); the lr schedule keeps its full length.
+    max_steps: Optional[int] = None
+
+    # Training batch size per process (the global batch is this x number of processes x accum_grad_iters).
+    batch_size_train: int = 8
+    # Evaluation batch size per process.
+    batch_size_eval: int = 8
+    # DataLoader worker processes per rank.
+    num_workers: int = 0
+    # Micro-batches per optimizer step; gradients are all-reduced only on the last one.
+    accum_grad_iters: int = 1
+
+    # Registered lr schedule: linear_warmup_cosine_lr, linear_warmup_step_lr or constant_lr (stepped per optimizer step).
+    lr_sched: str = "linear_warmup_cosine_lr"
+    # Peak learning rate (reached at the end of warmup).
+    init_lr: float = 1e-4
+    # Final learning rate of the cosine schedule and floor of the step schedule.
+    min_lr: float = 0.0
+    # Learning rate at step 0 of the linear warmup.
+    warmup_lr: float = 0.0
+    # Optimizer steps of linear warmup (0 = none).
+    warmup_steps: int = 0
+    # linear_warmup_step_lr: the lr is multiplied by this every lr_decay_steps steps.
+    lr_decay_rate: float = 0.1
+    # linear_warmup_step_lr: optimizer steps between decays; null = one epoch (runner_base) or inner epoch.
+    lr_decay_steps: Optional[int] = None
+
+    # AdamW weight decay of the parameters that decay (not biases, norms, gates, embeddings).
+    weight_decay: float = 0.05
+    # AdamW beta1.
+    beta1: float = 0.9
+    # AdamW beta2.
+    beta2: float = 0.999
+    # AdamW epsilon.
+    eps: float = 1e-8
+    # Per-parameter settings, first match wins: list of {match: regex, lr_scale, weight_decay}.
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    # Clip the global gradient norm to this value; null or 0 = no clipping.
+    max_grad_norm: Optional[float] = 1.0
+    # Precision: fp32, fp16 (CUDA only, with a GradScaler) or bf16 (CPU, or a GPU that supports it).
+    amp: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # DDP: let parameters receive no gradient in a step (slower; only when the model needs it).
+    find_unused_parameters: bool = False
+
+    # Splits used for training (their datasets are concatenated).
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    # Splits evaluated every val_freq epochs.
+    valid_splits: list[str] = field(default_factory=list)
+    # Splits evaluated at the end of training, with the best checkpoint when there are valid_splits.
+    test_splits: list[str] = field(default_factory=list)
+    # Evaluate every this many epochs (inner epochs for runner_iter) and after the last one.
+    val_freq: int = 1
+    # Split whose metric chooses the best checkpoint; null = the first of valid_splits.
+    best_split: Optional[str] = None
+    # Metric that chooses the best checkpoint.
+    best_metric: str = "agg_metrics"
+    # max: higher is better; min: lower is better.
+    best_mode: Literal["max", "min"] = "max"
+    # Evaluation only: evaluate test_splits (or valid_splits when empty) with the weights of resume_ckpt_path.
+    evaluate: bool = False
+
+    # Continue a run: a checkpoint path, or "latest" (the newest checkpoint of output_dir/run_name).
+    resume_ckpt_path: Optional[str] = None
+    # Save a checkpoint every this many optimizer steps (0 = only at epoch ends).
+    save_freq_steps: int = 0
+    # Save a checkpoint at the end of every epoch (inner epoch for runner_iter).
+    save_epoch_end: bool = True
+    # Keep this many step checkpoints (older ones are deleted; best.pt is kept apart).
+    keep_last: int = 2
+
+    # Log (and sync the loss to the CPU) every this many optimizer steps.
+    log_freq: int = 50
+    # Show a tqdm progress bar on rank 0.
+    progress_bar: bool = True
+    # Weights & Biases logging.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Write TensorBoard event files under <run dir>/tensorboard.
+    tensorboard: bool = False
+    # Timeout of collective operations, in seconds (a hung rank fails instead of waiting forever).
+    dist_timeout_s: int = 1800
+
+
+def check_run_values(run) -> None:
+    """Range checks the schema cannot express (all problems in one ConfigError)."""
+    problems = []
+    for key in ("accum_grad_iters", "log_freq", "val_freq", "batch_size_train", "batch_size_eval", "keep_last"):
+        if int(run[key]) < 1:
+            problems.append(f"run.{key}: must be >= 1, got {run[key]}")
+    for key in ("save_freq_steps", "num_workers"):
+        if int(run[key]) < 0:
+            problems.append(f"run.{key}: must be >= 0, got {run[key]}")
+    if run.max_steps is not None and run.max_steps < 1:
+        problems.append(f"run.max_steps: must be >= 1 or null, got {run.max_steps}")
+    if run.best_split is not None and run.best_split not in run.valid_splits:
+        problems.append(f"run.best_split: {run.best_split!r} is not one of run.valid_splits {list(run.valid_splits)}")
+    if problems:
+        raise ConfigError("; ".join(problems))

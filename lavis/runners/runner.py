@@ -1,0 +1,404 @@
+"""The training loop of ``runner_base`` (epochs), shared by ``runner_iter`` (iterations, runner_iter.py).
+
+Both run one loop over optimizer steps, cut into periods: an epoch of the data
+for ``runner_base``, ``iters_per_inner_epoch`` steps for ``runner_iter``. At the
+end of a period the runner evaluates (every ``val_freq`` periods) and saves; at
+every step boundary it may log, save, stop for ``max_steps`` or stop for SIGTERM.
+Checkpoints are only taken at step boundaries after the period-end work, so
+``global_step`` alone says where a resumed run continues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import random
+import signal
+import threading
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from lavis.common import dist
+from lavis.common.errors import CheckpointError, ConfigError
+from lavis.common.logging import MetricsLog, get_logger, progress_bar, setup_logging
+from lavis.common.registry import registry
+from lavis.runners import checkpoint as ckpt
+from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
+from lavis.runners.evaluation import evaluate_split, move_to_device
+from lavis.runners.optim import build_lr_schedule, build_optimizer
+from lavis.runners.precision import resolve_precision
+from lavis.runners.run_config import check_run_values
+from lavis.runners.run_dir import prepare_run_dir
+
+log = get_logger()
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@registry.register_runner("runner_base")
+class RunnerBase:
+    """Epoch-based runner; see the module docstring. Build it with ``(cfg, task, model, datasets)``."""
+
+    def __init__(self, cfg, task, model, datasets: dict):
+        self.cfg = cfg
+        self.run_cfg = run = cfg.run
+        self.task = task
+        self.datasets = datasets
+        check_run_values(run)
+        _check_splits(run, datasets)
+        self.info = dist.init_distributed(run.device, run.dist_timeout_s)
+        self.precision = resolve_precision(run.amp, self.info.device)
+        set_seed(run.seed + self.info.rank)
+        self.model = model.to(self.info.device)
+        self.paths = prepare_run_dir(run, cfg)
+        setup_logging(self.info.rank, self.paths.log if self.info.is_main else None)
+        self.metrics = MetricsLog(
+            self.paths.metrics,
+            enabled=self.info.is_main,
+            wandb_cfg=run.wandb,
+            tensorboard_dir=self.paths.run_dir / "tensorboard" if run.tensorboard else None,
+            run_name=self.paths.run_dir.name,
+            config=OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else None,
+        )
+        # Tasks write their result files (official formats) here; only rank 0 scores, so only it writes.
+        task.result_dir = self.paths.results
+        self.best_split = run.best_split or (run.valid_splits[0] if run.valid_splits else None)
+        self.best: dict = {"metric": None, "step": None}
+        self.global_step = 0
+        self._stop_requested = False
+        log.info("run directory: %s (%d process(es), %s, %s)", self.paths.run_dir, self.info.world_size,
+                 self.info.device, run.amp)
+
+    # --- planning ---------------------------------------------------------------------------------------
+
+    def plan(self, stream: TrainStream) -> tuple[int, int]:
+        """``(steps_per_period, total_steps)``: one period per epoch, ``max_epoch`` epochs."""
+        return stream.steps_per_epoch, stream.steps_per_epoch * int(self.run_cfg.max_epoch)
+
+    # --- public API -------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Train (or only evaluate when ``run.evaluate``); returns a summary dict.
+
+        ``status`` is "finished", "max_steps" or "preempted" (SIGTERM: a checkpoint was
+        saved and the log says how to resume).
+        """
+        if self.run_cfg.evaluate:
+            return self._evaluate_only()
+        run = self.run_cfg
+        stream = TrainStream(
+            concat_train_datasets(self.datasets, list(run.train_splits)),
+            self.task.collator(self.model, "train"),
+            batch_size=run.batch_size_train,
+            accum=run.accum_grad_iters,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            seed=run.seed,
+            num_workers=run.num_workers,
+            pin_memory=self.info.device.type == "cuda",
+        )
+        self.stream = stream
+        self.steps_per_period, self.total_steps = self.plan(stream)
+        self.optimizer = build_optimizer(self.model, run)
+        self.schedule = build_lr_schedule(self.optimizer, run, self.total_steps, self.steps_per_period)
+        self.scaler = self.precision.grad_scaler()
+        self.train_model = self._wrap_ddp(self.model)
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.paths.resume_from is not None:
+            self._resume(self.paths.resume_from)
+
+        try:
+            status = self._train_loop()
+            summary = {"status": status, "run_dir": str(self.paths.run_dir), "step": self.global_step,
+                       "best": dict(self.best)}
+            if status == "finished" and run.test_splits:
+                summary["test"] = self._final_test()
+        finally:
+            self.metrics.close()
+        # Every rank leaves train() together, so a process that exits next cannot cut a peer's last receive.
+        dist.barrier()
+        return summary
+
+    def evaluate(self, split: str, step: int | None = None, epoch: int | None = None) -> dict:
+        """Evaluate the current model on ``split`` of every dataset that has it: ``{dataset: metrics}``."""
+        results = {}
+        found = False
+        for name, by_split in self.datasets.items():
+            if split not in by_split:
+                continue
+            found = True
+            metrics = evaluate_split(
+                task=self.task, model=self.model, dataset=by_split[split], dataset_name=name, split=split,
+                info=self.info, precision=self.precision, batch_size=self.run_cfg.batch_size_eval,
+                num_workers=self.run_cfg.num_workers,
+            )
+            results[name] = metrics
+            record = {"epoch": epoch, "step": self.global_step if step is None else step, "split": split,
+                      "dataset": name}
+            if hasattr(self, "schedule"):
+                record["lr"] = self.schedule.base_lr(max(0, self.global_step - 1))
+            self.metrics.write({**record, **metrics})
+            log.info("eval %s.%s at step %s: %s", name, split, record["step"], _fmt(metrics))
+        if not found:
+            raise ConfigError(f"no dataset has the split {split!r}; available: {_available(self.datasets)}")
+        return results
+
+    def close(self) -> None:
+        """Close the logs and leave the process group."""
+        self.metrics.close()
+        # The DDP reducer holds the process group: drop it before the group is destroyed.
+        self.train_model = self.model
+        gc.collect()
+        dist.destroy()
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def _train_loop(self) -> str:
+        run = self.run_cfg
+        bar = progress_bar(self.total_steps, self.global_step, self.info.is_main and run.progress_bar)
+        restore_signal = self._install_sigterm()
+        status = "finished"
+        try:
+            while self.global_step < self.total_steps:
+                if run.max_steps is not None and self.global_step >= run.max_steps:
+                    status = "max_steps"
+                    break
+                period = self.global_step // self.steps_per_period
+                loss, grad_norm, lr = self._optimizer_step(self.stream.next_step())
+                self.global_step += 1
+                bar.update(1)
+                if self.global_step % run.log_freq == 0:
+                    self._log_train(period, loss, grad_norm, lr, bar)
+                period_end = self.global_step % self.steps_per_period == 0 or self.global_step == self.total_steps
+                if period_end:
+                    self._end_of_period(period)
+                preempted = dist.any_rank(self._stop_requested)
+                reached_max = run.max_steps is not None and self.global_step >= run.max_steps
+                if (
+                    preempted
+                    or reached_max
+                    or self.global_step == self.total_steps
+                    or (period_end and run.save_epoch_end)
+                    or (run.save_freq_steps and self.global_step % run.save_freq_steps == 0)
+                ):
+                    path = self._save()
+                if preempted:
+                    log.warning(
+                        "SIGTERM: saved %s at step %d; resume with --options run.resume_ckpt_path=latest "
+                        "run.output_dir=%s run.run_name=%s", path, self.global_step, run.output_dir,
+                        self.paths.run_dir.name)
+                    return "preempted"
+                if reached_max and self.global_step < self.total_steps:
+                    log.info("run.max_steps=%d reached; continue with run.resume_ckpt_path=%s", run.max_steps, path)
+                    return "max_steps"
+        finally:
+            bar.close()
+            restore_signal()
+        return status
+
+    def _optimizer_step(self, micro_batches: list):
+        """Forward/backward over the micro-batches of one step, then clip and step; no host sync."""
+        accum = len(micro_batches)
+        loss_sum = None
+        for i, batch in enumerate(micro_batches):
+            batch = move_to_device(batch, self.info.device)
+            last = i == accum - 1
+            # Gradients are all-reduced once, on the last micro-batch.
+            sync = contextlib.nullcontext() if last or self.train_model is self.model else self.train_model.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    loss = self.task.train_step(self.train_model, batch)
+                self.scaler.scale(loss / accum).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        lr = self.schedule.step(self.global_step)
+        grad_norm = None
+        if self.run_cfg.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.run_cfg.max_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / accum, grad_norm, lr
+
+    def _log_train(self, period: int, loss: torch.Tensor, grad_norm, lr: float, bar) -> None:
+        # The only host sync of the loop: once per log_freq steps.
+        loss = dist.all_reduce_mean(loss.float()).item()
+        record = {"epoch": period, "step": self.global_step, "split": "train", "lr": lr, "loss": loss}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        skipped = [d.num_skipped for d in leaf_datasets(self.stream.dataset) if hasattr(d, "num_skipped")]
+        if skipped:
+            record["num_skipped"] = int(sum(skipped))
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if not self.run_cfg.progress_bar:
+            log.info("epoch %d step %d: loss %.4f lr %.3e", period, self.global_step, loss, lr)
+
+    def _end_of_period(self, period: int) -> None:
+        run = self.run_cfg
+        last = self.global_step == self.total_steps
+        if not run.valid_splits or not ((period + 1) % run.val_freq == 0 or last):
+            return
+        for split in run.valid_splits:
+            results = self.evaluate(split, epoch=period)
+            if split == self.best_split:
+                first = next(iter(results.values()))
+                self._maybe_save_best(first, split)
+
+    def _maybe_save_best(self, metrics: dict, split: str) -> None:
+        key = self.run_cfg.best_metric
+        if key not in metrics:
+            raise ConfigError(f"run.best_metric: {key!r} is not among the metrics of {split}: {sorted(metrics)}")
+        value = float(metrics[key])
+        best = self.best["metric"]
+        better = best is None or (value > best if self.run_cfg.best_mode == "max" else value < best)
+        if not better:
+            return
+        self.best = {"metric": value, "step": self.global_step}
+        if self.info.is_main:
+            ckpt.save_checkpoint(self.paths.checkpoints / ckpt.BEST_NAME, {
+                "format_version": ckpt.FORMAT_VERSION,
+                "model": ckpt.trainable_state_dict(self.model),
+                "best": dict(self.best, split=split, key=key),
+                "step": self.global_step,
+            })
+        log.info("new best %s on %s: %.6g at step %d", key, split, value, self.global_step)
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def _save(self):
+        rng_states = dist.gather_objects(ckpt.capture_rng_state())
+        if not self.info.is_main:
+            return None
+        state = {
+            "format_version": ckpt.FORMAT_VERSION,
+            "model": ckpt.trainable_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states,
+            "world_size": self.info.world_size,
+            "progress": {"global_step": self.global_step, **self.stream.state(), "metrics_lines": self.metrics.lines},
+            "best": dict(self.best),
+            "config": OmegaConf.to_container(self.cfg, resolve=True) if OmegaConf.is_config(self.cfg) else {},
+        }
+        path = ckpt.save_checkpoint(ckpt.step_checkpoint_path(self.paths.run_dir, self.global_step), state)
+        ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
+        return path
+
+    def _resume(self, path) -> None:
+        state = ckpt.load_checkpoint(path)
+        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "progress") if k not in state]
+        if missing:
+            raise CheckpointError(f"{path}: not a training checkpoint (missing {missing}); a best.pt holds only "
+                                  f"weights: use it with run.evaluate=true")
+        ckpt.load_trainable_state_dict(self.model, state["model"], str(path))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: optimizer state does not fit (changed run.param_groups?): {err}") from None
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        progress = state["progress"]
+        self.global_step = int(progress["global_step"])
+        self.stream.seek(int(progress["data_epoch"]), int(progress["position"]))
+        self.best = dict(state.get("best") or self.best)
+        self.metrics.truncate(int(progress["metrics_lines"]))
+        if state["world_size"] == self.info.world_size:
+            ckpt.restore_rng_state(state["rng"][self.info.rank])
+        else:
+            log.warning("%s was written by %d process(es), resuming with %d: the data order and random streams "
+                        "differ from the original run", path, state["world_size"], self.info.world_size)
+        log.info("resumed from %s at step %d", path, self.global_step)
+
+    # --- final / evaluation-only -----------------------------------------------------------------------
+
+    def _final_test(self) -> dict:
+        best_path = self.paths.checkpoints / ckpt.BEST_NAME
+        if self.run_cfg.valid_splits and best_path.is_file():
+            state = ckpt.load_checkpoint(best_path)
+            ckpt.load_trainable_state_dict(self.model, state["model"], str(best_path))
+            log.info("testing the best checkpoint (step %s)", state.get("step"))
+        last_period = (self.global_step - 1) // self.steps_per_period
+        return {split: self.evaluate(split, step=self.global_step, epoch=last_period)
+                for split in self.run_cfg.test_splits}
+
+    def _evaluate_only(self) -> dict:
+        run = self.run_cfg
+        if self.paths.resume_from is not None:
+            state = ckpt.load_checkpoint(self.paths.resume_from)
+            if "model" not in state:
+                raise CheckpointError(f"{self.paths.resume_from}: holds no 'model' weights")
+            ckpt.load_trainable_state_dict(self.model, state["model"], str(self.paths.resume_from))
+        splits = list(run.test_splits or run.valid_splits)
+        if not splits:
+            raise ConfigError("run.evaluate=true needs run.test_splits or run.valid_splits")
+        results = {split: self.evaluate(split, step=0) for split in splits}
+        self.metrics.close()
+        dist.barrier()
+        return {"status": "evaluated", "run_dir": str(self.paths.run_dir), "test": results}
+
+    # --- processes and signals -------------------------------------------------------------------------
+
+    def _wrap_ddp(self, model):
+        if not self.info.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Frozen weights are loaded identically on every rank; broadcasting a frozen 7B LM at start-up
+        # would only cost time and memory.
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        return DDP(
+            model,
+            device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
+            find_unused_parameters=self.run_cfg.find_unused_parameters,
+            # Buffers of these models are constants (e.g. rotary frequencies); syncing them every forward is waste.
+            **_no_forward_buffer_sync(),
+        )
+
+    def _install_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_sigterm(signum, frame):
+            # Only a flag: the loop saves at the next step boundary, agreed by all ranks.
+            self._stop_requested = True
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _available(datasets: dict) -> list[str]:
+    return sorted(f"{name}.{split}" for name, by_split in datasets.items() for split in by_split)
+
+
+def _check_splits(run, datasets: dict) -> None:
+    """Every split the run names exists somewhere: a typo fails at start-up, not after the first epoch."""
+    present = {split for by_split in datasets.values() for split in by_split}
+    keys = ("valid_splits", "test_splits") if run.evaluate else ("train_splits", "valid_splits", "test_splits")
+    problems = [f"run.{key}: no dataset has the split {split!r}"
+                for key in keys for split in run[key] if split not in present]
+    if problems:
+        raise ConfigError(f"{'; '.join(problems)}; available: {_available(datasets)}")
+
+
+def _no_forward_buffer_sync() -> dict:
+    # Recent torch renamed broadcast_buffers (and warns on the old name); older versions only know the old one.
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

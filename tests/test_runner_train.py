@@ -1,0 +1,180 @@
+"""The runner in one process: accumulation, outputs, metrics.jsonl, precision checks, best/test, evaluation."""
+
+import pytest
+import torch
+import yaml
+from toy_components import (
+    ToyModel,
+    ToyRegressionDataset,
+    ToyRegressionTask,
+    build_runner,
+    make_cfg,
+    make_datasets,
+)
+
+from lavis.common.errors import ConfigError, DataError
+from lavis.common.logging import read_metrics
+from lavis.runners import checkpoint as ckpt
+from lavis.runners import precision
+from lavis.runners.optim import build_lr_schedule, build_optimizer
+
+
+def train(root, model=None, datasets=None, task=None, **run):
+    cfg = make_cfg(root, **run)
+    runner = build_runner(cfg, model=model if model is not None else ToyModel(dropout=0.0), datasets=datasets,
+                          task=task)
+    return runner, runner.train()
+
+
+def test_accumulating_4_micro_batches_equals_one_batch_4x_larger(tmp_path):
+    data = make_datasets(n_train=64)
+    common = dict(max_epoch=1, max_grad_norm=0.5, weight_decay=0.05)
+    small, _ = train(tmp_path / "a", datasets=data, batch_size_train=4, accum_grad_iters=4, **common)
+    large, _ = train(tmp_path / "b", datasets=data, batch_size_train=16, accum_grad_iters=1, **common)
+    assert small.global_step == large.global_step == 4
+    for (name, p), (_, q) in zip(small.model.named_parameters(), large.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    small_losses = [r["loss"] for r in read_metrics(small.paths.metrics)]
+    large_losses = [r["loss"] for r in read_metrics(large.paths.metrics)]
+    assert small_losses == pytest.approx(large_losses, rel=1e-5)
+    # The model did move: the comparison is not between two untouched models.
+    assert not torch.equal(ToyModel(dropout=0.0).proj.weight, small.model.proj.weight)
+
+
+def test_run_directory_layout_and_metrics_jsonl(tmp_path):
+    data = make_datasets()
+    data["toy"]["train"].num_skipped = 3  # a dataset that counts the bad samples it skipped
+    runner, summary = train(tmp_path, datasets=data, log_freq=3, valid_splits=["val"], test_splits=["test"],
+                            lr_sched="constant_lr")
+    run_dir = tmp_path / "toy"
+    assert summary["status"] == "finished" and summary["run_dir"] == str(run_dir)
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "log.txt", "metrics.jsonl", "checkpoints",
+                                                   "results"}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["run"]["log_freq"] == 3 and saved["run"]["task"] == "toy_regression"
+    assert "eval toy.val at step 8" in (run_dir / "log.txt").read_text()
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [3, 6, 9, 12, 15]
+    assert [r["epoch"] for r in train_records] == [0, 0, 1, 1, 1]
+    # constant_lr with 2 warmup steps: the lr of the step just taken.
+    assert [r["lr"] for r in train_records] == pytest.approx([0.05] * 5)
+    for r in train_records:
+        assert set(r) == {"epoch", "step", "split", "lr", "loss", "grad_norm", "num_skipped"}
+        assert r["loss"] > 0 and r["num_skipped"] == 3
+    evals = [r for r in records if r["split"] != "train"]
+    assert [(r["split"], r["step"], r["epoch"]) for r in evals] == [("val", 8, 0), ("val", 16, 1),
+                                                                  ("test", 16, 1)]
+    for r in evals:
+        assert r["dataset"] == "toy" and r["n"] == 13 and r["agg_metrics"] == pytest.approx(-r["mse"])
+    assert summary["test"]["test"]["toy"]["mse"] == evals[-1]["mse"]
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    train(tmp_path, max_epoch=1)
+    before = (tmp_path / "toy" / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=r"run.run_name: .*toy already exists and is never overwritten"):
+        build_runner(make_cfg(tmp_path, max_epoch=1))
+    assert (tmp_path / "toy" / "metrics.jsonl").read_bytes() == before
+    # Without a name, each run gets its own timestamped folder.
+    a = build_runner(make_cfg(tmp_path, run_name=None)).paths.run_dir
+    b = build_runner(make_cfg(tmp_path, run_name=None)).paths.run_dir
+    assert a != b and a.parent == b.parent == tmp_path
+
+
+def test_bf16_is_refused_on_a_device_without_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "_bf16_supported", lambda device: False)
+    with pytest.raises(ConfigError, match="run.amp: bf16 is not supported on cpu .* use run.amp=fp16"):
+        build_runner(make_cfg(tmp_path, amp="bf16"))
+    assert not (tmp_path / "toy").exists()
+
+
+def test_fp16_on_cpu_is_refused_and_bf16_on_cpu_trains(tmp_path):
+    with pytest.raises(ConfigError, match="run.amp: fp16 mixed precision is only supported on CUDA"):
+        build_runner(make_cfg(tmp_path, amp="fp16"))
+    runner, summary = train(tmp_path, amp="bf16", max_epoch=1)
+    losses = [r["loss"] for r in read_metrics(runner.paths.metrics)]
+    assert summary["status"] == "finished" and len(losses) == 8
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert runner.model.proj.weight.dtype == torch.float32  # autocast, not a cast of the weights
+
+
+def test_best_checkpoint_follows_split_metric_and_direction(tmp_path):
+    data = make_datasets()
+    runner, summary = train(tmp_path, datasets=data, max_epoch=3, valid_splits=["val", "test"], best_split="test",
+                            best_metric="mse", best_mode="min", test_splits=["test"])
+    tests = [r for r in read_metrics(runner.paths.metrics) if r["split"] == "test"]
+    best_record = min(tests[:-1], key=lambda r: r["mse"])
+    assert summary["best"] == {"metric": pytest.approx(best_record["mse"]), "step": best_record["step"]}
+    best = ckpt.load_checkpoint(runner.paths.checkpoints / "best.pt")
+    assert best["step"] == best_record["step"] and best["best"]["split"] == "test"
+    # The final test ran with the best weights: it reproduces the best epoch's score.
+    assert tests[-1]["mse"] == pytest.approx(best_record["mse"])
+
+
+def test_evaluate_only_loads_weights_and_scores(tmp_path):
+    runner, _ = train(tmp_path / "t", max_epoch=1, valid_splits=["val"])
+    best = runner.paths.checkpoints / "best.pt"
+    cfg = make_cfg(tmp_path / "e", evaluate=True, resume_ckpt_path=str(best), test_splits=["val"])
+    evaluator = build_runner(cfg, model=ToyModel(dropout=0.0))
+    summary = evaluator.train()
+    trained_val = [r for r in read_metrics(runner.paths.metrics) if r["split"] == "val"][-1]
+    assert summary["status"] == "evaluated"
+    assert summary["test"]["val"]["toy"]["mse"] == pytest.approx(trained_val["mse"])
+    assert evaluator.paths.run_dir == tmp_path / "e" / "toy"
+
+
+class DroppingTask(ToyRegressionTask):
+    """A buggy task that loses the first sample of every evaluation batch."""
+
+    def valid_step(self, model, batch):
+        return super().valid_step(model, batch)[1:]
+
+
+def test_incomplete_evaluation_names_the_missing_ids(tmp_path):
+    runner = build_runner(make_cfg(tmp_path), task=DroppingTask(None))
+    with pytest.raises(DataError, match=r"toy.val: .* 3 missing \(e.g. \[1000, 1005, 1010\]\)"):
+        runner.evaluate("val")
+
+
+def test_evaluation_deduplicates_and_uses_unwrapped_model_in_eval_mode(tmp_path):
+    seen = []
+
+    class Spy(ToyRegressionTask):
+        def valid_step(self, model, batch):
+            seen.append((type(model).__name__, model.training))
+            return super().valid_step(model, batch) * 2  # every record twice
+
+    datasets = {"toy": {"train": ToyRegressionDataset(32), "val": ToyRegressionDataset(7, 0)}}
+    runner = build_runner(make_cfg(tmp_path), task=Spy(None), datasets=datasets)
+    metrics = runner.evaluate("val")
+    assert metrics["toy"]["n"] == 7
+    assert set(seen) == {("ToyModel", False)} and runner.model.training
+
+
+def test_lr_schedule_length_ignores_max_steps(tmp_path):
+    runner = build_runner(make_cfg(tmp_path, max_steps=3))
+    runner.train()
+    assert runner.total_steps == 16 and runner.global_step == 3
+    opt = build_optimizer(ToyModel(), runner.run_cfg)
+    assert runner.schedule.base_lr(10) == build_lr_schedule(opt, runner.run_cfg, 16, 8).base_lr(10)
+
+
+def test_bad_run_values_are_reported_together(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.accum_grad_iters: must be >= 1, got 0; run.best_split: 'x'"):
+        build_runner(make_cfg(tmp_path, accum_grad_iters=0, best_split="x"))
+    with pytest.raises(ConfigError, match=r"run.batch_size_train=40 .* needs more samples"):
+        build_runner(make_cfg(tmp_path, run_name="small", batch_size_train=40)).train()
+
+
+def test_tensorboard_and_offline_wandb_write_files_without_network(tmp_path):
+    runner, _ = train(tmp_path, max_epoch=1, tensorboard=True, wandb={"mode": "offline", "project": "t",
+                                                                        "name": None})
+    assert list((runner.paths.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((runner.paths.run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_unknown_split_names_fail_at_start_up(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.valid_splits: no dataset has the split 'vall'; available: \["):
+        build_runner(make_cfg(tmp_path, valid_splits=["vall"]))
