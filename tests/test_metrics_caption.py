@@ -99,7 +99,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
         caption_metrics(ANNOTATIONS, [ok], metrics=["BLUE"])
     bad = tmp_path / "res.json"
     bad.write_text("not json")
-    with pytest.raises(DataError, match=f"{bad} is not valid JSON"):
+    with pytest.raises(DataError, match=f"{bad}: not valid JSON"):
         caption_metrics(ANNOTATIONS, bad, metrics=["CIDEr"])
     with pytest.raises(DataError, match="COCO captions format"):
         caption_metrics({"images": []}, [ok], metrics=["CIDEr"])

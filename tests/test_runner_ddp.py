@@ -57,8 +57,10 @@ def test_two_processes_stay_identical_and_match_one_process_with_the_same_global
     assert results[0]["val"] == results[1]["val"]
     assert results[0]["val"]["n"] == 13
     assert results[0]["val"]["mse"] == pytest.approx(summary["test"]["val"]["toy"]["mse"], rel=1e-5)
-    ddp_losses = [r["loss"] for r in read_metrics(Path(results[0]["run_dir"]) / "metrics.jsonl")
-                  if r["split"] == "train"]
+    ddp_train = [r for r in read_metrics(Path(results[0]["run_dir"]) / "metrics.jsonl") if r["split"] == "train"]
+    ddp_losses = [r["loss"] for r in ddp_train]
+    # Each rank's count of skipped samples is summed over ranks (rank 0 skipped 1, rank 1 skipped 2).
+    assert ddp_train and all(r["data/num_skipped"] == 3 for r in ddp_train)
     single_losses = [r["loss"] for r in read_metrics(single.paths.metrics) if r["split"] == "train"]
     assert ddp_losses == pytest.approx(single_losses, rel=1e-5)
 

@@ -61,8 +61,8 @@ def test_run_directory_layout_and_metrics_jsonl(tmp_path):
     # constant_lr with 2 warmup steps: the lr of the step just taken.
     assert [r["lr"] for r in train_records] == pytest.approx([0.05] * 5)
     for r in train_records:
-        assert set(r) == {"epoch", "step", "split", "lr", "loss", "grad_norm", "num_skipped"}
-        assert r["loss"] > 0 and r["num_skipped"] == 3
+        assert set(r) == {"epoch", "step", "split", "lr", "loss", "grad_norm", "data/num_skipped"}
+        assert r["loss"] > 0 and r["data/num_skipped"] == 3
     evals = [r for r in records if r["split"] != "train"]
     assert [(r["split"], r["step"], r["epoch"]) for r in evals] == [("val", 8, 0), ("val", 16, 1),
                                                                   ("test", 16, 1)]

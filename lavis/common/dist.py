@@ -10,6 +10,7 @@ implementation.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -155,6 +156,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def sum_over_ranks(value: int) -> int:
+    """The sum of an integer count over ranks (a CPU collective, like ``any_rank``)."""
+    if not is_distributed():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_control_group)
+    return int(t.item())
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of ``t`` over ranks (a copy; ``t`` itself is untouched)."""
     if not is_distributed():
@@ -214,3 +224,29 @@ def check_coverage(records: list[dict], key: str, expected_ids: Iterable, where:
 def _short(obj, limit: int = 200) -> str:
     text = repr(obj)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, find_unused_parameters: bool = False):
+    """``model`` in DistributedDataParallel, syncing only the parameters that train."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Frozen weights are loaded identically on every rank; broadcasting a frozen 7B LM at start-up
+    # would only cost time and memory.
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+        # Buffers of these models are constants (e.g. rotary frequencies); syncing them every forward is waste.
+        **_no_forward_buffer_sync(),
+    )
+
+
+def _no_forward_buffer_sync() -> dict:
+    # Recent torch renamed broadcast_buffers (and warns on the old name); older versions only know the old one.
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from lavis.common.fileio import atomic_write_text
+
 LOGGER_NAME = "lavis"
 _HANDLER_TAG = "_lavis_run_handler"
 
@@ -112,10 +114,8 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             self.lines = 0 if self.enabled else self.lines
             return
-        from lavis.runners.checkpoint import atomic_write_bytes
-
         kept = self._read_lines()[:num_lines]
-        atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
+        atomic_write_text(self.path, "".join(kept))
         self.lines = len(kept)
 
     def write(self, record: dict) -> None:

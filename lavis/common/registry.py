@@ -94,9 +94,4 @@ def _import_builtin_components() -> None:
     import importlib
 
     for module in ("lavis.models", "lavis.datasets", "lavis.tasks", "lavis.runners"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            # A package half-built during development may lack a module; only its own absence is tolerated.
-            if err.name != module:
-                raise
+        importlib.import_module(module)

@@ -116,7 +116,40 @@ def describe_record(record: dict) -> str:
     return " ".join(f"{k}={record[k]}" for k in keys if k in record)
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class SampleSource:
+    """What the image-file and the shard datasets share: the sample format, processors, bad-sample
+    policy, the files used for scoring and the count of skipped samples."""
+
+    def __init__(
+        self,
+        sample_format: SampleFormat,
+        vis_processor: Callable,
+        text_processor: Callable[[str], str],
+        on_bad_sample: str = "error",
+        name: str = "dataset",
+        annotation_file: str | None = None,
+        question_file: str | None = None,
+    ):
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.sample_format = sample_format
+        self.sample_id_key = sample_format.sample_id_key
+        self.vis_processor = vis_processor
+        self.text_processor = text_processor
+        self.on_bad_sample = on_bad_sample
+        self.name = name
+        self.annotation_file = annotation_file
+        self.question_file = question_file
+        self._skipped = SkipCounter()
+
+    @property
+    def num_skipped(self) -> int:
+        """Items served by a replacement because their image could not be decoded (this rank, all workers,
+        all epochs; a sample that fails in every epoch counts in every epoch)."""
+        return self._skipped.value
+
+
+class ImageDataset(SampleSource, torch.utils.data.Dataset):
     """A map-style dataset over records that point at image files (``record["image_path"]``)."""
 
     def __init__(
@@ -130,27 +163,12 @@ class ImageDataset(torch.utils.data.Dataset):
         annotation_file: str | None = None,
         question_file: str | None = None,
     ):
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        super().__init__(sample_format, vis_processor, text_processor, on_bad_sample, name, annotation_file,
+                         question_file)
         self.records = records
-        self.sample_format = sample_format
-        self.sample_id_key = sample_format.sample_id_key
-        self.vis_processor = vis_processor
-        self.text_processor = text_processor
-        self.on_bad_sample = on_bad_sample
-        self.name = name
-        self.annotation_file = annotation_file
-        self.question_file = question_file
-        self._skipped = SkipCounter()
 
     def __len__(self) -> int:
         return len(self.records)
-
-    @property
-    def num_skipped(self) -> int:
-        """Items served by a replacement because their image could not be decoded (this rank, all workers,
-        all epochs; a sample that fails in every epoch counts in every epoch)."""
-        return self._skipped.value
 
     def sample_ids(self) -> list[int]:
         """Every sample id of the split, in order (the runner's coverage check)."""

@@ -147,17 +147,8 @@ class CaptionTextProcessor:
 
 
 @registry.register_processor("question_text")
-class QuestionTextProcessor:
-    """Question text: like captions, and always ending in exactly one ``?``."""
-
-    @dataclass
-    class Config:
-        lowercase: bool = False
-        max_words: Optional[int] = 50
-
-    def __init__(self, cfg):
-        self.lowercase = bool(cfg.lowercase)
-        self.max_words = cfg.max_words
+class QuestionTextProcessor(CaptionTextProcessor):
+    """Question text: like captions (the same options), and always ending in exactly one ``?``."""
 
     def __call__(self, text: str) -> str:
         """The cleaned question, with a trailing question mark."""

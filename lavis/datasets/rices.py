@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lavis.common.errors import DataError
+from lavis.common.fileio import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +39,6 @@ def _collate_images(items: Sequence[dict]):
         if not isinstance(item.get("image"), torch.Tensor):
             raise DataError(f"item {item_ids(item)}: RICES needs item['image'] as a processed image tensor")
     return torch.stack([item["image"] for item in items]), [item_ids(item) for item in items]
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RICES:
@@ -125,16 +110,15 @@ class RICES:
         features, pool_ids = self._compute_features(self.pool_ds)
         self.computed = True
         if self.cache_path is not None:
-            atomic_torch_save(
-                {
-                    "format": CACHE_FORMAT,
-                    "key": key,
-                    "feature_name": self.feature_name,
-                    "features": features,
-                    "pool_ids": [list(ids) for ids in pool_ids],
-                },
-                self.cache_path,
-            )
+            cache = {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "feature_name": self.feature_name,
+                "features": features,
+                "pool_ids": [list(ids) for ids in pool_ids],
+            }
+            with atomic_writer(self.cache_path) as handle:
+                torch.save(cache, handle)
         return features, pool_ids
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

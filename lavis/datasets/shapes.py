@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from lavis.common.fileio import atomic_directory
 
 VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -171,11 +170,9 @@ def split_sizes(num_images: int, fractions: tuple[float, float, float]) -> dict[
 
 
 def _write_json(path: Path, obj) -> None:
+    # A plain write: the whole folder is published at once by atomic_directory, which fsyncs every file.
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    path.write_text(json.dumps(obj), encoding="utf-8")
 
 
 def write_shapes(
@@ -195,14 +192,9 @@ def write_shapes(
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must sum to 1, got {fractions}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        manifest = _generate(tmp, num_images, seed, image_size, fractions)
-        os.rename(tmp, out)  # atomic; fails if another process created ``out`` first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # replace=False: the final rename fails if another process created ``out`` first.
+    with atomic_directory(out, replace=False) as tmp:
+        manifest = _generate(Path(tmp), num_images, seed, image_size, fractions)
     return manifest
 
 

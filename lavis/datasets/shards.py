@@ -1,14 +1,8 @@
-"""Webdataset shards: pack a split into tar files, and stream them under DDP.
+"""Webdataset shards: index them up front and stream them under DDP.
 
-Shard layout (one tar sample per image, written with ``webdataset.TarWriter``)::
-
-    <key>.jpg|.png|...   the original image file bytes, not re-encoded
-    <key>.json           {"format": "caption_train" | "caption_eval" | "vqa",
-                          "image_id": ..., "records": [record, ...]}
-
-``records`` are the builder's records of that image without ``image_path`` (one
-per caption for caption training, one per question for VQA), so a shard split
-reads back to exactly the items of the image split.
+Shards are written by ``lavis.datasets.pack_shards`` (the layout is described there;
+``python -m lavis.datasets.shards`` still runs its CLI, and ``pack_records`` / ``main``
+are importable from here).
 
 Streaming (``ShardDataset``): when the dataset is built the shards are indexed
 (tar headers, and every JSON member parsed and checked -- the up-front check);
@@ -22,34 +16,29 @@ records of their own range so that every rank runs the same number of steps
 (at most world-1 repeats per epoch, logged); ``uneven: exact`` gives each rank
 exactly its share. The runner must call ``set_epoch(epoch)`` before each epoch
 (as with DistributedSampler) and must not give this dataset a sampler.
-
-CLI::
-
-    python -m lavis.datasets.shards --builder coco_caption --split train --out DIR \
-        [--cfg-path project.yaml] [--options datasets.coco_caption.build_info.images=...] \
-        [--samples-per-shard 1000]
-
-prints the shard pattern to put in ``build_info`` (``shards``) with ``data_type: webdataset``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import random
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from lavis.common.errors import DataError
-from lavis.datasets.base import BadSample, SampleFormat, SkipCounter, decode_image, describe_record
+from lavis.datasets.base import BadSample, SampleFormat, SampleSource, decode_image, describe_record
+from lavis.datasets.pack_shards import group_by_image, main, pack_records
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "REQUIRED_FIELDS", "Shard", "ShardDataset", "ShardSample", "current_rank_world",
+    "expand_pattern", "group_by_image", "index_shard", "main", "pack_records", "rank_range",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,66 +48,6 @@ REQUIRED_FIELDS = {
     "caption_eval": ("image_id", "captions"),
     "vqa": ("image_id", "question_id", "question", "answers", "answer"),
 }
-
-
-# ---------------------------------------------------------------------------------------------- packing
-def group_by_image(records: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Records grouped by image file, in order of each image's first record."""
-    groups: dict[str, list[dict]] = {}
-    for record in records:
-        groups.setdefault(record["image_path"], []).append(record)
-    return list(groups.items())
-
-
-def _write_shard(path: Path, samples: list[dict]) -> None:
-    """Write one tar atomically (temporary file, fsync, rename)."""
-    import webdataset
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            writer = webdataset.TarWriter(handle, encoder=False, mtime=0)
-            for sample in samples:
-                writer.write(sample)
-            writer.tarstream.close()  # the end-of-archive blocks, without closing our handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def pack_records(
-    records: list[dict], sample_format: SampleFormat, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000
-) -> str:
-    """Pack records (with ``image_path``) into ``out_dir/prefix-NNNNNN.tar``; returns the brace pattern."""
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    groups = group_by_image(records)
-    if not groups:
-        raise DataError(f"nothing to pack into {out_dir}/{prefix}-*.tar: the split is empty")
-    num_shards = math.ceil(len(groups) / samples_per_shard)
-    for shard in range(num_shards):
-        samples = []
-        for n, (image_path, recs) in enumerate(groups[shard * samples_per_shard:(shard + 1) * samples_per_shard]):
-            ext = Path(image_path).suffix.lstrip(".").lower() or "jpg"
-            try:
-                image_bytes = Path(image_path).read_bytes()
-            except OSError as err:
-                raise DataError(f"cannot read image {image_path} ({describe_record(recs[0])}): {err}") from None
-            meta = {
-                "format": sample_format.name,
-                "image_id": recs[0]["image_id"],
-                "records": [{k: v for k, v in r.items() if k != "image_path"} for r in recs],
-            }
-            key = f"s{shard * samples_per_shard + n:09d}"
-            samples.append({"__key__": key, ext: image_bytes, "json": json.dumps(meta).encode("utf-8")})
-        _write_shard(out_dir / f"{prefix}-{shard:06d}.tar", samples)
-    return str(out_dir / f"{prefix}-{{000000..{num_shards - 1:06d}}}.tar")
 
 
 # ---------------------------------------------------------------------------------------------- indexing
@@ -207,7 +136,7 @@ def current_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-class ShardDataset(torch.utils.data.IterableDataset):
+class ShardDataset(SampleSource, torch.utils.data.IterableDataset):
     """Records stored in webdataset shards, streamed with an exact per-rank partition (module docstring)."""
 
     def __init__(
@@ -227,24 +156,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
     ):
-        super().__init__()
+        super().__init__(sample_format, vis_processor, text_processor, on_bad_sample, name, annotation_file,
+                         question_file)
         self.shards = shards
-        self.sample_format = sample_format
-        self.sample_id_key = sample_format.sample_id_key
-        self.vis_processor = vis_processor
-        self.text_processor = text_processor
-        self.on_bad_sample = on_bad_sample
-        self.name = name
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.uneven = uneven
-        self.annotation_file = annotation_file
-        self.question_file = question_file
         self._rank, self._world = rank, world_size
         self.epoch = 0
         self.num_records = sum(s.num_records for s in shards)
-        self._skipped = SkipCounter()
 
     # --- bookkeeping the runner uses ----------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -262,11 +183,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank, world = self.rank_world()
         start, end = rank_range(self.num_records, rank, world)
         return math.ceil(self.num_records / world) if self.uneven == "pad" else end - start
-
-    @property
-    def num_skipped(self) -> int:
-        """Samples replaced because their image could not be decoded (this rank, all workers)."""
-        return self._skipped.value
 
     def sample_ids(self) -> list[int]:
         """Every sample id of the whole split (all ranks), in stored order."""
@@ -380,54 +296,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return decode_image(data, where)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def main(argv=None) -> int:
-    """Pack one split of a builder into shards and print the pattern."""
-    from omegaconf import OmegaConf
-
-    from lavis.common.config import dataset_default_path, parse_options, read_yaml
-    from lavis.common.registry import registry
-    from lavis.datasets.builders.base import check_image_files
-
-    parser = argparse.ArgumentParser(description="Pack a COCO-caption or VQAv2 split into webdataset shards.")
-    parser.add_argument("--builder", required=True, help="builder name, e.g. coco_caption or vqav2")
-    parser.add_argument("--split", required=True)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--cfg-path", help="a YAML file with a datasets.<builder> section")
-    parser.add_argument("--options", nargs="*", default=[], help="datasets.<builder>.key=value overrides")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar file")
-    parser.add_argument("--prefix", help="shard file prefix (default: the split name)")
-    args = parser.parse_args(argv)
-
-    cls = registry.get("builder", args.builder, key_path="--builder")
-    layers = []
-    if dataset_default_path(args.builder).is_file():
-        layers.append(read_yaml(dataset_default_path(args.builder)))
-    if args.cfg_path:
-        layers.append(read_yaml(args.cfg_path))
-    layers.append(parse_options(args.options))
-    merged = OmegaConf.merge(*layers)
-    section = OmegaConf.to_container(merged, resolve=True).get("datasets", {}).get(args.builder, {})
-    section["data_type"] = "images"
-    builder = cls(section)
-    if hasattr(builder, "_derive_build_info"):
-        builder._derive_build_info(builder.info_factory)  # the shapes builders generate first
-    role = builder.role(args.split)
-    records, sample_format, _ = builder.read_records(args.split, role)
-    records = builder.capped(records, args.split)
-    check_image_files(records, f"{args.builder}/{args.split}")
-    pattern = pack_records(records, sample_format, args.out, args.prefix or args.split, args.samples_per_shard)
-    print(f"packed {len(records)} {sample_format.name} records of {args.builder}/{args.split}")
-    print(f"datasets.{args.builder}.data_type=webdataset; shards of split {args.split}: {pattern}")
-    print(pattern)
-    return 0
-
-
 if __name__ == "__main__":
-    from lavis.common.errors import UserError
+    # The packing CLI moved to pack_shards.py; ``python -m lavis.datasets.shards`` still runs it.
+    from lavis.datasets.pack_shards import run_cli
 
-    try:
-        raise SystemExit(main())
-    except UserError as err:
-        print(f"error: {err}")
-        raise SystemExit(2) from None
+    run_cli()

@@ -2,26 +2,24 @@
 
 Public API (imported lazily, so that ``python -m lavis.metrics.vqa`` does not import the module twice):
 ``vqa_accuracy``, ``write_vqa_results``, ``caption_metrics``, ``write_caption_results``.
-This module also holds the JSON reading / atomic writing shared by both metrics.
+This module also holds the record checks and the results writing shared by both metrics.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from typing import Any
 
 from lavis.common.errors import DataError
+from lavis.common.fileio import atomic_write_json
 
 __all__ = [
     "vqa_accuracy",
     "write_vqa_results",
     "caption_metrics",
     "write_caption_results",
-    "read_json",
     "record_field",
-    "write_json_atomic",
+    "write_submission",
 ]
 
 _LAZY = {
@@ -40,19 +38,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lavis.metrics' has no attribute '{name}'")
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Read a JSON file; a missing or malformed file is a DataError naming ``what`` and the path."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{what} file not found: {os.fspath(path)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {what} file {os.fspath(path)}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{what} file {os.fspath(path)} is not valid JSON: {e}") from None
-
-
 def record_field(rec: Any, name: str, types: type | tuple, label: str, index: int) -> Any:
     """``rec[name]`` checked for type; otherwise a DataError naming the file (``label``), record and field."""
     if not isinstance(rec, dict):
@@ -67,26 +52,20 @@ def record_field(rec: Any, name: str, types: type | tuple, label: str, index: in
     return value
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` as JSON to ``path`` so that readers never see a half-written file.
+def write_submission(records: list[dict], path: str | os.PathLike, id_field: str, id_types: type | tuple,
+                     text_field: str, what: str) -> None:
+    """Write ``[{id_field, text_field}]`` (an official results format) atomically; extra keys are dropped.
 
-    The data goes to a temporary file in the same directory, is fsynced, then renamed over ``path``
-    (``os.replace`` is atomic on POSIX and Windows within one file system).
+    A missing field, a wrong type or a repeated id raises DataError naming ``what``, the path and the record.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Never leave the temporary file behind, whatever interrupted the write.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    label = f"{what} to write to {os.fspath(path)}"
+    seen: set = set()
+    out = []
+    for i, rec in enumerate(records):
+        sample_id = record_field(rec, id_field, id_types, label, i)
+        text = record_field(rec, text_field, str, label, i)
+        if sample_id in seen:
+            raise DataError(f"{label}: duplicate {id_field} {sample_id!r} (record #{i})")
+        seen.add(sample_id)
+        out.append({id_field: sample_id, text_field: text})
+    atomic_write_json(path, out)

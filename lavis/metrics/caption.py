@@ -31,7 +31,8 @@ import tempfile
 from typing import Any
 
 from lavis.common.errors import ConfigError, DataError, UserError
-from lavis.metrics import read_json, record_field, write_json_atomic
+from lavis.common.fileio import read_json
+from lavis.metrics import record_field, write_submission
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _resolve_metrics(metrics: Any) -> list[str]:
 def _load_references(annotations: Any) -> tuple[dict[Any, list[str]], str]:
     """{image_id: [reference captions]} in the order of the file's ``images`` (pycocotools' order)."""
     if isinstance(annotations, (str, os.PathLike)):
-        label, data = os.fspath(annotations), read_json(annotations, "caption annotations")
+        label, data = os.fspath(annotations), read_json(annotations, "caption annotations file")
     else:
         label, data = "<caption annotations given in memory>", annotations
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
@@ -128,7 +129,7 @@ def _load_references(annotations: Any) -> tuple[dict[Any, list[str]], str]:
 
 def _load_candidates(results: Any, refs: dict[Any, list[str]], ref_label: str) -> tuple[dict[Any, str], str]:
     if isinstance(results, (str, os.PathLike)):
-        label, data = os.fspath(results), read_json(results, "caption results")
+        label, data = os.fspath(results), read_json(results, "caption results file")
     else:
         label, data = "<caption results given in memory>", results
     if not isinstance(data, list):
@@ -236,17 +237,7 @@ def caption_metrics(annotations: Any, results: Any, metrics: Any = DEFAULT_METRI
 
 def write_caption_results(records: list[dict], path: str | os.PathLike) -> None:
     """Write ``[{"image_id", "caption"}]`` in the COCO results format, atomically; extra keys are dropped."""
-    label = f"caption results to write to {os.fspath(path)}"
-    seen: set = set()
-    out = []
-    for i, rec in enumerate(records):
-        image_id = record_field(rec, "image_id", (int, str), label, i)
-        caption = record_field(rec, "caption", str, label, i)
-        if image_id in seen:
-            raise DataError(f"{label}: duplicate image_id {image_id!r} (record #{i})")
-        seen.add(image_id)
-        out.append({"image_id": image_id, "caption": caption})
-    write_json_atomic(out, path)
+    write_submission(records, path, "image_id", (int, str), "caption", "caption results")
 
 
 def main(argv: list[str] | None = None) -> int:

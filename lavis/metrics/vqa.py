@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from lavis.common.errors import DataError, UserError
-from lavis.metrics import read_json, record_field, write_json_atomic
+from lavis.common.fileio import read_json
+from lavis.metrics import record_field, write_submission
 from lavis.metrics.vqa_normalize import normalize_answer, normalize_whitespace
 
 
@@ -43,7 +44,7 @@ def _records(source: Any, key: str, what: str) -> tuple[list, str]:
     """Return (records, label) from a path, an official-format dict holding ``key``, or a list."""
     if isinstance(source, (str, os.PathLike)):
         label = os.fspath(source)
-        data = read_json(source, what)
+        data = read_json(source, f"{what} file")
     else:
         label, data = f"<{what} given in memory>", source
     if isinstance(data, dict) and key:
@@ -286,17 +287,7 @@ def write_vqa_results(records: list[dict], path: str | os.PathLike) -> None:
     Extra keys of ``records`` are dropped; a missing field, a wrong type or a repeated question_id raises
     DataError.
     """
-    label = f"VQA results to write to {os.fspath(path)}"
-    seen: set[int] = set()
-    out = []
-    for i, rec in enumerate(records):
-        qid = record_field(rec, "question_id", int, label, i)
-        answer = record_field(rec, "answer", str, label, i)
-        if qid in seen:
-            raise DataError(f"{label}: duplicate question_id {qid} (record #{i})")
-        seen.add(qid)
-        out.append({"question_id": qid, "answer": answer})
-    write_json_atomic(out, path)
+    write_submission(records, path, "question_id", int, "answer", "VQA results")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,8 @@
 
 A checkpoint is a dict of tensors and plain Python values only, so it loads with
 ``torch.load(weights_only=True)``; a file that needs pickled code is refused.
-Writes go to a temporary file in the same directory, are fsynced, renamed over the
-target and the directory is fsynced: a kill at any moment leaves either the old
-or the new file, never half of one.
+Writes go through ``lavis.common.fileio.atomic_write_bytes``: a kill at any moment
+leaves either the old or the new file, never half of one.
 """
 
 from __future__ import annotations
@@ -14,47 +13,18 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lavis.common.errors import CheckpointError
+from lavis.common.fileio import atomic_write_bytes  # also imported from here (run_dir.py, fewshot_eval.py)
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 FORMAT_VERSION = 1
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is only durable once the directory entry is on disk (POSIX); not possible on Windows.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:

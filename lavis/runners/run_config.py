@@ -2,7 +2,7 @@
 
 The config loader validates YAML against ``RunConfig`` (merged with the task's own
 ``Config``) and the README's config reference is generated from it: the comment
-above each field is its documentation.
+above each field is its documentation. It also holds the start-up checks of run values and split names.
 """
 
 from __future__ import annotations
@@ -157,3 +157,18 @@ def check_run_values(run) -> None:
         problems.append(f"run.best_split: {run.best_split!r} is not one of run.valid_splits {list(run.valid_splits)}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def available_splits(datasets: dict) -> list[str]:
+    """``dataset.split`` of every split the datasets hold, sorted."""
+    return sorted(f"{name}.{split}" for name, by_split in datasets.items() for split in by_split)
+
+
+def check_splits(run, datasets: dict) -> None:
+    """Every split the run names exists somewhere: a typo fails at start-up, not after the first epoch."""
+    present = {split for by_split in datasets.values() for split in by_split}
+    keys = ("valid_splits", "test_splits") if run.evaluate else ("train_splits", "valid_splits", "test_splits")
+    problems = [f"run.{key}: no dataset has the split {split!r}"
+                for key in keys for split in run[key] if split not in present]
+    if problems:
+        raise ConfigError(f"{'; '.join(problems)}; available: {available_splits(datasets)}")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import random
 import signal
+import sys
 import threading
 
 import numpy as np
@@ -30,7 +30,7 @@ from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
 from lavis.runners.evaluation import evaluate_split, move_to_device
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
-from lavis.runners.run_config import check_run_values
+from lavis.runners.run_config import available_splits, check_run_values, check_splits
 from lavis.runners.run_dir import prepare_run_dir
 
 log = get_logger()
@@ -53,7 +53,7 @@ class RunnerBase:
         self.task = task
         self.datasets = datasets
         check_run_values(run)
-        _check_splits(run, datasets)
+        check_splits(run, datasets)
         self.info = dist.init_distributed(run.device, run.dist_timeout_s)
         self.precision = resolve_precision(run.amp, self.info.device)
         set_seed(run.seed + self.info.rank)
@@ -112,6 +112,7 @@ class RunnerBase:
         self.scaler = self.precision.grad_scaler()
         self.train_model = self._wrap_ddp(self.model)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._update_adapter_budget = _adapter_budget_hook()
         if self.paths.resume_from is not None:
             self._resume(self.paths.resume_from)
 
@@ -148,7 +149,7 @@ class RunnerBase:
             self.metrics.write({**record, **metrics})
             log.info("eval %s.%s at step %s: %s", name, split, record["step"], _fmt(metrics))
         if not found:
-            raise ConfigError(f"no dataset has the split {split!r}; available: {_available(self.datasets)}")
+            raise ConfigError(f"no dataset has the split {split!r}; available: {available_splits(self.datasets)}")
         return results
 
     def close(self) -> None:
@@ -165,6 +166,7 @@ class RunnerBase:
         run = self.run_cfg
         bar = progress_bar(self.total_steps, self.global_step, self.info.is_main and run.progress_bar)
         restore_signal = self._install_sigterm()
+        self.model.train()  # a model may arrive in eval mode (HF from_pretrained); evaluation restores the mode
         status = "finished"
         try:
             while self.global_step < self.total_steps:
@@ -225,6 +227,9 @@ class RunnerBase:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.run_cfg.max_grad_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self._update_adapter_budget is not None:
+            # AdaLoRA scores ranks from the gradients of this step (unscaled by scaler.step): before zero_grad.
+            self._update_adapter_budget(self.model, self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / accum, grad_norm, lr
 
@@ -235,8 +240,8 @@ class RunnerBase:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         skipped = [d.num_skipped for d in leaf_datasets(self.stream.dataset) if hasattr(d, "num_skipped")]
-        if skipped:
-            record["num_skipped"] = int(sum(skipped))
+        if skipped:  # every rank holds the same datasets, so every rank joins this collective or none does
+            record["data/num_skipped"] = dist.sum_over_ranks(sum(skipped))
         self.metrics.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if not self.run_cfg.progress_bar:
@@ -351,19 +356,7 @@ class RunnerBase:
     def _wrap_ddp(self, model):
         if not self.info.distributed:
             return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # Frozen weights are loaded identically on every rank; broadcasting a frozen 7B LM at start-up
-        # would only cost time and memory.
-        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        return DDP(
-            model,
-            device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
-            find_unused_parameters=self.run_cfg.find_unused_parameters,
-            # Buffers of these models are constants (e.g. rotary frequencies); syncing them every forward is waste.
-            **_no_forward_buffer_sync(),
-        )
+        return dist.wrap_ddp(model, self.info.device, self.run_cfg.find_unused_parameters)
 
     def _install_sigterm(self):
         if threading.current_thread() is not threading.main_thread():
@@ -377,28 +370,16 @@ class RunnerBase:
         return lambda: signal.signal(signal.SIGTERM, previous)
 
 
+def _adapter_budget_hook():
+    """``lavis.models.adapters.update_adapter_budget`` if that module is loaded, else None.
+
+    Only a model built through lavis.models.adapters can carry adapters, so when the module is not
+    loaded there is nothing to update, and the runner does not import the model stack (transformers)
+    for models that have none.
+    """
+    module = sys.modules.get("lavis.models.adapters")
+    return None if module is None else module.update_adapter_budget
+
+
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-
-
-def _available(datasets: dict) -> list[str]:
-    return sorted(f"{name}.{split}" for name, by_split in datasets.items() for split in by_split)
-
-
-def _check_splits(run, datasets: dict) -> None:
-    """Every split the run names exists somewhere: a typo fails at start-up, not after the first epoch."""
-    present = {split for by_split in datasets.values() for split in by_split}
-    keys = ("valid_splits", "test_splits") if run.evaluate else ("train_splits", "valid_splits", "test_splits")
-    problems = [f"run.{key}: no dataset has the split {split!r}"
-                for key in keys for split in run[key] if split not in present]
-    if problems:
-        raise ConfigError(f"{'; '.join(problems)}; available: {_available(datasets)}")
-
-
-def _no_forward_buffer_sync() -> dict:
-    # Recent torch renamed broadcast_buffers (and warns on the old name); older versions only know the old one.
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
-        return {"forward_sync_buffers": False}
-    return {"broadcast_buffers": False}

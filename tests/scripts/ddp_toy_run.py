@@ -62,7 +62,9 @@ class SigtermOnRank1(ToyRegressionTask):
 
 cfg = make_cfg(out_dir / "runs", **DDP_RUN)
 task = SigtermOnRank1(cfg) if mode == "sigterm" else ToyRegressionTask(cfg)
-runner = build_runner(cfg, model=ToyModel(dropout=0.0), datasets=make_datasets(n_train=64), task=task)
+datasets = make_datasets(n_train=64)
+datasets["toy"]["train"].num_skipped = rank + 1  # bad samples each rank skipped: 1 + 2 over both ranks
+runner = build_runner(cfg, model=ToyModel(dropout=0.0), datasets=datasets, task=task)
 summary = runner.train()
 torch.save(
     {name: p.detach() for name, p in runner.model.named_parameters() if p.requires_grad}, out_dir / f"rank{rank}.pt"

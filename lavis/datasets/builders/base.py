@@ -1,4 +1,4 @@
-"""What every dataset builder shares: the config schema, checked JSON reading, splits and roles.
+"""What every dataset builder shares: the config schema, checked JSON records, splits and roles.
 
 ``Builder(cfg).build_datasets()`` -> ``{split: Dataset}``. A builder subclass
 reads its annotation files into records (``read_records``), checking up front
@@ -13,11 +13,9 @@ processors, one sample per caption); every other split gets the eval role.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -58,20 +56,6 @@ class BuilderConfig:
     max_samples: Optional[int] = None  # cap per split (the first N in file order), for demos and tests
     check_images: bool = True  # stat every image file when the dataset is built
     webdataset: ShardOptions = field(default_factory=ShardOptions)
-
-
-def read_json(path: str | Path, what: str):
-    """Parse a JSON file; a DataError naming the file (and line/column) when missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({what}): {err.msg} at line {err.lineno} column {err.colno}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read {what}: {err}") from None
 
 
 def require(record, fields: tuple[str, ...], path, where: str):

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lavis.common.errors import ConfigError, DataError
+from lavis.common.fileio import read_json
 from lavis.common.registry import registry
 from lavis.datasets.base import CAPTION_EVAL, CAPTION_TRAIN
 from lavis.datasets.builders.base import (
     BaseBuilder,
     BuilderConfig,
     path_or_error,
-    read_json,
     require,
     require_list,
 )

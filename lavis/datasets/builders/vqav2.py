@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lavis.common.errors import ConfigError, DataError
+from lavis.common.fileio import read_json
 from lavis.common.registry import registry
 from lavis.datasets.base import VQA
 from lavis.datasets.builders.base import (
     BaseBuilder,
     BuilderConfig,
     path_or_error,
-    read_json,
     require,
     require_list,
 )

@@ -4,7 +4,7 @@ The builder supplies the shard pattern and the scoring files of a split
 (``shard_info``); this module indexes the shards (the up-front check: every
 shard exists and every sample has an image and a well-formed JSON record list)
 and returns a ``ShardDataset`` configured from the section's ``webdataset`` keys.
-Shards are written by ``python -m lavis.datasets.shards`` (see lavis/datasets/shards.py).
+Shards are written by ``python -m lavis.datasets.pack_shards`` (see lavis/datasets/pack_shards.py).
 """
 
 from __future__ import annotations

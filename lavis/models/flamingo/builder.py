@@ -27,6 +27,7 @@ from lavis.models.flamingo.tokenizer import (
     load_llama_tokenizer,
 )
 from lavis.models.flamingo.vision import build_vision_tower, tiny_vision_tower
+from lavis.models.master_weights import upcast_trainable_parameters
 from lavis.models.quantization import load_language_model
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ class OpenFlamingo(Flamingo):
             path = _path_key(cfg["pretrained_checkpoint_path"], "pretrained_checkpoint_path", "OpenFlamingo checkpoint")
             load_openflamingo_checkpoint(model, path)
         adapters.apply_trainable_policy(model, cfg["adapters"], cfg["trainable"])
+        # With a half-precision frozen_dtype, what trains must still be float32 (master weights).
+        upcast_trainable_parameters(model)
         if cfg["gradient_checkpointing"]:
             model.set_gradient_checkpointing(True)
         return model
@@ -209,6 +212,24 @@ class OpenFlamingo(Flamingo):
         model.image_processor = vision.image_processor
         model.image_size = vision.image_size
         return model
+
+    def forward(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **lm_kwargs):
+        """Flamingo's forward; in training mode with ``labels``, ``.loss`` also holds ``training_loss_extras()``.
+
+        The extras belong in the forward (not in the task or the runner) so that every task gets them and
+        DistributedDataParallel sees them as part of the one forward pass.
+        """
+        output = super().forward(vision_x, lang_x, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+        if labels is not None and self.training:
+            extras = self.training_loss_extras()
+            if extras is not None:
+                output.loss = output.loss + extras
+        return output
+
+    def training_loss_extras(self) -> Optional[torch.Tensor]:
+        """Terms the adapters add to the training loss (AdaLoRA's orthogonality penalty); None when none."""
+        return adapters.adapter_regularization_loss(self)
 
     def save_adapter(self, directory: str) -> None:
         """Save the language-model adapter in peft format (delegates to the adapters module)."""
