@@ -255,6 +255,10 @@ class CaptionCollator(FlamingoCollator):
     def template_fields(self, item, sample, as_demo):
         if self.role == "eval" and not as_demo:
             return {}
+        if as_demo and "text_input" not in item and item.get("captions"):
+            # A demo drawn from an eval-role split (one item per image, as evaluate.py builds every split):
+            # OpenFlamingo's evaluation shows each demo image with its first reference caption.
+            return {"caption": check_text_field(item["captions"][0], "captions[0]", sample)}
         if "text_input" not in item:
             raise DataError(f"{sample}: a caption item needs 'text_input' (the caption) to be used for training or as a demo")
         return {"caption": check_text_field(item["text_input"], "text_input", sample)}
