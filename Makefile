@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # local wheel cache; GPU machines get the CUDA build of the same release).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench reference
 
 install: $(VENV)/.installed
 
@@ -28,3 +28,7 @@ lint: install
 
 bench: install
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# Regenerate the README's config reference from the schemas (tests/test_readme.py checks it).
+reference: install
+	$(BIN)/python -m lavis.common.config_reference --write README.md

@@ -52,7 +52,8 @@ def before_after_table(before: dict, after: dict) -> str:
     for label, table in (("untrained", before), ("trained", after)):
         for data, row in table["rows"].items():
             metric = METRIC_NAMES.get(data.split("/")[0], "agg_metrics")
-            cells = [f"{row[str(s)]['mean']:.1f}" if str(s) in row else "" for s in shots]
+            cells = [f"{row[str(s)]['mean']:.1f}" if row.get(str(s), {}).get("mean") is not None else ""
+                     for s in shots]
             lines.append(f"| {label} | {data} ({metric}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -171,7 +171,9 @@ class FlamingoCollator:
             raise ValueError("cannot collate an empty batch")
         samples = [self.describe(item) for item in items]
         shots = {len(item.get(DEMOS_KEY) or []) for item in items}
-        if len(shots) > 1:
+        # Training rows may hold different numbers of demonstrations (in-context training): short rows get
+        # zero images after their last real one, which no <image> token refers to, so none is attended.
+        if len(shots) > 1 and self.role == "eval":
             raise DataError(f"items of one batch must have the same number of demos, got {sorted(shots)}: {samples}")
         demos, text_only = zip(*(self.demo_texts(item) for item in items))
         if len(set(text_only)) > 1:

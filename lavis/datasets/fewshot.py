@@ -32,7 +32,7 @@ ZERO_SHOT_TEXT_DEMOS = 2
 # RICES ranks this many extra candidates so that excluded ones (same image) rarely force a full sort.
 RICES_MARGIN = 32
 
-__all__ = ["FewShotDataset", "RICES", "random_demo_indices", "rices_demo_indices"]
+__all__ = ["FewShotDataset", "InContextTrainingDataset", "RICES", "random_demo_indices", "rices_demo_indices"]
 
 
 def _rng(seed: int, trial: int, index: int) -> np.random.Generator:
@@ -203,3 +203,46 @@ class FewShotDataset(Dataset):
         if name.startswith("__") or name in ("query_ds", "pool_ds"):
             raise AttributeError(name)
         return getattr(self.query_ds, name)
+
+
+class InContextTrainingDataset(Dataset):
+    """Training samples preceded by 0..``max_shots`` demonstrations from the same split.
+
+    Flamingo learns few-shot prompting from interleaved sequences; a model fine-tuned only on
+    single-image prompts reads a k-shot prompt as something it never saw. Here sample ``i`` gets
+    ``k ~ U{0..max_shots}`` random demonstrations (never sharing its image or question), drawn from
+    ``(seed, i)`` like :class:`FewShotDataset`, so every rank and worker builds the same sequence.
+    The training collator renders them before the sample and labels only the sample's target.
+    """
+
+    def __init__(self, dataset, max_shots: int, seed: int):
+        if not isinstance(max_shots, int) or max_shots < 0:
+            raise ConfigError(f"in-context training needs a non-negative max_shots, got {max_shots!r}")
+        self.dataset = dataset
+        self.max_shots = max_shots
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        k = int(_rng(self.seed, 1, index).integers(self.max_shots + 1))
+        loaded: dict[int, dict] = {}
+
+        def load(j: int) -> dict:
+            if j not in loaded:
+                loaded[j] = self.dataset[j]
+            return loaded[j]
+
+        ids = item_ids(item)
+        chosen = random_demo_indices(len(self.dataset), k, self.seed, 2, index,
+                                     lambda j: shares_sample(ids, item_ids(load(j))))
+        item[DEMOS_KEY] = [load(j) for j in chosen]
+        return item
+
+    def __getattr__(self, name):
+        # The wrapped dataset's attributes (num_skipped, sample_id_key, ...) stay visible to the runner.
+        if name.startswith("__") or name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

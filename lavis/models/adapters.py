@@ -40,31 +40,33 @@ class AdapterConfig:
 
     method: Optional[str] = None  # lora | ia3 | loha | lokr | adalora; None = no adapter
     r: int = 8  # rank (lora, loha, lokr); AdaLoRA's initial rank
-    alpha: int = 16
+    alpha: int = 16  # scale: lora/adalora lora_alpha (update x alpha / r), loha/lokr alpha; unused by ia3
     dropout: float = 0.05  # lora/adalora: input dropout; loha/lokr: rank dropout; unused by ia3
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # in lang_encoder
     modules_to_save: Optional[list[str]] = None  # LM modules trained fully and saved with the adapter
+    # Parts that get adapters: lang_encoder, gated_cross_attn_layers, perceiver.
     apply_to: list[str] = field(default_factory=lambda: ["lang_encoder"])
     # The Flamingo-specific parts name their layers differently from LLaMA.
     xattn_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_kv", "to_out"])
+    # Modules adapted in the Perceiver resampler (when apply_to has perceiver).
     perceiver_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_kv", "to_out"])
     # ia3: the targets whose INPUT is rescaled (feed-forward outputs); each part uses those among its targets.
     feedforward_modules: list[str] = field(default_factory=list)
     # adalora: ranks shrink from r to target_r on average between step tinit and total_step - tfinal.
     target_r: int = 4
-    total_step: Optional[int] = None
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None  # adalora (required): total optimizer steps of the training run
+    tinit: int = 0  # adalora: warm-up optimizer steps before ranks start to shrink
+    tfinal: int = 0  # adalora: last optimizer steps, trained at the final ranks (tinit + tfinal < total_step)
+    deltaT: int = 1  # adalora: optimizer steps between two rank re-allocations
+    orth_reg_weight: float = 0.5  # adalora: weight of the orthogonality penalty added to the loss (0 = none)
 
 
 @dataclass
 class TrainableConfig:
     """Which non-adapter parts train. The vision encoder is always frozen."""
 
-    perceiver: bool = True
-    gated_cross_attn: bool = True
+    perceiver: bool = True  # train the whole Perceiver resampler
+    gated_cross_attn: bool = True  # train every gated cross-attention block (their gates start at 0)
     new_token_embeddings: bool = True  # only the rows of <|endofchunk|> and <image>
     lm_embeddings: bool = False  # every row of the LM's input embedding
 

@@ -128,7 +128,10 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
                     )
                     metrics_log.write({"dataset": name, "split": split, "shots": shots, "trial": trial,
                                        "seed": run.trial_seeds[trial], "num_queries": len(queries), **metrics})
-                    scores.append(float(metrics["agg_metrics"]))
+                    scores.append(metrics["agg_metrics"])
+                if None in scores:  # a split without ground truth (VQAv2 test-dev): results files only
+                    row[str(shots)] = {"mean": None, "std": None, "trials": scores}
+                    continue
                 row[str(shots)] = {
                     "mean": statistics.fmean(scores),
                     "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
@@ -151,7 +154,12 @@ def format_table(table: dict) -> str:
         cells = []
         for s in shots:
             cell = row.get(str(s))
-            cells.append("" if cell is None else f"{cell['mean']:.2f} ± {cell['std']:.2f}")
+            if cell is None:
+                cells.append("")
+            elif cell["mean"] is None:
+                cells.append("(not scored)")
+            else:
+                cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}")
         lines.append(f"| {table['model']} | {data} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

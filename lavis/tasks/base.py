@@ -18,23 +18,42 @@ from lavis.common.registry import registry
 class GenerationConfig:
     """Decoding settings used by ``valid_step`` (keys of the ``run`` section)."""
 
-    num_beams: int = 3
+    num_beams: int = 3  # beams of beam search when generating for evaluation (1 = greedy)
+    # Generation stops at <|endofchunk|> or after this many new tokens (caption_vqa: captions only).
     max_new_tokens: int = 20
-    min_new_tokens: int = 0
+    min_new_tokens: int = 0  # <|endofchunk|> is suppressed until this many new tokens are generated
+    # Beam search divides a beam's log-probability by length^length_penalty: < 0 favours shorter
+    # outputs, > 0 longer ones; no effect when num_beams is 1.
     length_penalty: float = -2.0
+
+
+@dataclass
+class InContextTrainingConfig:
+    """Interleaved (few-shot) training (a key of the ``run`` section)."""
+
+    # Each training sample is preceded by 0..train_max_shots random demonstrations of its split (0 = off).
+    train_max_shots: int = 0
 
 
 @dataclass
 class FewShotConfig:
     """Few-shot evaluation settings (keys of the ``run`` section, used by evaluate.py)."""
 
+    # Demonstrations per query to evaluate, one table column each (0 = zero-shot, see zero_shot_text_demos).
     num_shots: list[int] = field(default_factory=lambda: [0])
+    # Evaluations per shot count, each with its own demonstrations; the table gives mean ± std over them.
     num_trials: int = 1
+    # Seed of each trial's demonstration draw (at least num_trials of them); the first also picks num_samples.
     trial_seeds: list[int] = field(default_factory=lambda: [42])
+    # Queries per evaluated split: one seeded subset shared by every shot count and trial; null = whole split.
     num_samples: Optional[int] = None
+    # Split of each dataset that demonstrations come from (never the query's own image or question).
     demo_split: str = "train"
+    # random: seeded random demonstrations; rices: the most similar demo_split images (CLIP embedding).
     demo_method: Literal["random", "rices"] = "random"
+    # Where RICES caches the demo_split image features; null = <run dir>/rices.
     rices_cache_dir: Optional[str] = None
+    # 0 shots: prompt with 2 text-only demonstrations, without their images (OpenFlamingo's protocol).
     zero_shot_text_demos: bool = True
 
 
@@ -61,10 +80,22 @@ class BaseTask:
         return build_model(model_cfg)
 
     def build_datasets(self, datasets_cfg) -> dict:
-        """``{dataset_name: {split: Dataset}}`` from the ``datasets`` section."""
-        return {
+        """``{dataset_name: {split: Dataset}}`` from the ``datasets`` section.
+
+        With ``run.train_max_shots`` the training splits carry in-context demonstrations.
+        """
+        from lavis.datasets.fewshot import InContextTrainingDataset
+
+        datasets = {
             name: registry.get("builder", name)(section).build_datasets() for name, section in datasets_cfg.items()
         }
+        max_shots = self.run_cfg.get("train_max_shots", 0)
+        if max_shots:
+            for by_split in datasets.values():
+                for split in self.run_cfg.train_splits:
+                    if split in by_split:
+                        by_split[split] = InContextTrainingDataset(by_split[split], max_shots, self.run_cfg.seed)
+        return datasets
 
     def train_step(self, model, batch):
         """The language-modelling loss of one batch (labels mask everything but the target text)."""

@@ -27,10 +27,11 @@ def merge_batches(batches: list[dict], pad_token_id: int) -> dict:
     """One right-padded training batch from several (``lang_x``, ``attention_mask``, ``labels``, ``vision_x``)."""
     if len(batches) == 1:
         return batches[0]
-    images = {b["vision_x"].shape[1:] for b in batches}
-    if len(images) > 1:
-        raise DataError(f"cannot mix training batches with different image layouts {sorted(map(tuple, images))}")
+    frames = {b["vision_x"].shape[2:] for b in batches}
+    if len(frames) > 1:
+        raise DataError(f"cannot mix training batches with different image shapes {sorted(map(tuple, frames))}")
     length = max(b["lang_x"].shape[1] for b in batches)
+    num_images = max(b["vision_x"].shape[1] for b in batches)
     fill = {"lang_x": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
 
     def padded(batch: dict, key: str) -> torch.Tensor:
@@ -38,7 +39,11 @@ def merge_batches(batches: list[dict], pad_token_id: int) -> dict:
         return torch.nn.functional.pad(value, (0, length - value.shape[1]), value=fill[key])
 
     merged = {key: torch.cat([padded(b, key) for b in batches]) for key in fill}
-    merged["vision_x"] = torch.cat([b["vision_x"] for b in batches])
+    # Rows with fewer images get zero images at the end, which no <image> token refers to.
+    merged["vision_x"] = torch.cat([
+        torch.nn.functional.pad(b["vision_x"], (0, 0) * 4 + (0, num_images - b["vision_x"].shape[1]))
+        for b in batches
+    ])
     return merged
 
 

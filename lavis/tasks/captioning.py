@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lavis.common.registry import registry
-from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig
+from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
 
 
 def postprocess_caption(text: str) -> str:
@@ -20,10 +20,13 @@ class CaptioningTask(BaseTask):
     sample_id_key = "image_id"
 
     @dataclass
-    class Config(GenerationConfig, FewShotConfig):
+    class Config(GenerationConfig, FewShotConfig, InContextTrainingConfig):
         """Captioning keys of the ``run`` section."""
 
+        # pycocoevalcap metrics of eval splits (they need Java): any of BLEU, METEOR, ROUGE_L, CIDEr, SPICE.
         metrics: list[str] = field(default_factory=lambda: ["CIDEr", "BLEU", "ROUGE_L"])
+        # Score reported as agg_metrics (best checkpoint, few-shot table): a key of metrics' output,
+        # e.g. CIDEr, Bleu_4, METEOR, ROUGE_L, SPICE.
         agg_metric: str = "CIDEr"
 
     def collator(self, model, role: str):

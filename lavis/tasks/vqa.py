@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from lavis.common.registry import registry
-from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig
+from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
 
 
 def postprocess_answer(text: str) -> str:
@@ -22,10 +22,11 @@ class VQATask(BaseTask):
     sample_id_key = "question_id"
 
     @dataclass
-    class Config(GenerationConfig, FewShotConfig):
+    class Config(GenerationConfig, FewShotConfig, InContextTrainingConfig):
         """VQA keys of the ``run`` section (decoding defaults follow OpenFlamingo's VQAv2 protocol)."""
 
-        max_new_tokens: int = 5
+        max_new_tokens: int = 5  # generation stops at <|endofchunk|> or after this many new tokens
+        # Normalise answers even when all ten GT answers agree (not official: by default "Yes" vs "yes" is 0).
         always_normalize: bool = False
 
     def collator(self, model, role: str):
@@ -51,7 +52,7 @@ class VQATask(BaseTask):
             write_vqa_results(records, path)
         if dataset.annotation_file is None:
             # test-dev has no public answers: the results file is the submission, there is nothing to score.
-            return {}
+            return {"agg_metrics": None, "num_answers": len(records)}
         accuracy = vqa_accuracy(
             dataset.question_file,
             dataset.annotation_file,

@@ -37,8 +37,9 @@ class ShardOptions:
     """Streaming options used when ``data_type: webdataset``."""
 
     shuffle: bool = True  # shard order and a buffer, train role only; eval is read in order
+    # Train role: records held per DataLoader worker and yielded in random order (<= 1: shard order only).
     shuffle_buffer: int = 1000
-    seed: int = 0
+    seed: int = 0  # seeds each epoch's shard order and the buffer draws (combined with the epoch)
     # ranks get ceil(N / world) samples by repeating up to world-1 samples (logged), or exactly their share.
     uneven: Literal["pad", "exact"] = "pad"
 
@@ -47,14 +48,20 @@ class ShardOptions:
 class BuilderConfig:
     """Keys shared by every builder's section (``datasets.<builder>``)."""
 
+    # images: image files on disk; webdataset: tar shards named in build_info (shapes builders: images only).
     data_type: Literal["images", "webdataset"] = "images"
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])  # the splits to build
+    # Splits given the train role (train processors, one sample per caption); the others get the eval role.
     train_splits: list[str] = field(default_factory=lambda: ["train"])
+    # Image transform per role: {train: {name: clip_image_train, image_size, ...}, eval: {name: ...}}.
     vis_processor: dict[str, dict[str, Any]] = field(default_factory=_vis_defaults)
+    # Text processor per role: {train: {name, ...}, eval: {name, ...}} (caption_text or question_text).
     text_processor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # An unreadable sample: error = stop with a DataError; skip = log it, serve the next one, count it.
     on_bad_sample: Literal["error", "skip"] = "error"
     max_samples: Optional[int] = None  # cap per split (the first N in file order), for demos and tests
     check_images: bool = True  # stat every image file when the dataset is built
+    # Streaming options, used only with data_type: webdataset.
     webdataset: ShardOptions = field(default_factory=ShardOptions)
 
 

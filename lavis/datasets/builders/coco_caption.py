@@ -35,8 +35,9 @@ from lavis.datasets.builders.base import (
 
 @dataclass
 class CaptionBuildInfo:
-    images: Optional[str] = None
-    karpathy_file: Optional[str] = None
+    images: Optional[str] = None  # folder holding the Karpathy file's <filepath>/<filename> images
+    karpathy_file: Optional[str] = None  # dataset_coco.json: split membership and the training captions
+    # {split: official captions_*.json} scoring that eval split (Karpathy val, test: captions_val2014.json).
     annotations: dict[str, str] = field(default_factory=dict)
     shards: dict[str, str] = field(default_factory=dict)  # split -> shard pattern (data_type: webdataset)
 
@@ -47,9 +48,12 @@ def _caption_text_defaults() -> dict[str, dict[str, Any]]:
 
 @dataclass
 class CaptionConfig(BuilderConfig):
-    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # Karpathy splits to build
+    # Text processor per role: {train: {name, ...}, eval: {name, ...}} (default caption_text for both).
     text_processor: dict[str, dict[str, Any]] = field(default_factory=_caption_text_defaults)
+    # Split train also takes the Karpathy restval images (the usual 113k-image training set).
     train_includes_restval: bool = True
+    # The data files (shapes_caption: derived from shapes.root, any value given is replaced).
     build_info: CaptionBuildInfo = field(default_factory=CaptionBuildInfo)
 
 

@@ -29,10 +29,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ShapesOptions:
-    root: str = "data/shapes"
-    num_images: int = 1000
-    seed: int = 0
-    image_size: int = 64
+    root: str = "data/shapes"  # folder of the set, generated there if absent (a set made otherwise: error)
+    num_images: int = 1000  # images over all splits (each with 5 captions and 5 questions)
+    seed: int = 0  # generation seed: image i depends only on (seed, i)
+    image_size: int = 64  # side of the generated square images, in pixels
+    # Train, val and test shares of the images, in id order (must sum to 1).
     fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
 
 
@@ -90,11 +91,13 @@ def vqa_build_info(root: Path) -> dict:
 
 @dataclass
 class ShapesCaptionConfig(CaptionConfig):
+    # The synthetic set, generated into shapes.root on first use; build_info is derived from it.
     shapes: ShapesOptions = field(default_factory=ShapesOptions)
 
 
 @dataclass
 class ShapesVQAConfig(VQAConfig):
+    # The synthetic set, generated into shapes.root on first use; build_info is derived from it.
     shapes: ShapesOptions = field(default_factory=ShapesOptions)
 
 

@@ -50,7 +50,10 @@ def _question_text_defaults() -> dict[str, dict[str, Any]]:
 
 @dataclass
 class VQAConfig(BuilderConfig):
+    # Text processor per role: {train: {name, ...}, eval: {name, ...}} (default question_text for both).
     text_processor: dict[str, dict[str, Any]] = field(default_factory=_question_text_defaults)
+    # {split: {questions, annotations (null for test-dev), images, image_name_format, shards}}
+    # (shapes_vqa: derived from shapes.root, any value given is replaced).
     build_info: dict[str, VQASplitInfo] = field(default_factory=dict)
 
 

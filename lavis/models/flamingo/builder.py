@@ -41,36 +41,38 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class PerceiverConfig:
     """Perceiver resampler sizes (OpenFlamingo defaults)."""
 
-    depth: int = 6
-    heads: int = 8
-    dim_head: int = 64
-    num_latents: int = 64
-    ff_mult: int = 4
+    depth: int = 6  # (attention, feed-forward) layers that refine the latents
+    heads: int = 8  # attention heads
+    dim_head: int = 64  # width of one attention head (attention width = heads * dim_head)
+    num_latents: int = 64  # latents per image: the visual tokens cross-attention sees for each image
+    ff_mult: int = 4  # feed-forward hidden width = ff_mult * the vision width
 
 
 @dataclass
 class CrossAttentionConfig:
     """Gated cross-attention block sizes (OpenFlamingo defaults)."""
 
-    heads: int = 8
-    dim_head: int = 64
-    ff_mult: int = 4
+    heads: int = 8  # attention heads (text queries over the image latents)
+    dim_head: int = 64  # width of one attention head (attention width = heads * dim_head)
+    ff_mult: int = 4  # feed-forward hidden width = ff_mult * the LM hidden size
 
 
 @dataclass
 class TinyConfig:
     """Sizes of the random-initialised tiny components (used where a path key is ``tiny``)."""
 
+    # Input side of the tiny ViT in pixels (the datasets' vis_processor image_size must match).
     image_size: int = 64
-    patch_size: int = 16
-    vision_width: int = 64
-    vision_layers: int = 2
-    vision_head_width: int = 32
-    lm_hidden_size: int = 128
-    lm_layers: int = 2
-    lm_heads: int = 4
-    lm_intermediate_size: int = 344
-    max_position_embeddings: int = 512
+    patch_size: int = 16  # ViT patch side in pixels: (image_size / patch_size)^2 patch tokens per image
+    vision_width: int = 64  # ViT width, which is also the Perceiver's width
+    vision_layers: int = 2  # ViT transformer layers
+    vision_head_width: int = 32  # ViT width per attention head (heads = vision_width / vision_head_width)
+    lm_hidden_size: int = 128  # hidden size of the tiny LLaMA
+    lm_layers: int = 2  # decoder layers of the tiny LLaMA
+    lm_heads: int = 4  # attention (and key/value) heads of the tiny LLaMA; must divide lm_hidden_size
+    lm_intermediate_size: int = 344  # MLP (SwiGLU) width of the tiny LLaMA
+    max_position_embeddings: int = 512  # the tiny LLaMA's max_position_embeddings (prompt + new tokens)
+    # Size of the tiny BPE vocabulary with its 256 byte tokens (<|endofchunk|>, <image>, <PAD> come on top).
     tokenizer_vocab_size: int = 640
     seed: int = 0  # the whole tiny build is seeded, so two builds are identical
 
@@ -125,16 +127,29 @@ class OpenFlamingo(Flamingo):
         clip_vision_encoder_pretrained: Optional[str] = None  # open_clip tag or local weights; null = random
         lang_encoder_path: Optional[str] = None  # local HF LLaMA directory
         tokenizer_path: Optional[str] = None  # local HF tokenizer directory (tokenizer.json)
+        # A gated cross-attention block before every n-th LM decoder layer (layers n-1, 2n-1, ...);
+        # n above the LM's layer count leaves the LM blind to images. OpenFlamingo-9B: 4.
         cross_attn_every_n_layers: int = 4
         pretrained_checkpoint_path: Optional[str] = None  # OpenFlamingo checkpoint.pt; null = none
+        # Perceiver resampler sizes (must match pretrained_checkpoint_path's weights).
         perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+        # Gated cross-attention block sizes (must match pretrained_checkpoint_path's weights).
         cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+        # Which image a text token attends: v2 = the latest <image> at or before it (paper, new training);
+        # v1 = the OpenFlamingo-9B release's "next image" masking, needed to reproduce its numbers.
         xattn_semantics: Literal["v1", "v2"] = "v2"
+        # Which non-adapter parts train (the vision encoder never does).
         trainable: TrainableConfig = field(default_factory=TrainableConfig)
+        # peft adapters injected into the LM, cross-attention or Perceiver (method null = none).
         adapters: AdapterConfig = field(default_factory=AdapterConfig)
+        # dtype of the frozen vision tower and LM; what trains is kept in float32 (master weights).
         frozen_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+        # Load the LM quantised by bitsandbytes (CUDA only, not the tiny LM; its embeddings cannot train);
+        # null = not quantised.
         quantization: Optional[Literal["8bit", "4bit"]] = None
+        # Recompute LM decoder layers and cross-attention blocks in backward: less memory, slower steps.
         gradient_checkpointing: bool = False
+        # Sizes of the random in-process components chosen by a path key set to tiny (tests, CPU demo).
         tiny: TinyConfig = field(default_factory=TinyConfig)
 
     @classmethod
