@@ -81,16 +81,21 @@ def _section(title: str, intro: str, schema: type, prefix: str) -> list[str]:
     ]
 
 
+def _package_names(kind: str) -> list[str]:
+    # Only the package's own components: tests and user code may register more in the same process.
+    return [n for n in registry.names(kind) if registry.get(kind, n).__module__.startswith("lavis.")]
+
+
 def generate() -> str:
     """The whole reference as Markdown."""
     from lavis.runners.run_config import RunConfig
 
     out = [BEGIN, ""]
     out += _section("run (runner)", "Keys of the `run` section used by every runner.", RunConfig, "run")
-    for name in registry.names("task"):
+    for name in _package_names("task"):
         cls = registry.get("task", name)
         out += _section(f"run (task `{name}`)", f"Extra `run` keys when `run.task: {name}`.", cls.Config, "run")
-    for name in registry.names("model"):
+    for name in _package_names("model"):
         cls = registry.get("model", name)
         out += _section(
             f"model (arch `{name}`)",
@@ -98,7 +103,7 @@ def generate() -> str:
             cls.Config,
             "model",
         )
-    for name in registry.names("builder"):
+    for name in _package_names("builder"):
         cls = registry.get("builder", name)
         out += _section(f"datasets.{name}", f"Defaults in lavis/configs/datasets/{name}/defaults.yaml.", cls.Config,
                         f"datasets.{name}")
