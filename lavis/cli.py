@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 from lavis.common.errors import UserError
@@ -35,6 +36,39 @@ def user_errors():
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def prepare_process() -> None:
+    """Console logging and this rank's GPU, before anything is built.
+
+    The model is built before the runner joins the process group; a quantized LM is placed on
+    ``torch.cuda.current_device()``, so every rank must select its own GPU first.
+    """
+    import torch
+
+    from lavis.common.logging import setup_logging
+
+    setup_logging(int(os.environ.get("RANK", "0")))
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def structure_from_checkpoint(cfg, checkpoint: str) -> None:
+    """Give ``cfg.model`` the adapters and trainable parts a training checkpoint was made with.
+
+    A checkpoint holds only the trainable weights, named after the adapters that produced them; an
+    evaluation config written for the pretrained model would otherwise build a different set.
+    """
+    from omegaconf import OmegaConf
+
+    from lavis.common.logging import get_logger
+    from lavis.runners.checkpoint import load_checkpoint
+
+    trained = (load_checkpoint(checkpoint).get("config") or {}).get("model") or {}
+    for key in ("adapters", "trainable"):
+        if key in trained and OmegaConf.to_container(cfg.model[key]) != trained[key]:
+            get_logger().info("model.%s taken from the checkpoint %s: %s", key, checkpoint, trained[key])
+            cfg.model[key] = trained[key]
 
 
 def build_components(cfg, raw: dict | None = None):
@@ -82,9 +116,13 @@ def train_main(argv=None) -> None:
         from lavis.common.registry import registry
 
         cfg = load_config(args.cfg_path, args.options)
+        prepare_process()
         task, model, datasets = build_components(cfg, raw_config(args.cfg_path, args.options))
         runner = registry.get("runner", cfg.run.runner)(cfg, task, model, datasets)
-        runner.train()
+        try:
+            runner.train()
+        finally:
+            runner.close()
 
 
 def evaluate_main(argv=None) -> None:
@@ -100,5 +138,8 @@ def evaluate_main(argv=None) -> None:
         for section in cfg.datasets.values():
             section.train_splits = []
         cfg.run.train_max_shots = 0
+        prepare_process()
+        if args.checkpoint:
+            structure_from_checkpoint(cfg, args.checkpoint)
         task, model, datasets = build_components(cfg, raw_config(args.cfg_path, args.options))
         run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=args.checkpoint)

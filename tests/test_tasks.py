@@ -131,3 +131,27 @@ def test_vqa_split_without_answers_writes_results_and_scores_nothing(tmp_path):
     metrics = task.evaluate([{"question_id": 1, "answer": "yes"}], "test", TestDev())
     assert metrics == {"agg_metrics": None, "num_answers": 1}
     assert (tmp_path / "test_vqa_results.json").read_text().startswith("[")
+
+
+def test_agg_metric_must_be_a_score_of_the_chosen_metrics():
+    from lavis.common.errors import ConfigError
+    from lavis.tasks.captioning import CaptioningTask
+
+    run = {"metrics": ["CIDEr", "BLEU"], "agg_metric": "Bleu_4"}
+    assert CaptioningTask(OmegaConf.create({"run": run})).run_cfg.agg_metric == "Bleu_4"
+    with pytest.raises(ConfigError, match=r"run.agg_metric: 'BLEU' is not a score of run.metrics .*Bleu_4"):
+        CaptioningTask(OmegaConf.create({"run": {**run, "agg_metric": "BLEU"}}))
+
+
+def test_evaluating_a_checkpoint_builds_the_adapters_it_was_trained_with(tmp_path):
+    from lavis.cli import structure_from_checkpoint
+    from lavis.common.config import load_config
+    from lavis.runners.checkpoint import save_checkpoint
+
+    repo = Path(__file__).resolve().parent.parent
+    trained = load_config(repo / "configs/demo/shapes_train.yaml")
+    path = save_checkpoint(tmp_path / "step.pt", {"model": {}, "config": OmegaConf.to_container(trained)})
+    cfg = load_config(repo / "configs/demo/shapes_eval.yaml")
+    assert cfg.model.adapters.method is None  # the eval config describes the plain pretrained model
+    structure_from_checkpoint(cfg, str(path))
+    assert cfg.model.adapters == trained.model.adapters and cfg.model.trainable == trained.model.trainable

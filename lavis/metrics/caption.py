@@ -92,7 +92,8 @@ def ptb_tokenize(captions: list[str]) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w not in punctuation) for line in lines[:-1]]
 
 
-def _resolve_metrics(metrics: Any) -> list[str]:
+def resolve_metrics(metrics: Any) -> list[str]:
+    """Metric names (case-insensitive, a list or a comma-separated string) -> canonical METRIC_KEYS names."""
     if isinstance(metrics, str):
         metrics = [m for m in metrics.split(",") if m.strip()]
     chosen = []
@@ -194,7 +195,7 @@ def caption_metrics(annotations: Any, results: Any, metrics: Any = DEFAULT_METRI
     SPICE without its Stanford models is skipped and reported under ``"skipped"``. ``per_image=True`` adds
     ``"perImage": {image_id: {key: value}}``. Bad input raises DataError, an unknown metric ConfigError.
     """
-    chosen = _resolve_metrics(metrics)
+    chosen = resolve_metrics(metrics)
     refs, ref_label = _load_references(annotations)
     cands, res_label = _load_candidates(results, refs, ref_label)
     if all_images:

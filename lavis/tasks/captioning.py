@@ -29,6 +29,22 @@ class CaptioningTask(BaseTask):
         # e.g. CIDEr, Bleu_4, METEOR, ROUGE_L, SPICE.
         agg_metric: str = "CIDEr"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.check_agg_metric()
+
+    def check_agg_metric(self) -> None:
+        """``run.agg_metric`` must be one of the scores ``run.metrics`` produces (checked before any work)."""
+        from lavis.common.errors import ConfigError
+        from lavis.metrics.caption import METRIC_KEYS, resolve_metrics
+
+        keys = [key for name in resolve_metrics(list(self.run_cfg.metrics)) for key in METRIC_KEYS[name]]
+        if self.run_cfg.agg_metric not in keys:
+            raise ConfigError(
+                f"run.agg_metric: {self.run_cfg.agg_metric!r} is not a score of run.metrics "
+                f"{list(self.run_cfg.metrics)}; choose one of {', '.join(keys)}"
+            )
+
     def collator(self, model, role: str):
         from lavis.datasets.collators import CaptionCollator
 
