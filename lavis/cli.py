@@ -142,4 +142,12 @@ def evaluate_main(argv=None) -> None:
         if args.checkpoint:
             structure_from_checkpoint(cfg, args.checkpoint)
         task, model, datasets = build_components(cfg, raw_config(args.cfg_path, args.options))
-        run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=args.checkpoint)
+        from lavis.common import dist
+
+        finished = False
+        try:
+            run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=args.checkpoint)
+            finished = True
+        finally:
+            # After an error, peers may be dead or stuck: leave at once instead of waiting at a barrier.
+            dist.destroy(wait=finished)

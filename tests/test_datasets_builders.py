@@ -9,10 +9,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lavis.common.config import read_yaml
-from lavis.common.errors import ConfigError
+from lavis.common.config import load_config, read_yaml
+from lavis.common.errors import ConfigError, DataError
 from lavis.common.registry import registry
 from lavis.datasets.builders.vqav2 import most_frequent_answer
+from lavis.runners.fewshot_eval import check_run
+
+REPO = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(1)
 
@@ -145,8 +148,47 @@ def test_unknown_key_and_processor_are_config_errors(tmp_path):
         build("coco_caption", build_info=info, splits=["train"], vis_processor=bad_vis)
     with pytest.raises(ConfigError, match=r"vis_processor\.eval\.imagesize"):
         build("coco_caption", build_info=info, splits=["val"], vis_processor=bad_vis)
-    with pytest.raises(ConfigError, match="annotations.test"):
-        build("coco_caption", build_info={**info, "annotations": {}}, splits=["test"])
+
+
+def test_coco_caption_eval_split_without_ground_truth_is_a_demo_pool(tmp_path):
+    # Karpathy train as an eval-role split (few-shot demos): restval images are val2014 images, absent from
+    # any train ground truth, so no ground-truth file is asked for; references are the Karpathy sentences.
+    info = write_coco(tmp_path)
+    ds = build("coco_caption", build_info=info, splits=["train", "test"], train_splits=[])
+    pool = ds["train"]
+    assert pool.annotation_file is None and pool.sample_format.name == "caption_eval"
+    assert pool.sample_ids() == [1, 2, 3]  # restval image 3 included, one sample per image
+    assert pool[2]["captions"] == ["a photo of thing 3", "picture 3"]
+    assert ds["test"].annotation_file == info["annotations"]["test"]
+    # Without a ground-truth file the sentences are the only references: an image without any is refused.
+    doc = json.loads(Path(info["karpathy_file"]).read_text())
+    doc["images"][0]["sentences"] = []
+    Path(info["karpathy_file"]).write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"dataset_coco\.json: image cocoid 1 of split 'train' has no sentences"):
+        build("coco_caption", build_info=info, splits=["train"], train_splits=[])
+
+
+def test_shipped_fewshot_caption_config_builds_its_demo_pool_and_refuses_to_score_without_ground_truth(
+    tmp_path, monkeypatch
+):
+    # The data root laid out as lavis/configs/datasets/coco_caption/defaults.yaml expects it (no train GT).
+    write_coco(tmp_path / "coco")
+    (tmp_path / "coco" / "ann").rename(tmp_path / "coco" / "annotations")
+    monkeypatch.setenv("PETVLM_DATA", str(tmp_path))
+    cfg = load_config(REPO / "configs/projects/peft_flamingo/eval/caption_coco_fewshot.yaml",
+                      ["datasets.coco_caption.vis_processor.eval.image_size=16"])
+    section = cfg.datasets.coco_caption
+    section.train_splits = []  # as evaluate.py sets it: demos are shown as at test time
+    assert "train" not in section.build_info.annotations
+    datasets = {"coco_caption": registry.get("builder", "coco_caption")(section).build_datasets()}
+    assert datasets["coco_caption"]["train"].annotation_file is None
+    assert datasets["coco_caption"]["train"].sample_ids() == [1, 2, 3]
+    assert check_run(cfg.run, datasets) == ["test"]  # the scored split has its ground truth
+    # Scoring a split that has none is refused before any generation, naming the key to set.
+    run = OmegaConf.merge(cfg.run, {"test_splits": ["train"]})
+    with pytest.raises(ConfigError, match=r"datasets\.coco_caption\.build_info\.annotations\.train: split 'train' "
+                                          r"is evaluated .* no ground-truth captions file"):
+        check_run(run, datasets)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "lavis" / "configs" / "datasets"

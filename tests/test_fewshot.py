@@ -226,3 +226,29 @@ def test_rices_exclusion_falls_back_to_a_full_ranking():
     sims = torch.cat([torch.full((1, 40), 0.9), torch.tensor([[0.1, 0.5, 0.3]])], dim=1)
     pool_ids = [(7, None)] * 40 + [(1, None), (2, None), (3, None)]
     assert rices_demo_indices(sims, 2, [(7, None)], pool_ids) == [[42, 41]]
+
+
+def test_rices_features_feed_a_half_precision_tower_its_dtype_and_return_float32():
+    from pathlib import Path
+
+    from lavis.common.config import read_yaml
+    from lavis.models import build_model
+    from lavis.runners.fewshot_eval import rices_features
+
+    tiny_yaml = Path(__file__).resolve().parents[1] / "lavis/configs/models/openflamingo/tiny.yaml"
+    cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(read_yaml(tiny_yaml).model).items()}
+    model = build_model({**cfg, "frozen_dtype": "bfloat16"}).eval()
+    assert next(model.vision_encoder.parameters()).dtype == torch.bfloat16
+    images = torch.randn(3, 3, model.image_size, model.image_size)  # what the eval image processor yields
+    features = rices_features(model, images, "cpu")
+    assert features.dtype == torch.float32 and features.shape[0] == 3 and torch.isfinite(features).all()
+    # The same embedding as the tower computes on the bf16-rounded batch.
+    with torch.no_grad():
+        expected = model.vision_encoder(images.to(torch.bfloat16)).float()
+    assert torch.equal(features, expected)
+    # It is usable as RICES' feature function, end to end.
+    pool = caption_dataset(num_images=4, captions_per_image=1)
+    for item in pool.items:
+        item["image"] = torch.randn(3, model.image_size, model.image_size)
+    rices = RICES(pool, lambda batch: rices_features(model, batch, "cpu"), batch_size=2)
+    assert len(rices) == 4

@@ -200,6 +200,16 @@ def test_trainable_state_dict_round_trip(tiny):
         assert torch.equal(other(vision_x, ids, mask).logits, tiny(vision_x, ids, mask).logits)
 
 
+def test_trainable_state_dict_is_the_models_packages_one_implementation(tiny):
+    from lavis.models import adapters
+
+    state = tiny.trainable_state_dict()
+    assert list(state) == list(adapters.trainable_state_dict(torch.nn.DataParallel(tiny)))
+    # No copy on the model's device: the checkpoint writer copies to the CPU itself.
+    assert state["perceiver.latents"].data_ptr() == tiny.perceiver.latents.data_ptr()
+    assert not state["perceiver.latents"].requires_grad
+
+
 def test_load_trainable_state_dict_errors_list_names(tiny):
     state = tiny.trainable_state_dict()
     state.pop("perceiver.latents")

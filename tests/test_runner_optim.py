@@ -60,10 +60,15 @@ def test_linear_warmup_cosine_values(tmp_path):
     assert s.base_lr(0) == 0.0
     assert s.base_lr(5) == pytest.approx(0.5)
     assert s.base_lr(10) == pytest.approx(1.0)
-    # Half way through the 90 cosine steps: the mean of init and min.
-    assert s.base_lr(55) == pytest.approx(0.55)
-    assert s.base_lr(40) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 30 / 90)))
-    assert s.base_lr(100) == pytest.approx(0.1)
+    # Steps run 0..99: the cosine spans the 89 steps from 10 to the last step, 99.
+    span = 100 - 1 - 10
+    assert s.base_lr(40) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 30 / span)))
+    # Half way through the cosine: the mean of init and min.
+    assert s.base_lr(10 + span / 2) == pytest.approx(0.55)
+    # The last step reaches min_lr exactly, and the lr stays there.
+    assert s.base_lr(99) == pytest.approx(0.1, abs=1e-12)
+    assert s.base_lr(98) > 0.1
+    assert s.base_lr(100) == pytest.approx(0.1, abs=1e-12)
     # Stepped per iteration, not per epoch: two steps of one epoch differ.
     assert s.base_lr(21) != s.base_lr(22)
 

@@ -122,3 +122,37 @@ def test_checkpoint_holds_only_trainable_weights_and_full_state(tmp_path):
     assert state["progress"] == {"global_step": 3, "data_epoch": 0, "position": 3, "metrics_lines": 3}
     assert {"optimizer", "scheduler", "scaler", "rng", "config", "best", "world_size"} <= set(state)
     assert state["config"]["run"]["max_steps"] == 3 and len(state["rng"]) == 1
+
+
+def test_resume_with_a_different_order_defining_config_names_each_key(tmp_path):
+    finished_run(tmp_path, max_steps=3, **COMMON)
+    cfg = make_cfg(tmp_path, resume_ckpt_path="latest", **dict(COMMON, batch_size_train=8, seed=7, max_epoch=3))
+    cfg.datasets.toy = {"root": "elsewhere"}
+    with pytest.raises(CheckpointError) as err:
+        build_runner(cfg, model=ToyModel()).train()
+    message = str(err.value)
+    assert "step_00000003.pt: the config differs" in message
+    for part in ("run.batch_size_train: 4 -> 8", "run.seed: 42 -> 7", "run.max_epoch: 2 -> 3",
+                 "datasets.toy.root: '<absent>' -> 'elsewhere'"):
+        assert part in message
+    # Keys that do not move the position may change (max_steps, log_freq); the iteration runner ignores max_epoch.
+    resumed, summary = finished_run(tmp_path, resume_ckpt_path="latest", log_freq=2, **COMMON)
+    assert summary["status"] == "finished"
+
+
+def test_close_is_idempotent_after_train_and_after_an_error(tmp_path, monkeypatch):
+    from lavis.common import dist
+
+    calls = []
+    monkeypatch.setattr(dist, "destroy", lambda wait=True: calls.append(wait))
+    runner, _ = finished_run(tmp_path / "ok", max_steps=2, **COMMON)
+    runner.close()
+    runner.close()
+    assert calls == [True]  # a normal end waits for the peers, once
+    cfg = make_cfg(tmp_path / "bad", **COMMON)
+    failing = build_runner(cfg, model=ToyModel(), task=KillingTask(cfg, 2))
+    with pytest.raises(Killed):
+        failing.train()
+    failing.close()
+    failing.close()
+    assert calls == [True, False]  # after an error: leave at once, peers may never reach a barrier

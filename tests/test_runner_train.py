@@ -178,3 +178,77 @@ def test_tensorboard_and_offline_wandb_write_files_without_network(tmp_path):
 def test_unknown_split_names_fail_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match=r"run.valid_splits: no dataset has the split 'vall'; available: \["):
         build_runner(make_cfg(tmp_path, valid_splits=["vall"]))
+
+
+def test_adapter_budget_is_not_updated_on_a_step_the_grad_scaler_skipped(tmp_path, monkeypatch):
+    from lavis.runners import runner as runner_module
+
+    class InfAtCall3(ToyRegressionTask):
+        calls = 0
+
+        def train_step(self, model, batch):
+            self.calls += 1
+            loss = super().train_step(model, batch)
+            return loss * float("inf") if self.calls == 3 else loss
+
+    scored = []
+    monkeypatch.setattr(runner_module, "_adapter_budget_hook", lambda: lambda model, step: scored.append(step))
+    # fp16 needs CUDA; a real (enabled) CPU GradScaler skips the inf step the same way.
+    monkeypatch.setattr(precision.Precision, "grad_scaler", lambda self: torch.amp.GradScaler("cpu"))
+    runner, summary = train(tmp_path, task=InfAtCall3(None), max_epoch=1, max_grad_norm=None)
+    assert summary["status"] == "finished" and runner.global_step == 8
+    assert scored == [0, 1, 3, 4, 5, 6, 7]  # step 2 (the 3rd) had inf gradients: skipped, not scored
+
+
+def test_a_bug_in_task_evaluate_keeps_its_traceback_under_ddp(tmp_path, monkeypatch, caplog):
+    from lavis.common import dist
+    from lavis.common.dist import DistInfo
+    from lavis.runners.evaluation import _RemoteError, evaluate_split
+
+    class Buggy(ToyRegressionTask):
+        def evaluate(self, records, split, dataset):
+            raise ZeroDivisionError("bug in the metric")
+
+    runner = build_runner(make_cfg(tmp_path), task=Buggy(None))
+    args = dict(task=runner.task, model=runner.model, dataset=make_datasets()["toy"]["val"], dataset_name="toy",
+                split="val", precision=runner.precision, batch_size=5)
+    # Rank 0 of 2 in this single process: the broadcast is a no-op, and rank 1's half of the records is missing.
+    monkeypatch.setattr(dist, "check_coverage", lambda *a, **k: None)
+    # Rank 0 re-raises the original exception, logged with its traceback.
+    with caplog.at_level("ERROR", logger="lavis"), pytest.raises(ZeroDivisionError, match="bug in the metric"):
+        evaluate_split(info=DistInfo(0, 2, 0, torch.device("cpu")), **args)
+    assert "rank 0 failed to score toy.val" in caplog.text and "Traceback" in caplog.text
+    # Another rank receives rank 0's summary.
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj: {"error": _RemoteError("rank 0 failed: boom")})
+    with pytest.raises(_RemoteError, match="rank 0 failed"):
+        evaluate_split(info=DistInfo(1, 2, 1, torch.device("cpu")), **args)
+
+
+def two_datasets_with_val() -> dict:
+    data = make_datasets()
+    data["other"] = {"val": ToyRegressionDataset(9, 5, 5000)}
+    return data
+
+
+def test_several_datasets_with_the_best_split_need_run_best_dataset(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.best_dataset: several datasets have the split 'val' .*'toy', 'other'"):
+        build_runner(make_cfg(tmp_path, valid_splits=["val"]), datasets=two_datasets_with_val())
+    with pytest.raises(ConfigError, match=r"run.best_dataset: 'nope' has no split 'val'"):
+        build_runner(make_cfg(tmp_path, valid_splits=["val"], best_dataset="nope"), datasets=two_datasets_with_val())
+
+
+def test_run_best_dataset_chooses_whose_metric_picks_the_best_checkpoint(tmp_path):
+    runner, summary = train(tmp_path, datasets=two_datasets_with_val(), max_epoch=2, valid_splits=["val"],
+                            best_dataset="other", best_metric="mse", best_mode="min")
+    other = [r for r in read_metrics(runner.paths.metrics) if r.get("dataset") == "other"]
+    toy = [r for r in read_metrics(runner.paths.metrics) if r.get("dataset") == "toy"]
+    best = min(other, key=lambda r: r["mse"])
+    assert len(other) == len(toy) == 2 and other[0]["mse"] != toy[0]["mse"]
+    assert summary["best"] == {"metric": pytest.approx(best["mse"]), "step": best["step"]}
+
+
+def test_an_unwritable_output_dir_is_a_config_error_naming_it(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"run.output_dir: cannot create the run directory under .*a_file/out"):
+        build_runner(make_cfg(blocker / "out"))

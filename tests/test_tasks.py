@@ -155,3 +155,16 @@ def test_evaluating_a_checkpoint_builds_the_adapters_it_was_trained_with(tmp_pat
     assert cfg.model.adapters.method is None  # the eval config describes the plain pretrained model
     structure_from_checkpoint(cfg, str(path))
     assert cfg.model.adapters == trained.model.adapters and cfg.model.trainable == trained.model.trainable
+
+
+def test_scoring_a_caption_split_without_ground_truth_says_which_key_to_set():
+    from lavis.common.errors import DataError
+    from lavis.tasks.captioning import CaptioningTask
+
+    task = CaptioningTask(OmegaConf.create({"run": {"metrics": ["CIDEr"], "agg_metric": "CIDEr"}}))
+
+    class DemoPool:
+        annotation_file = None
+
+    with pytest.raises(DataError, match=r"build_info\.annotations\.train"):
+        task.evaluate([{"image_id": 1, "caption": "a red circle."}], "train", DemoPool())

@@ -177,6 +177,36 @@ def test_bf16_frozen_model_trains_float32_master_weights_under_bf16_autocast(tmp
     assert changed_rows and set(changed_rows) <= set(new_rows)
 
 
+def test_bf16_frozen_flamingo_parts_are_stored_in_bf16_and_trainable_ones_in_float32():
+    # Perceiver frozen, cross-attention frozen but adapted by LoRA: the frozen weights are bfloat16 like the
+    # LM's; the adapters train in float32. A forward and backward pass runs without autocast.
+    model = tiny_model(frozen_dtype="bfloat16",
+                       adapters={"method": "lora", "r": 4, "dropout": 0.0, "apply_to": ["gated_cross_attn_layers"]},
+                       trainable=FROZEN_PARTS)
+    params = dict(model.named_parameters())
+    frozen_parts = [n for n in params if n.startswith(("perceiver.", "gated_cross_attn_layers."))
+                    and not params[n].requires_grad]
+    assert any(n.startswith("perceiver.") for n in frozen_parts) and any("base_layer" in n for n in frozen_parts)
+    assert {params[n].dtype for n in frozen_parts} == {torch.bfloat16}
+    assert model.perceiver.latents.dtype == torch.bfloat16
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert {params[n].dtype for n in trainable} == {torch.float32}
+    task = CaptionLikeTask(make_cfg("unused"))
+    batch = task.collator(model, "train")([CaptionLikeDataset(2, model.image_size)[i] for i in range(2)])
+    loss = task.train_step(model, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(params[n].grad is not None and params[n].grad.dtype == torch.float32 for n in trainable)
+
+    # Trainable, the same parts stay float32 (never rounded to bfloat16 and back).
+    fp32 = tiny_model(trainable=FROZEN_PARTS | {"perceiver": True, "gated_cross_attn": True})
+    half = tiny_model(frozen_dtype="bfloat16", trainable=FROZEN_PARTS | {"perceiver": True, "gated_cross_attn": True})
+    for part in ("perceiver", "gated_cross_attn_layers"):
+        for (name, p), q in zip(getattr(half, part).named_parameters(), getattr(fp32, part).parameters()):
+            assert p.dtype == torch.float32 and torch.equal(p, q), name
+
+
 def frozen_lm_name(params: dict, tensor: torch.Tensor) -> str:
     return next(n for n, p in params.items() if p is tensor)
 

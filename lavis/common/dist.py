@@ -90,11 +90,6 @@ def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def get_world_size() -> int:
-    """Number of processes (1 when alone)."""
-    return dist.get_world_size() if is_distributed() else 1
-
-
 def is_main_process() -> bool:
     """True on rank 0."""
     return get_rank() == 0
@@ -106,13 +101,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def destroy() -> None:
-    """Leave the process group, if any, once every rank got here."""
+def destroy(wait: bool = True) -> None:
+    """Leave the process group, if any (idempotent).
+
+    With ``wait`` (a normal exit) once every rank got here; without it (after an error,
+    when peers may be dead or stuck in another collective) at once.
+    """
     global _control_group
     if dist.is_available() and dist.is_initialized():
-        # A rank that leaves right after sending its part of a broadcast or gather can close the
-        # connection before the receiving rank has read it; the barrier makes leaving safe.
-        barrier()
+        if wait:
+            # A rank that leaves right after sending its part of a broadcast or gather can close the
+            # connection before the receiving rank has read it; the barrier makes leaving safe.
+            barrier()
         dist.destroy_process_group()
     _control_group = None
 
@@ -124,15 +124,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=_control_group)
     return box[0]
-
-
-def all_gather_objects(obj) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=_control_group)
-    return out
 
 
 def gather_objects(obj, dst: int = 0) -> list | None:

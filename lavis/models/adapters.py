@@ -328,7 +328,12 @@ def trainable_parameter_summary(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: detached tensor} of every parameter that requires grad (adapters + the policy's parts)."""
+    """{name: detached tensor} of every parameter that requires grad (adapters + the policy's parts).
+
+    The one implementation (``Flamingo.trainable_state_dict`` delegates here). The tensors share storage
+    with the parameters, so no device memory is spent on a copy; a caller that keeps them across training
+    steps copies them (the runner's checkpoint moves them to the CPU).
+    """
     return {n: p.detach() for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
 
 

@@ -4,7 +4,8 @@ With ``frozen_dtype: float16`` (or bfloat16) the language model is stored in hal
 the parts of it that the policy lets train (embedding rows, ``modules_to_save`` copies). Those must be
 float32: ``GradScaler`` refuses to unscale float16 gradients, and Adam updates below half precision's
 resolution would be lost. The peft adapters are already float32 (peft's ``autocast_adapter_dtype``); the
-perceiver and the cross-attention blocks are built in float32.
+perceiver and the cross-attention blocks are built in float32, and only what stays frozen of them is cast
+to the frozen dtype (``cast_frozen_parameters``).
 
 A module that owns an up-cast parameter computes in float32 and hands its output back in the dtype it
 had before, so its neighbours (frozen half-precision layers) see the same dtypes with or without autocast.
@@ -59,4 +60,18 @@ def upcast_trainable_parameters(model: nn.Module) -> list[str]:
     if names:
         logger.info("%d trainable parameter tensor(s) kept in float32 (master weights): %s%s", len(names),
                     ", ".join(names[:5]), "..." if len(names) > 5 else "")
+    return names
+
+
+def cast_frozen_parameters(module: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Store the floating-point parameters of ``module`` without ``requires_grad`` in ``dtype``, in place.
+
+    Returns their names. Parameters keep their identity; the ones that train are left as they are (float32).
+    Call it after the freezing policy: frozen weights then cost half the memory, as the frozen LM's do.
+    """
+    names = []
+    for name, param in module.named_parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            names.append(name)
     return names

@@ -5,6 +5,12 @@ DistributedSampler (also with one process) shuffles with its own generator, and 
 DataLoader gets its own generator too, so creating a loader never draws from the
 global torch RNG. A resumed run rebuilds the epoch's order and skips the
 micro-batches already consumed, replaying the rest of the epoch exactly.
+
+An IterableDataset (webdataset shards, ``lavis.datasets.shards.ShardDataset``)
+partitions itself by rank and orders itself by epoch: it gets no sampler, its
+``set_epoch(data_epoch)`` is called before each epoch, and a resumed run drops the
+consumed micro-batches from the front of the epoch's stream (they are read again,
+since a stream cannot seek, but the rest of the epoch is the same).
 (With ``num_workers`` > 0, random augmentations drawn inside workers restart their
 worker seeds on resume; only with ``num_workers: 0``, where they draw from the
 restored main-process RNG, is the rest of the epoch bitwise identical.)
@@ -12,10 +18,11 @@ restored main-process RNG, is the rest of the epoch bitwise identical.)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from lavis.common.errors import ConfigError
 
@@ -42,6 +49,13 @@ def concat_train_datasets(datasets: dict, splits: list[str]) -> Dataset:
     if not parts:
         available = sorted({f"{name}.{split}" for name, by_split in datasets.items() for split in by_split})
         raise ConfigError(f"run.train_splits: no dataset has a split in {list(splits)}; available: {available}")
+    if len(parts) > 1 and any(isinstance(part, IterableDataset) for part in parts):
+        # ConcatDataset refuses streams, and chaining them would make the epoch length and order ill-defined.
+        names = [f"{name}.{split}" for name, by_split in datasets.items() for split in splits if split in by_split]
+        raise ConfigError(
+            f"run.train_splits: {names} include a streamed (webdataset) split, which cannot be concatenated "
+            f"with other splits; pack them into one set of shards or train on one split"
+        )
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
@@ -74,7 +88,10 @@ class TrainStream:
         self.data_epoch = 0
         self.position = 0
         self._iter = None
-        self.batches_per_epoch = len(self._sampler(0)) // batch_size
+        self.streamed = isinstance(dataset, IterableDataset)
+        # A stream's len() is what this rank yields per epoch (ShardDataset pads ranks to equal lengths).
+        per_rank = len(dataset) if self.streamed else len(self._sampler(0))
+        self.batches_per_epoch = per_rank // batch_size
         self.steps_per_epoch = self.batches_per_epoch // accum
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -92,6 +109,9 @@ class TrainStream:
     def _open_epoch(self) -> None:
         generator = torch.Generator()
         generator.manual_seed(self.seed * 1_000_003 + self.data_epoch * 1009 + self.rank)
+        if self.streamed:
+            self._iter = self._open_stream(generator)
+            return
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -103,6 +123,21 @@ class TrainStream:
             generator=generator,
         )
         self._iter = iter(loader)
+
+    def _open_stream(self, generator: torch.Generator) -> Iterator:
+        # The stream orders and partitions itself; DataLoader refuses a sampler for an IterableDataset.
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.data_epoch)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=True,
+            generator=generator,
+        )
+        return itertools.islice(iter(loader), self.position, None)
 
     def seek(self, data_epoch: int, position: int) -> None:
         """Continue from micro-batch ``position`` of ``data_epoch`` (used on resume)."""
@@ -127,10 +162,15 @@ def eval_loader(dataset: Dataset, collate_fn, batch_size: int, rank: int, world_
     """A loader over this rank's shard of ``dataset`` in a fixed order.
 
     With several ranks the DistributedSampler pads the last shard with repeats;
-    the gathered records are de-duplicated by sample id afterwards.
+    the gathered records are de-duplicated by sample id afterwards. An
+    IterableDataset (webdataset shards) splits itself by rank (``uneven: pad``
+    repeats up to world-1 records, de-duplicated the same way) and gets no sampler.
     """
     sampler = None
-    if world_size > 1:
+    if isinstance(dataset, IterableDataset):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(0)  # evaluation reads every epoch's records in the unshuffled order
+    elif world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate_fn,
                       num_workers=num_workers, drop_last=False)

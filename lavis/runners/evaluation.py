@@ -4,7 +4,9 @@ Every rank runs ``task.valid_step`` on its shard with the unwrapped model; rank 
 collects the records in memory, de-duplicates them by the task's sample id,
 checks that they cover ``dataset.sample_ids()`` exactly, and calls
 ``task.evaluate``. The metrics (or the error) are broadcast, so every rank returns
-the same dict or raises the same error instead of waiting on a collective.
+the same dict or raises the same error instead of waiting on a collective (rank 0
+re-raises a bug in ``task.evaluate`` itself, with its traceback; the others raise
+``_RemoteError``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import torch
 
 from lavis.common import dist
 from lavis.common.errors import UserError
+from lavis.common.logging import get_logger
 from lavis.runners.data import eval_loader
+
+log = get_logger()
 
 
 class _RemoteError(Exception):
@@ -40,6 +45,7 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
 
     gathered = dist.gather_records(records)
     outcome: dict
+    local_error: Exception | None = None
     if info.is_main:
         try:
             unique = dist.dedup_records(gathered, key)
@@ -53,13 +59,19 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
             outcome = {"metrics": {k: _plain(v) for k, v in metrics.items()}}
         except UserError as err:
             outcome = {"error": err}
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+        except Exception as err:  # noqa: BLE001 - re-raised below, on rank 0 as itself
             if not info.distributed:
                 raise
+            # The other ranks wait on the broadcast, so they get a summary; rank 0 logs the traceback
+            # and re-raises the original exception (its traceback intact) once they have it.
+            log.exception("rank 0 failed to score %s.%s", dataset_name, split)
+            local_error = err
             outcome = {"error": _RemoteError(f"rank 0 failed to score {dataset_name}.{split}: {err!r}")}
     else:
         outcome = {}
     outcome = dist.broadcast_object(outcome)
+    if local_error is not None:
+        raise local_error
     if "error" in outcome:
         raise outcome["error"]
     return outcome["metrics"]

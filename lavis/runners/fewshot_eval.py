@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from lavis.common import dist
 from lavis.common.errors import ConfigError
-from lavis.common.logging import MetricsLog
+from lavis.common.logging import MetricsLog, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
 from lavis.runners import checkpoint as ckpt
 from lavis.runners.evaluation import evaluate_split
@@ -60,7 +60,8 @@ def query_subset(dataset, num_samples: int | None, seed: int):
     return QuerySubset(dataset, sorted(int(i) for i in chosen))
 
 
-def _check(run, datasets) -> list[str]:
+def check_run(run, datasets) -> list[str]:
+    """The splits to evaluate, after checking the run section against the built datasets (ConfigError)."""
     if run.num_trials < 1 or len(run.trial_seeds) < run.num_trials:
         raise ConfigError(
             f"run.trial_seeds: {run.num_trials} trial(s) need as many seeds, got {list(run.trial_seeds)}"
@@ -75,7 +76,33 @@ def _check(run, datasets) -> list[str]:
                     f"datasets.{name}: has no split {split!r} (needed by run.test_splits / run.demo_split); "
                     f"it has {', '.join(sorted(by_split))}"
                 )
+        for split in splits:
+            _check_scorable(by_split[split], name, split)
     return splits
+
+
+def _check_scorable(dataset, name: str, split: str) -> None:
+    """A caption split is scored against its ground-truth file: refuse one built without it, before generating.
+
+    (A VQA split without answers, test-dev, is legitimately unscored: its results file is the submission.)
+    """
+    sample_format = getattr(dataset, "sample_format", None)
+    if getattr(sample_format, "name", None) == "caption_eval" and dataset.annotation_file is None:
+        raise ConfigError(
+            f"datasets.{name}.build_info.annotations.{split}: split {split!r} is evaluated (run.test_splits / "
+            f"run.valid_splits) but has no ground-truth captions file to score it (e.g. captions_val2014.json); "
+            "only a demo pool (run.demo_split) may go without one"
+        )
+
+
+def rices_features(model, images: torch.Tensor, device) -> torch.Tensor:
+    """The CLIP image embedding (pooled and projected) of a batch, float32, as OpenFlamingo's RICES uses.
+
+    The batch is cast to the tower's dtype: with a half-precision frozen_dtype the tower refuses float32 input.
+    """
+    dtype = next(model.vision_encoder.parameters()).dtype
+    with torch.no_grad():
+        return model.vision_encoder(images.to(device=device, dtype=dtype)).float()
 
 
 def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label: str):
@@ -84,8 +111,7 @@ def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label
     cache_dir = Path(run.rices_cache_dir) if run.rices_cache_dir else run_dir / "rices"
 
     def features(images: torch.Tensor) -> torch.Tensor:
-        # The CLIP image embedding (pooled and projected), as OpenFlamingo's RICES uses.
-        return model.vision_encoder(images.to(device))
+        return rices_features(model, images, device)
 
     # The label keys the feature cache, so another model or checkpoint never reuses stale features.
     return RICES(pool, features, cache_dir / f"{name}_{run.demo_split}.pt", batch_size=run.batch_size_eval,
@@ -95,10 +121,11 @@ def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label
 def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = None) -> dict:
     """Evaluate every configured split, shot count and trial; write and print the table."""
     run = cfg.run
-    splits = _check(run, datasets)
+    splits = check_run(run, datasets)
     info = dist.init_distributed(run.device, run.dist_timeout_s)
     precision = resolve_precision(run.amp, info.device)
     paths = prepare_run_dir(run, cfg)
+    setup_logging(info.rank, paths.log)
     if checkpoint:
         state = ckpt.load_checkpoint(checkpoint)
         ckpt.load_trainable_state_dict(model, state.get("model", state), str(checkpoint))
@@ -106,7 +133,19 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
     task.result_dir = paths.results
     label = str(checkpoint) if checkpoint else f"{cfg.model.arch}/{cfg.model.model_type} (pretrained)"
     metrics_log = MetricsLog(paths.metrics, enabled=info.is_main)
+    try:
+        table = _evaluate_all(run, task, model, datasets, splits, info, precision, paths, label, metrics_log)
+    finally:
+        metrics_log.close()
+    if info.is_main:
+        write_table(table, paths.run_dir)
+        print(format_table(table))
+        print(f"few-shot results written to {paths.run_dir}")
+    return table
 
+
+def _evaluate_all(run, task, model, datasets, splits, info, precision, paths, label, metrics_log) -> dict:
+    """The table: for every dataset and split, agg_metrics over trials per shot count."""
     table: dict = {"model": label, "metric": "agg_metrics", "rows": {}}
     for name, by_split in datasets.items():
         pool = by_split[run.demo_split]
@@ -138,10 +177,6 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
                     "trials": scores,
                 }
             table["rows"][f"{name}/{split}"] = row
-    if info.is_main:
-        write_table(table, paths.run_dir)
-        print(format_table(table))
-        print(f"few-shot results written to {paths.run_dir}")
     return table
 
 

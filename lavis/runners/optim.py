@@ -128,13 +128,14 @@ class LRSchedule:
 
 @registry.register_lr_scheduler("linear_warmup_cosine_lr")
 class LinearWarmupCosineLR(LRSchedule):
-    """Linear warmup from warmup_lr to init_lr, then a cosine from init_lr to min_lr at the last step."""
+    """Linear warmup from warmup_lr to init_lr, then a cosine from init_lr to min_lr at the last step (total-1)."""
 
     def base_lr(self, step: int) -> float:
         lr = self.warmup(step)
         if lr is not None:
             return lr
-        span = max(1, self.total_steps - self.warmup_steps)
+        # Steps run 0..total-1: the cosine spans total-1-warmup steps so that the last step's lr is min_lr.
+        span = max(1, self.total_steps - 1 - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_lr + (self.init_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

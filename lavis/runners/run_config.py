@@ -114,6 +114,9 @@ class RunConfig:
     val_freq: int = 1
     # Split whose metric chooses the best checkpoint; null = the first of valid_splits.
     best_split: Optional[str] = None
+    # Dataset whose best_split metric chooses the best checkpoint; null = the only dataset with that split
+    # (required when several datasets have it).
+    best_dataset: Optional[str] = None
     # Metric that chooses the best checkpoint.
     best_metric: str = "agg_metrics"
     # max: higher is better; min: lower is better.
@@ -172,3 +175,28 @@ def check_splits(run, datasets: dict) -> None:
                 for key in keys for split in run[key] if split not in present]
     if problems:
         raise ConfigError(f"{'; '.join(problems)}; available: {available_splits(datasets)}")
+
+
+def resolve_best_dataset(run, datasets: dict, best_split: str | None) -> str | None:
+    """The dataset whose ``best_split`` metrics choose the best checkpoint (None without a best split).
+
+    ``run.best_dataset`` when given (it must have the split); otherwise the only dataset
+    with the split. Several candidates and no choice is a ConfigError at start-up:
+    silently taking one of them would pick the best checkpoint on an arbitrary dataset.
+    """
+    if best_split is None:
+        return None
+    candidates = [name for name, by_split in datasets.items() if best_split in by_split]
+    if run.best_dataset is not None:
+        if run.best_dataset not in candidates:
+            raise ConfigError(
+                f"run.best_dataset: {run.best_dataset!r} has no split {best_split!r} (run.best_split); "
+                f"datasets with it: {candidates}"
+            )
+        return run.best_dataset
+    if len(candidates) > 1:
+        raise ConfigError(
+            f"run.best_dataset: several datasets have the split {best_split!r} that chooses the best checkpoint "
+            f"({candidates}); set run.best_dataset to one of them"
+        )
+    return candidates[0] if candidates else None

@@ -100,6 +100,14 @@ def prepare_run_dir(run_cfg, cfg) -> RunPaths:
             outcome = {"paths": (str(run_dir), str(resume_from) if resume_from else None)}
         except (ConfigError, CheckpointError) as err:
             outcome = {"error": err}
+        except OSError as err:
+            # Permission, full disk, a file in the way: the other ranks wait on the broadcast, so it must
+            # become an error every rank raises rather than rank 0's traceback.
+            where = err.filename or run_cfg.output_dir
+            outcome = {"error": ConfigError(
+                f"run.output_dir: cannot create the run directory under {run_cfg.output_dir!r}: "
+                f"{where}: {err.strerror or err}"
+            )}
     outcome = dist.broadcast_object(outcome)
     if "error" in outcome:
         raise outcome["error"]

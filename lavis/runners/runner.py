@@ -30,7 +30,8 @@ from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
 from lavis.runners.evaluation import evaluate_split, move_to_device
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
-from lavis.runners.run_config import available_splits, check_run_values, check_splits
+from lavis.runners.resume_check import check_resume_config
+from lavis.runners.run_config import available_splits, check_run_values, check_splits, resolve_best_dataset
 from lavis.runners.run_dir import prepare_run_dir
 
 log = get_logger()
@@ -54,6 +55,8 @@ class RunnerBase:
         self.datasets = datasets
         check_run_values(run)
         check_splits(run, datasets)
+        self.best_split = run.best_split or (run.valid_splits[0] if run.valid_splits else None)
+        self.best_dataset = None if run.evaluate else resolve_best_dataset(run, datasets, self.best_split)
         self.info = dist.init_distributed(run.device, run.dist_timeout_s)
         self.precision = resolve_precision(run.amp, self.info.device)
         set_seed(run.seed + self.info.rank)
@@ -70,14 +73,19 @@ class RunnerBase:
         )
         # Tasks write their result files (official formats) here; only rank 0 scores, so only it writes.
         task.result_dir = self.paths.results
-        self.best_split = run.best_split or (run.valid_splits[0] if run.valid_splits else None)
         self.best: dict = {"metric": None, "step": None}
         self.global_step = 0
         self._stop_requested = False
+        self._failed = False
+        self._closed = False
         log.info("run directory: %s (%d process(es), %s, %s)", self.paths.run_dir, self.info.world_size,
                  self.info.device, run.amp)
 
     # --- planning ---------------------------------------------------------------------------------------
+
+    # Run keys that fix the length of the schedule; a resumed run must not change them (with the keys
+    # that fix the data order, see resume_check.py).
+    PLAN_KEYS: tuple[str, ...] = ("max_epoch",)
 
     def plan(self, stream: TrainStream) -> tuple[int, int]:
         """``(steps_per_period, total_steps)``: one period per epoch, ``max_epoch`` epochs."""
@@ -122,9 +130,13 @@ class RunnerBase:
                        "best": dict(self.best)}
             if status == "finished" and run.test_splits:
                 summary["test"] = self._final_test()
+        except BaseException:
+            self._failed = True  # close() then leaves the process group without waiting for the peers
+            raise
         finally:
             self.metrics.close()
-        # Every rank leaves train() together, so a process that exits next cannot cut a peer's last receive.
+        # Only lines the ranks up: the clean exit is close() (barrier, then destroy the process group),
+        # which train.py calls in a finally; a process that exits without it may still cut a peer's receive.
         dist.barrier()
         return summary
 
@@ -153,12 +165,19 @@ class RunnerBase:
         return results
 
     def close(self) -> None:
-        """Close the logs and leave the process group."""
+        """Close the logs and leave the process group; idempotent, safe after train() and after an error.
+
+        After a normal end every rank waits for the others before leaving (so none cuts a peer's last
+        receive); after an error it leaves at once, as the peers may be dead or blocked elsewhere.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self.metrics.close()
         # The DDP reducer holds the process group: drop it before the group is destroyed.
         self.train_model = self.model
         gc.collect()
-        dist.destroy()
+        dist.destroy(wait=not self._failed)
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -225,13 +244,26 @@ class RunnerBase:
         if self.run_cfg.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.run_cfg.max_grad_norm))
+        scale_before = self._scale_if_needed()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self._update_adapter_budget is not None:
+        if self._update_adapter_budget is not None and self._step_was_taken(scale_before):
             # AdaLoRA scores ranks from the gradients of this step (unscaled by scaler.step): before zero_grad.
+            # A step the fp16 GradScaler skipped had inf/NaN gradients, which would poison its importance
+            # averages, so it is not scored.
             self._update_adapter_budget(self.model, self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / accum, grad_norm, lr
+
+    def _scale_if_needed(self) -> float | None:
+        # get_scale() syncs with the device: only read it when a skipped step changes what happens next.
+        if self._update_adapter_budget is None or not self.scaler.is_enabled():
+            return None
+        return self.scaler.get_scale()
+
+    def _step_was_taken(self, scale_before: float | None) -> bool:
+        # GradScaler.update() lowers the scale exactly when it found inf/NaN gradients and skipped the step.
+        return scale_before is None or self.scaler.get_scale() >= scale_before
 
     def _log_train(self, period: int, loss: torch.Tensor, grad_norm, lr: float, bar) -> None:
         # The only host sync of the loop: once per log_freq steps.
@@ -255,8 +287,7 @@ class RunnerBase:
         for split in run.valid_splits:
             results = self.evaluate(split, epoch=period)
             if split == self.best_split:
-                first = next(iter(results.values()))
-                self._maybe_save_best(first, split)
+                self._maybe_save_best(results[self.best_dataset], split)
 
     def _maybe_save_best(self, metrics: dict, split: str) -> None:
         key = self.run_cfg.best_metric
@@ -305,6 +336,7 @@ class RunnerBase:
         if missing:
             raise CheckpointError(f"{path}: not a training checkpoint (missing {missing}); a best.pt holds only "
                                   f"weights: use it with run.evaluate=true")
+        check_resume_config(state.get("config") or {}, self.cfg, self.PLAN_KEYS, path)
         ckpt.load_trainable_state_dict(self.model, state["model"], str(path))
         try:
             self.optimizer.load_state_dict(state["optimizer"])

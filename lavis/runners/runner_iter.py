@@ -15,6 +15,8 @@ class RunnerIter(RunnerBase):
     The data wraps around its epochs (reshuffled each time) independently of the inner epochs.
     """
 
+    PLAN_KEYS = ("max_iters", "iters_per_inner_epoch")
+
     def plan(self, stream: TrainStream) -> tuple[int, int]:
         run = self.run_cfg
         if not run.max_iters or run.max_iters <= 0:

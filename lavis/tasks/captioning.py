@@ -66,6 +66,13 @@ class CaptioningTask(BaseTask):
         path = self.result_path(split, "_caption")
         if path is not None:
             write_caption_results(records, path)
+        if dataset.annotation_file is None:
+            from lavis.common.errors import DataError
+
+            raise DataError(
+                f"split {split!r} has no caption ground truth to score against (a demo pool needs none); set "
+                f"datasets.<name>.build_info.annotations.{split} to the official captions_*.json"
+            )
         metrics = caption_metrics(dataset.annotation_file, records, metrics=tuple(self.run_cfg.metrics))
         metrics["agg_metrics"] = metrics[self.run_cfg.agg_metric]
         return metrics

@@ -10,12 +10,17 @@ Files (``build_info``):
 
 Training: one sample per (image, caption); ``train`` also takes the ``restval`` images
 when ``train_includes_restval`` (the usual 113k-image Karpathy train). Evaluation:
-one sample per image; every eval image must appear, with at least one caption, in
-the split's ground-truth file.
+one sample per image with its Karpathy sentences as ``captions``. A split with a
+ground-truth file is checked against it (every image must appear there with at least
+one caption) and scored with it; an eval-role split without one (e.g. Karpathy train
+as a few-shot demo pool, which includes val2014 restval images absent from
+captions_train2014.json) gets ``annotation_file = None``: it can serve demonstrations
+but cannot be scored.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,12 +37,14 @@ from lavis.datasets.builders.base import (
     require_list,
 )
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class CaptionBuildInfo:
     images: Optional[str] = None  # folder holding the Karpathy file's <filepath>/<filename> images
     karpathy_file: Optional[str] = None  # dataset_coco.json: split membership and the training captions
-    # {split: official captions_*.json} scoring that eval split (Karpathy val, test: captions_val2014.json).
+    # {split: official captions_*.json} scoring that eval split (Karpathy val, test: captions_val2014.json);
+    # an eval split without one (a few-shot demo pool) is built from the Karpathy sentences and not scored.
     annotations: dict[str, str] = field(default_factory=dict)
     shards: dict[str, str] = field(default_factory=dict)  # split -> shard pattern (data_type: webdataset)
 
@@ -110,15 +117,19 @@ class CocoCaptionBuilder(BaseBuilder):
         root = path_or_error(self.cfg.build_info.images, f"{self.key_path}.build_info.images")
         return str(Path(root) / image["filepath"] / image["filename"])
 
-    def ground_truth_file(self, split: str) -> str:
-        """The official-format captions file used to score ``split``."""
-        annotations = self.cfg.build_info.annotations
-        if split not in annotations:
-            raise ConfigError(
-                f"{self.key_path}.build_info.annotations.{split}: the ground-truth captions file of eval split "
-                f"{split!r} is not set (e.g. captions_val2014.json)"
-            )
-        return str(annotations[split])
+    def ground_truth_file(self, split: str) -> Optional[str]:
+        """The official-format captions file that scores ``split``, or None when none is configured.
+
+        Only a scored split needs one; a split used as a few-shot demo pool takes its reference captions
+        from the Karpathy sentences. Scoring such a split is refused before any generation
+        (``lavis.runners.fewshot_eval``).
+        """
+        path = self.cfg.build_info.annotations.get(split)
+        if not path:
+            logger.info("%s/%s: no build_info.annotations.%s, so the split can serve few-shot demonstrations "
+                        "(Karpathy captions) but cannot be scored", self.name, split, split)
+            return None
+        return str(path)
 
     def read_records(self, split, role):
         """Records of one split; see the module docstring."""
@@ -136,16 +147,19 @@ class CocoCaptionBuilder(BaseBuilder):
                     )
             return records, CAPTION_TRAIN, {"annotation_file": None}
         gt_file = self.ground_truth_file(split)
-        counts = read_ground_truth(gt_file)
+        counts = read_ground_truth(gt_file) if gt_file else None
         records = []
         for image in images:
-            if counts.get(image["cocoid"], 0) == 0:
+            if counts is not None and counts.get(image["cocoid"], 0) == 0:
                 raise DataError(
                     f"{karpathy}: image cocoid {image['cocoid']} of split {split!r} has no caption in the "
                     f"ground-truth file {gt_file}"
                 )
             captions = [require(s, ("raw",), karpathy, f"image cocoid {image['cocoid']} sentences")["raw"]
                         for s in image["sentences"]]
+            if counts is None and not captions:
+                # Without a ground-truth file the Karpathy sentences are the only references a demo can show.
+                raise DataError(f"{karpathy}: image cocoid {image['cocoid']} of split {split!r} has no sentences")
             records.append({"image_path": self._image_path(image), "image_id": image["cocoid"], "captions": captions})
         return records, CAPTION_EVAL, {"annotation_file": gt_file}
 
@@ -157,5 +171,6 @@ class CocoCaptionBuilder(BaseBuilder):
         if role == "train":
             return str(shards[split]), CAPTION_TRAIN, {"annotation_file": None}
         gt_file = self.ground_truth_file(split)
-        read_ground_truth(gt_file)  # checked up front, like the image path
+        if gt_file:
+            read_ground_truth(gt_file)  # checked up front, like the image path
         return str(shards[split]), CAPTION_EVAL, {"annotation_file": gt_file}

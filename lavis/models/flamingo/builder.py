@@ -27,14 +27,13 @@ from lavis.models.flamingo.tokenizer import (
     load_llama_tokenizer,
 )
 from lavis.models.flamingo.vision import build_vision_tower, tiny_vision_tower
-from lavis.models.master_weights import upcast_trainable_parameters
-from lavis.models.quantization import load_language_model
+from lavis.models.master_weights import cast_frozen_parameters, upcast_trainable_parameters
+from lavis.models.quantization import load_language_model, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"  # value of a path key that selects the in-process tiny component
 LLAMA_ENV = "LLAMA_PATH"  # fallback for lang_encoder_path / tokenizer_path when they are null
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -142,7 +141,8 @@ class OpenFlamingo(Flamingo):
         trainable: TrainableConfig = field(default_factory=TrainableConfig)
         # peft adapters injected into the LM, cross-attention or Perceiver (method null = none).
         adapters: AdapterConfig = field(default_factory=AdapterConfig)
-        # dtype of the frozen vision tower and LM; what trains is kept in float32 (master weights).
+        # dtype of the frozen parts (vision tower, LM, and the Perceiver / cross-attention when frozen); what
+        # trains is kept in float32 (master weights).
         frozen_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
         # Load the LM quantised by bitsandbytes (CUDA only, not the tiny LM; its embeddings cannot train);
         # null = not quantised.
@@ -178,6 +178,11 @@ class OpenFlamingo(Flamingo):
             path = _path_key(cfg["pretrained_checkpoint_path"], "pretrained_checkpoint_path", "OpenFlamingo checkpoint")
             load_openflamingo_checkpoint(model, path)
         adapters.apply_trainable_policy(model, cfg["adapters"], cfg["trainable"])
+        # The Flamingo parts are built (and loaded) in float32; what the policy left frozen is stored in
+        # frozen_dtype like the vision tower and the LM. Casting after the policy keeps the parts that train
+        # at the checkpoint's full precision instead of rounding them to half and back.
+        cast_frozen_parameters(model.perceiver, resolve_dtype(cfg["frozen_dtype"]))
+        cast_frozen_parameters(model.gated_cross_attn_layers, resolve_dtype(cfg["frozen_dtype"]))
         # With a half-precision frozen_dtype, what trains must still be float32 (master weights).
         upcast_trainable_parameters(model)
         if cfg["gradient_checkpointing"]:
@@ -186,7 +191,7 @@ class OpenFlamingo(Flamingo):
 
     @classmethod
     def _build(cls, cfg: dict, tiny: TinyConfig) -> OpenFlamingo:
-        dtype = _DTYPES[cfg["frozen_dtype"]]
+        dtype = resolve_dtype(cfg["frozen_dtype"])
         quantization = cfg["quantization"]
         tok_path = _path_key(cfg["tokenizer_path"], "tokenizer_path", "tokenizer directory", LLAMA_ENV)
         tokenizer = (build_tiny_tokenizer(tiny.tokenizer_vocab_size) if tok_path == TINY

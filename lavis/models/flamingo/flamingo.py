@@ -19,6 +19,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from lavis.common.errors import CheckpointError, DataError
+from lavis.models import adapters
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
 from lavis.models.flamingo.perceiver import PerceiverResampler
 from lavis.models.flamingo.vision import patch_tokens
@@ -223,8 +224,11 @@ class Flamingo(nn.Module):
             lm.gradient_checkpointing_disable()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """{name: tensor} of every parameter with ``requires_grad`` (never the frozen LM or vision tower)."""
-        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+        """{name: tensor} of every parameter with ``requires_grad`` (never the frozen LM or vision tower).
+
+        The tensors share storage with the parameters (see :func:`lavis.models.adapters.trainable_state_dict`).
+        """
+        return adapters.trainable_state_dict(self)
 
     def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load what :meth:`trainable_state_dict` saved; strict on names and shapes (CheckpointError)."""
