@@ -77,11 +77,7 @@ class ClipImageTrainProcessor:
     """
 
     @dataclass
-    class Config:
-        image_size: int = 224
-        interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-        mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
-        std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    class Config(ClipImageEvalProcessor.Config):
         min_scale: float = 0.9
         max_scale: float = 1.0
         color_jitter: float = 0.0
