@@ -4,6 +4,7 @@ The stream here follows ShardDataset's contract: it orders itself by ``set_epoch
 must call it, and must not give it a sampler) and ``len()`` is what one rank yields per epoch.
 """
 
+import pytest
 import torch
 from torch.utils.data import IterableDataset
 from toy_components import ToyModel, ToyRegressionDataset, build_runner, make_cfg, trainable_params
@@ -71,3 +72,15 @@ def test_streamed_split_resumes_mid_epoch_exactly(tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert read_metrics(reference.paths.metrics) == read_metrics(resumed.paths.metrics)
+
+
+def test_uneven_exact_streams_are_refused_for_training_under_ddp():
+    from lavis.common.errors import ConfigError
+    from lavis.runners.data import TrainStream
+
+    stream = ToyStream(ToyRegressionDataset(32))
+    stream.uneven = "exact"
+    with pytest.raises(ConfigError, match=r"webdataset.uneven: .*needs 'pad'.*'exact'"):
+        TrainStream(stream, lambda items: items, batch_size=4, accum=1, rank=0, world_size=2, seed=0)
+    # One process has nothing to balance: the same stream trains.
+    assert TrainStream(stream, lambda items: items, 4, 1, 0, 1, 0).steps_per_epoch == 8

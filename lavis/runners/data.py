@@ -89,6 +89,12 @@ class TrainStream:
         self.position = 0
         self._iter = None
         self.streamed = isinstance(dataset, IterableDataset)
+        if self.streamed and world_size > 1 and getattr(dataset, "uneven", "pad") != "pad":
+            # Ranks with different epoch lengths would stop at different steps and hang in a collective.
+            raise ConfigError(
+                "datasets.<name>.webdataset.uneven: training on shards under DDP needs 'pad' (every rank "
+                f"the same number of samples per epoch), got {dataset.uneven!r}"
+            )
         # A stream's len() is what this rank yields per epoch (ShardDataset pads ranks to equal lengths).
         per_rank = len(dataset) if self.streamed else len(self._sampler(0))
         self.batches_per_epoch = per_rank // batch_size
