@@ -216,3 +216,41 @@ def test_float32_model_is_left_as_it_is(method):
     model = tiny_model(adapters={"method": method}, trainable=FROZEN_PARTS | {"perceiver": True})
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert not model.lang_encoder.get_input_embeddings()._forward_hooks
+
+
+def test_adalora_run_resumed_midway_equals_the_uninterrupted_run(tmp_path):
+    # AdaLoRA ranks by importance averaged over steps: the allocator's statistics are training state
+    # that the checkpoint must carry, or the resumed run prunes other ranks.
+    adalora = {**ADALORA, "total_step": 10, "tfinal": 1}
+    torch.manual_seed(0)
+    whole = tiny_model(adapters=adalora, trainable=FROZEN_PARTS)
+    train(tmp_path / "whole", whole, n_train=20)
+
+    torch.manual_seed(0)
+    first = tiny_model(adapters=adalora, trainable=FROZEN_PARTS)
+    train(tmp_path / "cut", first, n_train=20, max_steps=6)
+    saved = A.allocator_state(first)["lang_encoder"]
+    assert len(saved["exp_avg_ipt"]) > 0  # mid-run, the allocator holds statistics
+    (checkpoint,) = sorted((tmp_path / "cut" / "toy" / "checkpoints").glob("step_*.pt"))[-1:]
+    in_file = torch.load(checkpoint, weights_only=True)["model_state"]["lang_encoder"]
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        assert in_file[key].keys() == saved[key].keys()
+        assert all(torch.equal(in_file[key][n], saved[key][n]) for n in saved[key])
+
+    torch.manual_seed(0)
+    restored = tiny_model(adapters=adalora, trainable=FROZEN_PARTS)
+    restored.load_training_state({"lang_encoder": in_file})
+    back = A.allocator_state(restored)["lang_encoder"]
+    assert all(torch.equal(back["exp_avg_unc"][n], saved["exp_avg_unc"][n]) for n in saved["exp_avg_unc"])
+    assert back["rank_pattern"] == saved["rank_pattern"]
+
+    torch.manual_seed(0)
+    resumed = tiny_model(adapters=adalora, trainable=FROZEN_PARTS)
+    runner, summary = train(tmp_path / "cut", resumed, n_train=20, resume_ckpt_path="latest")
+
+    assert summary["status"] == "finished" and runner.global_step == 10
+    expected = A.peft_models(whole)["lang_encoder"].peft_config["default"].rank_pattern
+    assert expected is not None
+    assert A.peft_models(resumed)["lang_encoder"].peft_config["default"].rank_pattern == expected
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name

@@ -347,6 +347,40 @@ def update_adapter_budget(model: nn.Module, global_step: int) -> None:
             wrapper.base_model.update_and_allocate(global_step)
 
 
+_ALLOCATOR_STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def allocator_state(model: nn.Module) -> dict:
+    """AdaLoRA's rank-allocator statistics and rank pattern per adapted part ({} for other methods).
+
+    They are not parameters, so no state_dict holds them; a resumed run needs them to re-allocate
+    ranks as the uninterrupted run would.
+    """
+    out = {}
+    for part, wrapper in peft_models(model).items():
+        allocator = getattr(wrapper.base_model, "rankallocator", None)
+        if allocator is None:
+            continue
+        stats = {key: {n: t.detach().cpu().clone() for n, t in getattr(allocator, key).items()}
+                 for key in _ALLOCATOR_STATS}
+        config = next(iter(wrapper.peft_config.values()))
+        out[part] = {**stats, "rank_pattern": config.rank_pattern}
+    return out
+
+
+def load_allocator_state(model: nn.Module, state: dict) -> None:
+    """Restore what :func:`allocator_state` saved (onto the device of the model's parameters)."""
+    wrappers = peft_models(model)
+    device = next(model.parameters()).device
+    for part, saved in state.items():
+        allocator = getattr(wrappers.get(part) and wrappers[part].base_model, "rankallocator", None)
+        if allocator is None:
+            raise ValueError(f"the checkpoint holds AdaLoRA allocator state for {part!r}, which has no AdaLoRA")
+        for key in _ALLOCATOR_STATS:
+            setattr(allocator, key, {n: t.to(device) for n, t in saved[key].items()})
+        next(iter(wrappers[part].peft_config.values())).rank_pattern = saved["rank_pattern"]
+
+
 def adapter_regularization_loss(model: nn.Module) -> Optional[torch.Tensor]:
     """AdaLoRA's orthogonality penalty (weighted by orth_reg_weight) to add to the loss; None for other methods.
 

@@ -317,6 +317,8 @@ class RunnerBase:
         state = {
             "format_version": ckpt.FORMAT_VERSION,
             "model": ckpt.trainable_state_dict(self.model),
+            # Non-parameter training state of the model (e.g. AdaLoRA's rank allocator), when it has some.
+            "model_state": self.model.training_state() if hasattr(self.model, "training_state") else {},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -338,6 +340,11 @@ class RunnerBase:
                                   f"weights: use it with run.evaluate=true")
         check_resume_config(state.get("config") or {}, self.cfg, self.PLAN_KEYS, path)
         ckpt.load_trainable_state_dict(self.model, state["model"], str(path))
+        if state.get("model_state"):
+            try:
+                self.model.load_training_state(state["model_state"])
+            except (AttributeError, KeyError, ValueError) as err:
+                raise CheckpointError(f"{path}: its model training state does not fit the model: {err}") from None
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as err:
