@@ -16,8 +16,8 @@ from toy_components import make_cfg
 
 from lavis.common.config import read_yaml
 from lavis.common.registry import registry
+from lavis.models import adalora, build_model
 from lavis.models import adapters as A
-from lavis.models import build_model
 from lavis.tasks.base import BaseTask
 
 torch.set_num_threads(1)
@@ -94,14 +94,14 @@ def test_runner_reallocates_the_adalora_budget_every_optimizer_step(tmp_path, mo
     assert len(lora_e) == 4  # q_proj and v_proj of both layers, r=4 each: an initial budget of 16 ranks
 
     calls = []
-    real_update = A.update_adapter_budget
+    real_update = adalora.update_adapter_budget
 
     def spy(net, global_step):
         # Called between backward and zero_grad: the gradients AdaLoRA scores ranks with are there.
         calls.append((global_step, all(p.grad is not None for p in lora_e.values())))
         real_update(net, global_step)
 
-    monkeypatch.setattr(A, "update_adapter_budget", spy)
+    monkeypatch.setattr(adalora, "update_adapter_budget", spy)
     runner, summary = train(tmp_path, model, n_train=8)  # 4 optimizer steps = total_step
 
     assert summary["status"] == "finished" and runner.global_step == 4
@@ -221,15 +221,15 @@ def test_float32_model_is_left_as_it_is(method):
 def test_adalora_run_resumed_midway_equals_the_uninterrupted_run(tmp_path):
     # AdaLoRA ranks by importance averaged over steps: the allocator's statistics are training state
     # that the checkpoint must carry, or the resumed run prunes other ranks.
-    adalora = {**ADALORA, "total_step": 10, "tfinal": 1}
+    adalora_cfg = {**ADALORA, "total_step": 10, "tfinal": 1}
     torch.manual_seed(0)
-    whole = tiny_model(adapters=adalora, trainable=FROZEN_PARTS)
+    whole = tiny_model(adapters=adalora_cfg, trainable=FROZEN_PARTS)
     train(tmp_path / "whole", whole, n_train=20)
 
     torch.manual_seed(0)
-    first = tiny_model(adapters=adalora, trainable=FROZEN_PARTS)
+    first = tiny_model(adapters=adalora_cfg, trainable=FROZEN_PARTS)
     train(tmp_path / "cut", first, n_train=20, max_steps=6)
-    saved = A.allocator_state(first)["lang_encoder"]
+    saved = adalora.allocator_state(first)["lang_encoder"]
     assert len(saved["exp_avg_ipt"]) > 0  # mid-run, the allocator holds statistics
     (checkpoint,) = sorted((tmp_path / "cut" / "toy" / "checkpoints").glob("step_*.pt"))[-1:]
     in_file = torch.load(checkpoint, weights_only=True)["model_state"]["lang_encoder"]
@@ -238,14 +238,14 @@ def test_adalora_run_resumed_midway_equals_the_uninterrupted_run(tmp_path):
         assert all(torch.equal(in_file[key][n], saved[key][n]) for n in saved[key])
 
     torch.manual_seed(0)
-    restored = tiny_model(adapters=adalora, trainable=FROZEN_PARTS)
+    restored = tiny_model(adapters=adalora_cfg, trainable=FROZEN_PARTS)
     restored.load_training_state({"lang_encoder": in_file})
-    back = A.allocator_state(restored)["lang_encoder"]
+    back = adalora.allocator_state(restored)["lang_encoder"]
     assert all(torch.equal(back["exp_avg_unc"][n], saved["exp_avg_unc"][n]) for n in saved["exp_avg_unc"])
     assert back["rank_pattern"] == saved["rank_pattern"]
 
     torch.manual_seed(0)
-    resumed = tiny_model(adapters=adalora, trainable=FROZEN_PARTS)
+    resumed = tiny_model(adapters=adalora_cfg, trainable=FROZEN_PARTS)
     runner, summary = train(tmp_path / "cut", resumed, n_train=20, resume_ckpt_path="latest")
 
     assert summary["status"] == "finished" and runner.global_step == 10

@@ -150,6 +150,11 @@ class MetricsLog:
             self._wandb = None
 
 
+def format_metrics(metrics: dict) -> str:
+    """``key=value, ...`` for a log line (floats to 4 significant digits)."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl file."""
     with open(path, encoding="utf-8") as f:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lavis.common.errors import CheckpointError
-from lavis.common.fileio import atomic_write_bytes  # also imported from here (run_dir.py, fewshot_eval.py)
+from lavis.common.fileio import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
@@ -99,6 +99,13 @@ def prune_step_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[P
 # numpy's state holds an ndarray, which weights_only loading refuses; it is stored as a tensor instead.
 
 
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng_state() -> dict:
     """This process's python, numpy, torch and CUDA generator states, as plain values and tensors."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -147,6 +154,15 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     else:
         sd = {name: p for name, p in model.named_parameters() if p.requires_grad}
     return {name: t.detach().to("cpu", copy=True) for name, t in sd.items()}
+
+
+def load_weights(model: torch.nn.Module, path) -> dict:
+    """Load the trainable weights of a checkpoint (a step checkpoint or best.pt) into ``model``; the state."""
+    state = load_checkpoint(path)
+    if "model" not in state:
+        raise CheckpointError(f"{path}: holds no 'model' weights")
+    load_trainable_state_dict(model, state["model"], str(path))
+    return state
 
 
 def load_trainable_state_dict(model: torch.nn.Module, sd: dict, source: str) -> None:

@@ -9,7 +9,6 @@ and the standard deviation of ``agg_metrics`` over trials.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch.utils.data import Dataset
 
 from lavis.common import dist
 from lavis.common.errors import ConfigError
+from lavis.common.fileio import atomic_write_json, atomic_write_text
 from lavis.common.logging import MetricsLog, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
 from lavis.runners import checkpoint as ckpt
@@ -201,5 +201,5 @@ def format_table(table: dict) -> str:
 
 def write_table(table: dict, run_dir: Path) -> None:
     """fewshot_table.json and fewshot_table.md in the run directory, each written atomically."""
-    ckpt.atomic_write_bytes(run_dir / "fewshot_table.json", json.dumps(table, indent=2).encode())
-    ckpt.atomic_write_bytes(run_dir / "fewshot_table.md", (format_table(table) + "\n").encode())
+    atomic_write_json(run_dir / "fewshot_table.json", table, indent=2)
+    atomic_write_text(run_dir / "fewshot_table.md", format_table(table) + "\n")

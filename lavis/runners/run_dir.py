@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from lavis.common import dist
 from lavis.common.errors import CheckpointError, ConfigError
-from lavis.runners.checkpoint import CHECKPOINT_DIR, atomic_write_bytes, latest_checkpoint
+from lavis.common.fileio import atomic_write_text
+from lavis.runners.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 
 RESULTS_DIR = "results"
 
@@ -119,4 +120,4 @@ def save_config(path: Path, cfg) -> None:
     """The resolved config as YAML, written atomically."""
     text = OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else OmegaConf.to_yaml(
         OmegaConf.create(cfg))
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_text(path, text)

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import random
 import signal
-import sys
 import threading
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from lavis.common import dist
 from lavis.common.errors import CheckpointError, ConfigError
-from lavis.common.logging import MetricsLog, get_logger, progress_bar, setup_logging
+from lavis.common.logging import MetricsLog, format_metrics, get_logger, progress_bar, setup_logging
 from lavis.common.registry import registry
 from lavis.runners import checkpoint as ckpt
 from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
@@ -35,13 +32,6 @@ from lavis.runners.run_config import available_splits, check_run_values, check_s
 from lavis.runners.run_dir import prepare_run_dir
 
 log = get_logger()
-
-
-def set_seed(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @registry.register_runner("runner_base")
@@ -59,7 +49,7 @@ class RunnerBase:
         self.best_dataset = None if run.evaluate else resolve_best_dataset(run, datasets, self.best_split)
         self.info = dist.init_distributed(run.device, run.dist_timeout_s)
         self.precision = resolve_precision(run.amp, self.info.device)
-        set_seed(run.seed + self.info.rank)
+        ckpt.set_seed(run.seed + self.info.rank)
         self.model = model.to(self.info.device)
         self.paths = prepare_run_dir(run, cfg)
         setup_logging(self.info.rank, self.paths.log if self.info.is_main else None)
@@ -120,7 +110,8 @@ class RunnerBase:
         self.scaler = self.precision.grad_scaler()
         self.train_model = self._wrap_ddp(self.model)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._update_adapter_budget = _adapter_budget_hook()
+        # e.g. AdaLoRA's rank re-allocation; None for models without such a hook.
+        self._after_step = self.model.optimizer_step_hook() if hasattr(self.model, "optimizer_step_hook") else None
         if self.paths.resume_from is not None:
             self._resume(self.paths.resume_from)
 
@@ -159,7 +150,7 @@ class RunnerBase:
             if hasattr(self, "schedule"):
                 record["lr"] = self.schedule.base_lr(max(0, self.global_step - 1))
             self.metrics.write({**record, **metrics})
-            log.info("eval %s.%s at step %s: %s", name, split, record["step"], _fmt(metrics))
+            log.info("eval %s.%s at step %s: %s", name, split, record["step"], format_metrics(metrics))
         if not found:
             raise ConfigError(f"no dataset has the split {split!r}; available: {available_splits(self.datasets)}")
         return results
@@ -247,17 +238,17 @@ class RunnerBase:
         scale_before = self._scale_if_needed()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self._update_adapter_budget is not None and self._step_was_taken(scale_before):
+        if self._after_step is not None and self._step_was_taken(scale_before):
             # AdaLoRA scores ranks from the gradients of this step (unscaled by scaler.step): before zero_grad.
             # A step the fp16 GradScaler skipped had inf/NaN gradients, which would poison its importance
             # averages, so it is not scored.
-            self._update_adapter_budget(self.model, self.global_step)
+            self._after_step(self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / accum, grad_norm, lr
 
     def _scale_if_needed(self) -> float | None:
         # get_scale() syncs with the device: only read it when a skipped step changes what happens next.
-        if self._update_adapter_budget is None or not self.scaler.is_enabled():
+        if self._after_step is None or not self.scaler.is_enabled():
             return None
         return self.scaler.get_scale()
 
@@ -368,8 +359,7 @@ class RunnerBase:
     def _final_test(self) -> dict:
         best_path = self.paths.checkpoints / ckpt.BEST_NAME
         if self.run_cfg.valid_splits and best_path.is_file():
-            state = ckpt.load_checkpoint(best_path)
-            ckpt.load_trainable_state_dict(self.model, state["model"], str(best_path))
+            state = ckpt.load_weights(self.model, best_path)
             log.info("testing the best checkpoint (step %s)", state.get("step"))
         last_period = (self.global_step - 1) // self.steps_per_period
         return {split: self.evaluate(split, step=self.global_step, epoch=last_period)
@@ -378,10 +368,7 @@ class RunnerBase:
     def _evaluate_only(self) -> dict:
         run = self.run_cfg
         if self.paths.resume_from is not None:
-            state = ckpt.load_checkpoint(self.paths.resume_from)
-            if "model" not in state:
-                raise CheckpointError(f"{self.paths.resume_from}: holds no 'model' weights")
-            ckpt.load_trainable_state_dict(self.model, state["model"], str(self.paths.resume_from))
+            ckpt.load_weights(self.model, self.paths.resume_from)
         splits = list(run.test_splits or run.valid_splits)
         if not splits:
             raise ConfigError("run.evaluate=true needs run.test_splits or run.valid_splits")
@@ -407,18 +394,3 @@ class RunnerBase:
 
         previous = signal.signal(signal.SIGTERM, on_sigterm)
         return lambda: signal.signal(signal.SIGTERM, previous)
-
-
-def _adapter_budget_hook():
-    """``lavis.models.adapters.update_adapter_budget`` if that module is loaded, else None.
-
-    Only a model built through lavis.models.adapters can carry adapters, so when the module is not
-    loaded there is nothing to update, and the runner does not import the model stack (transformers)
-    for models that have none.
-    """
-    module = sys.modules.get("lavis.models.adapters")
-    return None if module is None else module.update_adapter_budget
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

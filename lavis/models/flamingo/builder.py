@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -16,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lavis.common.errors import ConfigError
 from lavis.common.registry import registry
 from lavis.common.schema import check_mapping
-from lavis.models import adapters
+from lavis.models import adalora, adapters
 from lavis.models.adapters import AdapterConfig, TrainableConfig
 from lavis.models.flamingo.checkpoint_io import load_openflamingo_checkpoint
 from lavis.models.flamingo.flamingo import Flamingo
@@ -247,9 +248,29 @@ class OpenFlamingo(Flamingo):
                 output.loss = output.loss + extras
         return output
 
+    # --- training hooks the runner calls, model-agnostically (hasattr), for what adapters need ----------
+
     def training_loss_extras(self) -> Optional[torch.Tensor]:
         """Terms the adapters add to the training loss (AdaLoRA's orthogonality penalty); None when none."""
-        return adapters.adapter_regularization_loss(self)
+        return adalora.adapter_regularization_loss(self)
+
+    def optimizer_step_hook(self) -> Optional[Callable[[int], None]]:
+        """``hook(global_step)`` to call after each optimizer step, before zero_grad; None when none.
+
+        AdaLoRA re-allocates its ranks from that step's gradients. None for the other methods, so the
+        runner need not read the fp16 grad scale (a device sync) to tell whether a step was taken.
+        """
+        if not any(hasattr(w.base_model, "update_and_allocate") for w in adapters.peft_models(self).values()):
+            return None
+        return lambda global_step: adalora.update_adapter_budget(self, global_step)
+
+    def training_state(self) -> dict:
+        """Training state that is not a parameter (AdaLoRA's rank allocator); saved in checkpoints."""
+        return adalora.allocator_state(self)
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore :meth:`training_state` (on resume)."""
+        adalora.load_allocator_state(self, state)
 
     def save_adapter(self, directory: str) -> None:
         """Save the language-model adapter in peft format (delegates to the adapters module)."""

@@ -223,18 +223,6 @@ class Flamingo(nn.Module):
         else:
             lm.gradient_checkpointing_disable()
 
-    def training_state(self) -> dict:
-        """Training state that is not a parameter (AdaLoRA's rank allocator); saved in checkpoints."""
-        from lavis.models.adapters import allocator_state
-
-        return allocator_state(self)
-
-    def load_training_state(self, state: dict) -> None:
-        """Restore :meth:`training_state` (on resume)."""
-        from lavis.models.adapters import load_allocator_state
-
-        load_allocator_state(self, state)
-
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """{name: tensor} of every parameter with ``requires_grad`` (never the frozen LM or vision tower).
 
