@@ -83,6 +83,11 @@ def _model_defaults(model: DictConfig, source: str) -> DictConfig:
 
 def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictConfig:
     """The validated, defaults-filled config of a run (see the module docstring for the merge order)."""
+    return validate(merge_config(cfg_path, options), source=str(cfg_path))
+
+
+def merge_config(cfg_path: str | Path, options: list[str] | None = None) -> DictConfig:
+    """The merged config before validation, its interpolations (e.g. ``${oc.env:...}``) unresolved."""
     project = read_yaml(cfg_path)
     overrides = parse_options(options)
     unknown = [k for k in list(project.keys()) + list(overrides.keys()) if k not in SECTIONS]
@@ -103,8 +108,7 @@ def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictC
         path = dataset_default_path(name)
         if path.is_file():
             layers.append(read_yaml(path))
-    merged = OmegaConf.merge(*layers, user)
-    return validate(merged, source=str(cfg_path))
+    return OmegaConf.merge(*layers, user)
 
 
 def validate(cfg: DictConfig, source: str = "config") -> DictConfig:

@@ -27,18 +27,9 @@ def raw_config(cfg_path, options) -> dict:
     """The merged config before interpolations are resolved, to tell which keys read which variables."""
     from omegaconf import OmegaConf
 
-    from lavis.common.config import dataset_default_path, model_default_path, parse_options, read_yaml
+    from lavis.common.config import merge_config
 
-    user = OmegaConf.merge(read_yaml(cfg_path), parse_options(options))
-    model = user.get("model") or {}
-    layers = []
-    default = model_default_path(str(model.get("arch")), str(model.get("model_type")))
-    if default.is_file():
-        layers.append(read_yaml(default))
-    for name in (user.get("datasets") or {}).keys():
-        if dataset_default_path(name).is_file():
-            layers.append(read_yaml(dataset_default_path(name)))
-    return OmegaConf.to_container(OmegaConf.merge(*layers, user), resolve=False)
+    return OmegaConf.to_container(merge_config(cfg_path, options), resolve=False)
 
 
 def _raw_value(raw: dict | None, key_path: str):
