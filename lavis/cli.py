@@ -23,9 +23,20 @@ def _parser(description: str, checkpoint: bool) -> argparse.ArgumentParser:
     )
     if checkpoint:
         parser.add_argument(
-            "--checkpoint", default=None, help="checkpoint to evaluate (default: the configured pretrained model)"
+            "--checkpoint", default=None,
+            help="step_*.pt, best.pt, a run directory (its best, else latest), a peft adapter folder or an "
+                 "OpenFlamingo checkpoint.pt (default: the configured pretrained model)",
         )
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the merged, validated config (YAML) and exit")
     return parser
+
+
+def print_config(cfg) -> None:
+    """The merged, validated config as YAML on stdout (``--print-config``)."""
+    from lavis.common.config import to_yaml
+
+    print(to_yaml(cfg), end="")
 
 
 @contextlib.contextmanager
@@ -116,6 +127,9 @@ def train_main(argv=None) -> None:
         from lavis.common.registry import registry
 
         cfg = load_config(args.cfg_path, args.options)
+        if args.print_config:
+            print_config(cfg)
+            return
         prepare_process()
         task, model, datasets = build_components(cfg, raw_config(args.cfg_path, args.options))
         runner = registry.get("runner", cfg.run.runner)(cfg, task, model, datasets)
