@@ -144,6 +144,8 @@ class Flamingo(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = cache.get_seq_length() if cache is not None else 0
         past_count = cond.media_count if (past_len > 0 and cond.media_count is not None) else None
+        if past_count is not None and past_count.shape[0] != rows:  # a cache repeated per row (scoring)
+            past_count = past_count.repeat_interleave(rows // past_count.shape[0])
         cond.index = media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count)
         new = (input_ids == self.media_token_id).sum(dim=-1)
         cond.media_count = new if past_count is None else past_count + new
