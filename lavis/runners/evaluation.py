@@ -61,9 +61,7 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
                 raise TypeError(
                     f"{type(task).__name__}.evaluate must return a dict with 'agg_metrics', got {metrics!r}"
                 )
-            per_sample = sample_log.pop_samples(metrics)
-            if samples_path is not None:
-                sample_log.write_samples(samples_path, sample_log.build_samples(unique, key, per_sample, dataset))
+            _write_samples(samples_path, unique, key, sample_log.pop_samples(metrics), dataset)
             outcome = {"metrics": {k: _plain(v) for k, v in metrics.items()}}
         except UserError as err:
             outcome = {"error": err}
@@ -83,6 +81,16 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
     if "error" in outcome:
         raise outcome["error"]
     return outcome["metrics"]
+
+
+def _write_samples(path, records: list[dict], key: str, per_sample: dict, dataset) -> None:
+    """The per-sample log of a scored split; a failure is a warning: the metrics are what the run is for."""
+    if path is None:
+        return
+    try:
+        sample_log.write_samples(path, sample_log.build_samples(records, key, per_sample, dataset))
+    except Exception:  # noqa: BLE001 - logged with its traceback
+        log.exception("could not write the per-sample log %s", path)
 
 
 def _plain(value):

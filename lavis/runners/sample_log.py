@@ -126,7 +126,10 @@ def raw_response(sample: dict) -> Any:
 
 
 def _finite(value: Any) -> Any:
-    # JSON has no NaN/inf: a non-finite score is written as null rather than as invalid JSON.
+    # Tensors and numpy values (``.tolist()``) become plain numbers and lists. JSON has no NaN/inf: a
+    # non-finite score is written as null rather than as invalid JSON.
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -281,24 +284,28 @@ def build_samples(records: list[dict], key: str, per_sample: dict, dataset, pred
     for record in records:
         sample_id = record[key]
         context = record.get(CONTEXT_KEY) or {}
-        fields = dict(per_sample.get(sample_id) or per_sample.get(str(sample_id)) or {})
-        if "filtered_resps" not in fields:
-            fields["filtered_resps"] = next((record[k] for k in prediction_keys if k in record), None)
+        # The task's per-sample fields win over the record's own fields of the same name.
+        fields = {k: v for k, v in record.items() if k not in (key, CONTEXT_KEY)}
+        fields.update(per_sample.get(sample_id) or per_sample.get(str(sample_id)) or {})
+        predicted = [fields.pop(k) for k in prediction_keys if k in fields]
+        filtered = fields.pop("filtered_resps") if "filtered_resps" in fields else next(iter(predicted), None)
+        prompt = fields.pop("input", None)
         demo_indices = context.get("demo_indices") or []
-        extra = {k: v for k, v in record.items() if k not in (key, CONTEXT_KEY, "resps", *prediction_keys)}
         if context.get("demos_text_only"):
-            extra["demos_text_only"] = True  # the prompt shows these demonstrations' texts, not their images
+            fields["demos_text_only"] = True  # the prompt shows these demonstrations' texts, not their images
         elif pool_ids is not None:
-            extra["demo_images"] = [pool_files[j] for j in demo_indices]
-        image = image_by_id.get(sample_id) if image_by_id else None
+            fields["demo_images"] = [pool_files[j] for j in demo_indices]
+        image = fields.pop("image", None) or (image_by_id.get(sample_id) if image_by_id else None)
+        fields.pop("doc_id", None)
+        fields.pop("demo_ids", None)
         samples.append(sample_record(
             sample_id,
-            input=context.get("input"),
+            input=context.get("input", prompt),
             target=fields.pop("target", None),
-            resps=record.get("resps"),
-            filtered_resps=fields.pop("filtered_resps"),
+            resps=fields.pop("resps", None),
+            filtered_resps=filtered,
             image=str(image) if image is not None else None,
             demo_ids=[pool_ids[j] for j in demo_indices] if pool_ids is not None else demo_indices,
-            **{**extra, **fields},
+            **fields,
         ))
     return samples
