@@ -11,7 +11,7 @@ conditioning object for the duration of one ``forward`` / ``generate`` call.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
@@ -48,10 +48,12 @@ def pad_after_eos(tokens: torch.Tensor, eos_token_id, pad_token_id: int | None) 
 class _Conditioning:
     """Media of the current call and what the hooks derive from it."""
 
-    media: torch.Tensor | None = None  # (B, T_img, n_latents, D_vis), as encoded
-    expanded: torch.Tensor | None = None  # media repeated to the LM batch (beams / return sequences)
+    media: torch.Tensor | None = None  # (B, T_img, n_latents, D_vis), as encoded: one row per sample
     index: torch.Tensor | None = None  # (B_lm, L_call) media index of the current LM call
     media_count: torch.Tensor | None = None  # (B_lm,) <image> tokens seen so far (v2 with a KV cache)
+    # Per cross-attention block, the media keys/values: computed at the first LM call, reused by every
+    # later one (decoding steps) and shared by the beams of a sample (never repeated per beam).
+    kv: dict = field(default_factory=dict)
 
 
 class Flamingo(nn.Module):
@@ -136,11 +138,10 @@ class Flamingo(nn.Module):
         if input_ids is None:
             raise ValueError("Flamingo needs input_ids (not inputs_embeds) to place the media")
         rows = input_ids.shape[0]
-        if cond.expanded is None or cond.expanded.shape[0] != rows:
-            if rows % cond.media.shape[0]:
-                raise ValueError(f"LM batch {rows} is not a multiple of the media batch {cond.media.shape[0]}")
-            # Beams / returned sequences of one sample are adjacent rows (HF repeat_interleave).
-            cond.expanded = cond.media.repeat_interleave(rows // cond.media.shape[0], dim=0)
+        if rows % cond.media.shape[0]:
+            # Beams / returned sequences of one sample are adjacent rows (HF repeat_interleave); the
+            # cross-attention maps LM row r to media row r // (rows / media rows).
+            raise ValueError(f"LM batch {rows} is not a multiple of the media batch {cond.media.shape[0]}")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = cache.get_seq_length() if cache is not None else 0
         past_count = cond.media_count if (past_len > 0 and cond.media_count is not None) else None
@@ -158,12 +159,14 @@ class Flamingo(nn.Module):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             dtype = block.ff_gate.dtype
-            media = cond.expanded.to(dtype)
+            kv = cond.kv.get(name)
+            if kv is None:
+                kv = cond.kv[name] = block.attn.media_kv(cond.media.to(dtype))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(block, hidden.to(dtype), media, cond.index,
+                out = torch.utils.checkpoint.checkpoint(block, hidden.to(dtype), kv, cond.index,
                                                         use_reentrant=False)
             else:
-                out = block(hidden.to(dtype), media, cond.index)
+                out = block(hidden.to(dtype), kv, cond.index)
             out = out.to(hidden.dtype)
             if args:
                 return (out, *args[1:]), kwargs
