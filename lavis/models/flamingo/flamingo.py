@@ -87,6 +87,7 @@ class Flamingo(nn.Module):
             for i in range(len(layers)) if (i + 1) % every == 0
         })
         self._cond = _Conditioning()
+        self.media_cache = None  # a MediaCache while media_cache_enabled(...) is active
         # Hooks are on the HF modules themselves, so they survive peft wrapping of lang_encoder.
         lang_encoder.get_decoder().register_forward_pre_hook(self._on_lm_call, with_kwargs=True)
         for name in self.gated_cross_attn_layers:
@@ -100,9 +101,18 @@ class Flamingo(nn.Module):
         return self
 
     def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
-        """(B, T_img, F, C, H, W) -> Perceiver latents (B, T_img, n_latents, D_vis); the tower gets no grad."""
+        """(B, T_img, F, C, H, W) -> Perceiver latents (B, T_img, n_latents, D_vis); the tower gets no grad.
+
+        With a :class:`~lavis.models.flamingo.media_cache.MediaCache` enabled and no gradient recorded,
+        each distinct image is encoded once and its latents reused (see that module).
+        """
         if vision_x.ndim != 6:
             raise DataError(f"vision_x must be (batch, images, frames, C, H, W), got shape {tuple(vision_x.shape)}")
+        if self.media_cache is not None and not torch.is_grad_enabled():
+            return self.media_cache.encode(vision_x, self._encode_images)
+        return self._encode_images(vision_x)
+
+    def _encode_images(self, vision_x: torch.Tensor) -> torch.Tensor:
         b, t, f = vision_x.shape[:3]
         images = vision_x.reshape(b * t * f, *vision_x.shape[3:])
         with torch.no_grad():
