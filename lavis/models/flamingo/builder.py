@@ -21,6 +21,7 @@ from lavis.models import adalora, adapters
 from lavis.models.adapters import AdapterConfig, TrainableConfig
 from lavis.models.flamingo.checkpoint_io import load_openflamingo_checkpoint
 from lavis.models.flamingo.flamingo import Flamingo
+from lavis.models.flamingo.scoring import score_continuations
 from lavis.models.flamingo.tokenizer import (
     END_OF_CHUNK,
     MEDIA_TOKEN,
@@ -248,6 +249,15 @@ class OpenFlamingo(InferenceMixin, Flamingo):
             if extras is not None:
                 output.loss = output.loss + extras
         return output
+
+    def score(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None,
+              continuations, normalize_length: bool = True, batch_size: int = 16) -> torch.Tensor:
+        """(B, C) log-likelihood of each continuation after each context, context encoded once.
+
+        See :func:`lavis.models.flamingo.scoring.score_continuations`.
+        """
+        return score_continuations(self, vision_x, lang_x, attention_mask, continuations,
+                                   normalize_length=normalize_length, batch_size=batch_size)
 
     # --- training hooks the runner calls, model-agnostically (hasattr), for what adapters need ----------
 
