@@ -7,11 +7,14 @@
   and cross-attention (``flamingo_trainable.safetensors``).
 - ``merged``: a plain Hugging Face model folder (``AutoModelForCausalLM.from_pretrained(DIR)``) with the
   adapter merged into the language model, and the tokenizer.
+- ``single``: a sharded (``run.strategy: fsdp``) step checkpoint directory consolidated into one
+  checkpoint file, ``DIR/checkpoint.pt`` (full trainable weights and the training state, no optimizer).
 - ``openflamingo``: ``DIR/checkpoint.pt`` in the OpenFlamingo release's key layout with the fine-tuned
   perceiver, cross-attention and embeddings (adapters merged), for the OpenFlamingo code's
   ``model.load_state_dict(torch.load(path), strict=False)``.
 
-CKPT is anything ``lavis.models.trained.resolve_checkpoint`` accepts (step_*.pt, best.pt, a run directory).
+CKPT is anything ``lavis.models.trained.resolve_checkpoint`` accepts (step_*.pt, a sharded step_*/ directory,
+best.pt, a run directory).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-FORMATS = ("peft", "merged", "openflamingo")
+FORMATS = ("peft", "merged", "openflamingo", "single")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +71,18 @@ def export_openflamingo(model, out: Path) -> Path:
     return out / "checkpoint.pt"
 
 
+def export_single(trained, out: Path) -> Path:
+    """A sharded step checkpoint consolidated into ``out/checkpoint.pt`` (lavis.runners.sharded_checkpoint)."""
+    from lavis.common.errors import ConfigError
+    from lavis.runners.sharded_checkpoint import consolidate, is_sharded_checkpoint
+
+    if not is_sharded_checkpoint(trained.path):
+        raise ConfigError(f"--format single: {trained.path} is already a single-file checkpoint (it consolidates a "
+                          f"sharded checkpoints/step_*/ directory)")
+    out.mkdir(parents=True, exist_ok=True)
+    return consolidate(trained.path, out / "checkpoint.pt")
+
+
 def export(checkpoint: str, out: str, fmt: str, base_model: str | None = None) -> Path:
     """Load ``checkpoint`` and write it to ``out`` in format ``fmt``; returns the main output path."""
     from lavis.common.errors import ConfigError
@@ -77,12 +92,12 @@ def export(checkpoint: str, out: str, fmt: str, base_model: str | None = None) -
     from lavis.models.trained import resolve_checkpoint
 
     if fmt not in FORMATS:
-        # A sharded (DCP) training checkpoint is consolidated into one file before any of these formats;
-        # that step (--format single) is added by the integrator where the sharded checkpoints live.
         raise ConfigError(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     trained = resolve_checkpoint(checkpoint)
-    model, _, _ = load_model_and_preprocess(checkpoint=checkpoint)
     out_path = Path(out).expanduser().resolve()
+    if fmt == "single":
+        return export_single(trained, out_path)
+    model, _, _ = load_model_and_preprocess(checkpoint=checkpoint)
     section = dict(trained.model_cfg or {})
     log = get_logger()
     if fmt == "peft":
