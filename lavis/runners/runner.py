@@ -25,6 +25,7 @@ from lavis.common.registry import registry
 from lavis.runners import checkpoint as ckpt
 from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
 from lavis.runners.evaluation import evaluate_split, move_to_device
+from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
 from lavis.runners.resume_check import check_resume_config
@@ -217,19 +218,28 @@ class RunnerBase:
         return status
 
     def _optimizer_step(self, micro_batches: list):
-        """Forward/backward over the micro-batches of one step, then clip and step; no host sync."""
+        """Forward/backward over the micro-batches of one step, then clip and step; no host sync.
+
+        Returns this rank's share of the step's loss (summed over ranks it is the step's objective,
+        see objective.py), the gradient norm and the lr.
+        """
         accum = len(micro_batches)
-        loss_sum = None
-        for i, batch in enumerate(micro_batches):
+        world = self.info.world_size
+        # Counted on the CPU batches, before they move to the device: the weights need no device sync.
+        weights = micro_batch_weights(self.run_cfg.loss_reduction, [self.task.loss_count(b) for b in micro_batches],
+                                      world)
+        loss_share = None
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             batch = move_to_device(batch, self.info.device)
             last = i == accum - 1
             # Gradients are all-reduced once, on the last micro-batch.
             sync = contextlib.nullcontext() if last or self.train_model is self.model else self.train_model.no_sync()
             with sync:
                 with self.precision.autocast():
-                    loss = self.task.train_step(self.train_model, batch)
-                self.scaler.scale(loss / accum).backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                    loss = self.task.train_step(self.train_model, batch) * weight
+                # DDP averages the gradients over ranks: x world makes their sum the objective's gradient.
+                self.scaler.scale(loss * world).backward()
+            loss_share = loss.detach() if loss_share is None else loss_share + loss.detach()
         lr = self.schedule.step(self.global_step)
         grad_norm = None
         if self.run_cfg.max_grad_norm:
@@ -244,7 +254,7 @@ class RunnerBase:
             # averages, so it is not scored.
             self._after_step(self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / accum, grad_norm, lr
+        return loss_share, grad_norm, lr
 
     def _scale_if_needed(self) -> float | None:
         # get_scale() syncs with the device: only read it when a skipped step changes what happens next.
@@ -257,8 +267,8 @@ class RunnerBase:
         return scale_before is None or self.scaler.get_scale() >= scale_before
 
     def _log_train(self, period: int, loss: torch.Tensor, grad_norm, lr: float, bar) -> None:
-        # The only host sync of the loop: once per log_freq steps.
-        loss = dist.all_reduce_mean(loss.float()).item()
+        # The only host sync of the loop: once per log_freq steps. The shares of the ranks sum to the loss.
+        loss = (dist.all_reduce_mean(loss.float()) * self.info.world_size).item()
         record = {"epoch": period, "step": self.global_step, "split": "train", "lr": lr, "loss": loss}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lavis.common.registry import registry
+from lavis.datasets.prompts import IGNORE_INDEX
 
 
 @dataclass
@@ -97,14 +98,32 @@ class BaseTask:
                         by_split[split] = InContextTrainingDataset(by_split[split], max_shots, self.run_cfg.seed)
         return datasets
 
+    def loss_count(self, batch) -> int:
+        """The number of target tokens of a training batch (on the CPU): what ``train_step`` sums over.
+
+        A causal LM predicts token ``t + 1`` at position ``t``, so the first label never counts.
+        """
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def train_step(self, model, batch):
-        """The language-modelling loss of one batch (labels mask everything but the target text)."""
-        return model(
+        """The language-modelling loss of one batch SUMMED over its target tokens (labels mask the rest).
+
+        The runner divides by the count of the whole step (see ``lavis/runners/objective.py``). The model's
+        ``.loss`` is its mean over the batch's targets plus the model's ``training_loss_extras``;
+        times the count, the extras weigh by the batch's share of the step's targets, so the step's
+        objective is the global token mean plus the extras once.
+        """
+        count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        loss = model(
             vision_x=batch["vision_x"],
             lang_x=batch["lang_x"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
+            # HF's causal-LM loss: the sum over targets divided by this; 1 for a batch without targets
+            # (all masked: a loss of 0 rather than the NaN of an empty mean).
+            num_items_in_batch=count.clamp(min=1),
         ).loss
+        return loss * count
 
     def generation_kwargs(self) -> dict:
         """Decoding settings from the run section."""
