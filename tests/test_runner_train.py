@@ -207,7 +207,7 @@ def test_a_bug_in_task_evaluate_keeps_its_traceback_under_ddp(tmp_path, monkeypa
     from lavis.runners.evaluation import _RemoteError, evaluate_split
 
     class Buggy(ToyRegressionTask):
-        def evaluate(self, records, split, dataset):
+        def evaluate(self, records, split, dataset, result_dir):
             raise ZeroDivisionError("bug in the metric")
 
     runner = build_runner(make_cfg(tmp_path), task=Buggy(None))

@@ -15,18 +15,22 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lavis.common.errors import CheckpointError
 from lavis.common.fileio import atomic_write_bytes
+from lavis.runners.train_state import FORMAT_VERSION  # noqa: F401 - the version of every file written here
+
+if TYPE_CHECKING:  # lavis.models imports the model stack (transformers, open_clip)
+    from lavis.models.base import TrainableModel
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
 # A single file step_<N>.pt, or a sharded directory step_<N>/ (run.strategy=fsdp, sharded_checkpoint.py).
 _STEP_FILE = re.compile(r"^step_(\d+)(\.pt)?$")
-FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
@@ -157,16 +161,12 @@ def restore_rng_state(state: dict) -> None:
 # --- model weights ----------------------------------------------------------------------------------------
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (the model's own ``trainable_state_dict`` when it has one), on the CPU."""
-    if hasattr(model, "trainable_state_dict"):
-        sd = model.trainable_state_dict()
-    else:
-        sd = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return {name: t.detach().to("cpu", copy=True) for name, t in sd.items()}
+def trainable_state_dict(model: TrainableModel) -> dict[str, torch.Tensor]:
+    """CPU copies of the model's ``trainable_state_dict()`` (the parameters that train)."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in model.trainable_state_dict().items()}
 
 
-def load_weights(model: torch.nn.Module, path) -> dict:
+def load_weights(model: TrainableModel, path) -> dict:
     """Load the trainable weights of a checkpoint (a step checkpoint or best.pt) into ``model``; the state."""
     state = load_checkpoint(path)
     if "model" not in state:
@@ -175,28 +175,11 @@ def load_weights(model: torch.nn.Module, path) -> dict:
     return state
 
 
-def load_trainable_state_dict(model: torch.nn.Module, sd: dict, source: str) -> None:
-    """Load trainable weights, strictly on the names of the trainable parameters."""
-    if hasattr(model, "load_trainable_state_dict"):
-        try:
-            model.load_trainable_state_dict(sd)
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"{source}: the weights do not fit the model: {err}") from None
-        return
-    params = dict(model.named_parameters())
-    expected = {name for name, p in params.items() if p.requires_grad}
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: the weights do not fit the model's trainable parameters: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    with torch.no_grad():
-        for name, value in sd.items():
-            if params[name].shape != value.shape:
-                raise CheckpointError(
-                    f"{source}: parameter {name} has shape {tuple(value.shape)} in the checkpoint, "
-                    f"{tuple(params[name].shape)} in the model"
-                )
-            params[name].copy_(value)
+def load_trainable_state_dict(model: TrainableModel, sd: dict, source: str) -> None:
+    """The model's strict ``load_trainable_state_dict``, its errors naming ``source``."""
+    try:
+        model.load_trainable_state_dict(sd)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{source}: the weights do not fit the model: {err}") from None
