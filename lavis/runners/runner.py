@@ -117,6 +117,10 @@ class RunnerBase:
         self._after_step = self.model.optimizer_step_hook()
         if self.paths.resume_from is not None:
             self._resume(self.paths.resume_from)
+        else:
+            # A first start with resume_ckpt_path=latest may find the metrics of an attempt killed before
+            # its first checkpoint: that attempt's steps are redone, so its lines go.
+            self.metrics.truncate(0)
 
         try:
             status = self._train_loop()
