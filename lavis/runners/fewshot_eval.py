@@ -131,7 +131,6 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
         state = ckpt.load_checkpoint(checkpoint)
         ckpt.load_trainable_state_dict(model, state.get("model", state), str(checkpoint))
     model.to(info.device).eval()
-    task.result_dir = paths.results
     label = str(checkpoint) if checkpoint else f"{cfg.model.arch}/{cfg.model.model_type} (pretrained)"
     metrics_log = MetricsLog(paths.metrics, enabled=info.is_main)
     try:
@@ -165,7 +164,7 @@ def _evaluate_all(run, task, model, datasets, splits, info, precision, paths, la
                     metrics = evaluate_split(
                         task=task, model=model, dataset=fewshot, dataset_name=name, split=tag, info=info,
                         precision=precision, batch_size=run.batch_size_eval, num_workers=run.num_workers,
-                        samples_path=paths.run_dir / samples_filename(name, tag),
+                        samples_path=paths.run_dir / samples_filename(name, tag), result_dir=paths.results,
                     )
                     metrics_log.write({"dataset": name, "split": split, "shots": shots, "trial": trial,
                                        "seed": run.trial_seeds[trial], "num_queries": len(queries), **metrics})

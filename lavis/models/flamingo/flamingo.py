@@ -18,8 +18,8 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationConfig
 
-from lavis.common.errors import CheckpointError, DataError
-from lavis.models import adapters
+from lavis.common.errors import DataError
+from lavis.models.base import TrainableModel
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
 from lavis.models.flamingo.perceiver import PerceiverResampler
 from lavis.models.flamingo.vision import patch_tokens
@@ -56,7 +56,7 @@ class _Conditioning:
     kv: dict = field(default_factory=dict)
 
 
-class Flamingo(nn.Module):
+class Flamingo(TrainableModel):
     """OpenFlamingo: ``forward(vision_x, lang_x, attention_mask, labels)`` and ``generate(...)``.
 
     ``vision_x`` is float (B, T_img, F=1, C, H, W); images of a row are stacked in the order of its
@@ -237,31 +237,3 @@ class Flamingo(nn.Module):
             lm.activation_checkpointing_disable()
         else:
             lm.gradient_checkpointing_disable()
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """{name: tensor} of every parameter with ``requires_grad`` (never the frozen LM or vision tower).
-
-        The tensors share storage with the parameters (see :func:`lavis.models.adapters.trainable_state_dict`).
-        """
-        return adapters.trainable_state_dict(self)
-
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load what :meth:`trainable_state_dict` saved; strict on names and shapes (CheckpointError)."""
-        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(set(params) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(params))
-        bad_shape = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(params[k].shape)}"
-                     for k in sorted(set(params) & set(state_dict)) if state_dict[k].shape != params[k].shape]
-        if missing or unexpected or bad_shape:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} trainable parameters: {', '.join(missing[:10])}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} entries (not trainable here): "
-                             f"{', '.join(unexpected[:10])}")
-            if bad_shape:
-                parts.append("shape mismatch: " + "; ".join(bad_shape[:10]))
-            raise CheckpointError("trainable state dict does not fit the model: " + " | ".join(parts))
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state_dict[name])
