@@ -38,6 +38,7 @@ from lavis.models.flamingo.tokenizer import (
     load_tokenizer,
 )
 from lavis.models.flamingo.vision import build_vision_tower, tiny_vision_tower
+from lavis.models.inference import InferenceMixin
 from lavis.models.master_weights import cast_frozen_parameters, upcast_trainable_parameters
 from lavis.models.quantization import resolve_dtype
 
@@ -129,7 +130,7 @@ def tiny_language_model(tiny: TinyConfig, vocab_size: int, pad_token_id: int | N
 
 
 @registry.register_model("openflamingo")
-class OpenFlamingo(Flamingo):
+class OpenFlamingo(InferenceMixin, Flamingo):
     """OpenFlamingo built from a config section; has ``.tokenizer``, ``.image_processor``, ``.image_size``."""
 
     @dataclass
