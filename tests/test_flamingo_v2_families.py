@@ -223,3 +223,33 @@ def test_tiny_family_trains_with_lora_and_evaluates_fewshot(family, target, tmp_
     table = json.loads((out / "e" / "fewshot_table.json").read_text())
     (row,) = table["rows"].values()
     assert sorted(map(int, row)) == [0, 2] and all(math.isfinite(c["mean"]) for c in row.values())
+
+
+# ---------------------------------------------------------------- shipped v2 configs
+V2_PROJECTS = Path("configs/projects/openflamingo_v2")
+
+
+@pytest.mark.parametrize("name,task,max_new", [("caption_coco_fewshot", "captioning", 20), ("vqav2_fewshot", "vqa", 5)])
+def test_v2_eval_configs_carry_the_v2_protocol(name, task, max_new):
+    from lavis.common.config import load_config
+
+    cfg = load_config(V2_PROJECTS / "eval" / f"{name}.yaml")
+    run = cfg.run
+    assert cfg.model.model_type == "mpt7b_vitl14" and cfg.model.xattn_semantics == "v2"
+    assert cfg.model.lang_encoder_env == "MPT7B_PATH" and cfg.model.cross_attn_every_n_layers == 4
+    assert (run.task, run.num_beams, run.length_penalty, run.max_new_tokens, run.min_new_tokens) == (
+        task, 3, 0.0, max_new, 0)
+    assert run.num_shots == [0, 4, 8, 16, 32] and len(run.trial_seeds) == run.num_trials == 3
+    assert run.zero_shot_text_demos and run.num_samples is None
+    if task == "vqa":
+        assert run.always_normalize
+
+
+@pytest.mark.parametrize("name,amp,frozen", [("caption_coco_mpt7b_lora_4xv100", "fp16", "float16"),
+                                             ("caption_coco_mpt7b_lora_1xa100", "bf16", "bfloat16")])
+def test_v2_train_configs(name, amp, frozen):
+    from lavis.common.config import load_config
+
+    cfg = load_config(V2_PROJECTS / "train" / f"{name}.yaml")
+    assert (cfg.run.amp, cfg.model.frozen_dtype) == (amp, frozen)
+    assert cfg.model.adapters.method == "lora" and cfg.model.adapters.target_modules is None
