@@ -253,3 +253,20 @@ def test_v2_train_configs(name, amp, frozen):
     cfg = load_config(V2_PROJECTS / "train" / f"{name}.yaml")
     assert (cfg.run.amp, cfg.model.frozen_dtype) == (amp, frozen)
     assert cfg.model.adapters.method == "lora" and cfg.model.adapters.target_modules is None
+
+
+def test_model_config_relations_are_reported_with_dotted_keys(tmp_path):
+    from lavis.common.config import load_config
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  arch: openflamingo\n  model_type: tiny_mpt\n  cross_attn_every_n_layers: 0\n"
+                   "  tiny: {lm_heads: 5, image_size: 60, vision_head_width: 24}\n  perceiver: {heads: 0}\n"
+                   "datasets:\n  shapes_caption: {}\nrun:\n  task: captioning\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    message = str(err.value)
+    for expected in ("model.tiny.lm_heads: 5 does not divide model.tiny.lm_hidden_size 128",
+                     "model.tiny.patch_size: 16 does not divide model.tiny.image_size 60",
+                     "model.tiny.vision_head_width: 24 does not divide model.tiny.vision_width 64",
+                     "model.cross_attn_every_n_layers: must be >= 1", "model.perceiver.heads: must be positive"):
+        assert expected in message
