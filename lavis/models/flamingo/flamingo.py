@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from lavis.common.errors import DataError
 from lavis.models.base import TrainableModel
@@ -48,6 +48,7 @@ class _Conditioning:
     media: torch.Tensor | None = None  # (B, T_img, n_latents, D_vis), as encoded: one row per sample
     index: torch.Tensor | None = None  # (B_lm, L_call) media index of the current LM call
     media_count: torch.Tensor | None = None  # (B_lm,) <image> tokens seen so far (v2 with a KV cache)
+    prompt_index: torch.Tensor | None = None  # (B, L) media index of a prompt being run in two parts
     # Per cross-attention block, the media keys/values: computed at the first LM call, reused by every
     # later one (decoding steps) and shared by the beams of a sample (never repeated per beam).
     kv: dict = field(default_factory=dict)
@@ -153,9 +154,17 @@ class Flamingo(TrainableModel):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = cache.get_seq_length() if cache is not None else 0
         past_count = cond.media_count if (past_len > 0 and cond.media_count is not None) else None
-        if past_count is not None and past_count.shape[0] != rows:  # a cache repeated per row (scoring)
-            past_count = past_count.repeat_interleave(rows // past_count.shape[0])
-        cond.index = media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count)
+        if past_count is not None and past_count.shape[0] != rows:  # the prompt was run once per sample
+            past_count = past_count.repeat_interleave(rows // past_count.shape[0], dim=0)
+        if cond.prompt_index is not None:
+            # The prompt is split into a once-per-sample prefix and its last token (first decoding call):
+            # both parts get the media index of the whole prompt, as when it is run in one call.
+            part = cond.prompt_index[:, past_len:past_len + input_ids.shape[1]]
+            cond.index = part.repeat_interleave(rows // part.shape[0], dim=0)
+            if past_len + input_ids.shape[1] >= cond.prompt_index.shape[1]:
+                cond.prompt_index = None
+        else:
+            cond.index = media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count)
         new = (input_ids == self.media_token_id).sum(dim=-1)
         cond.media_count = new if past_count is None else past_count + new
         return None
@@ -218,9 +227,29 @@ class Flamingo(TrainableModel):
         config = GenerationConfig(**settings)
         media = self.encode_vision(vision_x)
         with self.conditioned_on(media):
+            extra = {}
+            expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+            if expand > 1 and config.use_cache is not False and lang_x.shape[1] > 1:
+                extra["cache"] = self._prefill_once(lang_x, attention_mask, expand)
             out = self.lang_encoder.generate(input_ids=lang_x, attention_mask=attention_mask,
-                                             generation_config=config)
+                                             generation_config=config, **extra)
         return pad_after_eos(out[:, lang_x.shape[1]:], config.eos_token_id, config.pad_token_id)
+
+    def _prefill_once(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, expand: int):
+        """The KV cache of every prompt but its last token, computed once per sample, repeated per beam.
+
+        HF generation would run the prompt once per beam row (identical rows); here the prefix runs on
+        the B samples, its cache is repeated ``expand`` times, and generation feeds only the last prompt
+        token. Positions follow HF's rule (mask cumsum - 1, pads 0), so the prompt is computed as before.
+        """
+        mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        self._cond.prompt_index = media_index(lang_x, self.media_token_id, self.xattn_semantics)
+        cache = DynamicCache(config=self.lang_encoder.config)
+        self.lang_encoder(input_ids=lang_x[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                          cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(expand)
+        return cache
 
     # ------------------------------------------------------------------ training helpers
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
