@@ -1,12 +1,15 @@
 """Train the real tiny OpenFlamingo through the runner under torchrun (or alone), for tests/test_runner_fsdp.py.
 
 Usage: [torchrun --nproc_per_node=2] fsdp_tiny_run.py OUT_DIR PLAN
-PLAN "compare": four runs of 10 steps in one process group: ddp and fsdp, with LoRA and with full
-fine-tuning of the LM. Rank 0 writes OUT_DIR/<strategy>_<trainable>.pt (the gathered trainable weights)
-and every rank OUT_DIR/rank<r>.json (frozen weights bitwise unchanged, frozen weights without gradient,
-validation metrics, one step's grad norm).
-PLAN "kill": the fsdp LoRA run of "compare", SIGKILLed (every rank) in step 7, after the step-4 checkpoint.
-PLAN "resume": that run resumed from its latest checkpoint (with any number of processes).
+PLAN "compare", in one process group:
+- four runs of 10 steps: ddp and fsdp, with LoRA and with full fine-tuning of the LM. Rank 0 writes
+  OUT_DIR/<strategy>_<trainable>.pt (the gathered trainable weights), every rank OUT_DIR/rank<r>.json
+  (frozen weights bitwise unchanged and without gradient, run summaries);
+- under fsdp, the gradients of one batch with and without activation checkpointing (OUT_DIR/ac_grads.pt);
+- last, run "resumed": the fsdp LoRA run again, SIGKILLed (every rank) in step 7, after its step-4 checkpoint.
+PLAN "resume": that run resumed from its latest checkpoint.
+PLAN "reshard": run "resharded" (a copy of the killed run's folder) resumed, typically by one process, to step 6;
+rank 0 writes OUT_DIR/reshard_loaded.pt: the full weights and optimizer state right after loading.
 """
 
 import json
@@ -24,6 +27,7 @@ from test_training_hooks import CaptionLikeDataset, CaptionLikeTask, tiny_model 
 from toy_components import make_cfg  # noqa: E402
 
 from lavis.common.registry import registry  # noqa: E402
+from lavis.runners.runner import RunnerBase  # noqa: E402
 
 out_dir, plan = Path(sys.argv[1]), sys.argv[2]
 rank = int(os.environ.get("RANK", "0"))
@@ -78,6 +82,29 @@ def frozen_report(runner, fresh) -> dict:
     return {"frozen": n, "changed": changed, "with_grad": with_grad}
 
 
+def checkpointing_gradients(runner) -> list[str]:
+    """Under fsdp, one batch's gradients with activation checkpointing vs without: rank 0 saves both."""
+    from torch.distributed.tensor import DTensor
+
+    from lavis.runners.strategy import FSDPStrategy
+
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model(adapters=LORA, trainable=TRAINABLE["full"])
+        model.set_gradient_checkpointing(checkpointing)
+        model = FSDPStrategy(runner.run_cfg, runner.precision, runner.info).wrap(model)
+        model.train()
+        dataset = CaptionLikeDataset(4, model.image_size, seed=2)
+        batch = runner.task.collator(model, "train")([dataset[2 * rank], dataset[2 * rank + 1]])
+        runner.task.train_step(model, batch).backward()
+        grads[checkpointing] = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+                                for n, p in model.named_parameters() if p.grad is not None}
+    if rank == 0:
+        torch.save(grads, out_dir / "ac_grads.pt")
+    return sorted(grads[True])
+
+
 def train(strategy: str, trainable: str, run_name: str, kill_in_call=None, **run):
     cfg = make_cfg(out_dir, run_name=run_name, strategy=strategy, **{**RUN, **run})
     torch.manual_seed(0)  # the same adapter initialisation in every run
@@ -102,13 +129,31 @@ if plan == "compare":
             results[key] = {"summary": summary, **report}
             if rank == 0:
                 torch.save(weights, out_dir / f"{key}.pt")
-elif plan in ("kill", "resume"):
-    options = {"resume_ckpt_path": "latest"} if plan == "resume" else {}
+    results["ac_grads"] = checkpointing_gradients(runner)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(results, default=str))
     # Call 13 is the first micro-batch of step 7 (2 micro-batches a step): after the step-4 checkpoint.
-    runner, summary, weights, report = train("fsdp", "lora", "resumed", kill_in_call=13 if plan == "kill" else None,
-                                             **options)
+    train("fsdp", "lora", "resumed", kill_in_call=13)
+elif plan == "resume":
+    runner, summary, weights, report = train("fsdp", "lora", "resumed", resume_ckpt_path="latest")
     results["resumed"] = {"summary": summary, **report}
     if rank == 0:
-        torch.save(weights, out_dir / f"{plan}.pt")
-(out_dir / f"rank{rank}.json").write_text(json.dumps(results, default=str))
+        torch.save(weights, out_dir / "resume.pt")
+    (out_dir / f"resume_rank{rank}.json").write_text(json.dumps(results, default=str))
+elif plan == "reshard":
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    real_resume = RunnerBase._resume
+
+    def snapshot_resume(self, path):
+        real_resume(self, path)
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True))
+        flat = {f"{name}.{key}": t for name, entry in optim["state"].items() for key, t in entry.items()}
+        weights = self.strategy.gather_trainable_state_dict(self.model)
+        if rank == 0:
+            torch.save({"model": weights, "optimizer": flat}, out_dir / "reshard_loaded.pt")
+
+    RunnerBase._resume = snapshot_resume
+    runner, summary, weights, report = train("fsdp", "lora", "resharded", resume_ckpt_path="latest", max_steps=6)
+    if rank == 0:
+        (out_dir / "resharded.json").write_text(json.dumps({"summary": summary, **report}, default=str))
 runner.close()
