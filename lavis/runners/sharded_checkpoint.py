@@ -15,6 +15,7 @@ DCP re-shards on load: a checkpoint written by N processes resumes on M (or on o
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -130,7 +131,9 @@ def load_full_tensors(directory: str | os.PathLike, prefix: str = "model.") -> d
         raise CheckpointError(f"{directory}: not a complete sharded checkpoint (no {_METADATA} or {TRAIN_STATE})")
     state = {prefix + name: torch.empty(meta.size, dtype=meta.properties.dtype)
              for name, meta in _stored_tensors(directory, prefix).items()}
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it assumes one process, which is what is asked here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     return {key[len(prefix):]: t for key, t in state.items()}
 
 
