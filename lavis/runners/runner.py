@@ -30,6 +30,7 @@ from lavis.runners.precision import resolve_precision
 from lavis.runners.resume_check import check_resume_config
 from lavis.runners.run_config import available_splits, check_run_values, check_splits, resolve_best_dataset
 from lavis.runners.run_dir import prepare_run_dir
+from lavis.runners.sample_log import samples_filename, step_tag
 from lavis.runners.strategy import build_strategy
 
 log = get_logger()
@@ -142,14 +143,15 @@ class RunnerBase:
             if split not in by_split:
                 continue
             found = True
+            at_step = self.global_step if step is None else step
             metrics = evaluate_split(
                 task=self.task, model=self.model, dataset=by_split[split], dataset_name=name, split=split,
                 info=self.info, precision=self.precision, batch_size=self.run_cfg.batch_size_eval,
                 num_workers=self.run_cfg.num_workers,
+                samples_path=self.paths.run_dir / samples_filename(name, step_tag(split, at_step)),
             )
             results[name] = metrics
-            record = {"epoch": epoch, "step": self.global_step if step is None else step, "split": split,
-                      "dataset": name}
+            record = {"epoch": epoch, "step": at_step, "split": split, "dataset": name}
             if hasattr(self, "schedule"):
                 record["lr"] = self.schedule.base_lr(max(0, self.global_step - 1))
             self.metrics.write({**record, **metrics})
