@@ -29,6 +29,12 @@ STEPS = 3
 LM = {"lm_hidden_size": 768, "lm_layers": 16, "lm_heads": 12, "lm_intermediate_size": 2048}
 
 
+def rss_mb() -> float:
+    """Current resident set size of this process, in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def worker(strategy: str, out: Path) -> None:
     """One rank of one job: build, wrap, train STEPS steps, report peak RSS and the losses."""
     import torch
@@ -45,7 +51,8 @@ def worker(strategy: str, out: Path) -> None:
     from lavis.runners.strategy import build_strategy
 
     torch.set_num_threads(1)
-    cfg = make_cfg(out, strategy=strategy, weight_decay=0.0)
+    cfg = make_cfg(out, strategy=strategy, weight_decay=0.0, init_lr=1e-4)
+    phases = {"start": rss_mb()}
     info = dist.init_distributed("cpu")
     model_cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(read_yaml(TINY_YAML).model).items()}
     model_cfg["tiny"] = {**model_cfg["tiny"], **LM}
@@ -53,9 +60,11 @@ def worker(strategy: str, out: Path) -> None:
     model_cfg["trainable"] = {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False,
                               "lang_encoder": True}
     model = build_model(model_cfg)
+    phases["built"] = rss_mb()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     strategy_obj = build_strategy(cfg.run, resolve_precision("fp32", info.device), info)
     train_model = strategy_obj.wrap(model)
+    phases["wrapped"] = rss_mb()
     optimizer = build_optimizer(model, cfg.run)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     task = CaptionLikeTask(cfg)
@@ -71,9 +80,10 @@ def worker(strategy: str, out: Path) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(dist.all_reduce_mean(loss.detach()).item())
+        phases[f"step{step + 1}"] = rss_mb()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     (out / f"{strategy}_rank{info.rank}.json").write_text(
-        json.dumps({"peak_mb": peak_mb, "losses": losses, "params": n_params}))
+        json.dumps({"peak_mb": peak_mb, "losses": losses, "params": n_params, "phases": phases}))
     dist.destroy()
 
 
@@ -100,7 +110,8 @@ def main() -> None:
     print(f"model: {ddp[0]['params'] / 1e6:.1f}M trainable parameters (full fine-tuning), fp32, AdamW, 2 processes")
     print(f"losses (equal): ddp {[round(x, 5) for x in ddp[0]['losses']]}  fsdp {[round(x, 5) for x in fsdp[0]['losses']]}")
     for name, ranks in results.items():
-        print(f"{name:5s} peak RSS per rank: " + ", ".join(f"rank{r} {x['peak_mb']:.0f} MB" for r, x in enumerate(ranks)))
+        print(f"{name:5s} peak RSS per rank: " + ", ".join(f"rank{r} {x['peak_mb']:.0f} MB" for r, x in enumerate(ranks))
+              + "; rank 0 RSS after " + ", ".join(f"{k} {v:.0f}" for k, v in ranks[0]["phases"].items()))
     ratio = peak["fsdp"] / peak["ddp"]
     print(f"target: fsdp <= 0.6 x ddp: {'met' if ratio <= 0.6 else 'NOT met'}")
     print(f"fsdp_over_ddp_peak_rss={ratio:.3f}")

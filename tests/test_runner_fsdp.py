@@ -1,6 +1,6 @@
 """run.strategy=fsdp on the real tiny OpenFlamingo, 2 processes on gloo (tests/scripts/fsdp_tiny_run.py).
 
-One torchrun job trains ddp and fsdp runs (LoRA, and full fine-tuning of the LM) of 10 steps each, checks
+One torchrun job trains ddp and fsdp runs (LoRA, full fine-tuning of the LM, AdaLoRA) of 10 steps each, checks
 activation checkpointing's gradients under fsdp and ends SIGKILLed in a fifth run; a second job resumes
 that run from its sharded checkpoint; one process then resumes a copy of it (2 -> 1 re-sharding).
 """
@@ -56,7 +56,7 @@ def load(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-@pytest.mark.parametrize("trainable", ["lora", "full"])
+@pytest.mark.parametrize("trainable", ["lora", "full", "adalora"])
 def test_fsdp_trains_the_same_weights_as_ddp(runs, trainable):
     ddp, fsdp = load(runs / f"ddp_{trainable}.pt"), load(runs / f"fsdp_{trainable}.pt")
     assert sorted(ddp) == sorted(fsdp)
@@ -72,6 +72,11 @@ def test_fsdp_trains_the_same_weights_as_ddp(runs, trainable):
             assert run["summary"]["status"] == "finished" and run["summary"]["step"] == 10
             # Frozen weights: bitwise as built, and no gradient was ever stored for them.
             assert run["frozen"] > 0 and run["changed"] == [] and run["with_grad"] == [], (strategy, rank)
+    if trainable == "adalora":
+        # AdaLoRA's rank re-allocation ran under fsdp (its tensors are replicated) and chose what ddp chose.
+        patterns = [json.loads((runs / f"rank{r}.json").read_text())[f"{s}_adalora"]["rank_pattern"]
+                    for r in (0, 1) for s in ("ddp", "fsdp")]
+        assert patterns[0] and patterns[0][0] and all(p == patterns[0] for p in patterns)
     metrics = [json.loads(line) for line in (runs / f"fsdp_{trainable}" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if m["split"] == "train"]
     assert len(losses) == 10 and losses[-1] < losses[0] - 0.2

@@ -2,7 +2,7 @@
 
 Usage: [torchrun --nproc_per_node=2] fsdp_tiny_run.py OUT_DIR PLAN
 PLAN "compare", in one process group:
-- four runs of 10 steps: ddp and fsdp, with LoRA and with full fine-tuning of the LM. Rank 0 writes
+- six runs of 10 steps: ddp and fsdp, with LoRA, with full fine-tuning of the LM and with AdaLoRA. Rank 0 writes
   OUT_DIR/<strategy>_<trainable>.pt (the gathered trainable weights), every rank OUT_DIR/rank<r>.json
   (frozen weights bitwise unchanged and without gradient, run summaries);
 - under fsdp, the gradients of one batch with and without activation checkpointing (OUT_DIR/ac_grads.pt);
@@ -32,10 +32,13 @@ from lavis.runners.runner import RunnerBase  # noqa: E402
 out_dir, plan = Path(sys.argv[1]), sys.argv[2]
 rank = int(os.environ.get("RANK", "0"))
 LORA = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+ADALORA = {"method": "adalora", "r": 4, "target_r": 2, "alpha": 8, "dropout": 0.0, "total_step": 10, "tinit": 2,
+           "tfinal": 2, "deltaT": 1, "target_modules": ["q_proj", "v_proj"]}
 TRAINABLE = {
     "lora": {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False, "lm_embeddings": False},
     "full": {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False, "lang_encoder": True},
 }
+TRAINABLE["adalora"] = TRAINABLE["lora"]
 # Per-process batch 2, 2 micro-batches per step, 2 processes: 8 samples a step, 10 steps.
 RUN = dict(batch_size_train=2, accum_grad_iters=2, max_epoch=1, warmup_steps=2, init_lr=2e-3, max_grad_norm=0.5,
            weight_decay=0.01, save_freq_steps=4, save_epoch_end=False, keep_last=3, valid_splits=["val"],
@@ -108,7 +111,7 @@ def checkpointing_gradients(runner) -> list[str]:
 def train(strategy: str, trainable: str, run_name: str, kill_in_call=None, **run):
     cfg = make_cfg(out_dir, run_name=run_name, strategy=strategy, **{**RUN, **run})
     torch.manual_seed(0)  # the same adapter initialisation in every run
-    model = tiny_model(adapters=LORA, trainable=TRAINABLE[trainable])
+    model = tiny_model(adapters=ADALORA if trainable == "adalora" else LORA, trainable=TRAINABLE[trainable])
     task = ValidatingTask(cfg)
     task.kill_in_call = kill_in_call
     datasets = {"lm": {"train": CaptionLikeDataset(N_TRAIN, model.image_size),
@@ -116,13 +119,17 @@ def train(strategy: str, trainable: str, run_name: str, kill_in_call=None, **run
     runner = registry.get("runner", cfg.run.runner)(cfg, task, model, datasets)
     summary = runner.train()
     weights = runner.strategy.gather_trainable_state_dict(runner.model)
-    report = frozen_report(runner, tiny_model(adapters=LORA, trainable=TRAINABLE[trainable]))
+    report = frozen_report(runner, tiny_model(adapters=ADALORA if trainable == "adalora" else LORA,
+                                              trainable=TRAINABLE[trainable]))
+    from lavis.models.adapters import peft_models
+
+    report["rank_pattern"] = [next(iter(w.peft_config.values())).rank_pattern for w in peft_models(runner.model).values()]
     return runner, summary, weights, report
 
 
 results = {}
 if plan == "compare":
-    for trainable in ("lora", "full"):
+    for trainable in ("lora", "full", "adalora"):
         for strategy in ("ddp", "fsdp"):
             key = f"{strategy}_{trainable}"
             runner, summary, weights, report = train(strategy, trainable, key)
