@@ -1,7 +1,7 @@
 """Any checkpoint a user may hold, resolved to (the model it was trained as, the weights to load).
 
 Accepted (``resolve_checkpoint``):
-- a training checkpoint of ours: ``checkpoints/step_*.pt`` or ``checkpoints/best.pt``. The model section
+- a training checkpoint of ours: ``checkpoints/step_*.pt``, a sharded ``checkpoints/step_*/`` or ``checkpoints/best.pt``. The model section
   comes from the checkpoint's ``config``; a file without one (best.pt of older runs) takes it from its
   run directory's ``config.yaml``;
 - a run directory: its ``checkpoints/best.pt``, else its newest ``step_*.pt``;
@@ -85,7 +85,9 @@ def resolve_checkpoint(path: str | Path) -> TrainedCheckpoint:
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    if path.is_dir():
+    from lavis.runners.sharded_checkpoint import TRAIN_STATE, is_sharded_checkpoint
+
+    if path.is_dir() and not is_sharded_checkpoint(path):
         if (path / PEFT_CONFIG).is_file():
             return _peft(path)
         if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
@@ -94,8 +96,9 @@ def resolve_checkpoint(path: str | Path) -> TrainedCheckpoint:
             raise CheckpointError(
                 f"{path}: a directory that is neither a run directory (checkpoints/) nor a peft adapter "
                 f"({PEFT_CONFIG})")
-    state = load_checkpoint(path)
-    if isinstance(state.get("model"), dict):
+    # A sharded step checkpoint (run.strategy=fsdp) keeps its config beside the shards.
+    state = load_checkpoint(path / TRAIN_STATE) if is_sharded_checkpoint(path) else load_checkpoint(path)
+    if is_sharded_checkpoint(path) or isinstance(state.get("model"), dict):
         config = state.get("config") or _run_config(path)
         if not config or not config.get("model"):
             raise CheckpointError(

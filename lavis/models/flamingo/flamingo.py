@@ -117,6 +117,8 @@ class Flamingo(TrainableModel):
         with torch.no_grad():
             tokens = patch_tokens(self.vision_encoder, images)
         tokens = tokens.reshape(b, t, f, *tokens.shape[1:]).to(self.perceiver.latents.dtype)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.perceiver, tokens, use_reentrant=False)
         return self.perceiver(tokens)
 
     def _check_media_tokens(self, vision_x: torch.Tensor, lang_x: torch.Tensor) -> None:
@@ -253,7 +255,8 @@ class Flamingo(TrainableModel):
 
     # ------------------------------------------------------------------ training helpers
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute decoder layers and cross-attention blocks in backward instead of storing activations."""
+        """Recompute decoder layers, cross-attention blocks and the perceiver in backward instead of storing
+        their activations (non-reentrant checkpointing, which FSDP's gather hooks also run under)."""
         self.gradient_checkpointing = enabled
         lm = self.lang_encoder
         if enabled and hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 name
