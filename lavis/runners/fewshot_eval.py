@@ -19,9 +19,9 @@ from torch.utils.data import Dataset
 from lavis.common import dist
 from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
-from lavis.common.logging import MetricsLog, setup_logging
+from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
-from lavis.runners import checkpoint as ckpt
+from lavis.models.trained import load_trained_weights, model_label
 from lavis.runners.evaluation import evaluate_split
 from lavis.runners.precision import resolve_precision
 from lavis.runners.run_dir import prepare_run_dir
@@ -128,10 +128,9 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
     paths = prepare_run_dir(run, cfg)
     setup_logging(info.rank, paths.log)
     if checkpoint:
-        state = ckpt.load_checkpoint(checkpoint)
-        ckpt.load_trainable_state_dict(model, state.get("model", state), str(checkpoint))
+        load_trained_weights(model, checkpoint)  # any checkpoint kind: lavis/models/trained.py
     model.to(info.device).eval()
-    label = str(checkpoint) if checkpoint else f"{cfg.model.arch}/{cfg.model.model_type} (pretrained)"
+    label = model_label(cfg, checkpoint)
     metrics_log = MetricsLog(paths.metrics, enabled=info.is_main)
     try:
         table = _evaluate_all(run, task, model, datasets, splits, info, precision, paths, label, metrics_log)
@@ -139,14 +138,14 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
         metrics_log.close()
     if info.is_main:
         write_table(table, paths.run_dir)
-        print(format_table(table))
+        get_logger().info("few-shot table (%s):\n%s", label, format_table(table))  # console and log.txt
         print(f"few-shot results written to {paths.run_dir}")
     return table
 
 
 def _evaluate_all(run, task, model, datasets, splits, info, precision, paths, label, metrics_log) -> dict:
     """The table: for every dataset and split, agg_metrics over trials per shot count."""
-    table: dict = {"model": label, "metric": "agg_metrics", "rows": {}}
+    table: dict = {"model": label, "metric": "agg_metrics", "metrics": {}, "rows": {}}
     for name, by_split in datasets.items():
         pool = by_split[run.demo_split]
         rices = _rices_index(run, model, pool, name, paths.run_dir, info.device, label)
@@ -168,6 +167,8 @@ def _evaluate_all(run, task, model, datasets, splits, info, precision, paths, la
                     )
                     metrics_log.write({"dataset": name, "split": split, "shots": shots, "trial": trial,
                                        "seed": run.trial_seeds[trial], "num_queries": len(queries), **metrics})
+                    get_logger().info("eval %s/%s %d-shot trial %d: %s", name, split, shots, trial,
+                                      format_metrics(metrics))
                     scores.append(metrics["agg_metrics"])
                 if None in scores:  # a split without ground truth (VQAv2 test-dev): results files only
                     row[str(shots)] = {"mean": None, "std": None, "trials": scores}
@@ -178,13 +179,14 @@ def _evaluate_all(run, task, model, datasets, splits, info, precision, paths, la
                     "trials": scores,
                 }
             table["rows"][f"{name}/{split}"] = row
+            table["metrics"][f"{name}/{split}"] = metric_name(task, by_split[split])
     return table
 
 
 def format_table(table: dict) -> str:
     """Markdown in the style of the original README: rows = model and split, columns = shots, mean ± std."""
     shots = sorted({int(s) for row in table["rows"].values() for s in row})
-    header = "| model | data | " + " | ".join(f"{s}-shot" for s in shots) + " |"
+    header = "| model | data (metric) | " + " | ".join(f"{s}-shot" for s in shots) + " |"
     lines = [header, "|" + "---|" * (len(shots) + 2)]
     for data, row in table["rows"].items():
         cells = []
@@ -196,7 +198,8 @@ def format_table(table: dict) -> str:
                 cells.append("(not scored)")
             else:
                 cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}")
-        lines.append(f"| {table['model']} | {data} | " + " | ".join(cells) + " |")
+        metric = table.get("metrics", {}).get(data, table.get("metric", "agg_metrics"))
+        lines.append(f"| {table['model']} | {data} ({metric}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
