@@ -281,6 +281,36 @@ def vqa_accuracy(questions: Any, annotations: Any, results: Any, per_question: b
     return out
 
 
+def vqa_sample_scores(questions: Any, annotations: Any, results: Any, always_normalize: bool = False
+                      ) -> tuple[dict, dict]:
+    """``(accuracy, {question_id: fields})`` of ``results``: :func:`vqa_accuracy` and each question's record.
+
+    A question's fields: ``vqa_accuracy`` (the official per-question accuracy, 0-100, as ``perQuestion``),
+    ``target`` (its GT answers, file order), ``question_type``, ``answer_type`` and ``question`` (the text,
+    when the questions file is given). Arguments as for :func:`vqa_accuracy`.
+    """
+    if isinstance(questions, (str, os.PathLike)):
+        questions = read_json(questions, "VQA questions file")
+    if isinstance(annotations, (str, os.PathLike)):
+        annotations = read_json(annotations, "VQA annotations file")
+    accuracy = vqa_accuracy(questions, annotations, results, per_question=True, always_normalize=always_normalize)
+    per_question = accuracy.pop("perQuestion")
+    text = {}
+    if questions is not None:
+        records, _ = _records(questions, "questions", "VQA questions")
+        text = {q.get("question_id"): q.get("question") for q in records if isinstance(q, dict)}
+    anns, _ = _records(annotations, "annotations", "VQA annotations")
+    fields = {}
+    for ann in anns:
+        qid = ann["question_id"]
+        if qid in per_question:
+            fields[qid] = {"vqa_accuracy": per_question[qid], "target": [a["answer"] for a in ann["answers"]],
+                           "question_type": ann["question_type"], "answer_type": ann["answer_type"]}
+            if qid in text:
+                fields[qid]["question"] = text[qid]
+    return accuracy, fields
+
+
 def write_vqa_results(records: list[dict], path: str | os.PathLike) -> None:
     """Write predictions in the official submission format ``[{"question_id", "answer"}]``, atomically.
 

@@ -16,7 +16,8 @@ import torch
 from lavis.common import dist
 from lavis.common.errors import UserError
 from lavis.common.logging import get_logger
-from lavis.runners.data import eval_loader
+from lavis.runners import sample_log
+from lavis.runners.eval_batches import predict_records
 
 log = get_logger()
 
@@ -27,19 +28,18 @@ class _RemoteError(Exception):
 
 @torch.no_grad()
 def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info, precision, batch_size: int,
-                   num_workers: int = 0) -> dict:
-    """The metrics of ``task.evaluate`` for one split, identical on every rank."""
+                   num_workers: int = 0, samples_path=None) -> dict:
+    """The metrics of ``task.evaluate`` for one split, identical on every rank.
+
+    With ``samples_path``, rank 0 also writes the per-sample log there (lavis/runners/sample_log.py).
+    """
     # A joint task evaluates datasets of several kinds; each dataset knows its own sample id.
     key = getattr(dataset, "sample_id_key", task.sample_id_key)
-    loader = eval_loader(dataset, task.collator(model, "eval"), batch_size, info.rank, info.world_size, num_workers)
     was_training = model.training
     model.eval()
-    records: list[dict] = []
     try:
-        for batch in loader:
-            batch = move_to_device(batch, info.device)
-            with precision.autocast():
-                records.extend(task.valid_step(model, batch))
+        records = predict_records(task, model, dataset, info.device, precision, batch_size, key, info.rank,
+                                  info.world_size, num_workers)
     finally:
         model.train(was_training)
 
@@ -56,6 +56,7 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
                 raise TypeError(
                     f"{type(task).__name__}.evaluate must return a dict with 'agg_metrics', got {metrics!r}"
                 )
+            _write_samples(samples_path, unique, key, sample_log.pop_samples(metrics), dataset)
             outcome = {"metrics": {k: _plain(v) for k, v in metrics.items()}}
         except UserError as err:
             outcome = {"error": err}
@@ -75,6 +76,16 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
     if "error" in outcome:
         raise outcome["error"]
     return outcome["metrics"]
+
+
+def _write_samples(path, records: list[dict], key: str, per_sample: dict, dataset) -> None:
+    """The per-sample log of a scored split; a failure is a warning: the metrics are what the run is for."""
+    if path is None:
+        return
+    try:
+        sample_log.write_samples(path, sample_log.build_samples(records, key, per_sample, dataset))
+    except Exception:  # noqa: BLE001 - logged with its traceback
+        log.exception("could not write the per-sample log %s", path)
 
 
 def _plain(value):

@@ -25,6 +25,7 @@ from lavis.runners import checkpoint as ckpt
 from lavis.runners.evaluation import evaluate_split
 from lavis.runners.precision import resolve_precision
 from lavis.runners.run_dir import prepare_run_dir
+from lavis.runners.sample_log import fewshot_tag, samples_filename
 
 
 class QuerySubset(Dataset):
@@ -160,10 +161,11 @@ def _evaluate_all(run, task, model, datasets, splits, info, precision, paths, la
                         queries, pool, num_shots=shots, seed=run.trial_seeds[trial], trial=trial,
                         method=run.demo_method, zero_shot_text_demos=run.zero_shot_text_demos, rices=rices,
                     )
-                    tag = f"{split}_{shots}shot_trial{trial}"
+                    tag = fewshot_tag(split, shots, trial)
                     metrics = evaluate_split(
                         task=task, model=model, dataset=fewshot, dataset_name=name, split=tag, info=info,
                         precision=precision, batch_size=run.batch_size_eval, num_workers=run.num_workers,
+                        samples_path=paths.run_dir / samples_filename(name, tag),
                     )
                     metrics_log.write({"dataset": name, "split": split, "shots": shots, "trial": trial,
                                        "seed": run.trial_seeds[trial], "num_queries": len(queries), **metrics})

@@ -40,12 +40,14 @@ class VQATask(BaseTask):
     def records(self, batch, texts: list[str]) -> list[dict]:
         """Result records of a batch from its generated texts."""
         return [
-            {"question_id": int(qid), "answer": postprocess_answer(text)}
+            # resps: the raw generation, for the per-sample log (lavis/runners/sample_log.py)
+            {"question_id": int(qid), "answer": postprocess_answer(text), "resps": text}
             for qid, text in zip(batch["question_id"], texts)
         ]
 
     def evaluate(self, records: list[dict], split: str, dataset) -> dict:
-        from lavis.metrics.vqa import vqa_accuracy, write_vqa_results
+        from lavis.metrics.vqa import vqa_sample_scores, write_vqa_results
+        from lavis.runners.sample_log import SAMPLES_KEY
 
         path = self.result_path(split, "_vqa")
         if path is not None:
@@ -53,7 +55,7 @@ class VQATask(BaseTask):
         if dataset.annotation_file is None:
             # test-dev has no public answers: the results file is the submission, there is nothing to score.
             return {"agg_metrics": None, "num_answers": len(records)}
-        accuracy = vqa_accuracy(
+        accuracy, per_question = vqa_sample_scores(
             dataset.question_file,
             dataset.annotation_file,
             records,
@@ -61,4 +63,5 @@ class VQATask(BaseTask):
         )
         metrics = {"overall": accuracy["overall"], "agg_metrics": accuracy["overall"]}
         metrics.update({f"answer_type/{k}": v for k, v in accuracy["perAnswerType"].items()})
+        metrics[SAMPLES_KEY] = per_question
         return metrics
