@@ -21,17 +21,14 @@ from transformers import GenerationConfig
 from lavis.common.errors import CheckpointError, DataError
 from lavis.models import adapters
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
+from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.perceiver import PerceiverResampler
 from lavis.models.flamingo.vision import patch_tokens
 
 
 def decoder_layers(lang_encoder: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a LLaMA-style HF causal LM (``model.layers``)."""
-    try:
-        return lang_encoder.get_decoder().layers
-    except AttributeError as err:
-        raise TypeError(f"{type(lang_encoder).__name__} has no get_decoder().layers; only LLaMA-style "
-                        "decoder-only models are supported") from err
+    """The decoder layer list of a causal LM of a supported family (see language_models)."""
+    return family_of_model(lang_encoder).decoder_layers(lang_encoder)
 
 
 def pad_after_eos(tokens: torch.Tensor, eos_token_id, pad_token_id: int | None) -> torch.Tensor:
@@ -89,7 +86,8 @@ class Flamingo(nn.Module):
         self._cond = _Conditioning()
         self.media_cache = None  # a MediaCache while media_cache_enabled(...) is active
         # Hooks are on the HF modules themselves, so they survive peft wrapping of lang_encoder.
-        lang_encoder.get_decoder().register_forward_pre_hook(self._on_lm_call, with_kwargs=True)
+        family = family_of_model(lang_encoder)
+        family.decoder(lang_encoder).register_forward_pre_hook(self._on_lm_call, with_kwargs=True)
         for name in self.gated_cross_attn_layers:
             layers[int(name)].register_forward_pre_hook(self._xattn_hook(name), with_kwargs=True)
 
