@@ -16,7 +16,7 @@ import torch
 from lavis.common.errors import DataError
 from lavis.datasets.base import SampleFormat
 from lavis.datasets.collators import FlamingoCollator
-from lavis.datasets.prompts import PromptTemplate, check_text_field
+from lavis.datasets.prompts import DEMOS_KEY, PromptTemplate, check_text_field
 
 
 def _classification_item(record: dict, image: torch.Tensor, text) -> dict:
@@ -27,6 +27,7 @@ def _classification_item(record: dict, image: torch.Tensor, text) -> dict:
         "label": record["label"],
         "class_name": record["class_name"],
         "text_input": text(record["text"]) if record.get("text") else "",
+        "class_set": record["class_set"],  # the builder's name: which class list and prompt the task uses
     }
 
 
@@ -62,5 +63,57 @@ class ClassificationCollator(FlamingoCollator):
         fields["class_name"] = check_text_field(item["class_name"], "class_name", sample)
         return fields
 
+    def __init__(self, tokenizer, role="eval", *, templates: dict | None = None, compat_zero_shot: bool = False,
+                 permutations: int = 1, **kwargs):
+        super().__init__(tokenizer, role, **kwargs)
+        self.templates = dict(templates or {})
+        self.compat_zero_shot = compat_zero_shot
+        self.permutations = permutations
+
+    def __call__(self, items):
+        """The batch of ``items``; with ``permutations > 1`` also ``views``: the batch again with each row's
+        demonstrations in other orders (prompt ensembling)."""
+        sets = {item.get("class_set") for item in items}
+        if len(sets) > 1:
+            raise DataError(f"a classification batch mixes class sets {sorted(map(str, sets))}")
+        (class_set,) = sets
+        if class_set in self.templates:
+            self.template = self.templates[class_set]
+        batch = super().__call__(items)
+        batch["class_set"] = [class_set] * len(items)
+        if self.permutations > 1 and self.role == "eval":
+            orders = [demo_orders(len(item.get(DEMOS_KEY) or []), self.permutations, item["id"]) for item in items]
+            batch["views"] = [
+                super(ClassificationCollator, self).__call__(
+                    [dict(item, **{DEMOS_KEY: [item[DEMOS_KEY][j] for j in order[v]]}) if item.get(DEMOS_KEY) else item
+                     for item, order in zip(items, orders)])
+                for v in range(1, min(len(o) for o in orders))
+            ]
+        return batch
+
+    def row_images(self, item, text_only, sample):
+        if text_only and self.compat_zero_shot and item.get(DEMOS_KEY):
+            # OpenFlamingo v2's 0-shot classification: the demo images are passed but their <image> tags
+            # stripped, so the query's only <image> token attends the first demonstration's image.
+            return [item[DEMOS_KEY][0]["image"]]
+        return super().row_images(item, text_only, sample)
+
     def eval_fields(self, items):
         return {"label": [int(item["label"]) for item in items]}
+
+
+def demo_orders(num_demos: int, count: int, sample_id) -> list[list[int]]:
+    """Up to ``count`` distinct orders of ``num_demos`` demonstrations: the drawn order first, then seeded
+    shuffles (OpenFlamingo shuffles the demos once per ensembling pass)."""
+    import math
+    import random
+
+    wanted = min(count, math.factorial(num_demos))
+    orders = [list(range(num_demos))]
+    rng = random.Random(f"prompt-ensembling/{sample_id}")
+    while len(orders) < wanted:
+        order = list(range(num_demos))
+        rng.shuffle(order)
+        if order not in orders:
+            orders.append(order)
+    return orders

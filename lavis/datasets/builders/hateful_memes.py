@@ -61,6 +61,11 @@ class HatefulMemesBuilder(BaseBuilder):
 
     name = "hateful_memes"
     Config = HatefulMemesConfig
+    classification_kind = "hateful_memes"  # the prompt and metric of the classification task
+
+    def class_names(self) -> list[str]:
+        """The classes in label order: "no" (0), "yes" (1)."""
+        return list(CLASS_NAMES)
 
     def read_records(self, split, role):
         """One record per meme."""
@@ -82,5 +87,6 @@ class HatefulMemesBuilder(BaseBuilder):
                 raise DataError(f"{path}: {where} repeats id {rec['id']}")
             seen.add(sample_id)
             records.append({"image_path": str(Path(images) / rec["img"]), "image_id": sample_id, "id": sample_id,
-                            "label": rec["label"], "class_name": CLASS_NAMES[rec["label"]], "text": rec["text"]})
+                            "label": rec["label"], "class_name": CLASS_NAMES[rec["label"]], "text": rec["text"],
+                            "class_set": self.name})
         return records, CLASSIFICATION, {"annotation_file": path}

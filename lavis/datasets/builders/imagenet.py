@@ -40,6 +40,7 @@ class ImageNetBuilder(BaseBuilder):
 
     name = "imagenet"
     Config = ImageNetConfig
+    classification_kind = "imagenet"  # the prompt and metric of the classification task
 
     def class_names(self) -> list[str]:
         """The class names in class-index order."""
@@ -69,7 +70,7 @@ class ImageNetBuilder(BaseBuilder):
             files = sorted(f for f in os.listdir(root / folder) if f.lower().endswith(IMG_EXTENSIONS))
             for filename in files:
                 records.append({"image_path": str(root / folder / filename), "label": label,
-                                "class_name": names[label], "text": ""})
+                                "class_name": names[label], "text": "", "class_set": self.name})
         for i, rec in enumerate(records):
             rec["id"] = rec["image_id"] = i
         if not records:
