@@ -134,6 +134,7 @@ def fewshot_curve(runs: Sequence[RunData], reference: dict | None = None) -> byt
             shots = sorted(ref["shots"])
             ax.plot(shots, [ref["shots"][s] for s in shots], linestyle="--", marker="s", color="gray",
                     label=reference.get("label", "reference"))
+        ax.set_xticks(sorted({c[0] for _, cells in entries for c in cells}))
         ax.set_title(data)
         ax.set_xlabel("shots")
         ax.set_ylabel("agg_metrics (mean ± std over trials)")

@@ -21,6 +21,7 @@ from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
 from lavis.common.logging import MetricsLog, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
+from lavis.report import report_after_run
 from lavis.runners import checkpoint as ckpt
 from lavis.runners.evaluation import evaluate_split
 from lavis.runners.precision import resolve_precision
@@ -142,6 +143,7 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
         write_table(table, paths.run_dir)
         print(format_table(table))
         print(f"few-shot results written to {paths.run_dir}")
+        report_after_run(paths.run_dir, "evaluated")  # a warning, never an error, when it fails
     return table
 
 
