@@ -65,6 +65,10 @@ class Browser:
         element = self._call("POST", "/element", {"using": "css selector", "value": css})
         self._call("POST", f"/element/{next(iter(element.values()))}/click")
 
+    def resize(self, width: int, height: int) -> None:
+        """Set the window size (a taller window shows more of the page in one screenshot)."""
+        self._call("POST", "/window/rect", {"width": width, "height": height})
+
     def screenshot(self) -> bytes:
         """PNG of the viewport."""
         return base64.b64decode(self._call("GET", "/screenshot"))

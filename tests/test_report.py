@@ -8,18 +8,21 @@ the same pages in headless Chromium.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 from pathlib import Path
 
 import pytest
-from conftest import FAST_DECODING, FAST_JOINT_DECODING, read_jsonl, shapes_section, write_config
+from browser import headless_chromium
+from conftest import FAST_DECODING, FAST_JOINT_DECODING, REPO, read_jsonl, shapes_section, write_config
+from PIL import Image
 
 from lavis.cli import evaluate_main, train_main
 from lavis.report import build_report, report_after_run
 from lavis.report.__main__ import main as report_cli
 from lavis.report.references import REFERENCE_RESULTS
-from lavis.runners.sample_log import prediction, read_samples
+from lavis.runners.sample_log import prediction, read_samples, sample_record, write_samples
 from lavis.tasks.base import FewShotConfig
 
 pytestmark = pytest.mark.slow
@@ -166,3 +169,93 @@ def test_a_failed_report_is_a_warning_not_an_error(tmp_path, caplog, monkeypatch
     assert report_cli([str(tmp_path / "missing")]) == 2
     monkeypatch.setenv("RANK", "1")
     assert report_after_run(tmp_path) is None  # only rank 0 writes it
+
+
+# --- in a real browser -------------------------------------------------------------------------------------
+
+ARTIFACTS = Path(os.environ.get("PETVLM_TEST_ARTIFACTS", REPO / "test-artifacts"))
+ROWS = "[...document.querySelectorAll('#gallery-body tr.row')]"
+
+
+def choose(browser, select_id: str, label_part: str) -> None:
+    """Pick the option of ``select_id`` whose label contains ``label_part``, as a user's choice (change event)."""
+    assert browser.run(f"""
+        const s = document.getElementById('{select_id}');
+        const o = [...s.options].find(o => o.text.includes(arguments[0]));
+        if (!o) return false;
+        s.value = o.value; s.dispatchEvent(new Event('change')); return true;""", label_part)
+
+
+def shown_scores(browser) -> list:
+    return browser.run(f"return {ROWS}.map(r => r.dataset.score === '' ? null : +r.dataset.score)")
+
+
+def test_report_in_headless_chromium(fewshot_runs, tmp_path):
+    trained, untrained = fewshot_runs
+    with headless_chromium() as browser:
+        browser.open((trained / "report.html").as_uri())
+        assert browser.console_errors() == []
+        data = browser.run("return JSON.parse(document.getElementById('report-data').textContent)")
+        assert browser.run(f"return {ROWS}.length") == min(50, len(data["galleries"][0]["rows"]))
+        images = browser.run("return [...document.images].map(i => [i.complete, i.naturalWidth, i.className])")
+        assert sum(c == "query-img" for _, _, c in images) == len(data["galleries"][0]["rows"])
+        assert {c for _, _, c in images} >= {"plot", "query-img"}
+        assert all(done and width > 0 for done, width, _ in images), images
+
+        choose(browser, "gallery-select", "shapes_vqa/val 2-shot trial 0")
+        samples = read_samples(trained / "samples_shapes_vqa_val_2shot_trial0.jsonl")
+        scores = sorted(s["vqa_accuracy"] for s in samples)
+        assert scores[0] < scores[-1], "the trained model should get some questions right and some wrong"
+        assert shown_scores(browser) == scores  # worst first by default
+        assert browser.run("return document.querySelectorAll('img.demo-img').length") == 2 * len(samples)
+        browser.click("#sort-score")
+        assert shown_scores(browser)[0] == max(scores) and shown_scores(browser) == scores[::-1]
+        browser.click("#sort-score")
+        assert shown_scores(browser)[0] == min(scores) == scores[0]
+        choose(browser, "filter-answer_type", "number")
+        numbers = sorted(s["vqa_accuracy"] for s in samples if s["answer_type"] == "number")
+        assert shown_scores(browser) == numbers
+        assert browser.console_errors() == []
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.run("document.getElementById('gallery').scrollIntoView()")
+        shot = ARTIFACTS / "report_fewshot.png"
+        shot.write_bytes(browser.screenshot())
+        print(f"screenshot: {shot}")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # Two runs side by side: the other run's prediction and score beside each sample, sortable by Δ.
+        compare = build_report(trained, out=tmp_path / "compare.html", compare=untrained)
+        browser.open(compare.as_uri())
+        assert browser.console_errors() == []
+        heads = browser.run("return [...document.querySelectorAll('#gallery-head th')].map(t => t.textContent)")
+        assert any(h.startswith("prediction (untrained") for h in heads) and any(h.startswith("Δ") for h in heads)
+        browser.click("#sort-delta")
+        deltas = browser.run(f"return {ROWS}.map(r => r.querySelector('td.delta').textContent)")
+        values = [float(d) for d in deltas if d != "–"]
+        assert values == sorted(values)
+
+
+def test_gallery_of_5000_samples_pages_in_the_browser(tmp_path):
+    run_dir = tmp_path / "big"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("datasets: {vqav2: {}}\nrun: {task: vqa}\n")
+    image = tmp_path / "img.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    samples = [sample_record(i, input=f"<image>Question:q{i} Short answer:", target=["yes"] * 10, resps=f"a{i}",
+                             filtered_resps=f"a{i}", image=str(image), vqa_accuracy=float((i * 37) % 101),
+                             answer_type="yes/no" if i % 2 else "other", question_type="is the")
+               for i in range(5000)]
+    write_samples(run_dir / "samples_vqav2_val_0shot_trial0.jsonl", samples)
+    report = build_report(run_dir)
+    with headless_chromium() as browser:
+        browser.open(report.as_uri())
+        assert browser.console_errors() == []
+        assert browser.run(f"return {ROWS}.length") == 50
+        assert "5000 of 5000 samples" in browser.run("return document.getElementById('gallery-info').textContent")
+        assert shown_scores(browser)[:3] == [0.0, 0.0, 0.0]
+        browser.click("#next-page")
+        assert "page 2 of 100" in browser.run("return document.getElementById('gallery-info').textContent")
+        elapsed = browser.run("const t = performance.now(); document.getElementById('sort-score').click();"
+                              "return performance.now() - t")
+        assert shown_scores(browser)[0] == 100.0
+        print(f"sorting 5000 rows and rendering a page took {elapsed:.1f} ms")
