@@ -179,3 +179,18 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+# Deprecation warnings raised inside third-party code about its own internals, not about our calls:
+# harmless, and printed once per rank they bury the run's own messages.
+_HARMLESS_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # transformers 5, when peft inspects a model
+)
+
+
+def quiet_third_party_warnings() -> None:
+    """Filter the harmless third-party deprecation warnings of ``_HARMLESS_WARNINGS`` (idempotent)."""
+    import warnings
+
+    for category, message in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

@@ -325,16 +325,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lavis.metrics.vqa", description=main.__doc__)
     parser.add_argument("--questions", help="official questions JSON (omit to skip the id check)")
     parser.add_argument("--annotations", required=True, help="official annotations JSON")
-    parser.add_argument("--results", required=True, help="results JSON: [{question_id, answer}]")
+    parser.add_argument("--results", required=True,
+                        help="results JSON: [{question_id, answer}] (with --postprocess, raw generations: "
+                             "[{question_id, generation}] or the raw text in answer)")
     parser.add_argument("--per-question", action="store_true", help="add perQuestion accuracies")
     parser.add_argument("--always-normalize", action="store_true",
                         help="normalise even when all GT answers are identical (not official)")
     parser.add_argument("--all-questions", action="store_true",
                         help="require results for every annotated question (official loadRes)")
+    parser.add_argument("--postprocess", choices=["none", "openflamingo_v2"], default="none",
+                        help="turn raw generations into answers first (openflamingo_v2: cut at Question/Answer/"
+                             "Short, then at ', '); also makes openflamingo_v2 the default --metric")
+    parser.add_argument("--stemmer", choices=["none", "okvqa"], default="none",
+                        help="stem the post-processed answers (okvqa: OpenFlamingo's OK-VQA stemmer)")
+    parser.add_argument("--metric", choices=["official", "openflamingo_v2"],
+                        help="official VQAv2 rules, or OpenFlamingo v2's (always normalise, score every "
+                             "results entry); default: openflamingo_v2 with --postprocess openflamingo_v2")
     args = parser.parse_args(argv)
+    metric = args.metric or ("openflamingo_v2" if args.postprocess == "openflamingo_v2" else "official")
     try:
-        metrics = vqa_accuracy(args.questions, args.annotations, args.results, per_question=args.per_question,
-                               always_normalize=args.always_normalize, all_questions=args.all_questions)
+        results: Any = args.results
+        if args.postprocess != "none" or args.stemmer != "none":
+            from lavis.metrics.postprocess import postprocess_results
+
+            results = postprocess_results(args.results, args.postprocess, args.stemmer)
+        if metric == "openflamingo_v2":
+            from lavis.metrics.vqa_v2 import vqa_accuracy_v2
+
+            metrics = vqa_accuracy_v2(args.questions, args.annotations, results, per_question=args.per_question)
+        else:
+            metrics = vqa_accuracy(args.questions, args.annotations, results, per_question=args.per_question,
+                                   always_normalize=args.always_normalize, all_questions=args.all_questions)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

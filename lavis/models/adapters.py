@@ -69,6 +69,8 @@ class TrainableConfig:
     gated_cross_attn: bool = True  # train every gated cross-attention block (their gates start at 0)
     new_token_embeddings: bool = True  # only the rows of <|endofchunk|> and <image>
     lm_embeddings: bool = False  # every row of the LM's input embedding
+    # Full fine-tuning: every weight of the language model trains (its memory calls for run.strategy=fsdp).
+    lang_encoder: bool = False
 
 
 def _coerce(cls, value, key: str):
@@ -268,6 +270,10 @@ def apply_trainable_policy(model: nn.Module, adapters_cfg=None, trainable_cfg=No
             "trainable.new_token_embeddings and trainable.lm_embeddings to false"
         )
 
+    if trainable_cfg.lang_encoder and is_quantized(_part(model, "lang_encoder")):
+        raise ConfigError("trainable.lang_encoder: a quantised language model cannot be fully fine-tuned; "
+                          "set model.quantization to null or train adapters instead")
+
     model.requires_grad_(False)
     wrappers = {}
     if adapters_cfg.method is not None:
@@ -275,6 +281,8 @@ def apply_trainable_policy(model: nn.Module, adapters_cfg=None, trainable_cfg=No
             wrappers[part] = _inject(model, part, adapters_cfg)
     model.__dict__[_PEFT_MODELS_ATTR] = wrappers
 
+    if trainable_cfg.lang_encoder:
+        _part(model, "lang_encoder").requires_grad_(True)
     if trainable_cfg.perceiver:
         _part(model, "perceiver").requires_grad_(True)
     if trainable_cfg.gated_cross_attn:

@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ from lavis.common.fileio import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
-_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+# A single file step_<N>.pt, or a sharded directory step_<N>/ (run.strategy=fsdp, sharded_checkpoint.py).
+_STEP_FILE = re.compile(r"^step_(\d+)(\.pt)?$")
 FORMAT_VERSION = 1
 
 
@@ -63,14 +65,19 @@ def step_checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def list_step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``[(step, path)]`` of the step checkpoints of a run, oldest first (temporary files ignored)."""
+    """``[(step, path)]`` of the step checkpoints (files or sharded directories) of a run, oldest first.
+
+    Temporary files and incomplete directories are ignored.
+    """
+    from lavis.runners.sharded_checkpoint import is_sharded_checkpoint
+
     directory = Path(run_dir) / CHECKPOINT_DIR
     if not directory.is_dir():
         return []
     found = []
     for entry in directory.iterdir():
         match = _STEP_FILE.match(entry.name)
-        if match and entry.is_file():
+        if match and (entry.is_file() if match.group(2) else is_sharded_checkpoint(entry)):
             found.append((int(match.group(1)), entry))
     return sorted(found)
 
@@ -91,7 +98,10 @@ def prune_step_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[P
     found = list_step_checkpoints(run_dir)
     doomed = [path for _, path in found[: max(0, len(found) - max(1, keep_last))]]
     for path in doomed:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     return doomed
 
 

@@ -17,7 +17,7 @@ from lavis.common import dist
 from lavis.common.errors import UserError
 from lavis.common.logging import get_logger
 from lavis.runners import sample_log
-from lavis.runners.data import eval_loader
+from lavis.runners.eval_batches import predict_records
 
 log = get_logger()
 
@@ -35,16 +35,11 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
     """
     # A joint task evaluates datasets of several kinds; each dataset knows its own sample id.
     key = getattr(dataset, "sample_id_key", task.sample_id_key)
-    collator = sample_log.DemoIndexCollator(task.collator(model, "eval"))
-    loader = eval_loader(dataset, collator, batch_size, info.rank, info.world_size, num_workers)
     was_training = model.training
     model.eval()
-    records: list[dict] = []
     try:
-        for batch in loader:
-            batch = move_to_device(batch, info.device)
-            with precision.autocast():
-                records.extend(sample_log.annotate(task.valid_step(model, batch), batch, key))
+        records = predict_records(task, model, dataset, info.device, precision, batch_size, key, info.rank,
+                                  info.world_size, num_workers)
     finally:
         model.train(was_training)
 

@@ -103,6 +103,14 @@ class RunConfig:
     amp: Literal["fp32", "fp16", "bf16"] = "fp32"
     # DDP: let parameters receive no gradient in a step (slower; only when the model needs it).
     find_unused_parameters: bool = False
+    # ddp: every process holds the whole model (best while it fits one device); fsdp: FSDP2 shards weights,
+    # gradients and optimizer state over the processes, and step checkpoints become sharded directories
+    # checkpoints/step_<N>/ (README "Scaling out"). Full fine-tuning of the LM: model.trainable.lang_encoder=true.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: free each unit's gathered weights after its forward (less memory; gathered again in backward).
+    fsdp_reshard_after_forward: bool = True
+    # fsdp: shard the vision tower's blocks as units; null = when it trains or has >= 100M parameters.
+    fsdp_shard_vision: Optional[bool] = None
 
     # Splits used for training (their datasets are concatenated).
     train_splits: list[str] = field(default_factory=lambda: ["train"])

@@ -10,7 +10,6 @@ Checkpoints are only taken at step boundaries after the period-end work, so
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import signal
 import threading
@@ -23,6 +22,7 @@ from lavis.common.errors import CheckpointError, ConfigError
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, progress_bar, setup_logging
 from lavis.common.registry import registry
 from lavis.runners import checkpoint as ckpt
+from lavis.runners import sharded_checkpoint as sharded
 from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
 from lavis.runners.evaluation import evaluate_split, move_to_device
 from lavis.runners.optim import build_lr_schedule, build_optimizer
@@ -31,6 +31,7 @@ from lavis.runners.resume_check import check_resume_config
 from lavis.runners.run_config import available_splits, check_run_values, check_splits, resolve_best_dataset
 from lavis.runners.run_dir import prepare_run_dir
 from lavis.runners.sample_log import samples_filename, step_tag
+from lavis.runners.strategy import build_strategy
 
 log = get_logger()
 
@@ -50,6 +51,7 @@ class RunnerBase:
         self.best_dataset = None if run.evaluate else resolve_best_dataset(run, datasets, self.best_split)
         self.info = dist.init_distributed(run.device, run.dist_timeout_s)
         self.precision = resolve_precision(run.amp, self.info.device)
+        self.strategy = build_strategy(run, self.precision, self.info)
         ckpt.set_seed(run.seed + self.info.rank)
         self.model = model.to(self.info.device)
         self.paths = prepare_run_dir(run, cfg)
@@ -106,10 +108,11 @@ class RunnerBase:
         )
         self.stream = stream
         self.steps_per_period, self.total_steps = self.plan(stream)
+        # Wrapped first: FSDP replaces the parameters by their shards, which the optimizer must hold.
+        self.train_model = self._wrap_ddp(self.model)
         self.optimizer = build_optimizer(self.model, run)
         self.schedule = build_lr_schedule(self.optimizer, run, self.total_steps, self.steps_per_period)
-        self.scaler = self.precision.grad_scaler()
-        self.train_model = self._wrap_ddp(self.model)
+        self.scaler = self.strategy.grad_scaler()
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         # e.g. AdaLoRA's rank re-allocation; None for models without such a hook.
         self._after_step = self.model.optimizer_step_hook() if hasattr(self.model, "optimizer_step_hook") else None
@@ -225,18 +228,18 @@ class RunnerBase:
         for i, batch in enumerate(micro_batches):
             batch = move_to_device(batch, self.info.device)
             last = i == accum - 1
-            # Gradients are all-reduced once, on the last micro-batch.
-            sync = contextlib.nullcontext() if last or self.train_model is self.model else self.train_model.no_sync()
-            with sync:
+            # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once, on the last micro-batch.
+            with self.strategy.gradient_sync(self.train_model, last):
                 with self.precision.autocast():
                     loss = self.task.train_step(self.train_model, batch)
                 self.scaler.scale(loss / accum).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        self.strategy.finish_gradients(self.trainable)
         lr = self.schedule.step(self.global_step)
         grad_norm = None
         if self.run_cfg.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.run_cfg.max_grad_norm))
+            grad_norm = self.strategy.clip_grad_norm_(self.trainable, float(self.run_cfg.max_grad_norm))
         scale_before = self._scale_if_needed()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -292,10 +295,11 @@ class RunnerBase:
         if not better:
             return
         self.best = {"metric": value, "step": self.global_step}
+        weights = self.strategy.gather_trainable_state_dict(self.model)  # a collective under fsdp
         if self.info.is_main:
             ckpt.save_checkpoint(self.paths.checkpoints / ckpt.BEST_NAME, {
                 "format_version": ckpt.FORMAT_VERSION,
-                "model": ckpt.trainable_state_dict(self.model),
+                "model": weights,
                 "best": dict(self.best, split=split, key=key),
                 "step": self.global_step,
             })
@@ -305,14 +309,35 @@ class RunnerBase:
 
     def _save(self):
         rng_states = dist.gather_objects(ckpt.capture_rng_state())
+        if self.strategy.sharded_checkpoints:
+            return self._save_sharded(rng_states)
         if not self.info.is_main:
             return None
         state = {
-            "format_version": ckpt.FORMAT_VERSION,
             "model": ckpt.trainable_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            **self._training_state(rng_states),
+        }
+        path = ckpt.save_checkpoint(ckpt.step_checkpoint_path(self.paths.run_dir, self.global_step), state)
+        ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
+        return path
+
+    def _save_sharded(self, rng_states):
+        # Every rank writes its shards of the weights and optimizer state; rank 0 the rest (run.strategy=fsdp).
+        state = self._training_state(rng_states) if self.info.is_main else None
+        path = sharded.save(sharded.step_checkpoint_dir(self.paths.run_dir, self.global_step), self.model,
+                            self.optimizer, state)
+        if self.info.is_main:
+            ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
+        dist.barrier()
+        return path
+
+    def _training_state(self, rng_states) -> dict:
+        """Everything of a step checkpoint but the weights and the optimizer state."""
+        return {
+            "format_version": ckpt.FORMAT_VERSION,
             # Non-parameter training state of the model (e.g. AdaLoRA's rank allocator), when it has some.
             "model_state": self.model.training_state() if hasattr(self.model, "training_state") else {},
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_states,
@@ -321,25 +346,31 @@ class RunnerBase:
             "best": dict(self.best),
             "config": OmegaConf.to_container(self.cfg, resolve=True) if OmegaConf.is_config(self.cfg) else {},
         }
-        path = ckpt.save_checkpoint(ckpt.step_checkpoint_path(self.paths.run_dir, self.global_step), state)
-        ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
-        return path
 
     def _resume(self, path) -> None:
-        state = ckpt.load_checkpoint(path)
+        if path.is_dir():  # sharded: weights and optimizer are loaded (and re-sharded) here
+            if not self.strategy.sharded_checkpoints:
+                raise CheckpointError(f"{path}: a sharded checkpoint (written with run.strategy=fsdp); resume it "
+                                      f"with run.strategy=fsdp, or convert it with lavis.export --format single")
+            state = sharded.load(path, self.model, self.optimizer)
+            state.update(model=None, optimizer=None)
+        else:
+            state = ckpt.load_checkpoint(path)
         missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "progress") if k not in state]
         if missing:
             raise CheckpointError(f"{path}: not a training checkpoint (missing {missing}); a best.pt holds only "
                                   f"weights: use it with run.evaluate=true")
         check_resume_config(state.get("config") or {}, self.cfg, self.PLAN_KEYS, path)
-        ckpt.load_trainable_state_dict(self.model, state["model"], str(path))
+        if state["model"] is not None:
+            self.strategy.load_trainable_state_dict(self.model, state["model"], str(path))
         if state.get("model_state"):
             try:
                 self.model.load_training_state(state["model_state"])
             except (AttributeError, KeyError, ValueError) as err:
                 raise CheckpointError(f"{path}: its model training state does not fit the model: {err}") from None
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state["optimizer"] is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{path}: optimizer state does not fit (changed run.param_groups?): {err}") from None
         self.schedule.load_state_dict(state["scheduler"])
@@ -353,7 +384,8 @@ class RunnerBase:
             ckpt.restore_rng_state(state["rng"][self.info.rank])
         else:
             log.warning("%s was written by %d process(es), resuming with %d: the data order and random streams "
-                        "differ from the original run", path, state["world_size"], self.info.world_size)
+                        "differ from the original run%s", path, state["world_size"], self.info.world_size,
+                        "; the sharded weights and optimizer state were re-sharded" if path.is_dir() else "")
         log.info("resumed from %s at step %d", path, self.global_step)
 
     # --- final / evaluation-only -----------------------------------------------------------------------
@@ -361,7 +393,7 @@ class RunnerBase:
     def _final_test(self) -> dict:
         best_path = self.paths.checkpoints / ckpt.BEST_NAME
         if self.run_cfg.valid_splits and best_path.is_file():
-            state = ckpt.load_weights(self.model, best_path)
+            state = self._load_weights(best_path)
             log.info("testing the best checkpoint (step %s)", state.get("step"))
         last_period = (self.global_step - 1) // self.steps_per_period
         return {split: self.evaluate(split, step=self.global_step, epoch=last_period)
@@ -370,7 +402,7 @@ class RunnerBase:
     def _evaluate_only(self) -> dict:
         run = self.run_cfg
         if self.paths.resume_from is not None:
-            ckpt.load_weights(self.model, self.paths.resume_from)
+            self._load_weights(self.paths.resume_from)
         splits = list(run.test_splits or run.valid_splits)
         if not splits:
             raise ConfigError("run.evaluate=true needs run.test_splits or run.valid_splits")
@@ -381,10 +413,15 @@ class RunnerBase:
 
     # --- processes and signals -------------------------------------------------------------------------
 
+    def _load_weights(self, path) -> dict:
+        # A single file or a sharded directory, into the model as it is (sharded or not).
+        weights, state = sharded.read_weights(path)
+        self.strategy.load_trainable_state_dict(self.model, weights, str(path))
+        return state
+
     def _wrap_ddp(self, model):
-        if not self.info.distributed:
-            return model
-        return dist.wrap_ddp(model, self.info.device, self.run_cfg.find_unused_parameters)
+        # DDP or FSDP, per run.strategy (the name stays: tests count DDP's all-reduces through it).
+        return self.strategy.wrap(model)
 
     def _install_sigterm(self):
         if threading.current_thread() is not threading.main_thread():

@@ -126,7 +126,9 @@ class BaseTask:
             attention_mask=batch["attention_mask"],
             **{**self.generation_kwargs(), **overrides},
         )
-        return model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        from lavis.models.decoding import decode_texts
+
+        return decode_texts(model.tokenizer, new_tokens)
 
     def result_path(self, split: str, suffix: str = "") -> Optional[Path]:
         """Where the results of ``split`` are written (None when no run directory is set)."""

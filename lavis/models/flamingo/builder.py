@@ -21,6 +21,7 @@ from lavis.models import adalora, adapters
 from lavis.models.adapters import AdapterConfig, TrainableConfig
 from lavis.models.flamingo.checkpoint_io import load_openflamingo_checkpoint
 from lavis.models.flamingo.flamingo import Flamingo
+from lavis.models.flamingo.scoring import score_continuations
 from lavis.models.flamingo.tokenizer import (
     END_OF_CHUNK,
     MEDIA_TOKEN,
@@ -28,6 +29,7 @@ from lavis.models.flamingo.tokenizer import (
     load_llama_tokenizer,
 )
 from lavis.models.flamingo.vision import build_vision_tower, tiny_vision_tower
+from lavis.models.inference import InferenceMixin
 from lavis.models.master_weights import cast_frozen_parameters, upcast_trainable_parameters
 from lavis.models.quantization import load_language_model, resolve_dtype
 
@@ -105,7 +107,7 @@ def tiny_language_model(tiny: TinyConfig, vocab_size: int, pad_token_id: int | N
 
 
 @registry.register_model("openflamingo")
-class OpenFlamingo(Flamingo):
+class OpenFlamingo(InferenceMixin, Flamingo):
     """OpenFlamingo built from a config section; has ``.tokenizer``, ``.image_processor``, ``.image_size``."""
 
     @dataclass
@@ -247,6 +249,15 @@ class OpenFlamingo(Flamingo):
             if extras is not None:
                 output.loss = output.loss + extras
         return output
+
+    def score(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None,
+              continuations, normalize_length: bool = True, batch_size: int = 16) -> torch.Tensor:
+        """(B, C) log-likelihood of each continuation after each context, context encoded once.
+
+        See :func:`lavis.models.flamingo.scoring.score_continuations`.
+        """
+        return score_continuations(self, vision_x, lang_x, attention_mask, continuations,
+                                   normalize_length=normalize_length, batch_size=batch_size)
 
     # --- training hooks the runner calls, model-agnostically (hasattr), for what adapters need ----------
 

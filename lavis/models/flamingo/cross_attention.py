@@ -14,12 +14,24 @@ of its row (``vision_x[b, k-1]``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lavis.models.flamingo.perceiver import feed_forward, merge_heads, split_heads
 
 XATTN_SEMANTICS = ("v1", "v2")
+
+
+class MediaKV(NamedTuple):
+    """Cross-attention keys and values of one block for a media batch: k, v (B, heads, T_img * n, dim_head)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    num_media: int
+    num_latents: int
 
 
 def media_index_v1(input_ids: torch.Tensor, media_token_id: int) -> torch.Tensor:
@@ -54,7 +66,13 @@ def media_index(input_ids: torch.Tensor, media_token_id: int, semantics: str,
 
 
 class MaskedCrossAttention(nn.Module):
-    """Text queries attend to the latents of the single image chosen by the media index."""
+    """Text queries attend to the latents of the single image chosen by the media index.
+
+    The media keys/values do not depend on the text, so they are computed once per generate call
+    (:meth:`media_kv`) and every decoding step reuses them. The LM batch may hold ``group`` adjacent
+    rows per media row (beams, returned sequences): their queries are folded into the query length of
+    their media row, so the shared keys/values are never copied per beam.
+    """
 
     def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8):
         super().__init__()
@@ -66,22 +84,40 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim_visual, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D), media (B, T_img, n, Dv), index (B, L) -> (B, L, D)."""
+    def media_kv(self, media: torch.Tensor) -> MediaKV:
+        """Keys and values of media (B, T_img, n, Dv): each (B, heads, T_img * n, dim_head)."""
         b, t_img, n, _ = media.shape
-        q = split_heads(self.to_q(self.norm(x)), self.heads) * self.scale
         k, v = self.to_kv(media.reshape(b, t_img * n, -1)).chunk(2, dim=-1)
-        k, v = split_heads(k, self.heads), split_heads(v, self.heads)
-        sim = q @ k.transpose(-1, -2)  # (B, h, L, T_img * n)
-        media_time = torch.arange(1, t_img + 1, device=x.device).repeat_interleave(n)
-        allowed = index[:, None, :, None] == media_time[None, None, None, :]
-        sim = sim.masked_fill(~allowed, -torch.finfo(sim.dtype).max)
-        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
-        attn = sim.softmax(dim=-1)
-        # A token with no image (index 0, or an index past the images given) gets exactly zero output.
-        attends = (index > 0) & (index <= t_img)
-        attn = attn.masked_fill(~attends[:, None, :, None], 0.0)
-        return self.to_out(merge_heads(attn @ v))
+        return MediaKV(split_heads(k, self.heads), split_heads(v, self.heads), t_img, n)
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor | MediaKV, index: torch.Tensor) -> torch.Tensor | None:
+        """x (B_lm, L, D), media (B, T_img, n, Dv) or its :class:`MediaKV`, index (B_lm, L) -> (B_lm, L, D).
+
+        ``B_lm`` is a multiple of the media batch ``B``: rows ``b * g ... b * g + g - 1`` share media row ``b``.
+        A token with no image (index 0, or past the images given) gets exactly zero output, and no work:
+        only the span of the call's tokens that attend an image is computed; None when no token does.
+        """
+        kv = media if isinstance(media, MediaKV) else self.media_kv(media)
+        attends = (index > 0) & (index <= kv.num_media)
+        columns = attends.any(dim=0).nonzero()
+        if len(columns) == 0:  # e.g. every v1 decoding step
+            return None
+        first, last = int(columns[0]), int(columns[-1]) + 1
+        rows, length = x.shape[0], last - first
+        b = kv.k.shape[0]
+        group = rows // b
+        q = split_heads(self.to_q(self.norm(x[:, first:last])), self.heads)  # (B_lm, h, L', d)
+        # Fold the group into the query length: (B, h, group * L', d) against the B media rows.
+        q = q.reshape(b, group, self.heads, length, -1).transpose(1, 2).reshape(b, self.heads, group * length, -1)
+        span, span_attends = index[:, first:last], attends[:, first:last]
+        media_time = torch.arange(1, kv.num_media + 1, device=x.device).repeat_interleave(kv.num_latents)
+        allowed = span.reshape(b, group * length, 1) == media_time
+        # A token that attends nothing may look anywhere (a fully masked row is NaN); it is zeroed below.
+        allowed |= ~span_attends.reshape(b, group * length, 1)
+        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=allowed[:, None], scale=self.scale)
+        out = out.reshape(b, self.heads, group, length, -1).transpose(1, 2).reshape(rows, self.heads, length, -1)
+        out = self.to_out(merge_heads(out)).masked_fill(~span_attends[..., None], 0.0)
+        return F.pad(out, (0, 0, first, x.shape[1] - last))
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -94,8 +130,10 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, media: torch.Tensor | MediaKV, index: torch.Tensor) -> torch.Tensor:
         """Apply the block; the feed-forward is not masked (every token gets it, as in the release)."""
-        x = self.attn(x, media, index) * self.attn_gate.tanh() + x
+        attended = self.attn(x, media, index)
+        if attended is not None:  # adding the zero output of a call with no image would change nothing
+            x = attended * self.attn_gate.tanh() + x
         x = self.ff(x) * self.ff_gate.tanh() + x
         return x

@@ -11,7 +11,7 @@ conditioning object for the duration of one ``forward`` / ``generate`` call.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
@@ -48,10 +48,12 @@ def pad_after_eos(tokens: torch.Tensor, eos_token_id, pad_token_id: int | None) 
 class _Conditioning:
     """Media of the current call and what the hooks derive from it."""
 
-    media: torch.Tensor | None = None  # (B, T_img, n_latents, D_vis), as encoded
-    expanded: torch.Tensor | None = None  # media repeated to the LM batch (beams / return sequences)
+    media: torch.Tensor | None = None  # (B, T_img, n_latents, D_vis), as encoded: one row per sample
     index: torch.Tensor | None = None  # (B_lm, L_call) media index of the current LM call
     media_count: torch.Tensor | None = None  # (B_lm,) <image> tokens seen so far (v2 with a KV cache)
+    # Per cross-attention block, the media keys/values: computed at the first LM call, reused by every
+    # later one (decoding steps) and shared by the beams of a sample (never repeated per beam).
+    kv: dict = field(default_factory=dict)
 
 
 class Flamingo(nn.Module):
@@ -85,6 +87,7 @@ class Flamingo(nn.Module):
             for i in range(len(layers)) if (i + 1) % every == 0
         })
         self._cond = _Conditioning()
+        self.media_cache = None  # a MediaCache while media_cache_enabled(...) is active
         # Hooks are on the HF modules themselves, so they survive peft wrapping of lang_encoder.
         lang_encoder.get_decoder().register_forward_pre_hook(self._on_lm_call, with_kwargs=True)
         for name in self.gated_cross_attn_layers:
@@ -98,9 +101,18 @@ class Flamingo(nn.Module):
         return self
 
     def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
-        """(B, T_img, F, C, H, W) -> Perceiver latents (B, T_img, n_latents, D_vis); the tower gets no grad."""
+        """(B, T_img, F, C, H, W) -> Perceiver latents (B, T_img, n_latents, D_vis); the tower gets no grad.
+
+        With a :class:`~lavis.models.flamingo.media_cache.MediaCache` enabled and no gradient recorded,
+        each distinct image is encoded once and its latents reused (see that module).
+        """
         if vision_x.ndim != 6:
             raise DataError(f"vision_x must be (batch, images, frames, C, H, W), got shape {tuple(vision_x.shape)}")
+        if self.media_cache is not None and not torch.is_grad_enabled():
+            return self.media_cache.encode(vision_x, self._encode_images)
+        return self._encode_images(vision_x)
+
+    def _encode_images(self, vision_x: torch.Tensor) -> torch.Tensor:
         b, t, f = vision_x.shape[:3]
         images = vision_x.reshape(b * t * f, *vision_x.shape[3:])
         with torch.no_grad():
@@ -136,14 +148,15 @@ class Flamingo(nn.Module):
         if input_ids is None:
             raise ValueError("Flamingo needs input_ids (not inputs_embeds) to place the media")
         rows = input_ids.shape[0]
-        if cond.expanded is None or cond.expanded.shape[0] != rows:
-            if rows % cond.media.shape[0]:
-                raise ValueError(f"LM batch {rows} is not a multiple of the media batch {cond.media.shape[0]}")
-            # Beams / returned sequences of one sample are adjacent rows (HF repeat_interleave).
-            cond.expanded = cond.media.repeat_interleave(rows // cond.media.shape[0], dim=0)
+        if rows % cond.media.shape[0]:
+            # Beams / returned sequences of one sample are adjacent rows (HF repeat_interleave); the
+            # cross-attention maps LM row r to media row r // (rows / media rows).
+            raise ValueError(f"LM batch {rows} is not a multiple of the media batch {cond.media.shape[0]}")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = cache.get_seq_length() if cache is not None else 0
         past_count = cond.media_count if (past_len > 0 and cond.media_count is not None) else None
+        if past_count is not None and past_count.shape[0] != rows:  # a cache repeated per row (scoring)
+            past_count = past_count.repeat_interleave(rows // past_count.shape[0])
         cond.index = media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count)
         new = (input_ids == self.media_token_id).sum(dim=-1)
         cond.media_count = new if past_count is None else past_count + new
@@ -158,12 +171,14 @@ class Flamingo(nn.Module):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             dtype = block.ff_gate.dtype
-            media = cond.expanded.to(dtype)
+            kv = cond.kv.get(name)
+            if kv is None:
+                kv = cond.kv[name] = block.attn.media_kv(cond.media.to(dtype))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(block, hidden.to(dtype), media, cond.index,
+                out = torch.utils.checkpoint.checkpoint(block, hidden.to(dtype), kv, cond.index,
                                                         use_reentrant=False)
             else:
-                out = block(hidden.to(dtype), media, cond.index)
+                out = block(hidden.to(dtype), kv, cond.index)
             out = out.to(hidden.dtype)
             if args:
                 return (out, *args[1:]), kwargs

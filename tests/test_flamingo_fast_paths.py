@@ -1,0 +1,112 @@
+"""The fused attention paths equal the plain formulas of the release, and do only the work that changes.
+
+The references below are the release's masked attention written out term by term (dense similarity over
+every image's latents, masked_fill, amax subtraction, softmax, rows without an image zeroed), run on the
+media repeated per beam: what OpenFlamingo computes at every LM call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lavis.models import build_model
+from lavis.models.flamingo.cross_attention import MaskedCrossAttention, media_index_v1, media_index_v2
+from lavis.models.flamingo.perceiver import PerceiverAttention, merge_heads, split_heads
+from tests.test_flamingo_network import PROMPTS, open_gates, prompts_batch, tiny_cfg
+
+torch.set_num_threads(1)
+
+
+def release_cross_attention(attn: MaskedCrossAttention, x, media, index):
+    b, t_img, n, _ = media.shape
+    q = split_heads(attn.to_q(attn.norm(x)), attn.heads) * attn.scale
+    k, v = attn.to_kv(media.reshape(b, t_img * n, -1)).chunk(2, dim=-1)
+    k, v = split_heads(k, attn.heads), split_heads(v, attn.heads)
+    sim = q @ k.transpose(-1, -2)
+    media_time = torch.arange(1, t_img + 1).repeat_interleave(n)
+    sim = sim.masked_fill(index[:, None, :, None] != media_time, -torch.finfo(sim.dtype).max)
+    attn_w = (sim - sim.amax(dim=-1, keepdim=True)).softmax(dim=-1)
+    attn_w = attn_w.masked_fill(~((index > 0) & (index <= t_img))[:, None, :, None], 0.0)
+    return attn.to_out(merge_heads(attn_w @ v))
+
+
+def release_perceiver_attention(attn: PerceiverAttention, media, latents):
+    media, latents = attn.norm_media(media), attn.norm_latents(latents)
+    q = split_heads(attn.to_q(latents), attn.heads) * attn.scale
+    k, v = attn.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
+    k, v = split_heads(k, attn.heads), split_heads(v, attn.heads)
+    sim = q @ k.transpose(-1, -2)
+    return attn.to_out(merge_heads((sim - sim.amax(-1, keepdim=True)).softmax(-1) @ v))
+
+
+M = 9  # the media token id of these crafted rows
+
+
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_cross_attention_equals_the_release_formula(semantics, group):
+    torch.manual_seed(0)
+    attn = MaskedCrossAttention(32, 16, dim_head=8, heads=4)
+    ids = torch.tensor([[1, 5, M, 5, 5, M, 5, 5, 5], [0, 0, 1, M, 5, 5, M, 5, 5], [0, 0, 0, 0, 1, M, 5, 5, 5]])
+    index = media_index_v1(ids, M) if semantics == "v1" else media_index_v2(ids, M)
+    media = torch.randn(3, 2, 5, 16)
+    x = torch.randn(3 * group, ids.shape[1], 32)
+    index = index.repeat_interleave(group, dim=0)
+    with torch.no_grad():
+        fast = attn(x, media, index)  # media rows shared by the group, not repeated
+        slow = release_cross_attention(attn, x, media.repeat_interleave(group, dim=0), index)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast[index == 0], torch.zeros_like(fast[index == 0]))
+
+
+def test_a_call_where_no_token_attends_an_image_does_no_attention():
+    attn = MaskedCrossAttention(32, 16, dim_head=8, heads=4)
+    calls = []
+    attn.to_q.register_forward_hook(lambda *a: calls.append(1))
+    assert attn(torch.randn(6, 1, 32), torch.randn(2, 2, 5, 16), torch.zeros(6, 1, dtype=torch.long)) is None
+    assert not calls
+
+
+def test_perceiver_attention_equals_the_release_formula():
+    torch.manual_seed(0)
+    attn = PerceiverAttention(32, dim_head=8, heads=4)
+    media, latents = torch.randn(2, 3, 10, 32), torch.randn(2, 3, 4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(media, latents), release_perceiver_attention(attn, media, latents),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
+def test_media_keys_values_computed_once_per_generate_on_the_media_rows(semantics):
+    model = build_model(tiny_cfg(xattn_semantics=semantics)).eval()
+    open_gates(model, 1.5)
+    vision_x, ids, mask = prompts_batch(model, PROMPTS)
+    rows = []
+    handles = [block.attn.to_kv.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]))
+               for block in model.gated_cross_attn_layers.values()]
+    model.generate(vision_x, ids, mask, num_beams=3, max_new_tokens=6, min_new_tokens=6)
+    for h in handles:
+        h.remove()
+    # One to_kv call per block for the whole generation, on the 3 media rows (not 3 x 3 beam rows).
+    assert rows == [len(PROMPTS)] * len(model.gated_cross_attn_layers)
+
+
+def test_generation_logits_match_the_release_formula_path():
+    """Whole-model logits with the fused blocks equal those with the release's formulas (1e-5)."""
+    model = build_model(tiny_cfg(xattn_semantics="v1")).eval()
+    open_gates(model, 1.0)
+    vision_x, ids, mask = prompts_batch(model, PROMPTS)
+    with torch.no_grad():
+        fast = model(vision_x, ids, mask).logits
+        originals = {}
+        for block in model.gated_cross_attn_layers.values():
+            originals[block] = block.attn.forward
+            block.attn.forward = (lambda a: lambda x, kv, index: release_cross_attention(
+                a, x, model._cond.media, index))(block.attn)
+        for attn, _ in model.perceiver.layers:
+            attn.forward = (lambda a: lambda m, lat: release_perceiver_attention(a, m, lat))(attn)
+        slow = model(vision_x, ids, mask).logits
+    open_gates(model, 0.0)
+    valid = mask.bool()
+    torch.testing.assert_close(fast[valid], slow[valid], atol=1e-5, rtol=1e-5)
