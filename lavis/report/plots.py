@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lavis.report.run_data import PLACE_KEYS, RunData  # noqa: E402
 
 # Training scalars drawn first, in this order; any other numeric key of the training lines follows.
-TRAIN_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s")
+TRAIN_KEYS = ("loss", "lr", "grad_norm", "throughput/samples_per_s", "throughput/tokens_per_s", "time/step_s",
+              "memory/peak_mb")
 DPI = 110
 
 
