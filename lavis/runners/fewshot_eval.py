@@ -30,6 +30,7 @@ from lavis.common.fileio import atomic_write_json, atomic_write_text
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
 from lavis.models.trained import load_trained_weights, model_label
+from lavis.report import report_after_run
 from lavis.runners import eval_cache
 from lavis.runners.eval_results import build_results, cell_summary
 from lavis.runners.evaluation import evaluate_split
@@ -173,6 +174,7 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
         atomic_write_json(paths.run_dir / "results.json", results, indent=2)
         log.info("few-shot table (%s):\n%s", label, format_table(table))  # console and log.txt
         print(f"few-shot results written to {paths.run_dir}")
+        report_after_run(paths.run_dir, "evaluated")  # a warning, never an error, when it fails
     return table
 
 
