@@ -144,9 +144,12 @@ def train_main(argv=None) -> None:
         task, model, datasets = build_components(cfg, raw_config(args.cfg_path, args.options))
         runner = registry.get("runner", cfg.run.runner)(cfg, task, model, datasets)
         try:
-            runner.train()
+            summary = runner.train()
         finally:
             runner.close()
+        from lavis.report import report_after_run
+
+        report_after_run(summary["run_dir"], summary["status"])
 
 
 def evaluation_run_name(cfg_path: str, trained) -> str:

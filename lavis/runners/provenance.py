@@ -120,6 +120,12 @@ def start_invocation(paths, cfg, info, model=None) -> None:
     record.setdefault("start_time", entry["start_time"])
     record["end_time"] = None
     atomic_write_json(run_dir / RUN_INFO, record, indent=2)
+    model_cfg = cfg.get("model") if hasattr(cfg, "get") else None
+    if model_cfg is not None and "arch" in model_cfg:
+        from lavis.models.trained import describe_structure
+
+        plain = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+        get_logger().info("model: %s/%s, %s", plain.get("arch"), plain.get("model_type"), describe_structure(plain))
     if model is not None:
         log_trainable_parameters(model)
 
