@@ -79,6 +79,19 @@ def _peft(directory: Path) -> TrainedCheckpoint:
     return TrainedCheckpoint("peft", directory, model_cfg)
 
 
+def _peek(path: Path) -> dict:
+    """The checkpoint's dict, memory-mapped where possible: it is only classified here, and loaded later."""
+    from lavis.runners.checkpoint import load_checkpoint
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip file, or refused: the full loader gives the precise message
+        return load_checkpoint(path)
+    if not isinstance(state, dict):
+        return load_checkpoint(path)
+    return state
+
+
 def _training(path: Path, state: dict) -> TrainedCheckpoint:
     config = state.get("config") or _run_config(path)
     if not config or not config.get("model"):
@@ -108,7 +121,7 @@ def resolve_checkpoint(path: str | Path) -> TrainedCheckpoint:
             raise CheckpointError(
                 f"{path}: a directory that is neither a run directory (checkpoints/) nor a peft adapter "
                 f"({PEFT_CONFIG})")
-    state = load_checkpoint(path)
+    state = _peek(path)
     if isinstance(state.get("model"), dict):
         return _training(path, state)
     flat = state.get("model_state_dict", state)
