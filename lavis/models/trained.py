@@ -204,6 +204,21 @@ def _load_peft_dir(model: torch.nn.Module, directory: Path) -> None:
                 params[name].copy_(value)
 
 
+def checkpoint_fingerprint(checkpoint: TrainedCheckpoint | str | Path) -> str:
+    """sha256 of the checkpoint's bytes: the file's, or every file of a folder (peft, sharded) in name order."""
+    import hashlib
+
+    path = checkpoint.path if isinstance(checkpoint, TrainedCheckpoint) else Path(checkpoint)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def model_label(cfg, checkpoint: TrainedCheckpoint | str | Path | None) -> str:
     """How results tables name the evaluated model: the checkpoint's path, or ``arch/model_type (pretrained)``."""
     if checkpoint is None:
