@@ -27,7 +27,13 @@ from lavis.runners.evaluation import evaluate_split, move_to_device
 from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
-from lavis.runners.run_config import available_splits, check_run_values, check_splits, resolve_best_dataset
+from lavis.runners.run_config import (
+    available_splits,
+    check_run_values,
+    check_splits,
+    check_warmup,
+    resolve_best_dataset,
+)
 from lavis.runners.run_dir import prepare_run_dir
 from lavis.runners.sample_log import samples_filename, step_tag
 from lavis.runners.strategy import build_strategy
@@ -107,6 +113,7 @@ class RunnerBase:
         )
         self.stream = stream
         self.steps_per_period, self.total_steps = self.plan(stream)
+        check_warmup(run, self.total_steps)
         # Wrapped first: FSDP replaces the parameters by their shards, which the optimizer must hold.
         self.train_model = self._wrap_ddp(self.model)
         self.optimizer = build_optimizer(self.model, run)

@@ -6,6 +6,9 @@ import re
 from dataclasses import dataclass
 
 from lavis.common.registry import registry
+
+# VQAv2's answer types (the keys of the official evaluation's perAnswerType).
+ANSWER_TYPES = ("yes/no", "number", "other")
 from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
 
 
@@ -28,6 +31,10 @@ class VQATask(BaseTask):
         max_new_tokens: int = 5  # generation stops at <|endofchunk|> or after this many new tokens
         # Normalise answers even when all ten GT answers agree (not official: by default "Yes" vs "yes" is 0).
         always_normalize: bool = False
+
+    @classmethod
+    def metric_names(cls, run) -> list[str]:
+        return ["agg_metrics", "overall", *(f"answer_type/{t}" for t in ANSWER_TYPES)]
 
     def collator(self, model, role: str):
         from lavis.datasets.collators import VQACollator
