@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 
 from lavis.common.registry import registry
+from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
 
 # VQAv2's answer types (the keys of the official evaluation's perAnswerType).
 ANSWER_TYPES = ("yes/no", "number", "other")
-from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
 
 
 def postprocess_answer(text: str) -> str:
