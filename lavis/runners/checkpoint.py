@@ -227,11 +227,11 @@ def trainable_state_dict(model: TrainableModel) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: TrainableModel, path) -> dict:
-    """Load the trainable weights of a checkpoint (a step checkpoint or best.pt) into ``model``; the state."""
-    state = load_checkpoint(path)
-    if "model" not in state:
-        raise CheckpointError(f"{path}: holds no 'model' weights")
-    load_trainable_state_dict(model, state["model"], str(path))
+    """Load the trainable weights of a checkpoint (a step checkpoint, sharded or not, or best.pt); the state."""
+    from lavis.runners.sharded_checkpoint import read_weights
+
+    weights, state = read_weights(path)
+    load_trainable_state_dict(model, weights, str(path))
     return state
 
 

@@ -59,7 +59,7 @@ class RunnerBase:
         self.precision = resolve_precision(run.amp, self.info.device)
         self.strategy = build_strategy(run, self.precision, self.info)
         ckpt.set_seed(run.seed + self.info.rank)
-        self.model = model.to(self.info.device)
+        self.model = self.strategy.place(model)
         self.paths = prepare_run_dir(run, cfg)
         setup_logging(self.info.rank, self.paths.log if self.info.is_main else None)
         self.metrics = MetricsLog(
@@ -360,7 +360,7 @@ class RunnerBase:
         if sharded_dir:  # sharded: weights and optimizer are loaded (and re-sharded) here
             if not self.strategy.sharded_checkpoints:
                 raise CheckpointError(f"{path}: a sharded checkpoint (written with run.strategy=fsdp); resume it "
-                                      f"with run.strategy=fsdp, or convert it with lavis.export --format single")
+                                      "with run.strategy=fsdp (evaluation and export read it under any strategy)")
             state = TrainState().load_state_dict(sharded.load(path, self.model, self.optimizer), path, sharded=True)
         else:
             state = TrainState().load_state_dict(ckpt.load_checkpoint(path), path)

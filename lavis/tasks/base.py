@@ -56,6 +56,8 @@ class FewShotConfig:
     rices_cache_dir: Optional[str] = None
     # 0 shots: prompt with 2 text-only demonstrations, without their images (OpenFlamingo's protocol).
     zero_shot_text_demos: bool = True
+    # Published numbers the run report draws beside this run's few-shot curve (lavis/report/references.py).
+    reference_results: Optional[Literal["openflamingo-9b"]] = None
 
 
 class BaseTask:
