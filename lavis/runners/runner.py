@@ -61,6 +61,11 @@ class RunnerBase:
         ckpt.set_seed(run.seed + self.info.rank)
         self.model = self.strategy.place(model)
         self.paths = prepare_run_dir(run, cfg)
+        # A checkpoint to resume is read and checked against the config now, before anything is logged
+        # into its run directory; its weights and optimizer state are loaded once they are built.
+        self._resume_state = None
+        if self.paths.resume_from is not None and not run.evaluate:
+            self._resume_state = self._read_resume_state(self.paths.resume_from)
         setup_logging(self.info.rank, self.paths.log if self.info.is_main else None)
         self.metrics = MetricsLog(
             self.paths.metrics,
@@ -355,16 +360,23 @@ class RunnerBase:
             model_state=self.model.training_state(), model=model, optimizer=optimizer,
         )
 
-    def _resume(self, path) -> None:
-        sharded_dir = path.is_dir()
-        if sharded_dir:  # sharded: weights and optimizer are loaded (and re-sharded) here
+    def _read_resume_state(self, path) -> TrainState:
+        """The TrainState of the checkpoint to resume (a sharded one: its train-state file), checked against the config."""
+        if path.is_dir():
             if not self.strategy.sharded_checkpoints:
                 raise CheckpointError(f"{path}: a sharded checkpoint (written with run.strategy=fsdp); resume it "
-                                      "with run.strategy=fsdp (evaluation and export read it under any strategy)")
-            state = TrainState().load_state_dict(sharded.load(path, self.model, self.optimizer), path, sharded=True)
+                                      f"with run.strategy=fsdp, or convert it with lavis.export --format single")
+            state = TrainState().load_state_dict(ckpt.load_checkpoint(path / sharded.TRAIN_STATE), path, sharded=True)
         else:
             state = TrainState().load_state_dict(ckpt.load_checkpoint(path), path)
         state.check_resumable(self.cfg, self.PLAN_KEYS, path)
+        return state
+
+    def _resume(self, path) -> None:
+        state = self._resume_state
+        sharded_dir = path.is_dir()
+        if sharded_dir:  # the weights and optimizer state are loaded (and re-sharded) from the shards here
+            sharded.load(path, self.model, self.optimizer)
         if state.model is not None:
             self.strategy.load_trainable_state_dict(self.model, state.model, str(path))
         try:
@@ -389,6 +401,7 @@ class RunnerBase:
                         "differ from the original run%s", path, state.world_size, self.info.world_size,
                         "; the sharded weights and optimizer state were re-sharded" if sharded_dir else "")
         log.info("resumed from %s at step %d", path, self.global_step)
+        self._resume_state = None  # the weights and optimizer state it held now live in the model and optimizer
 
     # --- final / evaluation-only -----------------------------------------------------------------------
 
