@@ -191,11 +191,16 @@ def _load_peft_dir(model: torch.nn.Module, directory: Path) -> None:
                 params[name].copy_(value)
 
 
+def checkpoint_path(checkpoint: TrainedCheckpoint | str | Path) -> Path:
+    """The file or directory a checkpoint argument names."""
+    return Path(checkpoint.path if isinstance(checkpoint, TrainedCheckpoint) else checkpoint)
+
+
 def model_label(cfg, checkpoint: TrainedCheckpoint | str | Path | None) -> str:
     """How results tables name the evaluated model: the checkpoint's path, or ``arch/model_type (pretrained)``."""
     if checkpoint is None:
         return f"{cfg.model.arch}/{cfg.model.model_type} (pretrained)"
-    return str(checkpoint.path if isinstance(checkpoint, TrainedCheckpoint) else checkpoint)
+    return str(checkpoint_path(checkpoint))
 
 
 def describe_structure(section: dict) -> str:
