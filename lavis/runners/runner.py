@@ -28,11 +28,13 @@ from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
 from lavis.runners.run_config import (
+    RunConfig,
     available_splits,
     check_run_values,
     check_splits,
     check_warmup,
     resolve_best_dataset,
+    run_problems,
 )
 from lavis.runners.run_dir import prepare_run_dir
 from lavis.runners.sample_log import samples_filename, step_tag
@@ -45,6 +47,14 @@ log = get_logger()
 @registry.register_runner("runner_base")
 class RunnerBase:
     """Epoch-based runner; see the module docstring. Build it with ``(cfg, task, model, datasets)``."""
+
+    #: The runner's keys of the ``run`` section (validated by the config loader, with the task's).
+    Config = RunConfig
+
+    @classmethod
+    def run_problems(cls, run) -> list[str]:
+        """Range and cross-key checks of the runner's keys (the loader reports them with the schema errors)."""
+        return run_problems(run)
 
     def __init__(self, cfg, task, model, datasets: dict):
         self.cfg = cfg
