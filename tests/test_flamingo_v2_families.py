@@ -128,7 +128,14 @@ def test_unknown_family_is_refused_naming_the_expected_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"falcon_remote.*remote code is never run.*mpt = MPT \(MPT-7B.*"
                                           r"gpt_neox = GPT-NeoX.*mosaic_gpt = MosaicGPT"):
         family_of_directory(str(tmp_path / "lm"))
-    config = MptConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=16, vocab_size=20).to_dict()
+    # A remote-code MPT directory (auto_map, llm-foundry's class name) loads into the native class.
+    MptForCausalLM(MptConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=16, vocab_size=20)).save_pretrained(
+        tmp_path / "lm")
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    config.update(architectures=["MPTForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"})
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
+    lm = family_of_directory(str(tmp_path / "lm")).load(str(tmp_path / "lm"), torch.float32, None)
+    assert type(lm) is MptForCausalLM
     config["attn_config"]["qk_ln"] = True
     (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"attn_config\.qk_ln: true"):
