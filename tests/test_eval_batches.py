@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
 
 def run(model, task, dataset, bucket, cache, batch_size=4):
     return predict_records(task, model, dataset, torch.device("cpu"), resolve_precision("fp32", torch.device("cpu")),
-                           batch_size, bucket=bucket, cache=cache)
+                           batch_size, dataset.sample_id_key, bucket=bucket, cache=cache)
 
 
 @pytest.mark.parametrize("kind,shots", [("caption", 4), ("caption", 0), ("vqa", 4)])

@@ -313,8 +313,3 @@ def test_tokenizer_without_flamingo_tokens_is_refused():
     with pytest.raises(ConfigError, match="no <image> token"):
         CaptionCollator(raw, role="train")
 
-
-def test_collators_are_importable_from_prompts_module():
-    from lavis.datasets import prompts
-
-    assert prompts.CaptionCollator is CaptionCollator and prompts.VQACollator is VQACollator

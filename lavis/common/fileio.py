@@ -6,6 +6,10 @@ temporary sibling, fsynced, renamed over the target with ``os.replace`` (atomic 
 POSIX and Windows within one file system) and the directory is fsynced, so a kill
 at any moment leaves either the old file or the new one, never a mix. The temporary
 name starts with ``.<name>.`` so that listings of real outputs can ignore it.
+
+``mkstemp`` / ``mkdtemp`` create their files 0600 and folders 0700; the results are given the permissions
+an ordinary ``open`` / ``mkdir`` would give under the user's umask (0644 and 0755 under umask 022), so that
+a teammate on a shared cluster can read checkpoints, results and exports.
 """
 
 from __future__ import annotations
@@ -29,9 +33,24 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_writer",
+    "current_umask",
     "fsync_directory",
     "read_json",
 ]
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it races with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_directory(directory: str | os.PathLike) -> None:
@@ -57,6 +76,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -106,6 +126,7 @@ def atomic_directory(directory: str | os.PathLike, replace: bool = True) -> Iter
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         _fsync_tree(tmp)
         old = None

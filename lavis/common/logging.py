@@ -155,6 +155,13 @@ def format_metrics(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
+def metric_name(task, dataset) -> str:
+    """What a split's ``agg_metrics`` is, for tables: "VQA accuracy" for VQA data, else the task's agg_metric."""
+    if getattr(dataset, "sample_id_key", None) == "question_id":
+        return "VQA accuracy"
+    return str(task.run_cfg.get("agg_metric", "agg_metrics"))
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl file."""
     with open(path, encoding="utf-8") as f:
@@ -179,3 +186,18 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+# Deprecation warnings raised inside third-party code about its own internals, not about our calls:
+# harmless, and printed once per rank they bury the run's own messages.
+_HARMLESS_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # transformers 5, when peft inspects a model
+)
+
+
+def quiet_third_party_warnings() -> None:
+    """Filter the harmless third-party deprecation warnings of ``_HARMLESS_WARNINGS`` (idempotent)."""
+    import warnings
+
+    for category, message in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

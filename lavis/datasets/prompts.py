@@ -209,12 +209,3 @@ def labels_from_mask(
         tok if (keep and tok not in never_label) else IGNORE_INDEX for tok, keep in zip(input_ids, answer_mask)
     ]
 
-
-def __getattr__(name):
-    # The contract names prompts.py as the collators' home; they live in collators.py, which imports
-    # this module, so they are re-exported lazily.
-    if name in ("CaptionCollator", "VQACollator"):
-        from lavis.datasets import collators
-
-        return getattr(collators, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -236,6 +236,21 @@ def caption_metrics(annotations: Any, results: Any, metrics: Any = DEFAULT_METRI
     return out
 
 
+def caption_sample_scores(annotations: Any, results: Any, metrics: Any = DEFAULT_METRICS) -> tuple[dict, dict]:
+    """``(corpus metrics, {image_id: {"target": [references], key: value}})`` of ``results``.
+
+    The per-image values are those of the very computation that gives the corpus scores (pycocoevalcap's
+    per-image scores, x100): the corpus CIDEr is the mean of the per-image CIDEr. ``annotations`` and
+    ``results`` are as for :func:`caption_metrics`; the references are the annotation file's captions.
+    """
+    if isinstance(annotations, (str, os.PathLike)):
+        annotations = read_json(annotations, "caption annotations file")
+    out = caption_metrics(annotations, results, metrics=metrics, per_image=True)
+    per_image = out.pop("perImage")
+    refs, _ = _load_references(annotations)
+    return out, {image_id: {"target": refs[image_id], **values} for image_id, values in per_image.items()}
+
+
 def write_caption_results(records: list[dict], path: str | os.PathLike) -> None:
     """Write ``[{"image_id", "caption"}]`` in the COCO results format, atomically; extra keys are dropped."""
     write_submission(records, path, "image_id", (int, str), "caption", "caption results")

@@ -281,6 +281,44 @@ def vqa_accuracy(questions: Any, annotations: Any, results: Any, per_question: b
     return out
 
 
+def vqa_sample_scores(questions: Any, annotations: Any, results: Any, always_normalize: bool = False,
+                      metric: str = "official") -> tuple[dict, dict]:
+    """``(accuracy, {question_id: fields})`` of ``results``: :func:`vqa_accuracy` and each question's record.
+
+    A question's fields: ``vqa_accuracy`` (the official per-question accuracy, 0-100, as ``perQuestion``),
+    ``target`` (its GT answers, file order), ``question_type``, ``answer_type`` and ``question`` (the text,
+    when the questions file is given). Arguments as for :func:`vqa_accuracy`; ``metric="openflamingo_v2"``
+    scores with OpenFlamingo v2's rules instead (lavis/metrics/vqa_v2.py; ``always_normalize`` is implied).
+    """
+    if isinstance(questions, (str, os.PathLike)):
+        questions = read_json(questions, "VQA questions file")
+    if isinstance(annotations, (str, os.PathLike)):
+        annotations = read_json(annotations, "VQA annotations file")
+    if metric == "openflamingo_v2":
+        from lavis.metrics.vqa_v2 import vqa_accuracy_v2
+
+        accuracy = vqa_accuracy_v2(questions, annotations, results, per_question=True)
+        accuracy.pop("scored_entries")
+    else:
+        accuracy = vqa_accuracy(questions, annotations, results, per_question=True,
+                                always_normalize=always_normalize)
+    per_question = accuracy.pop("perQuestion")
+    text = {}
+    if questions is not None:
+        records, _ = _records(questions, "questions", "VQA questions")
+        text = {q.get("question_id"): q.get("question") for q in records if isinstance(q, dict)}
+    anns, _ = _records(annotations, "annotations", "VQA annotations")
+    fields = {}
+    for ann in anns:
+        qid = ann["question_id"]
+        if qid in per_question:
+            fields[qid] = {"vqa_accuracy": per_question[qid], "target": [a["answer"] for a in ann["answers"]],
+                           "question_type": ann["question_type"], "answer_type": ann.get("answer_type", "other")}
+            if qid in text:
+                fields[qid]["question"] = text[qid]
+    return accuracy, fields
+
+
 def write_vqa_results(records: list[dict], path: str | os.PathLike) -> None:
     """Write predictions in the official submission format ``[{"question_id", "answer"}]``, atomically.
 
@@ -295,16 +333,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lavis.metrics.vqa", description=main.__doc__)
     parser.add_argument("--questions", help="official questions JSON (omit to skip the id check)")
     parser.add_argument("--annotations", required=True, help="official annotations JSON")
-    parser.add_argument("--results", required=True, help="results JSON: [{question_id, answer}]")
+    parser.add_argument("--results", required=True,
+                        help="results JSON: [{question_id, answer}] (with --postprocess, raw generations: "
+                             "[{question_id, generation}] or the raw text in answer)")
     parser.add_argument("--per-question", action="store_true", help="add perQuestion accuracies")
     parser.add_argument("--always-normalize", action="store_true",
                         help="normalise even when all GT answers are identical (not official)")
     parser.add_argument("--all-questions", action="store_true",
                         help="require results for every annotated question (official loadRes)")
+    parser.add_argument("--postprocess", choices=["none", "openflamingo_v2"], default="none",
+                        help="turn raw generations into answers first (openflamingo_v2: cut at Question/Answer/"
+                             "Short, then at ', '); also makes openflamingo_v2 the default --metric")
+    parser.add_argument("--stemmer", choices=["none", "okvqa"], default="none",
+                        help="stem the post-processed answers (okvqa: OpenFlamingo's OK-VQA stemmer)")
+    parser.add_argument("--metric", choices=["official", "openflamingo_v2"],
+                        help="official VQAv2 rules, or OpenFlamingo v2's (always normalise, score every "
+                             "results entry); default: openflamingo_v2 with --postprocess openflamingo_v2")
     args = parser.parse_args(argv)
+    metric = args.metric or ("openflamingo_v2" if args.postprocess == "openflamingo_v2" else "official")
     try:
-        metrics = vqa_accuracy(args.questions, args.annotations, args.results, per_question=args.per_question,
-                               always_normalize=args.always_normalize, all_questions=args.all_questions)
+        results: Any = args.results
+        if args.postprocess != "none" or args.stemmer != "none":
+            from lavis.metrics.postprocess import postprocess_results
+
+            results = postprocess_results(args.results, args.postprocess, args.stemmer)
+        if metric == "openflamingo_v2":
+            from lavis.metrics.vqa_v2 import vqa_accuracy_v2
+
+            metrics = vqa_accuracy_v2(args.questions, args.annotations, results, per_question=args.per_question)
+        else:
+            metrics = vqa_accuracy(args.questions, args.annotations, results, per_question=args.per_question,
+                                   always_normalize=args.always_normalize, all_questions=args.all_questions)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

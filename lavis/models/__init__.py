@@ -7,8 +7,9 @@ from omegaconf import DictConfig, OmegaConf
 from lavis.common.errors import ConfigError
 from lavis.common.registry import registry
 from lavis.models.flamingo import Flamingo, OpenFlamingo
+from lavis.models.inference import load_model_and_preprocess
 
-__all__ = ["Flamingo", "OpenFlamingo", "build_model"]
+__all__ = ["Flamingo", "OpenFlamingo", "build_model", "load_model_and_preprocess"]
 
 
 def build_model(model_cfg):

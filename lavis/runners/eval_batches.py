@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Su
 
 from lavis.models.flamingo.flamingo import Flamingo
 from lavis.models.flamingo.media_cache import MediaCache, media_cache_enabled
+from lavis.runners import sample_log
 from lavis.runners.data import eval_loader
 
 BUCKET_WINDOW = 8  # batches sorted together: enough to find rows of equal length, few enough to hold in memory
@@ -79,28 +80,29 @@ def shared_media_cache(model) -> MediaCache:
     return cache
 
 
-def predict_records(task, model, dataset, device, precision, batch_size: int, rank: int = 0, world_size: int = 1,
-                    num_workers: int = 0, bucket: bool = True, cache: bool = True) -> list[dict]:
-    """``task.valid_step`` records of this rank's shard, in shard order.
+def predict_records(task, model, dataset, device, precision, batch_size: int, key: str, rank: int = 0,
+                    world_size: int = 1, num_workers: int = 0, bucket: bool = True, cache: bool = True) -> list[dict]:
+    """``task.valid_step`` records of this rank's shard, in shard order, each annotated with its prompt
+    and demonstrations for the per-sample log (``key`` is the dataset's sample id key).
 
     A Flamingo model gets bucketed batches (``bucket``) and the media cache (``cache``); its task must
     return one record per sample. Any other model is evaluated batch by batch in shard order.
     """
     from lavis.runners.evaluation import move_to_device
 
-    collate_fn = task.collator(model, "eval")
+    collate_fn = sample_log.DemoIndexCollator(task.collator(model, "eval"))
     if not isinstance(model, Flamingo):
         records: list[dict] = []
         for batch in eval_loader(dataset, collate_fn, batch_size, rank, world_size, num_workers):
             with precision.autocast():
-                records.extend(task.valid_step(model, move_to_device(batch, device)))
+                records.extend(sample_log.annotate(task.valid_step(model, move_to_device(batch, device)), batch, key))
         return records
     scope = media_cache_enabled(model, shared_media_cache(model)) if cache else contextlib.nullcontext()
     placed: dict[int, dict] = {}
     with scope:
         for rows, batch in eval_batches(dataset, collate_fn, batch_size, rank, world_size, num_workers, bucket):
             with precision.autocast():
-                records = task.valid_step(model, move_to_device(batch, device))
+                records = sample_log.annotate(task.valid_step(model, move_to_device(batch, device)), batch, key)
             if len(records) != len(rows):
                 raise RuntimeError(f"{type(task).__name__}.valid_step returned {len(records)} records for a batch "
                                    f"of {len(rows)} samples; evaluation needs one record per sample")

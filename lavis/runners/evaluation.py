@@ -16,6 +16,7 @@ import torch
 from lavis.common import dist
 from lavis.common.errors import UserError
 from lavis.common.logging import get_logger
+from lavis.runners import sample_log
 from lavis.runners.eval_batches import predict_records
 
 log = get_logger()
@@ -27,14 +28,17 @@ class _RemoteError(Exception):
 
 @torch.no_grad()
 def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info, precision, batch_size: int,
-                   num_workers: int = 0) -> dict:
-    """The metrics of ``task.evaluate`` for one split, identical on every rank."""
+                   num_workers: int = 0, samples_path=None, result_dir=None) -> dict:
+    """The metrics of ``task.evaluate`` for one split, identical on every rank.
+
+    With ``samples_path``, rank 0 also writes the per-sample log there (lavis/runners/sample_log.py).
+    """
     # A joint task evaluates datasets of several kinds; each dataset knows its own sample id.
     key = getattr(dataset, "sample_id_key", task.sample_id_key)
     was_training = model.training
     model.eval()
     try:
-        records = predict_records(task, model, dataset, info.device, precision, batch_size, info.rank,
+        records = predict_records(task, model, dataset, info.device, precision, batch_size, key, info.rank,
                                   info.world_size, num_workers)
     finally:
         model.train(was_training)
@@ -47,11 +51,12 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
             unique = dist.dedup_records(gathered, key)
             if hasattr(dataset, "sample_ids"):
                 dist.check_coverage(unique, key, dataset.sample_ids(), where=f"{dataset_name}.{split}")
-            metrics = task.evaluate(unique, split, dataset)
+            metrics = task.evaluate(unique, split, dataset, result_dir)
             if not isinstance(metrics, dict) or "agg_metrics" not in metrics:
                 raise TypeError(
                     f"{type(task).__name__}.evaluate must return a dict with 'agg_metrics', got {metrics!r}"
                 )
+            _write_samples(samples_path, unique, key, sample_log.pop_samples(metrics), dataset)
             outcome = {"metrics": {k: _plain(v) for k, v in metrics.items()}}
         except UserError as err:
             outcome = {"error": err}
@@ -71,6 +76,16 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
     if "error" in outcome:
         raise outcome["error"]
     return outcome["metrics"]
+
+
+def _write_samples(path, records: list[dict], key: str, per_sample: dict, dataset) -> None:
+    """The per-sample log of a scored split; a failure is a warning: the metrics are what the run is for."""
+    if path is None:
+        return
+    try:
+        sample_log.write_samples(path, sample_log.build_samples(records, key, per_sample, dataset))
+    except Exception:  # noqa: BLE001 - logged with its traceback
+        log.exception("could not write the per-sample log %s", path)
 
 
 def _plain(value):

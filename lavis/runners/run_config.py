@@ -97,12 +97,24 @@ class RunConfig:
     eps: float = 1e-8
     # Per-parameter settings, first match wins: list of {match: regex, lr_scale, weight_decay}.
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    # token: a step's loss is the mean over every target token of the global batch (all processes and
+    # micro-batches), so any split of the batch trains the same objective; sequence: each micro-batch's
+    # own token mean, averaged equally over micro-batches and processes (the behaviour of LAVIS).
+    loss_reduction: Literal["token", "sequence"] = "token"
     # Clip the global gradient norm to this value; null or 0 = no clipping.
     max_grad_norm: Optional[float] = 1.0
     # Precision: fp32, fp16 (CUDA only, with a GradScaler) or bf16 (CPU, or a GPU that supports it).
     amp: Literal["fp32", "fp16", "bf16"] = "fp32"
     # DDP: let parameters receive no gradient in a step (slower; only when the model needs it).
     find_unused_parameters: bool = False
+    # ddp: every process holds the whole model (best while it fits one device); fsdp: FSDP2 shards weights,
+    # gradients and optimizer state over the processes, and step checkpoints become sharded directories
+    # checkpoints/step_<N>/ (README "Scaling out"). Full fine-tuning of the LM: model.trainable.lang_encoder=true.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: free each unit's gathered weights after its forward (less memory; gathered again in backward).
+    fsdp_reshard_after_forward: bool = True
+    # fsdp: shard the vision tower's blocks as units; null = when it trains or has >= 100M parameters.
+    fsdp_shard_vision: Optional[bool] = None
 
     # Splits used for training (their datasets are concatenated).
     train_splits: list[str] = field(default_factory=lambda: ["train"])

@@ -56,14 +56,16 @@ class CaptioningTask(BaseTask):
     def records(self, batch, texts: list[str]) -> list[dict]:
         """Result records of a batch from its generated texts."""
         return [
-            {"image_id": int(image_id), "caption": postprocess_caption(text)}
+            # resps: the raw generation, for the per-sample log (lavis/runners/sample_log.py)
+            {"image_id": int(image_id), "caption": postprocess_caption(text), "resps": text}
             for image_id, text in zip(batch["image_id"], texts)
         ]
 
-    def evaluate(self, records: list[dict], split: str, dataset) -> dict:
-        from lavis.metrics.caption import caption_metrics, write_caption_results
+    def evaluate(self, records: list[dict], split: str, dataset, result_dir=None) -> dict:
+        from lavis.metrics.caption import caption_sample_scores, write_caption_results
+        from lavis.runners.sample_log import SAMPLES_KEY
 
-        path = self.result_path(split, "_caption")
+        path = self.result_path(result_dir, split, "_caption")
         if path is not None:
             write_caption_results(records, path)
         if dataset.annotation_file is None:
@@ -73,6 +75,7 @@ class CaptioningTask(BaseTask):
                 f"split {split!r} has no caption ground truth to score against (a demo pool needs none); set "
                 f"datasets.<name>.build_info.annotations.{split} to the official captions_*.json"
             )
-        metrics = caption_metrics(dataset.annotation_file, records, metrics=tuple(self.run_cfg.metrics))
+        metrics, per_image = caption_sample_scores(dataset.annotation_file, records, metrics=tuple(self.run_cfg.metrics))
         metrics["agg_metrics"] = metrics[self.run_cfg.agg_metric]
+        metrics[SAMPLES_KEY] = per_image
         return metrics

@@ -18,20 +18,17 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache, GenerationConfig
 
-from lavis.common.errors import CheckpointError, DataError
-from lavis.models import adapters
+from lavis.common.errors import DataError
+from lavis.models.base import TrainableModel
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
+from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.perceiver import PerceiverResampler
 from lavis.models.flamingo.vision import patch_tokens
 
 
 def decoder_layers(lang_encoder: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a LLaMA-style HF causal LM (``model.layers``)."""
-    try:
-        return lang_encoder.get_decoder().layers
-    except AttributeError as err:
-        raise TypeError(f"{type(lang_encoder).__name__} has no get_decoder().layers; only LLaMA-style "
-                        "decoder-only models are supported") from err
+    """The decoder layer list of a causal LM of a supported family (see language_models)."""
+    return family_of_model(lang_encoder).decoder_layers(lang_encoder)
 
 
 def pad_after_eos(tokens: torch.Tensor, eos_token_id, pad_token_id: int | None) -> torch.Tensor:
@@ -57,7 +54,7 @@ class _Conditioning:
     kv: dict = field(default_factory=dict)
 
 
-class Flamingo(nn.Module):
+class Flamingo(TrainableModel):
     """OpenFlamingo: ``forward(vision_x, lang_x, attention_mask, labels)`` and ``generate(...)``.
 
     ``vision_x`` is float (B, T_img, F=1, C, H, W); images of a row are stacked in the order of its
@@ -90,7 +87,8 @@ class Flamingo(nn.Module):
         self._cond = _Conditioning()
         self.media_cache = None  # a MediaCache while media_cache_enabled(...) is active
         # Hooks are on the HF modules themselves, so they survive peft wrapping of lang_encoder.
-        lang_encoder.get_decoder().register_forward_pre_hook(self._on_lm_call, with_kwargs=True)
+        family = family_of_model(lang_encoder)
+        family.decoder(lang_encoder).register_forward_pre_hook(self._on_lm_call, with_kwargs=True)
         for name in self.gated_cross_attn_layers:
             layers[int(name)].register_forward_pre_hook(self._xattn_hook(name), with_kwargs=True)
 
@@ -119,6 +117,8 @@ class Flamingo(nn.Module):
         with torch.no_grad():
             tokens = patch_tokens(self.vision_encoder, images)
         tokens = tokens.reshape(b, t, f, *tokens.shape[1:]).to(self.perceiver.latents.dtype)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.perceiver, tokens, use_reentrant=False)
         return self.perceiver(tokens)
 
     def _check_media_tokens(self, vision_x: torch.Tensor, lang_x: torch.Tensor) -> None:
@@ -255,7 +255,8 @@ class Flamingo(nn.Module):
 
     # ------------------------------------------------------------------ training helpers
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute decoder layers and cross-attention blocks in backward instead of storing activations."""
+        """Recompute decoder layers, cross-attention blocks and the perceiver in backward instead of storing
+        their activations (non-reentrant checkpointing, which FSDP's gather hooks also run under)."""
         self.gradient_checkpointing = enabled
         lm = self.lang_encoder
         if enabled and hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 name
@@ -266,31 +267,3 @@ class Flamingo(nn.Module):
             lm.activation_checkpointing_disable()
         else:
             lm.gradient_checkpointing_disable()
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """{name: tensor} of every parameter with ``requires_grad`` (never the frozen LM or vision tower).
-
-        The tensors share storage with the parameters (see :func:`lavis.models.adapters.trainable_state_dict`).
-        """
-        return adapters.trainable_state_dict(self)
-
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load what :meth:`trainable_state_dict` saved; strict on names and shapes (CheckpointError)."""
-        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(set(params) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(params))
-        bad_shape = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(params[k].shape)}"
-                     for k in sorted(set(params) & set(state_dict)) if state_dict[k].shape != params[k].shape]
-        if missing or unexpected or bad_shape:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} trainable parameters: {', '.join(missing[:10])}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} entries (not trainable here): "
-                             f"{', '.join(unexpected[:10])}")
-            if bad_shape:
-                parts.append("shape mismatch: " + "; ".join(bad_shape[:10]))
-            raise CheckpointError("trainable state dict does not fit the model: " + " | ".join(parts))
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state_dict[name])
