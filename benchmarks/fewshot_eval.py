@@ -25,7 +25,7 @@ done, and it stays meaningful on a shared machine); the wall-clock ratio is prin
 Perceiver and cross-attention sizes); gates opened (1.0) so the images matter.
 
 Last line: ``fewshot_eval_speedup=<lowest reference/project median ratio over the 8- and 32-shot cases>``.
-Usage: python benchmarks/fewshot_eval.py [--queries 16] [--repeats 3] [--models tiny,40m] [--shots 0,8,32]
+Usage: python benchmarks/fewshot_eval.py [--queries 8] [--repeats 2] [--models tiny,40m] [--shots 0,8,32]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def project_pass(model, task, fewshot) -> dict:
     shared_media_cache(model).clear()
     cpu = torch.device("cpu")
     with torch.no_grad():
-        records = predict_records(task, model, fewshot, cpu, resolve_precision("fp32", cpu), BATCH)
+        records = predict_records(task, model, fewshot, cpu, resolve_precision("fp32", cpu), BATCH, "image_id")
     return {r["image_id"]: r["caption"] for r in records}
 
 
@@ -164,8 +164,8 @@ def images_matter(model, task, fewshot) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--models", default="tiny,40m")
     parser.add_argument("--shots", default="0,8,32")
     parser.add_argument("--semantics", default="v1", choices=["v1", "v2"])

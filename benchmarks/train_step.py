@@ -20,7 +20,7 @@ this process, so CPU time is the work done and stays meaningful on a shared, loa
 Runs alternate (reference, project, ...); min and median of the per-step times of the repeats.
 The losses of the first steps must agree (same samples in the same order on both sides, asserted to 1e-4).
 Last line: ``train_step_speedup=<reference s/step / project s/step, medians>``.
-Usage: python benchmarks/train_step.py [--steps 30] [--repeats 3]
+Usage: python benchmarks/train_step.py [--steps 20] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def reference_loop(model, batches: list[dict], task) -> tuple[float, list[float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
