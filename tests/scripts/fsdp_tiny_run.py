@@ -62,7 +62,7 @@ class ValidatingTask(CaptionLikeTask):
         texts = self.generate_text(model, batch)
         return [{"sample_id": i, "text": t} for i, t in zip(batch["sample_id"], texts)]
 
-    def evaluate(self, records, split, dataset):
+    def evaluate(self, records, split, dataset, result_dir):
         return {"agg_metrics": float(len(records)), "n": len(records),
                 "chars": sum(len(r["text"]) for r in records)}
 
