@@ -123,12 +123,19 @@ class FSDPStrategy(TrainingStrategy):
         mp_policy = self._mp_policy(model)
         # As DDP does: every rank starts from rank 0's trainable weights (randomly initialised adapters and
         # Flamingo parts may differ between processes); frozen weights are loaded identically everywhere.
+        # The model is still where it was built (see place); nccl broadcasts from the device, one tensor at a time.
         if self.info.world_size > 1:
             for p in (p for p in model.parameters() if p.requires_grad):
-                tdist.broadcast(p.data, src=0)
+                on_device = p.data.to(self.info.device)
+                tdist.broadcast(on_device, src=0)
+                if on_device is not p.data:
+                    p.data.copy_(on_device)
         # AdaLoRA masks and scores its ranks on whole tensors (peft's update_and_allocate), which shards
         # would break; these small tensors stay whole on every rank and their gradients are all-reduced.
+        # fully_shard moves what it manages to the device; these it leaves alone, so they are moved here.
         self.replicated = replicated_parameters(model)
+        for p in self.replicated:
+            p.data = p.data.to(self.info.device)
         ignored = set(self.replicated) or None
         units = shard_units(model, self.run.fsdp_shard_vision)
         reshard = bool(self.run.fsdp_reshard_after_forward)
