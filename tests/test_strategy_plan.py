@@ -41,3 +41,19 @@ def test_unknown_strategy_is_a_config_error():
 
     with pytest.raises(ConfigError, match="run.strategy"):
         build_strategy(Run(), None, None)
+
+
+def test_fsdp_refuses_mixed_stored_dtypes_in_fp32_at_start_up():
+    import torch
+    from omegaconf import OmegaConf
+
+    from lavis.common.dist import DistInfo
+    from lavis.runners.precision import resolve_precision
+
+    run = OmegaConf.create({"strategy": "fsdp", "evaluate": False})
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).to(torch.bfloat16))
+    with pytest.raises(ConfigError, match="run.amp=bf16"):
+        build_strategy(run, resolve_precision("fp32", info.device), info).place(model)
+    # With bf16 compute the unit is gathered in bf16: accepted.
+    assert build_strategy(run, resolve_precision("bf16", info.device), info).place(model) is model

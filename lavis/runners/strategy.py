@@ -107,17 +107,27 @@ class FSDPStrategy(TrainingStrategy):
         # Training: the model stays where it was built; fully_shard moves each unit to the device as it shards
         # it, so the device never holds more than one unit in full (full fine-tuning of a 9B model would not
         # fit a V100 whole). Evaluation-only runs are not sharded (see the README).
+        self._check(model)  # at start-up, before any work
         return model.to(self.info.device) if self.run.evaluate else model
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
+    def _check(self, model: nn.Module) -> None:
         from lavis.models.quantization import is_quantized
 
         if hasattr(model, "lang_encoder") and is_quantized(model.lang_encoder):
             raise ConfigError("run.strategy=fsdp cannot shard a bitsandbytes-quantised language model; use "
                               "run.strategy=ddp (a 4/8-bit frozen LM with LoRA fits one GPU) or model.quantization=null")
+        stored = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if self.precision.dtype is None and len(stored) > 1:
+            raise ConfigError(
+                f"run.strategy=fsdp with run.amp=fp32: the model stores parameters in {sorted(map(str, stored))}; "
+                "FSDP gathers a unit in one dtype, so use run.amp=bf16 (or fp16 on CUDA) with a half-precision "
+                "model.frozen_dtype, or model.frozen_dtype=float32")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        self._check(model)
         _ensure_process_group(self.info)
         mesh = init_device_mesh(self.info.device.type, (self.info.world_size,))
         mp_policy = self._mp_policy(model)
@@ -162,12 +172,6 @@ class FSDPStrategy(TrainingStrategy):
 
         dtype = self.precision.dtype
         if dtype is None:
-            stored = {p.dtype for p in model.parameters() if p.is_floating_point()}
-            if len(stored) > 1:
-                raise ConfigError(
-                    f"run.strategy=fsdp with run.amp=fp32: the model stores parameters in {sorted(map(str, stored))}; "
-                    "FSDP gathers a unit in one dtype, so use run.amp=bf16 (or fp16 on CUDA) with a half-precision "
-                    "model.frozen_dtype, or model.frozen_dtype=float32")
             return MixedPrecisionPolicy()
         # Compute in the autocast dtype; gradients are reduced in float32 and the optimizer updates the
         # float32 shards (master weights).
