@@ -43,21 +43,6 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (streamed); of a directory (a sharded checkpoint, a peft adapter), of every
-    file's relative path and bytes in sorted order."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def task_config(cfg) -> dict:
     """The parts of the resolved config that decide a response: datasets, and run minus bookkeeping keys."""
     from omegaconf import OmegaConf

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import signal
 import threading
+import time
 
 import torch
 
@@ -21,12 +22,14 @@ from lavis.common.errors import CheckpointError, ConfigError
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, progress_bar, setup_logging
 from lavis.common.registry import registry
 from lavis.runners import checkpoint as ckpt
+from lavis.runners import provenance
 from lavis.runners import sharded_checkpoint as sharded
 from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
 from lavis.runners.evaluation import evaluate_split, move_to_device
 from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
+from lavis.runners.progress import Progress, bar_postfix, train_line
 from lavis.runners.run_config import (
     RunConfig,
     available_splits,
@@ -93,6 +96,9 @@ class RunnerBase:
         self._closed = False
         log.info("run directory: %s (%d process(es), %s, %s)", self.paths.run_dir, self.info.world_size,
                  self.info.device, run.amp)
+        self._started = time.time()
+        self.progress = Progress(self.info.device)
+        provenance.start_invocation(self.paths, cfg, self.info, self.model)  # run_info.json, config history
 
     # --- planning ---------------------------------------------------------------------------------------
 
@@ -152,12 +158,16 @@ class RunnerBase:
                 summary["test"] = self._final_test()
         except BaseException:
             self._failed = True  # close() then leaves the process group without waiting for the peers
+            provenance.finish_invocation(self.paths, self.info, "failed")
             raise
         finally:
             self.metrics.close()
         # Only lines the ranks up: the clean exit is close() (barrier, then destroy the process group),
         # which train.py calls in a finally; a process that exits without it may still cut a peer's receive.
         dist.barrier()
+        summary["summary"] = provenance.end_of_run_summary(self, status, self._started)
+        provenance.finish_invocation(self.paths, self.info, status, summary["summary"])
+        log.info("%s", provenance.format_summary(summary["summary"]))
         return summary
 
     def evaluate(self, split: str, step: int | None = None, epoch: int | None = None) -> dict:
@@ -169,6 +179,7 @@ class RunnerBase:
                 continue
             found = True
             at_step = self.global_step if step is None else step
+            since = time.time()
             metrics = evaluate_split(
                 task=self.task, model=self.model, dataset=by_split[split], dataset_name=name, split=split,
                 info=self.info, precision=self.precision, batch_size=self.run_cfg.batch_size_eval,
@@ -181,6 +192,8 @@ class RunnerBase:
             if self.schedule is not None:
                 record["lr"] = self.schedule.base_lr(max(0, self.global_step - 1))
             self.metrics.write({**record, **metrics})
+            if self.info.is_main:  # one results file per evaluation, beside the latest
+                provenance.keep_results(self.paths.results, since, split, epoch, at_step)
             log.info("eval %s.%s at step %s: %s", name, split, record["step"], format_metrics(metrics))
         if not found:
             raise ConfigError(f"no dataset has the split {split!r}; available: {available_splits(self.datasets)}")
@@ -215,7 +228,9 @@ class RunnerBase:
                     status = "max_steps"
                     break
                 period = self.global_step // self.steps_per_period
-                loss, grad_norm, lr = self._optimizer_step(self.stream.next_step())
+                micro_batches = self.stream.next_step()
+                self.progress.count(micro_batches)
+                loss, grad_norm, lr = self._optimizer_step(micro_batches)
                 self.global_step += 1
                 bar.update(1)
                 if self.global_step % run.log_freq == 0:
@@ -305,10 +320,11 @@ class RunnerBase:
         skipped = [d.num_skipped for d in leaf_datasets(self.stream.dataset) if hasattr(d, "num_skipped")]
         if skipped:  # every rank holds the same datasets, so every rank joins this collective or none does
             record["data/num_skipped"] = dist.sum_over_ranks(sum(skipped))
-        self.metrics.write(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if not self.run_cfg.progress_bar:
-            log.info("epoch %d step %d: loss %.4f lr %.3e", period, self.global_step, loss, lr)
+        figures = self.progress.report(self.global_step, self.total_steps)
+        self.metrics.write({**record, **figures})
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **bar_postfix(figures))
+        # Always in log.txt; on the console only without the bar (which shows the same figures).
+        log.info("%s", train_line(record, figures), extra={"file_only": self.run_cfg.progress_bar})
 
     def _end_of_period(self, period: int) -> None:
         run = self.run_cfg
