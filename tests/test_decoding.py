@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lavis.models.decoding import decode_text, decode_texts, special_token_ids
-from lavis.models.flamingo.tokenizer import build_tiny_tokenizer, load_llama_tokenizer
+from lavis.models.flamingo.tokenizer import load_llama_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "openflamingo_reference"
 SPECIALS = ("<s>", "</s>", "<unk>", "<PAD>", "<image>", "<|endofchunk|>")

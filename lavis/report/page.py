@@ -41,6 +41,11 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
         return out
     if isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value):
         return [(prefix, " ".join(map(str, value)))]
+    if isinstance(value, list):  # e.g. run_info.json's invocations: one numbered group each
+        out = []
+        for i, v in enumerate(value):
+            out += _flatten(v, f"{prefix}.{i}")
+        return out
     return [(prefix, json.dumps(value) if isinstance(value, (dict, list)) else value)]
 
 

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lavis.report.run_data import PLACE_KEYS, RunData  # noqa: E402
 
 # Training scalars drawn first, in this order; any other numeric key of the training lines follows.
-TRAIN_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s")
+TRAIN_KEYS = ("loss", "lr", "grad_norm", "throughput/samples_per_s", "throughput/tokens_per_s", "time/step_s",
+              "memory/peak_mb")
 DPI = 110
 
 
@@ -134,6 +135,7 @@ def fewshot_curve(runs: Sequence[RunData], reference: dict | None = None) -> byt
             shots = sorted(ref["shots"])
             ax.plot(shots, [ref["shots"][s] for s in shots], linestyle="--", marker="s", color="gray",
                     label=reference.get("label", "reference"))
+        ax.set_xticks(sorted({c[0] for _, cells in entries for c in cells}))
         ax.set_title(data)
         ax.set_xlabel("shots")
         ax.set_ylabel("agg_metrics (mean ± std over trials)")

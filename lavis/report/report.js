@@ -118,6 +118,7 @@
         th.addEventListener("click", () => {
           state.ascending = state.sortKey === key ? !state.ascending : true;
           state.sortKey = key;
+          state.page = 0;
           render();
         });
       }

@@ -6,6 +6,7 @@ Every file but the run directory itself is optional: a run that died early, or o
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -102,15 +103,29 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def _timestamp(value) -> float | None:
+    """Seconds since the epoch of a number or an ISO 8601 time (run_info.json writes ``%Y-%m-%dT%H:%M:%S%z``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        for parse in (datetime.datetime.fromisoformat, lambda v: datetime.datetime.strptime(v, "%Y-%m-%dT%H:%M:%S%z")):
+            try:
+                return parse(value).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
 def _wall_time(run_dir: Path, run_info: dict | None) -> float | None:
     """Seconds from the run's start to its end (run_info.json's times, else the files' times)."""
     info = run_info or {}
-    for start_key, end_key in (("start_time", "end_time"), ("started", "finished"), ("start", "end")):
-        start, end = info.get(start_key), info.get(end_key)
-        if isinstance(start, (int, float)) and isinstance(end, (int, float)):
-            return float(end - start)
-    if isinstance(info.get("wall_time_s"), (int, float)):
-        return float(info["wall_time_s"])
+    summary = info.get("summary") if isinstance(info.get("summary"), dict) else {}
+    for value in (info.get("wall_time_s"), summary.get("wall_time_s")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    start, end = _timestamp(info.get("start_time")), _timestamp(info.get("end_time"))
+    if start is not None and end is not None:
+        return end - start
     config = run_dir / "config.yaml"
     if not config.is_file():
         return None

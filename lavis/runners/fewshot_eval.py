@@ -27,9 +27,10 @@ from torch.utils.data import Dataset
 from lavis.common import dist
 from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
-from lavis.common.logging import MetricsLog, get_logger, setup_logging
+from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
-from lavis.runners import checkpoint as ckpt
+from lavis.models.trained import load_trained_weights, model_label
+from lavis.report import report_after_run
 from lavis.runners import eval_cache
 from lavis.runners.eval_results import build_results, cell_summary
 from lavis.runners.evaluation import evaluate_split
@@ -149,11 +150,9 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
     paths = evaluation_run_dir(run, cfg, fingerprint)
     setup_logging(info.rank, paths.log)
     if checkpoint:
-        state = ckpt.load_checkpoint(checkpoint)
-        ckpt.load_trainable_state_dict(model, state.get("model", state), str(checkpoint))
+        load_trained_weights(model, checkpoint)  # any checkpoint kind: lavis/models/trained.py
     model.to(info.device).eval()
-    task.result_dir = paths.results
-    label = str(checkpoint) if checkpoint else f"{cfg.model.arch}/{cfg.model.model_type} (pretrained)"
+    label = model_label(cfg, checkpoint)
     started = time.time()
     metrics_log = MetricsLog(paths.metrics, enabled=info.is_main)
     cache = eval_cache.ResponseCache(paths.run_dir, info.rank).load()
@@ -173,8 +172,9 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
         write_table(table, paths.run_dir)
         results = build_results(table["model"], results_rows, n_samples, _plain_config(cfg), fingerprints, started)
         atomic_write_json(paths.run_dir / "results.json", results, indent=2)
-        print(format_table(table))
+        log.info("few-shot table (%s):\n%s", label, format_table(table))  # console and log.txt
         print(f"few-shot results written to {paths.run_dir}")
+        report_after_run(paths.run_dir, "evaluated")  # a warning, never an error, when it fails
     return table
 
 
@@ -231,7 +231,7 @@ def _evaluate_all(ctx: _Context, datasets, splits) -> tuple[dict, dict, dict]:
     """(the table: agg_metrics over trials per shot count for every dataset and split, the results.json
     cells (rank 0), n-samples)."""
     run = ctx.run
-    table: dict = {"model": ctx.label, "metric": "agg_metrics", "rows": {}}
+    table: dict = {"model": ctx.label, "metric": "agg_metrics", "metrics": {}, "rows": {}}
     results: dict = {}
     n_samples: dict = {}
     for name, by_split in datasets.items():
@@ -258,6 +258,7 @@ def _evaluate_all(ctx: _Context, datasets, splits) -> tuple[dict, dict, dict]:
                 if ctx.info.is_main:
                     detail[str(shots)] = cell_summary(trials, files)
             table["rows"][f"{name}/{split}"] = row
+            table["metrics"][f"{name}/{split}"] = metric_name(ctx.task, by_split[split])
             results[f"{name}/{split}"] = detail
     return table, results, n_samples
 
@@ -275,8 +276,9 @@ def _evaluate_cell(ctx: _Context, name: str, tag: str, fewshot, samples_path: Pa
     metrics = eval_cache.as_json(evaluate_split(
         task=cached, model=ctx.model, dataset=fewshot, dataset_name=name, split=tag, info=ctx.info,
         precision=ctx.precision, batch_size=ctx.run.batch_size_eval, num_workers=ctx.run.num_workers,
-        samples_path=samples_path,
+        samples_path=samples_path, result_dir=ctx.paths.results,
     ))
+    log.info("eval %s %s: %s", name, tag, format_metrics(metrics))
     if ctx.info.is_main:
         ctx.cache.put_cell(key, metrics)
     return metrics
@@ -293,7 +295,7 @@ def _table_cell(trials: list[dict]) -> dict:
 def format_table(table: dict) -> str:
     """Markdown in the style of the original README: rows = model and split, columns = shots, mean ± std."""
     shots = sorted({int(s) for row in table["rows"].values() for s in row})
-    header = "| model | data | " + " | ".join(f"{s}-shot" for s in shots) + " |"
+    header = "| model | data (metric) | " + " | ".join(f"{s}-shot" for s in shots) + " |"
     lines = [header, "|" + "---|" * (len(shots) + 2)]
     for data, row in table["rows"].items():
         cells = []
@@ -305,7 +307,8 @@ def format_table(table: dict) -> str:
                 cells.append("(not scored)")
             else:
                 cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}")
-        lines.append(f"| {table['model']} | {data} | " + " | ".join(cells) + " |")
+        metric = table.get("metrics", {}).get(data, table.get("metric", "agg_metrics"))
+        lines.append(f"| {table['model']} | {data} ({metric}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -68,11 +68,11 @@ class VQATask(BaseTask):
             for qid, text, answer in zip(batch["question_id"], texts, self.postprocess(texts))
         ]
 
-    def evaluate(self, records: list[dict], split: str, dataset) -> dict:
+    def evaluate(self, records: list[dict], split: str, dataset, result_dir=None) -> dict:
         from lavis.metrics.vqa import vqa_sample_scores, write_vqa_results
         from lavis.runners.sample_log import SAMPLES_KEY
 
-        path = self.result_path(split, "_vqa")
+        path = self.result_path(result_dir, split, "_vqa")
         if path is not None:
             write_vqa_results(records, path)
         if dataset.annotation_file is None:

@@ -185,6 +185,30 @@ class OpenFlamingo(InferenceMixin, Flamingo):
         # Sizes of the random in-process components chosen by a path key set to tiny (tests, CPU demo).
         tiny: TinyConfig = field(default_factory=TinyConfig)
 
+        @staticmethod
+        def value_errors(values: dict, path: str) -> list[str]:
+            """Start-up checks between values (schema.check_mapping calls this): dotted keys, every problem."""
+            errors = []
+
+            def divides(part: str, whole: str, section: dict, prefix: str, what: str) -> None:
+                if section[part] < 1 or section[whole] % section[part]:
+                    errors.append(f"{prefix}.{part}: {section[part]} does not divide {prefix}.{whole} "
+                                  f"{section[whole]} ({what})")
+
+            tiny, prefix = values["tiny"], f"{path}.tiny"
+            divides("lm_heads", "lm_hidden_size", tiny, prefix, "the LM's attention heads split its width")
+            divides("vision_head_width", "vision_width", tiny, prefix, "the ViT's heads split its width")
+            divides("patch_size", "image_size", tiny, prefix, "the vision tower only accepts images made of "
+                    "whole patches")
+            if values["cross_attn_every_n_layers"] < 1:
+                errors.append(f"{path}.cross_attn_every_n_layers: must be >= 1, got "
+                              f"{values['cross_attn_every_n_layers']}")
+            for section in ("perceiver", "cross_attention"):
+                for key, value in values[section].items():
+                    if value < (0 if key == "depth" else 1):
+                        errors.append(f"{path}.{section}.{key}: must be positive, got {value}")
+            return errors
+
     @classmethod
     def config_from(cls, model_cfg) -> dict:
         """The section as a plain dict with every default filled; ConfigError listing all problems."""
