@@ -184,8 +184,15 @@ def _set_evaluation_run_dir(cfg, args, trained) -> Path:
     dist.init_distributed(cfg.run.device, cfg.run.dist_timeout_s)
     decided = None
     if dist.is_main_process():
+        from lavis.runners.eval_cache import resumable
+
         name = cfg.run.run_name
-        if given and (output_dir / name).exists():
+        # An unfinished evaluation (killed or SIGTERM'd) is continued by re-running the same command.
+        unfinished = [n for n in (name, evaluation_run_name(args.cfg_path, trained)) if n and resumable(output_dir / n)]
+        if unfinished and (not given or unfinished[0] == name):
+            decided = {"name": unfinished[0]}
+            get_logger().info("continuing the unfinished evaluation in %s", output_dir / unfinished[0])
+        elif given and (output_dir / name).exists():
             decided = {"error": (
                 f"run.run_name: {output_dir / name} already exists; evaluate.py never writes into an existing "
                 f"directory: choose another run.run_name, or leave it out for a fresh eval_* folder")}
@@ -221,6 +228,8 @@ def _clean_failed_evaluation(run_dir: Path, err: BaseException) -> None:
     close_logging()  # log.txt is open in there
     results = run_dir / "results"
     written = (results.is_dir() and any(results.iterdir())) or (run_dir / "fewshot_table.json").exists()
+    # Finished batches in the response cache are kept: re-running the same command continues from them.
+    written = written or any((run_dir / "response_cache").glob("records.rank*.jsonl"))
     if written:
         atomic_write_text(run_dir / "FAILED", f"{type(err).__name__}: {err}\n")
     else:

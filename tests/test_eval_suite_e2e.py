@@ -159,9 +159,10 @@ def test_stopped_evaluation_resumes_to_identical_outputs(tmp_path, suite_root, t
     assert len(hits) >= 4
 
 
-def test_another_evaluation_never_reuses_a_run_directory(tmp_path, suite_root, trained_checkpoint, capsys):
+def test_another_evaluation_never_continues_an_unfinished_one(tmp_path, suite_root, trained_checkpoint, capsys):
     cfg = config(tmp_path, suite_root, "classification", "one")
     evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_checkpoint)])
+    (tmp_path / "out" / "one" / "results.json").unlink()  # as if it had been stopped before the end
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_checkpoint),
                        "--options", "run.classification_prompt_ensembling=false"])

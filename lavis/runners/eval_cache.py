@@ -34,6 +34,12 @@ _BOOKKEEPING_KEYS = ("output_dir", "run_name", "num_shots", "num_trials", "trial
                      "num_workers", "dist_timeout_s", "resume_ckpt_path", "rices_cache_dir", "evaluate", "device")
 
 
+def resumable(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds an unfinished evaluation (a response cache, no results.json) to continue."""
+    run_dir = Path(run_dir)
+    return (run_dir / CACHE_DIR / "fingerprint.json").is_file() and not (run_dir / "results.json").exists()
+
+
 class EvaluationInterrupted(Exception):
     """SIGTERM: the finished batches are in the cache; re-running the same command continues."""
 
