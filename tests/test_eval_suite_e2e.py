@@ -23,11 +23,13 @@ pytestmark = pytest.mark.slow
 SMALL_VIS = {"train": {"name": "clip_image_eval", "image_size": 64}, "eval": {"name": "clip_image_eval", "image_size": 64}}
 RUNS = {
     # task, datasets (name -> evaluated split), run keys
-    "vqa": ("vqa", {"okvqa": "val", "textvqa": "val", "vizwiz": "val"},
+    # TextVQA's reader and metric are VizWiz's and OK-VQA's (tests/test_datasets_suite.py, the fixture tests).
+    "vqa": ("vqa", {"okvqa": "val", "vizwiz": "val"},
             {"vqa_postprocess": "openflamingo_v2", "vqa_metric": "openflamingo_v2", "vqa_demo_answer": "first",
              "max_new_tokens": 3, **{k: v for k, v in FAST_DECODING.items() if k != "max_new_tokens"}}),
     "classification": ("classification", {"hateful_memes": "dev", "imagenet": "val"},
-                       {"classification_prompt_ensembling": True, "score_batch_size": 7}),
+                       # prompt ensembling: tests/test_tasks_classification.py
+                       {"score_batch_size": 7}),
     "captioning": ("captioning", {"flickr30k": "test"}, {"metrics": ["CIDEr"], **FAST_DECODING}),
 }
 
@@ -165,6 +167,6 @@ def test_another_evaluation_never_continues_an_unfinished_one(tmp_path, suite_ro
     (tmp_path / "out" / "one" / "results.json").unlink()  # as if it had been stopped before the end
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_checkpoint),
-                       "--options", "run.classification_prompt_ensembling=false"])
+                       "--options", "run.classification_prompt_ensembling=true"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "run.run_name" in err and "fingerprint differs" in err
