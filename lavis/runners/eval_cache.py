@@ -34,6 +34,7 @@ _BOOKKEEPING_KEYS = ("output_dir", "run_name", "num_shots", "num_trials", "trial
                      "num_workers", "dist_timeout_s", "resume_ckpt_path", "rices_cache_dir", "evaluate", "device")
 
 
+
 class EvaluationInterrupted(Exception):
     """SIGTERM: the finished batches are in the cache; re-running the same command continues."""
 

@@ -209,6 +209,7 @@ def evaluation_run_dir(run, cfg, fingerprint: str) -> RunPaths:
                     "(its response cache fingerprint differs); choose another run.run_name")}
             else:
                 outcome = {"run_dir": str(run_dir)}
+                (run_dir / "FAILED").unlink(missing_ok=True)  # a crashed attempt, continued now
     outcome = dist.broadcast_object(outcome)
     if outcome and "error" in outcome:
         raise outcome["error"]
