@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 from lavis.common.errors import UserError
 from lavis.common.preflight import missing_files, raw_config
@@ -23,9 +24,20 @@ def _parser(description: str, checkpoint: bool) -> argparse.ArgumentParser:
     )
     if checkpoint:
         parser.add_argument(
-            "--checkpoint", default=None, help="checkpoint to evaluate (default: the configured pretrained model)"
+            "--checkpoint", default=None,
+            help="step_*.pt, best.pt, a run directory (its best, else latest), a peft adapter folder or an "
+                 "OpenFlamingo checkpoint.pt (default: the configured pretrained model)",
         )
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the merged, validated config (YAML) and exit")
     return parser
+
+
+def print_config(cfg) -> None:
+    """The merged, validated config as YAML on stdout (``--print-config``)."""
+    from lavis.common.config import to_yaml
+
+    print(to_yaml(cfg), end="")
 
 
 @contextlib.contextmanager
@@ -53,22 +65,31 @@ def prepare_process() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
-def structure_from_checkpoint(cfg, checkpoint: str) -> None:
-    """Give ``cfg.model`` the adapters and trainable parts a training checkpoint was made with.
+def structure_from_checkpoint(cfg, checkpoint: str):
+    """Give ``cfg.model`` what ``checkpoint`` was trained as; returns the resolved checkpoint.
 
-    A checkpoint holds only the trainable weights, named after the adapters that produced them; an
-    evaluation config written for the pretrained model would otherwise build a different set.
+    A training checkpoint holds only the trainable weights, named after the adapters that produced them; an
+    evaluation config written for the pretrained model would otherwise build a different set. An
+    OpenFlamingo checkpoint.pt becomes ``model.pretrained_checkpoint_path``. See lavis/models/trained.py.
     """
     from omegaconf import OmegaConf
 
     from lavis.common.logging import get_logger
-    from lavis.runners.checkpoint import load_checkpoint
+    from lavis.models.trained import describe_structure, model_section_for, resolve_checkpoint
 
-    trained = (load_checkpoint(checkpoint).get("config") or {}).get("model") or {}
-    for key in ("adapters", "trainable"):
-        if key in trained and OmegaConf.to_container(cfg.model[key]) != trained[key]:
-            get_logger().info("model.%s taken from the checkpoint %s: %s", key, checkpoint, trained[key])
-            cfg.model[key] = trained[key]
+    trained = resolve_checkpoint(checkpoint)
+    configured = OmegaConf.to_container(cfg.model, resolve=True)
+    section = model_section_for(trained, configured)
+    log = get_logger()
+    if trained.kind == "openflamingo":
+        log.info("%s: an OpenFlamingo checkpoint.pt, used as model.pretrained_checkpoint_path (the same as "
+                 "--options model.pretrained_checkpoint_path=%s)", trained.path, trained.path)
+    changed = [key for key in section if section[key] != configured.get(key)]
+    for key in changed:
+        cfg.model[key] = section[key]
+    if changed:
+        log.info("model from the checkpoint %s: %s", trained.path, describe_structure(section))
+    return trained
 
 
 def build_components(cfg, raw: dict | None = None):
@@ -116,6 +137,9 @@ def train_main(argv=None) -> None:
         from lavis.common.registry import registry
 
         cfg = load_config(args.cfg_path, args.options)
+        if args.print_config:
+            print_config(cfg)
+            return
         prepare_process()
         task, model, datasets = build_components(cfg, raw_config(args.cfg_path, args.options))
         runner = registry.get("runner", cfg.run.runner)(cfg, task, model, datasets)
@@ -126,6 +150,81 @@ def train_main(argv=None) -> None:
         from lavis.report import report_after_run
 
         report_after_run(summary["run_dir"], summary["status"])
+
+
+def evaluation_run_name(cfg_path: str, trained) -> str:
+    """``eval_<config>_<checkpoint>``: the run directory name of an evaluation that was not given one."""
+    if trained is None:
+        label = "pretrained"
+    elif trained.kind == "training" and trained.path.parent.name == "checkpoints":
+        label = f"{trained.path.parent.parent.name}_{trained.path.stem}"
+    elif trained.kind == "openflamingo":
+        label = f"{trained.path.parent.name}_{trained.path.stem}"
+    else:
+        label = trained.path.name
+    return f"eval_{Path(cfg_path).stem}_{label}"
+
+
+def _set_evaluation_run_dir(cfg, args, trained) -> Path:
+    """Point ``cfg.run`` at a fresh run directory of this evaluation (never a training run's), on every rank.
+
+    ``--options run.run_name=NAME`` is used as given (an existing folder is an error). A ``run.run_name``
+    of the config is used when that folder is free; when it is taken (evaluating with the training
+    config), or when there is none, the name is ``eval_<config>_<checkpoint>``, with ``_1``, ``_2``...
+    when taken. Rank 0 decides and tells the others.
+    """
+    from lavis.common import dist
+    from lavis.common.errors import ConfigError
+    from lavis.common.logging import get_logger
+
+    # A training config's resume setting describes the training run, not this evaluation.
+    cfg.run.resume_ckpt_path = None
+    given = any(option.split("=", 1)[0] == "run.run_name" for option in args.options)
+    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
+    dist.init_distributed(cfg.run.device, cfg.run.dist_timeout_s)
+    decided = None
+    if dist.is_main_process():
+        name = cfg.run.run_name
+        if given and (output_dir / name).exists():
+            decided = {"error": (
+                f"run.run_name: {output_dir / name} already exists; evaluate.py never writes into an existing "
+                f"directory: choose another run.run_name, or leave it out for a fresh eval_* folder")}
+        elif name and not (output_dir / name).exists():
+            decided = {"name": name}
+        else:
+            base = evaluation_run_name(args.cfg_path, trained)
+            name, n = base, 1
+            while (output_dir / name).exists():
+                name, n = f"{base}_{n}", n + 1
+            if cfg.run.run_name:
+                get_logger().info("run.run_name %r is taken (%s): this evaluation writes to %s", cfg.run.run_name,
+                                  output_dir / cfg.run.run_name, output_dir / name)
+            decided = {"name": name}
+    decided = dist.broadcast_object(decided)
+    if "error" in decided:
+        raise ConfigError(decided["error"])
+    cfg.run.run_name = decided["name"]
+    return output_dir / decided["name"]
+
+
+def _clean_failed_evaluation(run_dir: Path, err: BaseException) -> None:
+    """Remove the run directory of an evaluation that failed before any result; mark one that has some."""
+    import shutil
+
+    from lavis.common import dist
+    from lavis.common.fileio import atomic_write_text
+
+    if not dist.is_main_process() or not run_dir.is_dir():
+        return
+    from lavis.common.logging import close_logging
+
+    close_logging()  # log.txt is open in there
+    results = run_dir / "results"
+    written = (results.is_dir() and any(results.iterdir())) or (run_dir / "fewshot_table.json").exists()
+    if written:
+        atomic_write_text(run_dir / "FAILED", f"{type(err).__name__}: {err}\n")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def evaluate_main(argv=None) -> None:
@@ -141,16 +240,26 @@ def evaluate_main(argv=None) -> None:
         for section in cfg.datasets.values():
             section.train_splits = []
         cfg.run.train_max_shots = 0
+        trained = None
+        if args.print_config:
+            if args.checkpoint:
+                structure_from_checkpoint(cfg, args.checkpoint)
+            print_config(cfg)
+            return
         prepare_process()
         if args.checkpoint:
-            structure_from_checkpoint(cfg, args.checkpoint)
+            trained = structure_from_checkpoint(cfg, args.checkpoint)
         task, model, datasets = build_components(cfg, raw_config(args.cfg_path, args.options))
         from lavis.common import dist
 
+        run_dir = _set_evaluation_run_dir(cfg, args, trained)
         finished = False
         try:
-            run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=args.checkpoint)
+            run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=trained)
             finished = True
+        except BaseException as err:
+            _clean_failed_evaluation(run_dir, err)
+            raise
         finally:
             # After an error, peers may be dead or stuck: leave at once instead of waiting at a barrier.
             dist.destroy(wait=finished)

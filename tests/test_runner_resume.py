@@ -109,9 +109,18 @@ def test_sigterm_saves_at_next_step_boundary_and_resumes_exactly(tmp_path, caplo
     assert_same_run(reference, resumed)
 
 
-def test_resume_latest_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="run.resume_ckpt_path=latest: no checkpoint in"):
-        finished_run(tmp_path, resume_ckpt_path="latest")
+def test_latest_starts_from_scratch_and_every_requeue_continues(tmp_path):
+    # A cluster requeue passes the same options every time, the first start included.
+    killed = build_runner(make_cfg(tmp_path, resume_ckpt_path="latest", **COMMON),
+                          task=KillingTask(make_cfg(tmp_path, **COMMON), at_call=2), model=ToyModel())
+    with pytest.raises(Killed):  # killed before the first checkpoint (step 3)
+        killed.train()
+    killed.close()
+    assert not ckpt.list_step_checkpoints(tmp_path / "toy") and read_metrics(killed.paths.metrics)
+    requeued, summary = finished_run(tmp_path, resume_ckpt_path="latest", **COMMON)
+    assert summary["status"] == "finished"
+    reference, _ = finished_run(tmp_path / "reference", **COMMON)
+    assert_same_run(requeued, reference)  # the killed attempt's metrics lines are gone too
 
 
 def test_checkpoint_holds_only_trainable_weights_and_full_state(tmp_path):

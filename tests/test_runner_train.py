@@ -8,6 +8,7 @@ from toy_components import (
     ToyRegressionDataset,
     ToyRegressionTask,
     build_runner,
+    collate,
     make_cfg,
     make_datasets,
 )
@@ -16,6 +17,7 @@ from lavis.common.errors import ConfigError, DataError
 from lavis.common.logging import read_metrics
 from lavis.runners import checkpoint as ckpt
 from lavis.runners import precision
+from lavis.runners.data import TrainStream
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 
 
@@ -205,7 +207,7 @@ def test_a_bug_in_task_evaluate_keeps_its_traceback_under_ddp(tmp_path, monkeypa
     from lavis.runners.evaluation import _RemoteError, evaluate_split
 
     class Buggy(ToyRegressionTask):
-        def evaluate(self, records, split, dataset):
+        def evaluate(self, records, split, dataset, result_dir):
             raise ZeroDivisionError("bug in the metric")
 
     runner = build_runner(make_cfg(tmp_path), task=Buggy(None))
@@ -251,3 +253,28 @@ def test_an_unwritable_output_dir_is_a_config_error_naming_it(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match=r"run.output_dir: cannot create the run directory under .*a_file/out"):
         build_runner(make_cfg(blocker / "out"))
+
+
+def test_sequence_reduction_weighs_each_micro_batch_equally_and_token_reduction_each_target(tmp_path):
+    class UnevenTask(ToyRegressionTask):
+        """Micro-batches claim 1 or 2 targets (by their first id), so the two reductions differ."""
+
+        def loss_count(self, batch):
+            return 1 if batch["sample_id"][0] % 2 else 2
+
+    logged = {}
+    for reduction in ("token", "sequence"):
+        runner, _ = train(tmp_path / reduction, task=UnevenTask(None), max_epoch=1, max_steps=1,
+                          batch_size_train=2, accum_grad_iters=2, loss_reduction=reduction, max_grad_norm=None)
+        logged[reduction] = read_metrics(runner.paths.metrics)[0]["loss"]
+    # The same first step (the runner's order: seed 42, one process), with the untrained model.
+    stream = TrainStream(make_datasets()["toy"]["train"], collate, batch_size=2, accum=2, rank=0, world_size=1,
+                         seed=42)
+    task, model = UnevenTask(None), ToyModel(dropout=0.0)
+    with torch.no_grad():
+        batches = stream.next_step()
+        sums = [float(task.train_step(model, b)) for b in batches]
+    counts = [task.loss_count(b) for b in batches]
+    assert counts in ([1, 2], [2, 1], [2, 2], [1, 1]) and len(set(s / n for s, n in zip(sums, counts))) == 2
+    assert logged["token"] == pytest.approx(sum(sums) / sum(counts), rel=1e-6)
+    assert logged["sequence"] == pytest.approx(sum(s / n for s, n in zip(sums, counts)) / 2, rel=1e-6)

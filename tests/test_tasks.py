@@ -122,13 +122,12 @@ def test_in_context_training_adds_0_to_k_demos_reproducibly_never_the_sample_its
 
 def test_vqa_split_without_answers_writes_results_and_scores_nothing(tmp_path):
     task = VQATask(OmegaConf.create({"run": {"always_normalize": False}}))
-    task.result_dir = tmp_path
 
     class TestDev:
         annotation_file = None
         question_file = None
 
-    metrics = task.evaluate([{"question_id": 1, "answer": "yes"}], "test", TestDev())
+    metrics = task.evaluate([{"question_id": 1, "answer": "yes"}], "test", TestDev(), tmp_path)
     assert metrics == {"agg_metrics": None, "num_answers": 1}
     assert (tmp_path / "test_vqa_results.json").read_text().startswith("[")
 

@@ -2,7 +2,7 @@
 
 The model mimics the shape of the real one: a frozen "backbone" and a trainable
 head with a norm, a gate, a bias and dropout (so RNG restoring matters on resume),
-and it exposes ``trainable_state_dict`` / ``load_trainable_state_dict``.
+and it inherits the runner's hooks from ``TrainableModel``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lavis.common.registry import registry
+from lavis.models.base import TrainableModel
 from lavis.runners.run_config import RunConfig
+from lavis.tasks.base import BaseTask
 
 DIM = 8
 
@@ -43,7 +45,7 @@ class ToyRegressionDataset(Dataset):
         return list(self.ids)
 
 
-class ToyModel(nn.Module):
+class ToyModel(TrainableModel):
     """Frozen backbone + trainable head (names contain bias, norm, gate, embed on purpose)."""
 
     def __init__(self, seed: int = 0, dropout: float = 0.1, hidden: int = 16):
@@ -63,18 +65,6 @@ class ToyModel(nn.Module):
         h = h + torch.tanh(self.attn_gate) * self.dropout(torch.relu(self.proj(self.norm(h))))
         return self.head(h)
 
-    def trainable_state_dict(self) -> dict:
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, sd: dict) -> None:
-        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise KeyError(f"missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(sd[n])
-
 
 def collate(items: list[dict]) -> dict:
     return {
@@ -85,7 +75,7 @@ def collate(items: list[dict]) -> dict:
 
 
 @registry.register_task("toy_regression")
-class ToyRegressionTask:
+class ToyRegressionTask(BaseTask):
     """Mean-squared-error regression; ``agg_metrics`` is the negative validation MSE."""
 
     sample_id_key = "sample_id"
@@ -95,9 +85,9 @@ class ToyRegressionTask:
         # Unused by the runner; shows that task keys live beside the runner's in the run section.
         toy_option: int = 0
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg=None):  # the toy needs no config: cfg may be None
         self.cfg = cfg
-        self.result_dir = None
+        self.run_cfg = cfg.run if cfg is not None else None
         self.evaluated: list[tuple[str, int]] = []
 
     @classmethod
@@ -107,8 +97,12 @@ class ToyRegressionTask:
     def collator(self, model, role):
         return collate
 
+    def loss_count(self, batch):
+        return batch["y"].numel()
+
     def train_step(self, model, batch):
-        return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        # Summed over the batch's targets; the runner divides by the step's count (the task contract).
+        return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"], reduction="sum")
 
     def valid_step(self, model, batch):
         pred = model(batch["x"])
@@ -117,7 +111,10 @@ class ToyRegressionTask:
             for sid, p, t in zip(batch["sample_id"], pred[:, 0], batch["y"][:, 0])
         ]
 
-    def evaluate(self, records, split, dataset):
+    def metric_names(self):
+        return ["agg_metrics", "mse", "n"]
+
+    def evaluate(self, records, split, dataset, result_dir):
         self.evaluated.append((split, len(records)))
         mse = sum((r["pred"] - r["target"]) ** 2 for r in records) / len(records)
         return {"agg_metrics": -mse, "mse": mse, "n": len(records)}

@@ -155,6 +155,13 @@ def format_metrics(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
+def metric_name(task, dataset) -> str:
+    """What a split's ``agg_metrics`` is, for tables: "VQA accuracy" for VQA data, else the task's agg_metric."""
+    if getattr(dataset, "sample_id_key", None) == "question_id":
+        return "VQA accuracy"
+    return str(task.run_cfg.get("agg_metric", "agg_metrics"))
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl file."""
     with open(path, encoding="utf-8") as f:

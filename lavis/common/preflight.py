@@ -20,7 +20,7 @@ _MODEL_FILES = {
 }
 _ENV_REFERENCE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-_SPLIT_NAMES = {"train", "val", "test", "restval"}
+_SPLIT_NAMES = {"train", "val", "test", "restval", "dev"}
 
 
 def raw_config(cfg_path, options) -> dict:
@@ -95,6 +95,10 @@ def _data_file_problems(datasets, raw: dict | None) -> list[str]:
     problems: list[str] = []
     for name, section in datasets.items():
         build_info = section.get("build_info")
+        # Builders that read one folder or file outside build_info (imagenet: root, classnames_file).
+        top_level = {key: section[key] for key in ("root", "classnames_file") if isinstance(section.get(key), str)}
+        if top_level:
+            _walk_build_info(top_level, f"datasets.{name}", set(), True, raw, problems)
         if isinstance(build_info, dict):
             _walk_build_info(build_info, f"datasets.{name}.build_info", set(section.get("splits") or []),
                              section.get("data_type", "images") == "images", raw, problems)

@@ -147,6 +147,10 @@ def check_mapping(value, schema: type, path: str, extra_allowed: tuple[str, ...]
             default = dataclasses.asdict(default)
         out[name], errs = check(default, hints[name], f"{path}.{name}")
         errors += errs
+    # A schema may check relations between its values (a width its heads must divide, ...); it reports them
+    # with dotted keys under `path`. Only once every value has the right type.
+    if not errors and callable(getattr(schema, "value_errors", None)):
+        errors += schema.value_errors(out, path)
     return out, errors
 
 

@@ -107,6 +107,8 @@ def read_scores(path: str, num_classes: int) -> tuple[list, list[int], list[list
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON: {err.msg}") from None
+            if isinstance(rec, dict) and "id" not in rec and "doc_id" in rec:  # a samples_*.jsonl line
+                rec["id"] = rec["doc_id"]
             if not isinstance(rec, dict) or not {"id", "label", "class_logprobs"} <= set(rec):
                 raise DataError(f"{path}:{lineno}: expected an object with id, label, class_logprobs: {line[:120]}")
             label, row = rec["label"], rec["class_logprobs"]

@@ -281,19 +281,27 @@ def vqa_accuracy(questions: Any, annotations: Any, results: Any, per_question: b
     return out
 
 
-def vqa_sample_scores(questions: Any, annotations: Any, results: Any, always_normalize: bool = False
-                      ) -> tuple[dict, dict]:
+def vqa_sample_scores(questions: Any, annotations: Any, results: Any, always_normalize: bool = False,
+                      metric: str = "official") -> tuple[dict, dict]:
     """``(accuracy, {question_id: fields})`` of ``results``: :func:`vqa_accuracy` and each question's record.
 
     A question's fields: ``vqa_accuracy`` (the official per-question accuracy, 0-100, as ``perQuestion``),
     ``target`` (its GT answers, file order), ``question_type``, ``answer_type`` and ``question`` (the text,
-    when the questions file is given). Arguments as for :func:`vqa_accuracy`.
+    when the questions file is given). Arguments as for :func:`vqa_accuracy`; ``metric="openflamingo_v2"``
+    scores with OpenFlamingo v2's rules instead (lavis/metrics/vqa_v2.py; ``always_normalize`` is implied).
     """
     if isinstance(questions, (str, os.PathLike)):
         questions = read_json(questions, "VQA questions file")
     if isinstance(annotations, (str, os.PathLike)):
         annotations = read_json(annotations, "VQA annotations file")
-    accuracy = vqa_accuracy(questions, annotations, results, per_question=True, always_normalize=always_normalize)
+    if metric == "openflamingo_v2":
+        from lavis.metrics.vqa_v2 import vqa_accuracy_v2
+
+        accuracy = vqa_accuracy_v2(questions, annotations, results, per_question=True)
+        accuracy.pop("scored_entries")
+    else:
+        accuracy = vqa_accuracy(questions, annotations, results, per_question=True,
+                                always_normalize=always_normalize)
     per_question = accuracy.pop("perQuestion")
     text = {}
     if questions is not None:
@@ -305,7 +313,7 @@ def vqa_sample_scores(questions: Any, annotations: Any, results: Any, always_nor
         qid = ann["question_id"]
         if qid in per_question:
             fields[qid] = {"vqa_accuracy": per_question[qid], "target": [a["answer"] for a in ann["answers"]],
-                           "question_type": ann["question_type"], "answer_type": ann["answer_type"]}
+                           "question_type": ann["question_type"], "answer_type": ann.get("answer_type", "other")}
             if qid in text:
                 fields[qid]["question"] = text[qid]
     return accuracy, fields

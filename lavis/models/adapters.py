@@ -42,7 +42,9 @@ class AdapterConfig:
     r: int = 8  # rank (lora, loha, lokr); AdaLoRA's initial rank
     alpha: int = 16  # scale: lora/adalora lora_alpha (update x alpha / r), loha/lokr alpha; unused by ia3
     dropout: float = 0.05  # lora/adalora: input dropout; loha/lokr: rank dropout; unused by ia3
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # in lang_encoder
+    # Modules adapted in lang_encoder; null = the LM family's default (LLaMA: q_proj, v_proj; MPT and
+    # MosaicGPT: Wqkv, out_proj, up_proj, down_proj; GPT-NeoX: query_key_value, dense, dense_h_to_4h, dense_4h_to_h).
+    target_modules: Optional[list[str]] = None
     modules_to_save: Optional[list[str]] = None  # LM modules trained fully and saved with the adapter
     # Parts that get adapters: lang_encoder, gated_cross_attn_layers, perceiver.
     apply_to: list[str] = field(default_factory=lambda: ["lang_encoder"])
@@ -124,7 +126,7 @@ def validate_adapter_config(cfg: AdapterConfig) -> None:
         if not 0 < cfg.target_r <= cfg.r:
             problems.append(f"adapters.target_r: must be in [1, r={cfg.r}], got {cfg.target_r}")
     if cfg.method == "ia3":
-        targets = set(cfg.target_modules) | set(cfg.xattn_target_modules) | set(cfg.perceiver_target_modules)
+        targets = set(cfg.target_modules or ()) | set(cfg.xattn_target_modules) | set(cfg.perceiver_target_modules)
         stray = [m for m in cfg.feedforward_modules if m not in targets]
         if stray:
             problems.append(f"adapters.feedforward_modules: {stray} are not in any part's target modules")
@@ -132,21 +134,21 @@ def validate_adapter_config(cfg: AdapterConfig) -> None:
         raise ConfigError("invalid adapter config:\n  " + "\n  ".join(problems))
 
 
-def _targets_of(cfg: AdapterConfig, part: str) -> list[str]:
+def _targets_of(cfg: AdapterConfig, part: str, lm_default: tuple[str, ...] = ()) -> list[str]:
     return list(
         {
-            "lang_encoder": cfg.target_modules,
+            "lang_encoder": cfg.target_modules if cfg.target_modules is not None else lm_default,
             "gated_cross_attn_layers": cfg.xattn_target_modules,
             "perceiver": cfg.perceiver_target_modules,
         }[part]
     )
 
 
-def build_peft_config(cfg: AdapterConfig, part: str):
-    """The peft config object of `cfg.method` for one part of Flamingo."""
+def build_peft_config(cfg: AdapterConfig, part: str, lm_default: tuple[str, ...] = ("q_proj", "v_proj")):
+    """The peft config object of `cfg.method` for one part of Flamingo (`lm_default`: the LM family's targets)."""
     import peft
 
-    targets = _targets_of(cfg, part)
+    targets = _targets_of(cfg, part, lm_default)
     common: dict[str, Any] = {"target_modules": targets}
     if part == "lang_encoder":
         # CAUSAL_LM makes the saved adapter reload as PeftModelForCausalLM onto a plain LLaMA.
@@ -202,7 +204,10 @@ def _inject(model: nn.Module, part: str, cfg: AdapterConfig):
     import peft
 
     module = _part(model, part)
-    peft_cfg = build_peft_config(cfg, part)
+    from lavis.models.flamingo.language_models import family_of_model
+
+    lm_default = family_of_model(_part(model, "lang_encoder")).lora_target_modules
+    peft_cfg = build_peft_config(cfg, part, lm_default)
     try:
         # get_peft_model modifies `module` in place; the returned wrapper only points at it.
         return peft.get_peft_model(module, peft_cfg)

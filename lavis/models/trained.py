@@ -1,7 +1,8 @@
 """Any checkpoint a user may hold, resolved to (the model it was trained as, the weights to load).
 
 Accepted (``resolve_checkpoint``):
-- a training checkpoint of ours: ``checkpoints/step_*.pt`` or ``checkpoints/best.pt``. The model section
+- a training checkpoint of ours: ``checkpoints/step_*.pt``, a sharded ``checkpoints/step_*/`` directory
+  (``run.strategy: fsdp``) or ``checkpoints/best.pt``. The model section
   comes from the checkpoint's ``config``; a file without one (best.pt of older runs) takes it from its
   run directory's ``config.yaml``;
 - a run directory: its ``checkpoints/best.pt``, else its newest ``step_*.pt``;
@@ -78,13 +79,26 @@ def _peft(directory: Path) -> TrainedCheckpoint:
     return TrainedCheckpoint("peft", directory, model_cfg)
 
 
+def _training(path: Path, state: dict) -> TrainedCheckpoint:
+    config = state.get("config") or _run_config(path)
+    if not config or not config.get("model"):
+        raise CheckpointError(
+            f"{path}: a training checkpoint that does not say which model it was trained as (no 'config' "
+            f"in it and no config.yaml in its run directory); evaluate it with the training config "
+            f"(--cfg-path) instead")
+    return TrainedCheckpoint("training", path, dict(config["model"]), dict(config))
+
+
 def resolve_checkpoint(path: str | Path) -> TrainedCheckpoint:
     """Classify ``path`` (see the module docstring); CheckpointError saying what it is not."""
     from lavis.runners.checkpoint import load_checkpoint
+    from lavis.runners.sharded_checkpoint import TRAIN_STATE, is_sharded_checkpoint
 
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if is_sharded_checkpoint(path):
+        return _training(path, load_checkpoint(path / TRAIN_STATE))
     if path.is_dir():
         if (path / PEFT_CONFIG).is_file():
             return _peft(path)
@@ -96,13 +110,7 @@ def resolve_checkpoint(path: str | Path) -> TrainedCheckpoint:
                 f"({PEFT_CONFIG})")
     state = load_checkpoint(path)
     if isinstance(state.get("model"), dict):
-        config = state.get("config") or _run_config(path)
-        if not config or not config.get("model"):
-            raise CheckpointError(
-                f"{path}: a training checkpoint that does not say which model it was trained as (no 'config' "
-                f"in it and no config.yaml in its run directory); evaluate it with the training config "
-                f"(--cfg-path) instead")
-        return TrainedCheckpoint("training", path, dict(config["model"]), dict(config))
+        return _training(path, state)
     flat = state.get("model_state_dict", state)
     if isinstance(flat, dict) and flat and all(isinstance(v, torch.Tensor) for v in flat.values()):
         return TrainedCheckpoint("openflamingo", path, None)
@@ -143,12 +151,17 @@ def adapters_of_peft_dir(directory: Path) -> dict:
             "apply_to": ["lang_encoder"]}
 
 
-def load_trained_weights(model: torch.nn.Module, trained: TrainedCheckpoint) -> None:
-    """Load the weights of ``trained`` into a model built from :func:`model_section_for`."""
+def load_trained_weights(model: torch.nn.Module, trained: TrainedCheckpoint | str | Path) -> None:
+    """Load the weights of ``trained`` (or of the checkpoint at that path) into a model built from
+    :func:`model_section_for`."""
+    if not isinstance(trained, TrainedCheckpoint):
+        trained = resolve_checkpoint(trained)
     if trained.kind == "training":
-        from lavis.runners.checkpoint import load_weights
+        from lavis.runners.checkpoint import load_trainable_state_dict
+        from lavis.runners.sharded_checkpoint import read_weights
 
-        load_weights(model, trained.path)
+        weights, _ = read_weights(trained.path)
+        load_trainable_state_dict(model, weights, str(trained.path))
     elif trained.kind == "peft":
         _load_peft_dir(model, trained.path)
     # openflamingo: the builder already loaded it as pretrained_checkpoint_path
@@ -176,6 +189,13 @@ def _load_peft_dir(model: torch.nn.Module, directory: Path) -> None:
                 if name not in params or params[name].shape != value.shape:
                     raise CheckpointError(f"{extra}: {name} does not fit the model")
                 params[name].copy_(value)
+
+
+def model_label(cfg, checkpoint: TrainedCheckpoint | str | Path | None) -> str:
+    """How results tables name the evaluated model: the checkpoint's path, or ``arch/model_type (pretrained)``."""
+    if checkpoint is None:
+        return f"{cfg.model.arch}/{cfg.model.model_type} (pretrained)"
+    return str(checkpoint.path if isinstance(checkpoint, TrainedCheckpoint) else checkpoint)
 
 
 def describe_structure(section: dict) -> str:

@@ -10,52 +10,67 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lavis.common.errors import CheckpointError
 from lavis.common.fileio import atomic_write_bytes
+from lavis.common.logging import get_logger
+from lavis.runners.checkpoint_integrity import (
+    INTEGRITY_KEY,
+    check_archive,
+    check_digest,
+    content_digest,
+    refuse_code,
+)
+from lavis.runners.train_state import FORMAT_VERSION  # noqa: F401 - the version of every file written here
+
+if TYPE_CHECKING:  # lavis.models imports the model stack (transformers, open_clip)
+    from lavis.models.base import TrainableModel
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
 # A single file step_<N>.pt, or a sharded directory step_<N>/ (run.strategy=fsdp, sharded_checkpoint.py).
 _STEP_FILE = re.compile(r"^step_(\d+)(\.pt)?$")
-FORMAT_VERSION = 1
+# lavis.common.fileio's temporaries: ".<name>.<random>.tmp" (files) and ".<name>.tmp-<random>" (directories).
+_TEMPORARY = re.compile(r"^\..+(\.tmp|\.tmp-[^/]+)$")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Serialise ``state`` and write it atomically to ``path``."""
+    """Serialise ``state`` with its content hash (``integrity``) and write it atomically to ``path``."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, INTEGRITY_KEY: {"sha256": content_digest(state)}}, buffer)
     atomic_write_bytes(path, buffer.getbuffer())
     return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint written by ``save_checkpoint`` on the CPU, refusing pickled code or objects."""
+    """Load a checkpoint written by ``save_checkpoint`` on the CPU, after checking that it is intact and safe.
+
+    Every failure is a CheckpointError naming the file: missing, truncated or foreign (not a torch zip),
+    a zip CRC mismatch, pickled code (``PickledCodeError``: refused before anything is unpickled), a
+    content hash that does not match, or anything but a dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    with check_archive(path) as archive:
+        refuse_code(path, archive)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:
-            raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a torch file)") from None
-        raise CheckpointError(
-            f"{path}: refused to load: the file holds a pickled Python object or code ({found.group(1)}), not only "
-            f"tensors and plain values; only weights-only checkpoints (as this framework writes) are accepted"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # noqa: BLE001 - any failure to unpickle a file that passed the checks above is damage
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: a checkpoint must hold a dict, found {type(state).__name__}")
+    check_digest(path, state)
+    state.pop(INTEGRITY_KEY, None)
     return state
 
 
@@ -82,21 +97,70 @@ def list_step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The newest step checkpoint of a run; a CheckpointError when there is none."""
+def verify_checkpoint(path: Path) -> None:
+    """A CheckpointError unless ``path`` loads (a sharded directory: its train-state file)."""
+    from lavis.runners.sharded_checkpoint import TRAIN_STATE
+
+    load_checkpoint(path / TRAIN_STATE if path.is_dir() else path)
+
+
+def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest step checkpoint of a run that verifies; None when the run has no checkpoint yet.
+
+    A newer one that fails its checks (damaged, truncated) is skipped with a warning naming it; when
+    every checkpoint fails, a CheckpointError lists them (starting over would silently lose the run).
+    """
     found = list_step_checkpoints(run_dir)
-    if not found:
+    failures = []
+    for _step, path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            failures.append(str(err))
+            continue
+        if failures:
+            get_logger().warning("run.resume_ckpt_path=latest: skipped %d newer checkpoint(s) that fail their "
+                                 "checks, falling back to %s:\n  %s", len(failures), path, "\n  ".join(failures))
+        return path
+    if failures:
+        raise CheckpointError("run.resume_ckpt_path=latest: no checkpoint of the run verifies:\n  - "
+                              + "\n  - ".join(failures))
+    return None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The newest step checkpoint of a run that verifies; a CheckpointError when there is none."""
+    path = find_latest_checkpoint(run_dir)
+    if path is None:
         raise CheckpointError(
             f"run.resume_ckpt_path=latest: no checkpoint in {Path(run_dir) / CHECKPOINT_DIR} "
             f"(set run.output_dir and run.run_name to the run to resume)"
         )
-    return found[-1][1]
+    return path
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and directories of interrupted writes in ``<run_dir>/checkpoints``.
+
+    Only called where no write can be in progress: at start-up, and by rank 0 right after its own save.
+    """
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    stale = [entry for entry in directory.iterdir() if _TEMPORARY.match(entry.name)]
+    for entry in stale:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return stale
 
 
 def prune_step_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     """Delete all but the ``keep_last`` newest step checkpoints; returns the deleted paths."""
     found = list_step_checkpoints(run_dir)
     doomed = [path for _, path in found[: max(0, len(found) - max(1, keep_last))]]
+    remove_stale_temporaries(run_dir)
     for path in doomed:
         if path.is_dir():
             shutil.rmtree(path)
@@ -157,46 +221,25 @@ def restore_rng_state(state: dict) -> None:
 # --- model weights ----------------------------------------------------------------------------------------
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (the model's own ``trainable_state_dict`` when it has one), on the CPU."""
-    if hasattr(model, "trainable_state_dict"):
-        sd = model.trainable_state_dict()
-    else:
-        sd = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return {name: t.detach().to("cpu", copy=True) for name, t in sd.items()}
+def trainable_state_dict(model: TrainableModel) -> dict[str, torch.Tensor]:
+    """CPU copies of the model's ``trainable_state_dict()`` (the parameters that train)."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in model.trainable_state_dict().items()}
 
 
-def load_weights(model: torch.nn.Module, path) -> dict:
-    """Load the trainable weights of a checkpoint (a step checkpoint or best.pt) into ``model``; the state."""
-    state = load_checkpoint(path)
-    if "model" not in state:
-        raise CheckpointError(f"{path}: holds no 'model' weights")
-    load_trainable_state_dict(model, state["model"], str(path))
+def load_weights(model: TrainableModel, path) -> dict:
+    """Load the trainable weights of a checkpoint (a step checkpoint, sharded or not, or best.pt); the state."""
+    from lavis.runners.sharded_checkpoint import read_weights
+
+    weights, state = read_weights(path)
+    load_trainable_state_dict(model, weights, str(path))
     return state
 
 
-def load_trainable_state_dict(model: torch.nn.Module, sd: dict, source: str) -> None:
-    """Load trainable weights, strictly on the names of the trainable parameters."""
-    if hasattr(model, "load_trainable_state_dict"):
-        try:
-            model.load_trainable_state_dict(sd)
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"{source}: the weights do not fit the model: {err}") from None
-        return
-    params = dict(model.named_parameters())
-    expected = {name for name, p in params.items() if p.requires_grad}
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: the weights do not fit the model's trainable parameters: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    with torch.no_grad():
-        for name, value in sd.items():
-            if params[name].shape != value.shape:
-                raise CheckpointError(
-                    f"{source}: parameter {name} has shape {tuple(value.shape)} in the checkpoint, "
-                    f"{tuple(params[name].shape)} in the model"
-                )
-            params[name].copy_(value)
+def load_trainable_state_dict(model: TrainableModel, sd: dict, source: str) -> None:
+    """The model's strict ``load_trainable_state_dict``, its errors naming ``source``."""
+    try:
+        model.load_trainable_state_dict(sd)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{source}: the weights do not fit the model: {err}") from None

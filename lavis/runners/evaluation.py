@@ -28,7 +28,7 @@ class _RemoteError(Exception):
 
 @torch.no_grad()
 def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info, precision, batch_size: int,
-                   num_workers: int = 0, samples_path=None) -> dict:
+                   num_workers: int = 0, samples_path=None, result_dir=None) -> dict:
     """The metrics of ``task.evaluate`` for one split, identical on every rank.
 
     With ``samples_path``, rank 0 also writes the per-sample log there (lavis/runners/sample_log.py).
@@ -51,7 +51,7 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
             unique = dist.dedup_records(gathered, key)
             if hasattr(dataset, "sample_ids"):
                 dist.check_coverage(unique, key, dataset.sample_ids(), where=f"{dataset_name}.{split}")
-            metrics = task.evaluate(unique, split, dataset)
+            metrics = task.evaluate(unique, split, dataset, result_dir)
             if not isinstance(metrics, dict) or "agg_metrics" not in metrics:
                 raise TypeError(
                     f"{type(task).__name__}.evaluate must return a dict with 'agg_metrics', got {metrics!r}"

@@ -1,15 +1,23 @@
-"""Few-shot evaluation (evaluate.py): every split x shots x trial, then the table of the README.
+"""Few-shot evaluation (evaluate.py): every split x shots x trial, then the table and results.json.
 
 For each evaluated split the queries are the whole split or ``run.num_samples`` of
 it (a fixed seeded subset, the same for every shot count and trial, so that rows
-differ only by their demonstrations). Each (shots, trial) pass is an ordinary
-distributed evaluation of a :class:`FewShotDataset`; the table reports the mean
-and the standard deviation of ``agg_metrics`` over trials.
+differ only by their demonstrations). Each (shots, trial) cell is an ordinary
+distributed evaluation of a :class:`FewShotDataset` (padding of the distributed
+sampler is de-duplicated before any metric); the table reports the mean and the
+standard deviation of ``agg_metrics`` over trials, ``results.json`` adds bootstrap
+standard errors and provenance (lavis/runners/eval_results.py).
+
+Resumable: every finished batch and cell is in the run directory's response cache
+(lavis/runners/eval_cache.py). Re-running the same command with the same
+``run.run_name`` continues that run directory; SIGTERM stops at the next batch
+boundary with everything finished saved, and the process exits 0.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +27,18 @@ from torch.utils.data import Dataset
 from lavis.common import dist
 from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
-from lavis.common.logging import MetricsLog, setup_logging
+from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
+from lavis.models.trained import load_trained_weights, model_label
 from lavis.report import report_after_run
-from lavis.runners import checkpoint as ckpt
+from lavis.runners import eval_cache
+from lavis.runners.eval_results import build_results, cell_summary
 from lavis.runners.evaluation import evaluate_split
 from lavis.runners.precision import resolve_precision
-from lavis.runners.run_dir import prepare_run_dir
+from lavis.runners.run_dir import RunPaths, prepare_run_dir
 from lavis.runners.sample_log import fewshot_tag, samples_filename
+
+log = get_logger()
 
 
 class QuerySubset(Dataset):
@@ -120,74 +132,170 @@ def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label
                  feature_name=model_label)
 
 
-def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = None) -> dict:
-    """Evaluate every configured split, shot count and trial; write and print the table."""
+def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = None) -> dict | None:
+    """Evaluate every configured split, shot count and trial; write and print the table and results.json.
+
+    Returns the table, or None when SIGTERM stopped the evaluation (finished work is in the cache).
+    """
     run = cfg.run
     splits = check_run(run, datasets)
     info = dist.init_distributed(run.device, run.dist_timeout_s)
     precision = resolve_precision(run.amp, info.device)
-    paths = prepare_run_dir(run, cfg)
+    fingerprints = {
+        "model_fingerprint": eval_cache.sha256_json(_plain_config(cfg.model)),
+        "checkpoint_fingerprint": eval_cache.file_sha256(checkpoint) if checkpoint else None,
+    }
+    fingerprint = eval_cache.evaluation_fingerprint(fingerprints["model_fingerprint"],
+                                                    fingerprints["checkpoint_fingerprint"], cfg)
+    paths = evaluation_run_dir(run, cfg, fingerprint)
     setup_logging(info.rank, paths.log)
     if checkpoint:
-        state = ckpt.load_checkpoint(checkpoint)
-        ckpt.load_trainable_state_dict(model, state.get("model", state), str(checkpoint))
+        load_trained_weights(model, checkpoint)  # any checkpoint kind: lavis/models/trained.py
     model.to(info.device).eval()
-    task.result_dir = paths.results
-    label = str(checkpoint) if checkpoint else f"{cfg.model.arch}/{cfg.model.model_type} (pretrained)"
+    label = model_label(cfg, checkpoint)
+    started = time.time()
     metrics_log = MetricsLog(paths.metrics, enabled=info.is_main)
+    cache = eval_cache.ResponseCache(paths.run_dir, info.rank).load()
+    stop = eval_cache.StopFlag().install()
+    context = _Context(run, task, model, info, precision, paths, label, metrics_log, cache, stop, fingerprint)
     try:
-        table = _evaluate_all(run, task, model, datasets, splits, info, precision, paths, label, metrics_log)
+        table, results_rows, n_samples = _evaluate_all(context, datasets, splits)
+    except eval_cache.EvaluationInterrupted:
+        log.warning("SIGTERM: the finished batches and cells are saved in %s; re-run the same command (same "
+                    "run.run_name) to continue", paths.run_dir / eval_cache.CACHE_DIR)
+        return None
     finally:
+        stop.uninstall()
+        cache.close()
         metrics_log.close()
     if info.is_main:
         write_table(table, paths.run_dir)
-        print(format_table(table))
+        results = build_results(table["model"], results_rows, n_samples, _plain_config(cfg), fingerprints, started)
+        atomic_write_json(paths.run_dir / "results.json", results, indent=2)
+        log.info("few-shot table (%s):\n%s", label, format_table(table))  # console and log.txt
         print(f"few-shot results written to {paths.run_dir}")
         report_after_run(paths.run_dir, "evaluated")  # a warning, never an error, when it fails
     return table
 
 
-def _evaluate_all(run, task, model, datasets, splits, info, precision, paths, label, metrics_log) -> dict:
-    """The table: for every dataset and split, agg_metrics over trials per shot count."""
-    table: dict = {"model": label, "metric": "agg_metrics", "rows": {}}
+def _plain_config(section) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
+
+
+def evaluation_run_dir(run, cfg, fingerprint: str) -> RunPaths:
+    """The run directory: a fresh one, or the one of ``run.run_name`` when it holds this evaluation's cache.
+
+    A directory of that name whose cache belongs to another evaluation (other model, checkpoint or task
+    settings) is a ConfigError, never mixed into.
+    """
+    outcome = None
+    if dist.is_main_process() and run.run_name:
+        run_dir = Path(run.output_dir).expanduser().resolve() / run.run_name
+        stamp = run_dir / eval_cache.CACHE_DIR / "fingerprint.json"
+        if stamp.is_file():
+            import json
+
+            found = json.loads(stamp.read_text()).get("fingerprint")
+            if found != fingerprint:
+                outcome = {"error": ConfigError(
+                    f"run.run_name: {run_dir} holds an evaluation of another model, checkpoint or task config "
+                    "(its response cache fingerprint differs); choose another run.run_name")}
+            else:
+                outcome = {"run_dir": str(run_dir)}
+    outcome = dist.broadcast_object(outcome)
+    if outcome and "error" in outcome:
+        raise outcome["error"]
+    if outcome:
+        log.info("continuing the evaluation in %s", outcome["run_dir"])
+        return RunPaths(Path(outcome["run_dir"]), None)
+    paths = prepare_run_dir(run, cfg)
+    if dist.is_main_process():
+        (paths.run_dir / eval_cache.CACHE_DIR).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(paths.run_dir / eval_cache.CACHE_DIR / "fingerprint.json", {"fingerprint": fingerprint})
+    dist.barrier()
+    return paths
+
+
+class _Context:
+    """What every cell of one evaluation shares."""
+
+    def __init__(self, run, task, model, info, precision, paths, label, metrics_log, cache, stop, fingerprint):
+        self.run, self.task, self.model, self.info, self.precision = run, task, model, info, precision
+        self.paths, self.label, self.metrics_log = paths, label, metrics_log
+        self.cache, self.stop, self.fingerprint = cache, stop, fingerprint
+
+
+def _evaluate_all(ctx: _Context, datasets, splits) -> tuple[dict, dict, dict]:
+    """(the table: agg_metrics over trials per shot count for every dataset and split, the results.json
+    cells (rank 0), n-samples)."""
+    run = ctx.run
+    table: dict = {"model": ctx.label, "metric": "agg_metrics", "metrics": {}, "rows": {}}
+    results: dict = {}
+    n_samples: dict = {}
     for name, by_split in datasets.items():
         pool = by_split[run.demo_split]
-        rices = _rices_index(run, model, pool, name, paths.run_dir, info.device, label)
+        rices = _rices_index(run, ctx.model, pool, name, ctx.paths.run_dir, ctx.info.device, ctx.label)
         for split in splits:
             queries = query_subset(by_split[split], run.num_samples, run.trial_seeds[0])
-            row = {}
+            n_samples[f"{name}/{split}"] = {"original": len(by_split[split]), "effective": len(queries)}
+            row, detail = {}, {}
             for shots in run.num_shots:
-                scores = []
+                trials, files = [], []
                 for trial in range(run.num_trials):
                     fewshot = FewShotDataset(
                         queries, pool, num_shots=shots, seed=run.trial_seeds[trial], trial=trial,
                         method=run.demo_method, zero_shot_text_demos=run.zero_shot_text_demos, rices=rices,
                     )
                     tag = fewshot_tag(split, shots, trial)
-                    metrics = evaluate_split(
-                        task=task, model=model, dataset=fewshot, dataset_name=name, split=tag, info=info,
-                        precision=precision, batch_size=run.batch_size_eval, num_workers=run.num_workers,
-                        samples_path=paths.run_dir / samples_filename(name, tag),
-                    )
-                    metrics_log.write({"dataset": name, "split": split, "shots": shots, "trial": trial,
-                                       "seed": run.trial_seeds[trial], "num_queries": len(queries), **metrics})
-                    scores.append(metrics["agg_metrics"])
-                if None in scores:  # a split without ground truth (VQAv2 test-dev): results files only
-                    row[str(shots)] = {"mean": None, "std": None, "trials": scores}
-                    continue
-                row[str(shots)] = {
-                    "mean": statistics.fmean(scores),
-                    "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
-                    "trials": scores,
-                }
+                    files.append(ctx.paths.run_dir / samples_filename(name, tag))
+                    metrics = _evaluate_cell(ctx, name, tag, fewshot, files[-1])
+                    ctx.metrics_log.write({"dataset": name, "split": split, "shots": shots, "trial": trial,
+                                           "seed": run.trial_seeds[trial], "num_queries": len(queries), **metrics})
+                    trials.append({"trial": trial, "seed": run.trial_seeds[trial], **metrics})
+                row[str(shots)] = _table_cell(trials)
+                if ctx.info.is_main:
+                    detail[str(shots)] = cell_summary(trials, files)
             table["rows"][f"{name}/{split}"] = row
-    return table
+            table["metrics"][f"{name}/{split}"] = metric_name(ctx.task, by_split[split])
+            results[f"{name}/{split}"] = detail
+    return table, results, n_samples
+
+
+def _evaluate_cell(ctx: _Context, name: str, tag: str, fewshot, samples_path: Path) -> dict:
+    """The metrics of one (dataset, split, shots, trial) cell: from the cache when it finished before."""
+    key = eval_cache.cell_key(ctx.fingerprint, name, tag, list(fewshot.sample_ids()))
+    done = ctx.cache.cell(key) if ctx.info.is_main and samples_path.is_file() else None
+    done = dist.broadcast_object(done)  # rank 0 decides, so every rank skips or runs the same cells
+    if done is not None:
+        log.info("%s %s: finished in a previous run (response cache)", name, tag)
+        return done
+    sample_key = getattr(fewshot, "sample_id_key", ctx.task.sample_id_key)
+    cached = eval_cache.CachedTask(ctx.task, ctx.cache, ctx.fingerprint, name, tag, sample_key, ctx.stop)
+    metrics = eval_cache.as_json(evaluate_split(
+        task=cached, model=ctx.model, dataset=fewshot, dataset_name=name, split=tag, info=ctx.info,
+        precision=ctx.precision, batch_size=ctx.run.batch_size_eval, num_workers=ctx.run.num_workers,
+        samples_path=samples_path, result_dir=ctx.paths.results,
+    ))
+    log.info("eval %s %s: %s", name, tag, format_metrics(metrics))
+    if ctx.info.is_main:
+        ctx.cache.put_cell(key, metrics)
+    return metrics
+
+
+def _table_cell(trials: list[dict]) -> dict:
+    scores = [t["agg_metrics"] for t in trials]
+    if None in scores:  # a split without ground truth (VQAv2 test-dev): results files only
+        return {"mean": None, "std": None, "trials": scores}
+    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+            "trials": scores}
 
 
 def format_table(table: dict) -> str:
     """Markdown in the style of the original README: rows = model and split, columns = shots, mean ± std."""
     shots = sorted({int(s) for row in table["rows"].values() for s in row})
-    header = "| model | data | " + " | ".join(f"{s}-shot" for s in shots) + " |"
+    header = "| model | data (metric) | " + " | ".join(f"{s}-shot" for s in shots) + " |"
     lines = [header, "|" + "---|" * (len(shots) + 2)]
     for data, row in table["rows"].items():
         cells = []
@@ -199,7 +307,8 @@ def format_table(table: dict) -> str:
                 cells.append("(not scored)")
             else:
                 cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}")
-        lines.append(f"| {table['model']} | {data} | " + " | ".join(cells) + " |")
+        metric = table.get("metrics", {}).get(data, table.get("metric", "agg_metrics"))
+        lines.append(f"| {table['model']} | {data} ({metric}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -97,6 +97,10 @@ class RunConfig:
     eps: float = 1e-8
     # Per-parameter settings, first match wins: list of {match: regex, lr_scale, weight_decay}.
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    # token: a step's loss is the mean over every target token of the global batch (all processes and
+    # micro-batches), so any split of the batch trains the same objective; sequence: each micro-batch's
+    # own token mean, averaged equally over micro-batches and processes (the behaviour of LAVIS).
+    loss_reduction: Literal["token", "sequence"] = "token"
     # Clip the global gradient norm to this value; null or 0 = no clipping.
     max_grad_norm: Optional[float] = 1.0
     # Precision: fp32, fp16 (CUDA only, with a GradScaler) or bf16 (CPU, or a GPU that supports it).

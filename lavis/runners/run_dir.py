@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from lavis.common import dist
 from lavis.common.errors import CheckpointError, ConfigError
 from lavis.common.fileio import atomic_write_text
-from lavis.runners.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+from lavis.common.logging import get_logger
+from lavis.runners.checkpoint import CHECKPOINT_DIR, find_latest_checkpoint, remove_stale_temporaries
 
 RESULTS_DIR = "results"
 
@@ -53,7 +54,13 @@ def _decide(run_cfg) -> tuple[Path, Path | None]:
             if not run_cfg.run_name:
                 raise ConfigError("run.resume_ckpt_path=latest needs run.run_name (the run folder to continue)")
             run_dir = output_dir / run_cfg.run_name
-            return run_dir, latest_checkpoint(run_dir)
+            # The same command serves the first start and every requeue: with no checkpoint yet (a job
+            # killed before its first save, or never started) the run starts from scratch in run_dir.
+            latest = find_latest_checkpoint(run_dir)
+            if latest is None:
+                get_logger().info("run.resume_ckpt_path=latest: no checkpoint in %s yet; starting the run from "
+                                  "scratch there", run_dir / CHECKPOINT_DIR)
+            return run_dir, latest
         ckpt = Path(resume).expanduser().resolve()
         if not ckpt.is_file():
             raise CheckpointError(f"run.resume_ckpt_path: {ckpt} does not exist")
@@ -96,6 +103,9 @@ def prepare_run_dir(run_cfg, cfg) -> RunPaths:
             run_dir, resume_from = _decide(run_cfg)
             for sub in (run_dir, run_dir / CHECKPOINT_DIR, run_dir / RESULTS_DIR):
                 sub.mkdir(parents=True, exist_ok=True)
+            # Left by writes that a kill interrupted (for the 9B model each is gigabytes); nothing writes now.
+            for stale in remove_stale_temporaries(run_dir):
+                get_logger().info("removed the temporary file of an interrupted write: %s", stale)
             if resume_from is None or resume_from.parent.parent != run_dir:
                 save_config(run_dir / "config.yaml", cfg)
             outcome = {"paths": (str(run_dir), str(resume_from) if resume_from else None)}

@@ -15,7 +15,6 @@ import signal
 import threading
 
 import torch
-from omegaconf import OmegaConf
 
 from lavis.common import dist
 from lavis.common.errors import CheckpointError, ConfigError
@@ -25,13 +24,14 @@ from lavis.runners import checkpoint as ckpt
 from lavis.runners import sharded_checkpoint as sharded
 from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
 from lavis.runners.evaluation import evaluate_split, move_to_device
+from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
-from lavis.runners.resume_check import check_resume_config
 from lavis.runners.run_config import available_splits, check_run_values, check_splits, resolve_best_dataset
 from lavis.runners.run_dir import prepare_run_dir
 from lavis.runners.sample_log import samples_filename, step_tag
 from lavis.runners.strategy import build_strategy
+from lavis.runners.train_state import TrainState, config_dict, weights_state
 
 log = get_logger()
 
@@ -53,7 +53,7 @@ class RunnerBase:
         self.precision = resolve_precision(run.amp, self.info.device)
         self.strategy = build_strategy(run, self.precision, self.info)
         ckpt.set_seed(run.seed + self.info.rank)
-        self.model = model.to(self.info.device)
+        self.model = self.strategy.place(model)
         self.paths = prepare_run_dir(run, cfg)
         setup_logging(self.info.rank, self.paths.log if self.info.is_main else None)
         self.metrics = MetricsLog(
@@ -62,11 +62,10 @@ class RunnerBase:
             wandb_cfg=run.wandb,
             tensorboard_dir=self.paths.run_dir / "tensorboard" if run.tensorboard else None,
             run_name=self.paths.run_dir.name,
-            config=OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else None,
+            config=config_dict(cfg),
         )
-        # Tasks write their result files (official formats) here; only rank 0 scores, so only it writes.
-        task.result_dir = self.paths.results
         self.best: dict = {"metric": None, "step": None}
+        self.schedule = None  # built by train()
         self.global_step = 0
         self._stop_requested = False
         self._failed = False
@@ -115,9 +114,13 @@ class RunnerBase:
         self.scaler = self.strategy.grad_scaler()
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         # e.g. AdaLoRA's rank re-allocation; None for models without such a hook.
-        self._after_step = self.model.optimizer_step_hook() if hasattr(self.model, "optimizer_step_hook") else None
+        self._after_step = self.model.optimizer_step_hook()
         if self.paths.resume_from is not None:
             self._resume(self.paths.resume_from)
+        else:
+            # A first start with resume_ckpt_path=latest may find the metrics of an attempt killed before
+            # its first checkpoint: that attempt's steps are redone, so its lines go.
+            self.metrics.truncate(0)
 
         try:
             status = self._train_loop()
@@ -149,10 +152,11 @@ class RunnerBase:
                 info=self.info, precision=self.precision, batch_size=self.run_cfg.batch_size_eval,
                 num_workers=self.run_cfg.num_workers,
                 samples_path=self.paths.run_dir / samples_filename(name, step_tag(split, at_step)),
+                result_dir=self.paths.results,
             )
             results[name] = metrics
             record = {"epoch": epoch, "step": at_step, "split": split, "dataset": name}
-            if hasattr(self, "schedule"):
+            if self.schedule is not None:
                 record["lr"] = self.schedule.base_lr(max(0, self.global_step - 1))
             self.metrics.write({**record, **metrics})
             log.info("eval %s.%s at step %s: %s", name, split, record["step"], format_metrics(metrics))
@@ -222,18 +226,27 @@ class RunnerBase:
         return status
 
     def _optimizer_step(self, micro_batches: list):
-        """Forward/backward over the micro-batches of one step, then clip and step; no host sync."""
+        """Forward/backward over the micro-batches of one step, then clip and step; no host sync.
+
+        Returns this rank's share of the step's loss (summed over ranks it is the step's objective,
+        see objective.py), the gradient norm and the lr.
+        """
         accum = len(micro_batches)
-        loss_sum = None
-        for i, batch in enumerate(micro_batches):
+        world = self.info.world_size
+        # Counted on the CPU batches, before they move to the device: the weights need no device sync.
+        weights = micro_batch_weights(self.run_cfg.loss_reduction, [self.task.loss_count(b) for b in micro_batches],
+                                      world)
+        loss_share = None
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             batch = move_to_device(batch, self.info.device)
             last = i == accum - 1
             # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once, on the last micro-batch.
             with self.strategy.gradient_sync(self.train_model, last):
                 with self.precision.autocast():
-                    loss = self.task.train_step(self.train_model, batch)
-                self.scaler.scale(loss / accum).backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                    loss = self.task.train_step(self.train_model, batch) * weight
+                # DDP and FSDP average the gradients over ranks: x world makes their sum the objective's gradient.
+                self.scaler.scale(loss * world).backward()
+            loss_share = loss.detach() if loss_share is None else loss_share + loss.detach()
         self.strategy.finish_gradients(self.trainable)
         lr = self.schedule.step(self.global_step)
         grad_norm = None
@@ -249,7 +262,7 @@ class RunnerBase:
             # averages, so it is not scored.
             self._after_step(self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / accum, grad_norm, lr
+        return loss_share, grad_norm, lr
 
     def _scale_if_needed(self) -> float | None:
         # get_scale() syncs with the device: only read it when a skipped step changes what happens next.
@@ -262,8 +275,8 @@ class RunnerBase:
         return scale_before is None or self.scaler.get_scale() >= scale_before
 
     def _log_train(self, period: int, loss: torch.Tensor, grad_norm, lr: float, bar) -> None:
-        # The only host sync of the loop: once per log_freq steps.
-        loss = dist.all_reduce_mean(loss.float()).item()
+        # The only host sync of the loop: once per log_freq steps. The shares of the ranks sum to the loss.
+        loss = (dist.all_reduce_mean(loss.float()) * self.info.world_size).item()
         record = {"epoch": period, "step": self.global_step, "split": "train", "lr": lr, "loss": loss}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -297,12 +310,8 @@ class RunnerBase:
         self.best = {"metric": value, "step": self.global_step}
         weights = self.strategy.gather_trainable_state_dict(self.model)  # a collective under fsdp
         if self.info.is_main:
-            ckpt.save_checkpoint(self.paths.checkpoints / ckpt.BEST_NAME, {
-                "format_version": ckpt.FORMAT_VERSION,
-                "model": weights,
-                "best": dict(self.best, split=split, key=key),
-                "step": self.global_step,
-            })
+            ckpt.save_checkpoint(self.paths.checkpoints / ckpt.BEST_NAME, weights_state(
+                weights, config_dict(self.cfg), self.global_step, dict(self.best, split=split, key=key)))
         log.info("new best %s on %s: %.6g at step %d", key, split, value, self.global_step)
 
     # --- checkpoints ------------------------------------------------------------------------------------
@@ -313,18 +322,16 @@ class RunnerBase:
             return self._save_sharded(rng_states)
         if not self.info.is_main:
             return None
-        state = {
-            "model": ckpt.trainable_state_dict(self.model),
-            "optimizer": self.optimizer.state_dict(),
-            **self._training_state(rng_states),
-        }
-        path = ckpt.save_checkpoint(ckpt.step_checkpoint_path(self.paths.run_dir, self.global_step), state)
+        state = self._train_state(rng_states, model=ckpt.trainable_state_dict(self.model),
+                                  optimizer=self.optimizer.state_dict())
+        path = ckpt.save_checkpoint(ckpt.step_checkpoint_path(self.paths.run_dir, self.global_step),
+                                    state.state_dict())
         ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
         return path
 
     def _save_sharded(self, rng_states):
         # Every rank writes its shards of the weights and optimizer state; rank 0 the rest (run.strategy=fsdp).
-        state = self._training_state(rng_states) if self.info.is_main else None
+        state = self._train_state(rng_states).state_dict() if self.info.is_main else None
         path = sharded.save(sharded.step_checkpoint_dir(self.paths.run_dir, self.global_step), self.model,
                             self.optimizer, state)
         if self.info.is_main:
@@ -332,60 +339,48 @@ class RunnerBase:
         dist.barrier()
         return path
 
-    def _training_state(self, rng_states) -> dict:
-        """Everything of a step checkpoint but the weights and the optimizer state."""
-        return {
-            "format_version": ckpt.FORMAT_VERSION,
-            # Non-parameter training state of the model (e.g. AdaLoRA's rank allocator), when it has some.
-            "model_state": self.model.training_state() if hasattr(self.model, "training_state") else {},
-            "scheduler": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_states,
-            "world_size": self.info.world_size,
-            "progress": {"global_step": self.global_step, **self.stream.state(), "metrics_lines": self.metrics.lines},
-            "best": dict(self.best),
-            "config": OmegaConf.to_container(self.cfg, resolve=True) if OmegaConf.is_config(self.cfg) else {},
-        }
+    def _train_state(self, rng_states, model=None, optimizer=None) -> TrainState:
+        """The run's TrainState at this step boundary (weights and optimizer given for single-file checkpoints)."""
+        return TrainState(
+            config=config_dict(self.cfg), global_step=self.global_step, **self.stream.state(),
+            metrics_lines=self.metrics.lines, scheduler=self.schedule.state_dict(), scaler=self.scaler.state_dict(),
+            rng=rng_states, world_size=self.info.world_size, best=dict(self.best),
+            model_state=self.model.training_state(), model=model, optimizer=optimizer,
+        )
 
     def _resume(self, path) -> None:
-        if path.is_dir():  # sharded: weights and optimizer are loaded (and re-sharded) here
+        sharded_dir = path.is_dir()
+        if sharded_dir:  # sharded: weights and optimizer are loaded (and re-sharded) here
             if not self.strategy.sharded_checkpoints:
                 raise CheckpointError(f"{path}: a sharded checkpoint (written with run.strategy=fsdp); resume it "
-                                      f"with run.strategy=fsdp, or convert it with lavis.export --format single")
-            state = sharded.load(path, self.model, self.optimizer)
-            state.update(model=None, optimizer=None)
+                                      "with run.strategy=fsdp (evaluation and export read it under any strategy)")
+            state = TrainState().load_state_dict(sharded.load(path, self.model, self.optimizer), path, sharded=True)
         else:
-            state = ckpt.load_checkpoint(path)
-        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "progress") if k not in state]
-        if missing:
-            raise CheckpointError(f"{path}: not a training checkpoint (missing {missing}); a best.pt holds only "
-                                  f"weights: use it with run.evaluate=true")
-        check_resume_config(state.get("config") or {}, self.cfg, self.PLAN_KEYS, path)
-        if state["model"] is not None:
-            self.strategy.load_trainable_state_dict(self.model, state["model"], str(path))
-        if state.get("model_state"):
-            try:
-                self.model.load_training_state(state["model_state"])
-            except (AttributeError, KeyError, ValueError) as err:
-                raise CheckpointError(f"{path}: its model training state does not fit the model: {err}") from None
+            state = TrainState().load_state_dict(ckpt.load_checkpoint(path), path)
+        state.check_resumable(self.cfg, self.PLAN_KEYS, path)
+        if state.model is not None:
+            self.strategy.load_trainable_state_dict(self.model, state.model, str(path))
         try:
-            if state["optimizer"] is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
+            self.model.load_training_state(state.model_state)
+        except (AttributeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{path}: its model training state does not fit the model: {err}") from None
+        try:
+            if state.optimizer is not None:
+                self.optimizer.load_state_dict(state.optimizer)
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{path}: optimizer state does not fit (changed run.param_groups?): {err}") from None
-        self.schedule.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        progress = state["progress"]
-        self.global_step = int(progress["global_step"])
-        self.stream.seek(int(progress["data_epoch"]), int(progress["position"]))
-        self.best = dict(state.get("best") or self.best)
-        self.metrics.truncate(int(progress["metrics_lines"]))
-        if state["world_size"] == self.info.world_size:
-            ckpt.restore_rng_state(state["rng"][self.info.rank])
+        self.schedule.load_state_dict(state.scheduler)
+        self.scaler.load_state_dict(state.scaler)
+        self.global_step = state.global_step
+        self.stream.seek(state.data_epoch, state.position)
+        self.best = state.best
+        self.metrics.truncate(state.metrics_lines)
+        if state.world_size == self.info.world_size:
+            ckpt.restore_rng_state(state.rng[self.info.rank])
         else:
             log.warning("%s was written by %d process(es), resuming with %d: the data order and random streams "
-                        "differ from the original run%s", path, state["world_size"], self.info.world_size,
-                        "; the sharded weights and optimizer state were re-sharded" if path.is_dir() else "")
+                        "differ from the original run%s", path, state.world_size, self.info.world_size,
+                        "; the sharded weights and optimizer state were re-sharded" if sharded_dir else "")
         log.info("resumed from %s at step %d", path, self.global_step)
 
     # --- final / evaluation-only -----------------------------------------------------------------------

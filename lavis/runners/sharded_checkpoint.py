@@ -15,6 +15,7 @@ DCP re-shards on load: a checkpoint written by N processes resumes on M (or on o
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ TRAIN_STATE = "train_state.pt"
 _METADATA = ".metadata"  # DCP's index, written last by the coordinator rank
 # Only the parameters that train: the frozen LM is rebuilt from its config, as for single-file checkpoints.
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Loading leaves the frozen weights as built; _check_keys makes sure every trainable one is in the checkpoint.
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
@@ -58,7 +61,7 @@ def _distributed() -> bool:
 def save(directory: str | os.PathLike, model: nn.Module, optimizer, train_state: dict | None) -> Path:
     """Write a sharded checkpoint; every rank calls it, ``train_state`` is only read on rank 0."""
     directory = Path(directory)
-    state = {"model": get_model_state_dict(model, options=_OPTIONS),
+    state = {"model": _trainable_model_state(model),
              "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS)}
     if not dist.is_main_process():
         tmp = dist.broadcast_object(None)
@@ -80,26 +83,36 @@ def load(directory: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     if not is_sharded_checkpoint(directory):
         raise CheckpointError(f"{directory}: not a complete sharded checkpoint (no {_METADATA} or {TRAIN_STATE})")
     train_state = ckpt.load_checkpoint(directory / TRAIN_STATE)
-    state = {"model": get_model_state_dict(model, options=_OPTIONS),
+    state = {"model": _trainable_model_state(model),
              "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS)}
     _check_keys(directory, state["model"])
     try:
         dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{directory}: does not fit the model and optimizer: {err}") from None
-    set_model_state_dict(model, state["model"], options=_OPTIONS)
+    set_model_state_dict(model, state["model"], options=_LOAD_OPTIONS)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_OPTIONS)
     return train_state
 
 
-def _stored_model_keys(directory: Path) -> dict[str, object]:
+def _trainable_model_state(model: nn.Module) -> dict:
+    # ignore_frozen_params filters by named_parameters(), which lists a tied weight once: the other name of a
+    # frozen tied weight (a tied LM head) would still be saved. Only trainable parameter names are kept.
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model, options=_OPTIONS).items() if k in trainable}
+
+
+def _stored_tensors(directory: Path, prefix: str) -> dict[str, object]:
+    # DCP's index: flattened keys ("model.<parameter name>", "optimizer.state.<name>.exp_avg", ...).
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     metadata = dcp.FileSystemReader(str(directory)).read_metadata()
-    return {key[len("model."):]: meta for key, meta in metadata.state_dict_metadata.items()
-            if key.startswith("model.")}
+    return {key[len(prefix):]: meta for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
 
 
 def _check_keys(directory: Path, model_sd: dict) -> None:
-    stored = _stored_model_keys(directory)
+    stored = _stored_tensors(directory, "model.")
     missing, unexpected = sorted(set(model_sd) - set(stored)), sorted(set(stored) - set(model_sd))
     if missing or unexpected:
         raise CheckpointError(
@@ -107,22 +120,28 @@ def _check_keys(directory: Path, model_sd: dict) -> None:
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
-def load_full_model_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The full (unsharded) trainable weights of a sharded checkpoint, on the CPU, in one process."""
+def load_full_tensors(directory: str | os.PathLike, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Every tensor stored under ``prefix`` in full (unsharded), on the CPU, in one process.
+
+    ``model.`` gives the trainable weights by parameter name, ``optimizer.state.`` the optimizer
+    state as ``<parameter name>.<exp_avg|exp_avg_sq|step>``.
+    """
     directory = Path(directory)
     if not is_sharded_checkpoint(directory):
         raise CheckpointError(f"{directory}: not a complete sharded checkpoint (no {_METADATA} or {TRAIN_STATE})")
-    state = {"model": {name: torch.empty(meta.size, dtype=meta.properties.dtype)
-                       for name, meta in _stored_model_keys(directory).items()}}
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
-    return state["model"]
+    state = {prefix + name: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for name, meta in _stored_tensors(directory, prefix).items()}
+    with warnings.catch_warnings():  # DCP warns that it assumes one process, which is what is asked here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    return {key[len(prefix):]: t for key, t in state.items()}
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """``(full trainable weights, the rest of the state)`` of a single-file or sharded checkpoint."""
     path = Path(path)
     if path.is_dir():
-        return load_full_model_state(path), ckpt.load_checkpoint(path / TRAIN_STATE)
+        return load_full_tensors(path), ckpt.load_checkpoint(path / TRAIN_STATE)
     state = ckpt.load_checkpoint(path)
     if "model" not in state:
         raise CheckpointError(f"{path}: holds no 'model' weights")
@@ -139,6 +158,6 @@ def consolidate(sharded_dir: str | os.PathLike, out_path: str | os.PathLike | No
     sharded_dir = Path(sharded_dir)
     out = Path(out_path) if out_path is not None else sharded_dir.with_name(sharded_dir.name + "-consolidated.pt")
     train_state = ckpt.load_checkpoint(sharded_dir / TRAIN_STATE) if is_sharded_checkpoint(sharded_dir) else {}
-    weights = load_full_model_state(sharded_dir)
+    weights = load_full_tensors(sharded_dir)
     keep = {k: v for k, v in train_state.items() if k not in ("rng", "scaler", "sharded")}
     return ckpt.save_checkpoint(out, {**keep, "format_version": ckpt.FORMAT_VERSION, "model": weights})

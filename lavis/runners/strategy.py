@@ -48,6 +48,10 @@ class TrainingStrategy:
         self.precision = precision
         self.info = info
 
+    def place(self, model: nn.Module) -> nn.Module:
+        """Put the freshly built model on this rank's device (before ``wrap``)."""
+        return model.to(self.info.device)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to train through (``model`` itself when there is nothing to wrap)."""
         if not self.info.distributed:
@@ -99,10 +103,21 @@ class FSDPStrategy(TrainingStrategy):
         super().__init__(run, precision, info)
         self.replicated: list[nn.Parameter] = []  # trainable parameters kept out of sharding (AdaLoRA)
 
+    def place(self, model: nn.Module) -> nn.Module:
+        # Training: the model stays where it was built; fully_shard moves each unit to the device as it shards
+        # it, so the device never holds more than one unit in full (full fine-tuning of a 9B model would not
+        # fit a V100 whole). Evaluation-only runs are not sharded (see the README).
+        return model.to(self.info.device) if self.run.evaluate else model
+
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        from lavis.models.quantization import is_quantized
+
+        if hasattr(model, "lang_encoder") and is_quantized(model.lang_encoder):
+            raise ConfigError("run.strategy=fsdp cannot shard a bitsandbytes-quantised language model; use "
+                              "run.strategy=ddp (a 4/8-bit frozen LM with LoRA fits one GPU) or model.quantization=null")
         _ensure_process_group(self.info)
         mesh = init_device_mesh(self.info.device.type, (self.info.world_size,))
         mp_policy = self._mp_policy(model)
@@ -159,9 +174,10 @@ class FSDPStrategy(TrainingStrategy):
     def finish_gradients(self, params: list[torch.Tensor]) -> None:
         if not self.replicated or self.info.world_size == 1:
             return
-        for p in self.replicated:
+        for p in self.replicated:  # the mean over ranks, as DDP and FSDP's reduce-scatter (gloo has no AVG)
             if p.grad is not None:
-                tdist.all_reduce(p.grad, op=tdist.ReduceOp.AVG)
+                tdist.all_reduce(p.grad)
+                p.grad.div_(self.info.world_size)
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         from torch.distributed.tensor import DTensor

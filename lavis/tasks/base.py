@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lavis.common.registry import registry
+from lavis.datasets.prompts import IGNORE_INDEX
 
 
 @dataclass
@@ -60,15 +61,34 @@ class FewShotConfig:
 
 
 class BaseTask:
-    """Shared behaviour of captioning and VQA; subclasses set ``sample_id_key`` and the metric."""
+    """What every task provides (the runner's and evaluation's contract) and what the LM tasks share.
 
+    A task declares ``sample_id_key``, ``metric_names`` and implements ``collator``, ``valid_step`` and
+    ``evaluate``; ``loss_count`` and ``train_step`` here serve every task whose batches carry LM labels.
+    """
+
+    #: The key of a record's (and a dataset item's) sample id, e.g. image_id or question_id.
     sample_id_key: str = "id"
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.run_cfg = cfg.run
-        # Set by whoever owns the run directory (runner or evaluate.py); results are written there.
-        self.result_dir: Optional[Path] = None
+
+    def metric_names(self) -> list[str]:
+        """Names of the metrics ``evaluate`` returns (``run.best_metric`` must be one; checked at start-up)."""
+        return ["agg_metrics"]
+
+    def collator(self, model, role: str):
+        """``items -> batch`` for ``role`` train or eval (model inputs, labels for train, the sample ids)."""
+        raise NotImplementedError
+
+    def valid_step(self, model, batch) -> list[dict]:
+        """One record per sample of an evaluation batch, keyed by ``sample_id_key``."""
+        raise NotImplementedError
+
+    def evaluate(self, records: list[dict], split: str, dataset, result_dir: Optional[Path]) -> dict:
+        """Metrics of a split's de-duplicated records (with ``agg_metrics``); result files go to ``result_dir``."""
+        raise NotImplementedError
 
     @classmethod
     def setup_task(cls, cfg):
@@ -99,14 +119,32 @@ class BaseTask:
                         by_split[split] = InContextTrainingDataset(by_split[split], max_shots, self.run_cfg.seed)
         return datasets
 
+    def loss_count(self, batch) -> int:
+        """The number of target tokens of a training batch (on the CPU): what ``train_step`` sums over.
+
+        A causal LM predicts token ``t + 1`` at position ``t``, so the first label never counts.
+        """
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def train_step(self, model, batch):
-        """The language-modelling loss of one batch (labels mask everything but the target text)."""
-        return model(
+        """The language-modelling loss of one batch SUMMED over its target tokens (labels mask the rest).
+
+        The runner divides by the count of the whole step (see ``lavis/runners/objective.py``). The model's
+        ``.loss`` is its mean over the batch's targets plus the model's ``training_loss_extras``;
+        times the count, the extras weigh by the batch's share of the step's targets, so the step's
+        objective is the global token mean plus the extras once.
+        """
+        count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        loss = model(
             vision_x=batch["vision_x"],
             lang_x=batch["lang_x"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
+            # HF's causal-LM loss: the sum over targets divided by this; 1 for a batch without targets
+            # (all masked: a loss of 0 rather than the NaN of an empty mean).
+            num_items_in_batch=count.clamp(min=1),
         ).loss
+        return loss * count
 
     def generation_kwargs(self) -> dict:
         """Decoding settings from the run section."""
@@ -130,8 +168,9 @@ class BaseTask:
 
         return decode_texts(model.tokenizer, new_tokens)
 
-    def result_path(self, split: str, suffix: str = "") -> Optional[Path]:
-        """Where the results of ``split`` are written (None when no run directory is set)."""
-        if self.result_dir is None:
+    @staticmethod
+    def result_path(result_dir: Optional[Path], split: str, suffix: str = "") -> Optional[Path]:
+        """Where the results of ``split`` are written under ``result_dir`` (None: written nowhere)."""
+        if result_dir is None:
             return None
-        return Path(self.result_dir) / f"{split}{suffix}_results.json"
+        return Path(result_dir) / f"{split}{suffix}_results.json"

@@ -97,7 +97,6 @@ class CaptionVQATask(BaseTask):
             return self.vqa.records(batch, texts)
         return self.captioning.records(batch, self.generate_text(model, batch))
 
-    def evaluate(self, records: list[dict], split: str, dataset) -> dict:
+    def evaluate(self, records: list[dict], split: str, dataset, result_dir=None) -> dict:
         task = self.vqa if dataset.sample_id_key == "question_id" else self.captioning
-        task.result_dir = self.result_dir
-        return task.evaluate(records, split, dataset)
+        return task.evaluate(records, split, dataset, result_dir)

@@ -61,11 +61,11 @@ class CaptioningTask(BaseTask):
             for image_id, text in zip(batch["image_id"], texts)
         ]
 
-    def evaluate(self, records: list[dict], split: str, dataset) -> dict:
+    def evaluate(self, records: list[dict], split: str, dataset, result_dir=None) -> dict:
         from lavis.metrics.caption import caption_sample_scores, write_caption_results
         from lavis.runners.sample_log import SAMPLES_KEY
 
-        path = self.result_path(split, "_caption")
+        path = self.result_path(result_dir, split, "_caption")
         if path is not None:
             write_caption_results(records, path)
         if dataset.annotation_file is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from lavis.common.registry import registry
 from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
@@ -28,11 +29,33 @@ class VQATask(BaseTask):
         max_new_tokens: int = 5  # generation stops at <|endofchunk|> or after this many new tokens
         # Normalise answers even when all ten GT answers agree (not official: by default "Yes" vs "yes" is 0).
         always_normalize: bool = False
+        # Generation -> answer: openflamingo_v2 = cut at Question/Answer/Short then at ", " (exactly v2's,
+        # no strip; lavis/metrics/postprocess.py); the default also strips the result.
+        vqa_postprocess: Literal["default", "openflamingo_v2"] = "default"
+        # Stem the answer after post-processing: okvqa = OpenFlamingo's OK-VQA stemmer (needs nltk data).
+        vqa_stemmer: Literal["none", "okvqa"] = "none"
+        # official: VQAv2's vqaEval.py rules; openflamingo_v2: v2's vqa_metric.py (always normalises,
+        # missing answer_type = "other", VizWiz's leave-one-out by dict equality). OK-VQA, TextVQA, VizWiz: v2.
+        vqa_metric: Literal["official", "openflamingo_v2"] = "official"
+        # Answer shown in a demonstration: "answer" (the most frequent) or "first" (answers[0], OpenFlamingo's).
+        vqa_demo_answer: Literal["answer", "first"] = "answer"
 
     def collator(self, model, role: str):
         from lavis.datasets.collators import VQACollator
 
-        return VQACollator(model.tokenizer, role=role)
+        return VQACollator(model.tokenizer, role=role, demo_answer=self.run_cfg.get("vqa_demo_answer", "answer"))
+
+    def postprocess(self, texts: list[str]) -> list[str]:
+        """Answers from raw generations, per ``run.vqa_postprocess`` and ``run.vqa_stemmer``."""
+        run = self.run_cfg
+        protocol, stemmer = run.get("vqa_postprocess", "default"), run.get("vqa_stemmer", "none")
+        if protocol == "default" and stemmer == "none":
+            return [postprocess_answer(t) for t in texts]
+        from lavis.metrics.postprocess import vqa_postprocessor
+
+        if protocol == "default":
+            return vqa_postprocessor("none", stemmer)([postprocess_answer(t) for t in texts])
+        return vqa_postprocessor(protocol, stemmer)(texts)
 
     def valid_step(self, model, batch) -> list[dict]:
         return self.records(batch, self.generate_text(model, batch))
@@ -41,15 +64,15 @@ class VQATask(BaseTask):
         """Result records of a batch from its generated texts."""
         return [
             # resps: the raw generation, for the per-sample log (lavis/runners/sample_log.py)
-            {"question_id": int(qid), "answer": postprocess_answer(text), "resps": text}
-            for qid, text in zip(batch["question_id"], texts)
+            {"question_id": int(qid), "answer": answer, "resps": text}
+            for qid, text, answer in zip(batch["question_id"], texts, self.postprocess(texts))
         ]
 
-    def evaluate(self, records: list[dict], split: str, dataset) -> dict:
+    def evaluate(self, records: list[dict], split: str, dataset, result_dir=None) -> dict:
         from lavis.metrics.vqa import vqa_sample_scores, write_vqa_results
         from lavis.runners.sample_log import SAMPLES_KEY
 
-        path = self.result_path(split, "_vqa")
+        path = self.result_path(result_dir, split, "_vqa")
         if path is not None:
             write_vqa_results(records, path)
         if dataset.annotation_file is None:
@@ -60,6 +83,7 @@ class VQATask(BaseTask):
             dataset.annotation_file,
             records,
             always_normalize=self.run_cfg.always_normalize,
+            metric=self.run_cfg.get("vqa_metric", "official"),
         )
         metrics = {"overall": accuracy["overall"], "agg_metrics": accuracy["overall"]}
         metrics.update({f"answer_type/{k}": v for k, v in accuracy["perAnswerType"].items()})

@@ -97,8 +97,7 @@ class CocoCaptionBuilder(BaseBuilder):
     def _karpathy_images(self, split: str) -> tuple[str, list[dict]]:
         info = self.cfg.build_info
         path = path_or_error(info.karpathy_file, f"{self.key_path}.build_info.karpathy_file")
-        doc = read_json(path, "Karpathy split file")
-        images = require_list(doc, "images", path)
+        images = require_list(self._load_karpathy(path), "images", path)
         wanted = karpathy_splits(split, self.cfg.train_includes_restval)
         known = {"train", "restval", "val", "test"}
         if split not in known - {"restval"}:
@@ -112,6 +111,10 @@ class CocoCaptionBuilder(BaseBuilder):
             if image["split"] in wanted:
                 chosen.append(image)
         return path, chosen
+
+    def _load_karpathy(self, path: str):
+        """The parsed Karpathy split file (a subclass may adapt another data set's records here)."""
+        return read_json(path, "Karpathy split file")
 
     def _image_path(self, image: dict) -> str:
         root = path_or_error(self.cfg.build_info.images, f"{self.key_path}.build_info.images")

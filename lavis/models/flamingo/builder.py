@@ -12,7 +12,14 @@ from typing import Literal, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MptConfig,
+    MptForCausalLM,
+)
 
 from lavis.common.errors import ConfigError
 from lavis.common.registry import registry
@@ -21,22 +28,24 @@ from lavis.models import adalora, adapters
 from lavis.models.adapters import AdapterConfig, TrainableConfig
 from lavis.models.flamingo.checkpoint_io import load_openflamingo_checkpoint
 from lavis.models.flamingo.flamingo import Flamingo
+from lavis.models.flamingo.language_models import family_of_directory, family_of_model
+from lavis.models.flamingo.language_models.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM
 from lavis.models.flamingo.scoring import score_continuations
 from lavis.models.flamingo.tokenizer import (
     END_OF_CHUNK,
     MEDIA_TOKEN,
     build_tiny_tokenizer,
-    load_llama_tokenizer,
+    load_tokenizer,
 )
 from lavis.models.flamingo.vision import build_vision_tower, tiny_vision_tower
 from lavis.models.inference import InferenceMixin
 from lavis.models.master_weights import cast_frozen_parameters, upcast_trainable_parameters
-from lavis.models.quantization import load_language_model, resolve_dtype
+from lavis.models.quantization import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"  # value of a path key that selects the in-process tiny component
-LLAMA_ENV = "LLAMA_PATH"  # fallback for lang_encoder_path / tokenizer_path when they are null
+LLAMA_ENV = "LLAMA_PATH"  # default fallback for lang_encoder_path / tokenizer_path when they are null
 
 
 @dataclass
@@ -69,10 +78,12 @@ class TinyConfig:
     vision_width: int = 64  # ViT width, which is also the Perceiver's width
     vision_layers: int = 2  # ViT transformer layers
     vision_head_width: int = 32  # ViT width per attention head (heads = vision_width / vision_head_width)
+    # Family of the tiny LM: llama (v1), mpt (MPT-7B's), gpt_neox (RedPajama's), mosaic_gpt (MPT-1B's).
+    lm_family: Literal["llama", "mpt", "gpt_neox", "mosaic_gpt"] = "llama"
     lm_hidden_size: int = 128  # hidden size of the tiny LLaMA
     lm_layers: int = 2  # decoder layers of the tiny LLaMA
     lm_heads: int = 4  # attention (and key/value) heads of the tiny LLaMA; must divide lm_hidden_size
-    lm_intermediate_size: int = 344  # MLP (SwiGLU) width of the tiny LLaMA
+    lm_intermediate_size: int = 344  # MLP width of the tiny LLaMA / GPT-NeoX (MPT's is 4 x lm_hidden_size)
     max_position_embeddings: int = 512  # the tiny LLaMA's max_position_embeddings (prompt + new tokens)
     # Size of the tiny BPE vocabulary with its 256 byte tokens (<|endofchunk|>, <image>, <PAD> come on top).
     tokenizer_vocab_size: int = 640
@@ -91,19 +102,31 @@ def _path_key(value: Optional[str], key: str, what: str, env: str | None = None)
     return value
 
 
-def tiny_language_model(tiny: TinyConfig, vocab_size: int, pad_token_id: int | None) -> LlamaForCausalLM:
-    """A random LLaMA of the tiny sizes, float32.
+def tiny_language_model(tiny: TinyConfig, vocab_size: int, pad_token_id: int | None):
+    """A random LM of the tiny sizes and family, float32.
 
     The output head is tied to the input embeddings: a random, frozen, untied head behind the final
-    RMSNorm caps the logits' range (about |h| * |w| = sqrt(d) * 0.02 * sqrt(d)), so a random tiny LM could
+    norm caps the logits' range (about |h| * |w| = sqrt(d) * 0.02 * sqrt(d)), so a random tiny LM could
     never become confident however its other parts train. Tied, training the embeddings trains the head.
     """
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=tiny.lm_hidden_size,
-                         intermediate_size=tiny.lm_intermediate_size, num_hidden_layers=tiny.lm_layers,
-                         num_attention_heads=tiny.lm_heads, num_key_value_heads=tiny.lm_heads,
-                         max_position_embeddings=tiny.max_position_embeddings, rms_norm_eps=1e-6,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=True)
-    return LlamaForCausalLM(config)
+    d, layers, heads = tiny.lm_hidden_size, tiny.lm_layers, tiny.lm_heads
+    if tiny.lm_family == "llama":
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, hidden_size=d, intermediate_size=tiny.lm_intermediate_size,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+            max_position_embeddings=tiny.max_position_embeddings, rms_norm_eps=1e-6, bos_token_id=1,
+            eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=True))
+    if tiny.lm_family == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=d, intermediate_size=tiny.lm_intermediate_size,
+            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=tiny.max_position_embeddings,
+            rotary_pct=1.0, use_parallel_residual=False, hidden_act="gelu", bos_token_id=1, eos_token_id=2,
+            pad_token_id=pad_token_id, tie_word_embeddings=True))
+    config_cls, model_cls = ((MptConfig, MptForCausalLM) if tiny.lm_family == "mpt"
+                             else (MosaicGPTConfig, MosaicGPTForCausalLM))
+    return model_cls(config_cls(vocab_size=vocab_size, d_model=d, n_heads=heads, n_layers=layers,
+                                max_seq_len=tiny.max_position_embeddings, expansion_ratio=4, use_cache=True,
+                                pad_token_id=pad_token_id, tie_word_embeddings=True))
 
 
 @registry.register_model("openflamingo")
@@ -116,7 +139,9 @@ class OpenFlamingo(InferenceMixin, Flamingo):
 
         Path keys (``clip_vision_encoder_path``, ``lang_encoder_path``, ``tokenizer_path``) accept the
         value ``tiny`` for the random in-process component sized by ``tiny``. ``lang_encoder_path`` and
-        ``tokenizer_path`` fall back to the ``LLAMA_PATH`` environment variable when null.
+        ``tokenizer_path`` fall back to the environment variable ``lang_encoder_env`` names (``LLAMA_PATH``
+        by default) when null. The LM family (llama, mpt, gpt_neox, mosaic_gpt) is read from the LM
+        directory's ``config.json``; no remote code is ever run.
 
         ``xattn_semantics`` (media masking) defaults to ``v2`` (the Flamingo paper: a token attends the
         most recent ``<image>`` at or before it, generated tokens attend the prompt's last image), the
@@ -127,8 +152,10 @@ class OpenFlamingo(InferenceMixin, Flamingo):
 
         clip_vision_encoder_path: Optional[str] = None  # open_clip model name or model-config JSON path
         clip_vision_encoder_pretrained: Optional[str] = None  # open_clip tag or local weights; null = random
-        lang_encoder_path: Optional[str] = None  # local HF LLaMA directory
+        lang_encoder_path: Optional[str] = None  # local HF LM directory (LLaMA, MPT, GPT-NeoX or MosaicGPT)
         tokenizer_path: Optional[str] = None  # local HF tokenizer directory (tokenizer.json)
+        # Environment variable read for lang_encoder_path / tokenizer_path when they are null.
+        lang_encoder_env: Optional[str] = LLAMA_ENV
         # A gated cross-attention block before every n-th LM decoder layer (layers n-1, 2n-1, ...);
         # n above the LM's layer count leaves the LM blind to images. OpenFlamingo-9B: 4.
         cross_attn_every_n_layers: int = 4
@@ -150,10 +177,37 @@ class OpenFlamingo(InferenceMixin, Flamingo):
         # Load the LM quantised by bitsandbytes (CUDA only, not the tiny LM; its embeddings cannot train);
         # null = not quantised.
         quantization: Optional[Literal["8bit", "4bit"]] = None
+        # Seed of the embedding (and untied head) rows of the added tokens when the LM vocabulary grows; a
+        # checkpoint that carries the matrices overrides them. Never the process RNG: same config, same model.
+        embedding_init_seed: int = 0
         # Recompute LM decoder layers and cross-attention blocks in backward: less memory, slower steps.
         gradient_checkpointing: bool = False
         # Sizes of the random in-process components chosen by a path key set to tiny (tests, CPU demo).
         tiny: TinyConfig = field(default_factory=TinyConfig)
+
+        @staticmethod
+        def value_errors(values: dict, path: str) -> list[str]:
+            """Start-up checks between values (schema.check_mapping calls this): dotted keys, every problem."""
+            errors = []
+
+            def divides(part: str, whole: str, section: dict, prefix: str, what: str) -> None:
+                if section[part] < 1 or section[whole] % section[part]:
+                    errors.append(f"{prefix}.{part}: {section[part]} does not divide {prefix}.{whole} "
+                                  f"{section[whole]} ({what})")
+
+            tiny, prefix = values["tiny"], f"{path}.tiny"
+            divides("lm_heads", "lm_hidden_size", tiny, prefix, "the LM's attention heads split its width")
+            divides("vision_head_width", "vision_width", tiny, prefix, "the ViT's heads split its width")
+            divides("patch_size", "image_size", tiny, prefix, "the vision tower only accepts images made of "
+                    "whole patches")
+            if values["cross_attn_every_n_layers"] < 1:
+                errors.append(f"{path}.cross_attn_every_n_layers: must be >= 1, got "
+                              f"{values['cross_attn_every_n_layers']}")
+            for section in ("perceiver", "cross_attention"):
+                for key, value in values[section].items():
+                    if value < (0 if key == "depth" else 1):
+                        errors.append(f"{path}.{section}.{key}: must be positive, got {value}")
+            return errors
 
     @classmethod
     def config_from(cls, model_cfg) -> dict:
@@ -196,9 +250,10 @@ class OpenFlamingo(InferenceMixin, Flamingo):
     def _build(cls, cfg: dict, tiny: TinyConfig) -> OpenFlamingo:
         dtype = resolve_dtype(cfg["frozen_dtype"])
         quantization = cfg["quantization"]
-        tok_path = _path_key(cfg["tokenizer_path"], "tokenizer_path", "tokenizer directory", LLAMA_ENV)
+        env = cfg["lang_encoder_env"]
+        tok_path = _path_key(cfg["tokenizer_path"], "tokenizer_path", "tokenizer directory", env)
         tokenizer = (build_tiny_tokenizer(tiny.tokenizer_vocab_size) if tok_path == TINY
-                     else load_llama_tokenizer(tok_path))
+                     else load_tokenizer(tok_path))
 
         vision_path = cfg["clip_vision_encoder_path"]  # a name or a JSON path: build_vision_tower checks it
         if vision_path is None:
@@ -211,7 +266,7 @@ class OpenFlamingo(InferenceMixin, Flamingo):
             vision = build_vision_tower(vision_path, cfg["clip_vision_encoder_pretrained"])
         vision.visual.to(dtype)
 
-        lm_path = _path_key(cfg["lang_encoder_path"], "lang_encoder_path", "language model directory", LLAMA_ENV)
+        lm_path = _path_key(cfg["lang_encoder_path"], "lang_encoder_path", "language model directory", env)
         if lm_path == TINY:
             if quantization is not None:
                 raise ConfigError("model.quantization: the tiny language model cannot be quantised; set it to null")
@@ -220,10 +275,9 @@ class OpenFlamingo(InferenceMixin, Flamingo):
             if quantization is not None and not torch.cuda.is_available():
                 raise ConfigError(f"model.quantization={quantization!r} needs a CUDA GPU (bitsandbytes); none is "
                                   "available. Set model.quantization=null to run on the CPU.")
-            lang_encoder = load_language_model(lm_path, dtype, quantization, None)
-        if lang_encoder.get_input_embeddings().weight.shape[0] != len(tokenizer):
-            # N(0, 0.02) rows for the added tokens, as the release (transformers 4.28) drew them.
-            lang_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            lang_encoder = family_of_directory(lm_path).load(lm_path, dtype, quantization)
+        # v1 (LLaMA) grows the matrices by the 3 added tokens; v2 shrinks 50432 rows to len(tokenizer).
+        family_of_model(lang_encoder).resize_embeddings(lang_encoder, len(tokenizer), cfg["embedding_init_seed"])
 
         model = cls(vision.visual, lang_encoder, vis_dim=vision.vis_dim,
                     media_token_id=tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),

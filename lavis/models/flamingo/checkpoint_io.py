@@ -1,10 +1,19 @@
 """Load OpenFlamingo ``checkpoint.pt`` files into our module tree, mapping every key explicitly.
 
-Release layout (OpenFlamingo-9B): ``perceiver.*``, ``lang_encoder.model.embed_tokens.weight``, and each
-cross-attention block twice (``lang_encoder.gated_cross_attn_layers.<i>.*`` and its alias
-``lang_encoder.model.layers.<i>.gated_cross_attn_layer.*``); the LLaMA decoder sits under
-``lang_encoder.model.layers.<i>.decoder_layer.*``. Training checkpoints may wrap the dict in
-``{"model_state_dict": ...}`` and prefix ``module.``. Rotary ``inv_freq`` buffers are ignored.
+Release layouts (``<layers>`` is the LM family's decoder layer path: ``model.layers`` for LLaMA (v1),
+``transformer.blocks`` for MPT / MosaicGPT, ``gpt_neox.layers`` for GPT-NeoX):
+
+- ``perceiver.*``;
+- each cross-attention block as ``lang_encoder.<layers>.<i>.gated_cross_attn_layer.*`` and (v1) also its
+  alias ``lang_encoder.gated_cross_attn_layers.<i>.*``; the LM's own layers (when saved) under
+  ``lang_encoder.<layers>.<i>.decoder_layer.*`` or the alias ``lang_encoder.old_decoder_blocks.<i>.*``;
+- the embeddings the release's "embed" rule kept: ``model.embed_tokens`` (LLaMA), ``transformer.wte``
+  (MPT, also the tied head), ``gpt_neox.embed_in`` + ``embed_out`` (GPT-NeoX; our ``lm_head``).
+
+Training checkpoints may wrap the dict in ``{"model_state_dict": ...}`` and prefix ``module.``. Rotary
+``inv_freq`` buffers and boolean tensors (old GPT-NeoX attention-mask buffers) carry nothing and are
+ignored. Every other key must map to a parameter of the right shape, and the tensors a checkpoint of the
+family must carry must all be there: the release loaded with ``strict=False``, which hides mistakes.
 """
 
 from __future__ import annotations
@@ -18,34 +27,48 @@ import torch
 from torch import nn
 
 from lavis.common.errors import CheckpointError
+from lavis.models.flamingo.language_models import family_of_model
 
 logger = logging.getLogger(__name__)
 
-_XATTN = re.compile(r"^lang_encoder\.(?:gated_cross_attn_layers\.(\d+)|model\.layers\.(\d+)\.gated_cross_attn_layer)\.(.+)$")
-_DECODER = re.compile(r"^lang_encoder\.model\.layers\.(\d+)\.decoder_layer\.(.+)$")
+_XATTN_ALIAS = re.compile(r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)$")
 _OLD_DECODER = re.compile(r"^lang_encoder\.old_decoder_blocks\.(\d+)\.(.+)$")
 
 
-def map_key(key: str) -> str | None:
-    """Our parameter name for a release key; None for keys that carry nothing (rotary inv_freq)."""
-    if key.endswith("rotary_emb.inv_freq"):
-        return None
-    if m := _XATTN.match(key):
-        layer = m.group(1) or m.group(2)
-        return f"gated_cross_attn_layers.{layer}.{m.group(3)}"
-    if m := _DECODER.match(key) or _OLD_DECODER.match(key):
-        return f"lang_encoder.model.layers.{m.group(1)}.{m.group(2)}"
-    if key.startswith("vision_encoder.visual."):  # v1 kept the whole CLIP model
-        return "vision_encoder." + key[len("vision_encoder.visual."):]
-    return key
+def key_mapper(model: nn.Module):
+    """``map_key(release_key) -> our name or None`` for the LM family of ``model``."""
+    family = family_of_model(model.lang_encoder)
+    layers = re.escape(family.layers_path)
+    xattn = re.compile(rf"^lang_encoder\.{layers}\.(\d+)\.gated_cross_attn_layer\.(.+)$")
+    decoder = re.compile(rf"^lang_encoder\.{layers}\.(\d+)\.decoder_layer\.(.+)$")
+    head_alias = None
+    if family.is_tied(model.lang_encoder):  # a native tied LM lists its head once, as the embedding
+        head_alias = "lang_encoder." + family.checkpoint_required(model.lang_encoder)[0]
+
+    def map_key(key: str) -> str | None:
+        if key.endswith("rotary_emb.inv_freq"):
+            return None
+        if m := xattn.match(key) or _XATTN_ALIAS.match(key):
+            return f"gated_cross_attn_layers.{m.group(1)}.{m.group(2)}"
+        if m := decoder.match(key) or _OLD_DECODER.match(key):
+            return f"lang_encoder.{family.layers_path}.{m.group(1)}.{m.group(2)}"
+        if key.startswith("vision_encoder.visual."):  # v1 kept the whole CLIP model
+            return "vision_encoder." + key[len("vision_encoder.visual."):]
+        if key.startswith("lang_encoder."):
+            name = "lang_encoder." + family.checkpoint_name(key[len("lang_encoder."):])
+            if name == "lang_encoder.lm_head.weight" and head_alias is not None:
+                return head_alias
+            return name
+        return key
+
+    return map_key
 
 
 def flamingo_keys(model: nn.Module) -> list[str]:
-    """Names a Flamingo checkpoint must provide: Perceiver, cross-attention blocks, input embeddings."""
-    embed = model.lang_encoder.get_input_embeddings().weight
+    """Names a Flamingo checkpoint must provide: Perceiver, cross-attention blocks, the family's embeddings."""
     names = [n for n, _ in model.named_parameters() if n.startswith(("perceiver.", "gated_cross_attn_layers."))]
-    names += [n for n, p in model.named_parameters() if p is embed]
-    return names
+    family = family_of_model(model.lang_encoder)
+    return names + ["lang_encoder." + n for n in family.checkpoint_required(model.lang_encoder)]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,13 +94,14 @@ def load_openflamingo_checkpoint(model: nn.Module, path: str | Path, require_fla
     that disagree, or (with ``require_flamingo_keys``) any missing Perceiver / xattn / embedding tensor.
     """
     state = read_checkpoint(path)
+    map_key = key_mapper(model)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     mapped: dict[str, torch.Tensor] = {}
     unknown, bad_shape, conflicts = [], [], []
     for key, tensor in state.items():
         name = map_key(key)
-        if name is None:
+        if name is None or tensor.dtype == torch.bool:
             continue
         if name not in params:
             unknown.append(key)

@@ -16,22 +16,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
-from lavis.common.errors import CheckpointError, DataError
-from lavis.models import adapters
+from lavis.common.errors import DataError
+from lavis.models.base import TrainableModel
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
+from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.perceiver import PerceiverResampler
 from lavis.models.flamingo.vision import patch_tokens
 
 
 def decoder_layers(lang_encoder: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a LLaMA-style HF causal LM (``model.layers``)."""
-    try:
-        return lang_encoder.get_decoder().layers
-    except AttributeError as err:
-        raise TypeError(f"{type(lang_encoder).__name__} has no get_decoder().layers; only LLaMA-style "
-                        "decoder-only models are supported") from err
+    """The decoder layer list of a causal LM of a supported family (see language_models)."""
+    return family_of_model(lang_encoder).decoder_layers(lang_encoder)
 
 
 def pad_after_eos(tokens: torch.Tensor, eos_token_id, pad_token_id: int | None) -> torch.Tensor:
@@ -51,12 +48,13 @@ class _Conditioning:
     media: torch.Tensor | None = None  # (B, T_img, n_latents, D_vis), as encoded: one row per sample
     index: torch.Tensor | None = None  # (B_lm, L_call) media index of the current LM call
     media_count: torch.Tensor | None = None  # (B_lm,) <image> tokens seen so far (v2 with a KV cache)
+    prompt_index: torch.Tensor | None = None  # (B, L) media index of a prompt being run in two parts
     # Per cross-attention block, the media keys/values: computed at the first LM call, reused by every
     # later one (decoding steps) and shared by the beams of a sample (never repeated per beam).
     kv: dict = field(default_factory=dict)
 
 
-class Flamingo(nn.Module):
+class Flamingo(TrainableModel):
     """OpenFlamingo: ``forward(vision_x, lang_x, attention_mask, labels)`` and ``generate(...)``.
 
     ``vision_x`` is float (B, T_img, F=1, C, H, W); images of a row are stacked in the order of its
@@ -89,7 +87,8 @@ class Flamingo(nn.Module):
         self._cond = _Conditioning()
         self.media_cache = None  # a MediaCache while media_cache_enabled(...) is active
         # Hooks are on the HF modules themselves, so they survive peft wrapping of lang_encoder.
-        lang_encoder.get_decoder().register_forward_pre_hook(self._on_lm_call, with_kwargs=True)
+        family = family_of_model(lang_encoder)
+        family.decoder(lang_encoder).register_forward_pre_hook(self._on_lm_call, with_kwargs=True)
         for name in self.gated_cross_attn_layers:
             layers[int(name)].register_forward_pre_hook(self._xattn_hook(name), with_kwargs=True)
 
@@ -118,6 +117,8 @@ class Flamingo(nn.Module):
         with torch.no_grad():
             tokens = patch_tokens(self.vision_encoder, images)
         tokens = tokens.reshape(b, t, f, *tokens.shape[1:]).to(self.perceiver.latents.dtype)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.perceiver, tokens, use_reentrant=False)
         return self.perceiver(tokens)
 
     def _check_media_tokens(self, vision_x: torch.Tensor, lang_x: torch.Tensor) -> None:
@@ -155,9 +156,17 @@ class Flamingo(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = cache.get_seq_length() if cache is not None else 0
         past_count = cond.media_count if (past_len > 0 and cond.media_count is not None) else None
-        if past_count is not None and past_count.shape[0] != rows:  # a cache repeated per row (scoring)
-            past_count = past_count.repeat_interleave(rows // past_count.shape[0])
-        cond.index = media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count)
+        if past_count is not None and past_count.shape[0] != rows:  # the prompt was run once per sample
+            past_count = past_count.repeat_interleave(rows // past_count.shape[0], dim=0)
+        if cond.prompt_index is not None:
+            # The prompt is split into a once-per-sample prefix and its last token (first decoding call):
+            # both parts get the media index of the whole prompt, as when it is run in one call.
+            part = cond.prompt_index[:, past_len:past_len + input_ids.shape[1]]
+            cond.index = part.repeat_interleave(rows // part.shape[0], dim=0)
+            if past_len + input_ids.shape[1] >= cond.prompt_index.shape[1]:
+                cond.prompt_index = None
+        else:
+            cond.index = media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count)
         new = (input_ids == self.media_token_id).sum(dim=-1)
         cond.media_count = new if past_count is None else past_count + new
         return None
@@ -220,13 +229,34 @@ class Flamingo(nn.Module):
         config = GenerationConfig(**settings)
         media = self.encode_vision(vision_x)
         with self.conditioned_on(media):
+            extra = {}
+            expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+            if expand > 1 and config.use_cache is not False and lang_x.shape[1] > 1:
+                extra["cache"] = self._prefill_once(lang_x, attention_mask, expand)
             out = self.lang_encoder.generate(input_ids=lang_x, attention_mask=attention_mask,
-                                             generation_config=config)
+                                             generation_config=config, **extra)
         return pad_after_eos(out[:, lang_x.shape[1]:], config.eos_token_id, config.pad_token_id)
+
+    def _prefill_once(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, expand: int):
+        """The KV cache of every prompt but its last token, computed once per sample, repeated per beam.
+
+        HF generation would run the prompt once per beam row (identical rows); here the prefix runs on
+        the B samples, its cache is repeated ``expand`` times, and generation feeds only the last prompt
+        token. Positions follow HF's rule (mask cumsum - 1, pads 0), so the prompt is computed as before.
+        """
+        mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        self._cond.prompt_index = media_index(lang_x, self.media_token_id, self.xattn_semantics)
+        cache = DynamicCache(config=self.lang_encoder.config)
+        self.lang_encoder(input_ids=lang_x[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                          cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(expand)
+        return cache
 
     # ------------------------------------------------------------------ training helpers
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute decoder layers and cross-attention blocks in backward instead of storing activations."""
+        """Recompute decoder layers, cross-attention blocks and the perceiver in backward instead of storing
+        their activations (non-reentrant checkpointing, which FSDP's gather hooks also run under)."""
         self.gradient_checkpointing = enabled
         lm = self.lang_encoder
         if enabled and hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5 name
@@ -237,31 +267,3 @@ class Flamingo(nn.Module):
             lm.activation_checkpointing_disable()
         else:
             lm.gradient_checkpointing_disable()
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """{name: tensor} of every parameter with ``requires_grad`` (never the frozen LM or vision tower).
-
-        The tensors share storage with the parameters (see :func:`lavis.models.adapters.trainable_state_dict`).
-        """
-        return adapters.trainable_state_dict(self)
-
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load what :meth:`trainable_state_dict` saved; strict on names and shapes (CheckpointError)."""
-        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(set(params) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(params))
-        bad_shape = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(params[k].shape)}"
-                     for k in sorted(set(params) & set(state_dict)) if state_dict[k].shape != params[k].shape]
-        if missing or unexpected or bad_shape:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} trainable parameters: {', '.join(missing[:10])}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} entries (not trainable here): "
-                             f"{', '.join(unexpected[:10])}")
-            if bad_shape:
-                parts.append("shape mismatch: " + "; ".join(bad_shape[:10]))
-            raise CheckpointError("trainable state dict does not fit the model: " + " | ".join(parts))
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state_dict[name])

@@ -42,16 +42,24 @@ def _special(config: dict, name: str, default: str | None) -> str | None:
 
 
 def load_llama_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """A LLaMA tokenizer from a local HF directory, with legacy (transformers 4.28) tokenisation.
+    """A LLaMA tokenizer from a local HF directory, with legacy (transformers 4.28) tokenisation."""
+    return load_tokenizer(path)
 
-    Needs ``tokenizer.json``; the Flamingo special tokens are added.
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    """The tokenizer of a local HF directory, exactly as its ``tokenizer.json`` says, plus the Flamingo tokens.
+
+    LLaMA (v1): legacy tokenisation, see the module docstring. GPT-NeoX-20B (all v2 LMs): byte-level BPE,
+    no BOS, no pad token (so ``<PAD>`` is added: 50277 + 3 tokens). Special tokens the directory does not
+    name default to LLaMA's. transformers 5's ``AutoTokenizer`` would instead make ``<|padding|>`` the pad
+    token of GPT-NeoX tokenizers (502 instead of 503 tokens, and the v2 checkpoints no longer fit).
     """
     directory = Path(path)
     tokenizer_file = directory / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ConfigError(
-            f"model.tokenizer_path: {path!r} has no tokenizer.json (a local Hugging Face LLaMA directory is "
-            "needed; set it with --options model.tokenizer_path=DIR or the LLAMA_PATH environment variable)")
+            f"model.tokenizer_path: {path!r} has no tokenizer.json (a local Hugging Face tokenizer directory "
+            "is needed; set it with --options model.tokenizer_path=DIR or the model type's environment variable)")
     config: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (directory / name).is_file():

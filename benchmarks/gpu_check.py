@@ -1,0 +1,327 @@
+"""The checks that need a CUDA GPU, run by benchmarks/gpu_check.sh (torchrun, one process, nccl).
+
+Every model is random and built in process (no downloads). Each check prints one line, ``ok``, ``FAIL`` or
+``skip`` (a missing optional package), with its figures; then a summary. Checks:
+nccl DDP; FSDP through the runner with a sharded save, a resume and an evaluation; fp16 with the GradScaler
+(skipped steps counted); bf16 (fp32 master weights); SDPA vs eager attention parity; 8-bit and 4-bit frozen LM
+through bitsandbytes (load, forward, one LoRA step); throughput of a LoRA step on a ~1B-parameter random
+OpenFlamingo in bf16 (tokens/s and model FLOPs utilisation against the GPU's peak).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from test_training_hooks import TINY_YAML, CaptionLikeDataset, CaptionLikeTask  # noqa: E402
+from toy_components import make_cfg  # noqa: E402
+
+from lavis.common.config import read_yaml  # noqa: E402
+from lavis.common.registry import registry  # noqa: E402
+from lavis.models import build_model  # noqa: E402
+
+WORK = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+TRAIN_PARTS = {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False, "lm_embeddings": False}
+# Dense peak tensor-core TFLOP/s (bf16, or fp16 where there is no bf16) from the vendors' data sheets.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "A10": 125.0,
+               "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+class Skip(Exception):
+    """A check that cannot run here (an optional package is missing)."""
+
+
+def model_cfg(**overrides) -> dict:
+    cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(read_yaml(TINY_YAML).model).items()}
+    cfg.update(adapters=LORA, trainable=TRAIN_PARTS)
+    for key, value in overrides.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    return cfg
+
+
+def batch_for(model, n: int, seed: int = 0) -> dict:
+    task = CaptionLikeTask(make_cfg(WORK))
+    dataset = CaptionLikeDataset(n, model.image_size, seed=seed)
+    batch = task.collator(model, "train")([dataset[i] for i in range(n)])
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train_runner(run_name: str, amp: str = "fp32", model=None, **run):
+    """The runner on the tiny model and a caption-like set (24 samples, batch 4): (runner, summary)."""
+    from test_training_hooks import CaptionLikeTask as Task
+
+    class EvalTask(Task):
+        def valid_step(self, model, batch):
+            return [{"sample_id": i, "text": t} for i, t in zip(batch["sample_id"], self.generate_text(model, batch))]
+
+        def evaluate(self, records, split, dataset):
+            return {"agg_metrics": float(len(records)), "n": len(records)}
+
+    settings = dict(device="cuda", amp=amp, batch_size_train=4, max_epoch=1, warmup_steps=1, init_lr=1e-3,
+                    valid_splits=["val"], best_metric="n", max_new_tokens=4, num_beams=1, min_new_tokens=0,
+                    length_penalty=1.0, batch_size_eval=4, save_epoch_end=False, run_name=run_name)
+    cfg = make_cfg(WORK, **{**settings, **run})
+    torch.manual_seed(0)
+    model = model if model is not None else build_model(model_cfg())
+    datasets = {"lm": {"train": CaptionLikeDataset(24, model.image_size), "val": CaptionLikeDataset(5, model.image_size, 1)}}
+    runner = registry.get("runner", "runner_base")(cfg, EvalTask(cfg), model, datasets)
+    return runner, runner.train()
+
+
+# --- the checks: each returns its figures as a short string, or raises -------------------------------------
+
+
+def check_nccl_ddp() -> str:
+    from lavis.common.dist import wrap_ddp
+
+    assert tdist.get_backend() == "nccl", tdist.get_backend()
+    torch.manual_seed(0)
+    model = build_model(model_cfg()).cuda()
+    ddp = wrap_ddp(model, torch.device("cuda", 0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = batch_for(model, 4)
+    losses = []
+    for _ in range(4):
+        loss = ddp(batch["vision_x"], batch["lang_x"], batch["attention_mask"], batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    return f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over 4 steps"
+
+
+def check_fsdp_save_resume_evaluate() -> str:
+    from lavis.runners import sharded_checkpoint as sharded
+
+    runner, summary = train_runner("fsdp", strategy="fsdp", save_freq_steps=3, keep_last=5)
+    final = runner.strategy.gather_trainable_state_dict(runner.model)
+    step3 = sharded.step_checkpoint_dir(runner.paths.run_dir, 3)
+    assert sharded.is_sharded_checkpoint(step3), step3
+    resumed_dir = WORK / "fsdp_resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(step3, resumed_dir / step3.name)
+    again, summary2 = train_runner("fsdp_resumed", strategy="fsdp", save_freq_steps=3, resume_ckpt_path="latest")
+    resumed = again.strategy.gather_trainable_state_dict(again.model)
+    diff = max((final[k] - resumed[k]).abs().max().item() for k in final)
+    assert diff < 1e-4, f"resumed run differs by {diff}"
+    last = sharded.step_checkpoint_dir(runner.paths.run_dir, summary["step"])
+    _, evaluated = train_runner("fsdp_eval", strategy="fsdp", evaluate=True, resume_ckpt_path=str(last))
+    n = evaluated["test"]["val"]["lm"]["n"]
+    assert n == 5, evaluated
+    return f"{summary['step']} steps, resumed from step 3 (max |diff| {diff:.1e}), evaluated {n} samples"
+
+
+def check_fp16_grad_scaler() -> str:
+    class CountingScaler(torch.amp.GradScaler):
+        skipped = taken = 0
+
+        def update(self, new_scale=None):
+            before = self.get_scale()
+            super().update(new_scale)
+            if self.get_scale() < before:
+                CountingScaler.skipped += 1
+            else:
+                CountingScaler.taken += 1
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg(frozen_dtype="float16"))
+    cfg_run = dict(amp="fp16", max_epoch=2)
+    from lavis.runners.runner import RunnerBase
+
+    real = RunnerBase.train
+
+    def train_with_counting_scaler(self):
+        # 2^24 overflows fp16 gradients at first: the scaler must skip those steps and lower the scale.
+        self.strategy.grad_scaler = lambda: CountingScaler("cuda", init_scale=2.0**24)
+        return real(self)
+
+    RunnerBase.train = train_with_counting_scaler
+    try:
+        runner, summary = train_runner("fp16", model=model, **cfg_run)
+    finally:
+        RunnerBase.train = real
+    masters = {p.dtype for p in runner.model.parameters() if p.requires_grad}
+    assert masters == {torch.float32}, masters
+    assert CountingScaler.skipped > 0 and CountingScaler.taken > 0, (CountingScaler.skipped, CountingScaler.taken)
+    return (f"{summary['step']} steps: {CountingScaler.skipped} skipped by the GradScaler, {CountingScaler.taken} "
+            f"taken, final scale {runner.scaler.get_scale():.0f}")
+
+
+def check_bf16() -> str:
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise Skip("this GPU has no native bf16")
+    torch.manual_seed(0)
+    runner, summary = train_runner("bf16", amp="bf16", model=build_model(model_cfg(frozen_dtype="bfloat16")))
+    trains = {p.dtype for p in runner.model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in runner.model.lang_encoder.parameters() if not p.requires_grad}
+    assert trains == {torch.float32} and frozen == {torch.bfloat16}, (trains, frozen)
+    return f"{summary['step']} steps, trainable fp32 (master), frozen LM bf16"
+
+
+def check_sdpa_vs_eager() -> str:
+    torch.manual_seed(0)
+    model = build_model(model_cfg()).cuda().eval()
+    batch = batch_for(model, 4)
+    batch["attention_mask"][0, -3:] = 0  # padding exercises the mask path
+    out = {}
+    for impl in ("sdpa", "eager"):
+        model.lang_encoder.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = model(batch["vision_x"], batch["lang_x"], batch["attention_mask"]).logits.float()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out[impl + "_bf16"] = model(batch["vision_x"], batch["lang_x"], batch["attention_mask"]).logits.float()
+    keep = batch["attention_mask"].bool()
+    fp32 = (out["sdpa"] - out["eager"])[keep].abs().max().item()
+    bf16 = (out["sdpa_bf16"] - out["eager_bf16"])[keep].abs().max().item()
+    assert fp32 < 1e-4 and bf16 < 0.1, (fp32, bf16)
+    return f"max |logit diff| fp32 {fp32:.1e}, bf16 {bf16:.1e}"
+
+
+def _random_lm_dir(vocab: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = WORK / "random_llama"
+    if not path.is_dir():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
+        LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def check_bitsandbytes(bits: str) -> str:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise Skip("bitsandbytes is not installed (pip install bitsandbytes)") from None
+    from lavis.models.flamingo.tokenizer import build_tiny_tokenizer
+
+    vocab = len(build_tiny_tokenizer(read_yaml(TINY_YAML).model.tiny.tokenizer_vocab_size))
+    torch.manual_seed(0)
+    model = build_model(model_cfg(lang_encoder_path=_random_lm_dir(vocab), quantization=bits,
+                                  frozen_dtype="float16", cross_attn_every_n_layers=2,
+                                  trainable={**TRAIN_PARTS, "lm_embeddings": False}))
+    model.perceiver.cuda()
+    model.gated_cross_attn_layers.cuda()
+    model.vision_encoder.cuda()
+    kinds = {type(m).__name__ for m in model.lang_encoder.modules()}
+    assert kinds & {"Linear8bitLt", "Linear4bit"}, kinds
+    batch = batch_for(model, 2)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = model(batch["vision_x"], batch["lang_x"], batch["attention_mask"], batch["labels"]).loss
+    loss.backward()
+    optimizer.step()
+    moved = sum(not torch.equal(p.detach(), lora[n]) for n, p in model.named_parameters() if n in lora)
+    assert torch.isfinite(loss) and moved == len(lora), (loss, moved, len(lora))
+    return f"loss {loss.item():.3f}, {moved} LoRA tensors updated, {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB peak"
+
+
+def check_throughput() -> str:
+    """LoRA step of a ~1B-parameter random OpenFlamingo in bf16: tokens/s and MFU."""
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise Skip("this GPU has no native bf16")
+    torch.manual_seed(0)
+    tiny = {"lm_hidden_size": 2048, "lm_layers": 16, "lm_heads": 16, "lm_intermediate_size": 5504,
+            "image_size": 224, "patch_size": 14, "vision_width": 768, "vision_layers": 12, "vision_head_width": 64}
+    model = build_model(model_cfg(tiny=tiny, frozen_dtype="bfloat16", cross_attn_every_n_layers=4,
+                                  perceiver={"depth": 2, "heads": 8, "dim_head": 64, "num_latents": 64, "ff_mult": 2},
+                                  cross_attention={"heads": 8, "dim_head": 64, "ff_mult": 2})).cuda()
+    n_total = sum(p.numel() for p in model.parameters())
+    n_vision = sum(p.numel() for p in model.vision_encoder.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batch_size, seq = 8, 256
+    lang_x = torch.randint(3, 600, (batch_size, seq), device="cuda")
+    lang_x[:, 0] = model.media_token_id
+    vision_x = torch.randn(batch_size, 1, 1, 3, 224, 224, device="cuda")
+    mask = torch.ones_like(lang_x)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(vision_x, lang_x, mask, lang_x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    steps, start = 10, time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = steps * batch_size * seq
+    # Model FLOPs per text token: forward 2N and backward 2N through the (frozen) LM and Flamingo parts for
+    # the input gradients, plus 2N_trainable for the weight gradients; the frozen vision tower runs forward only.
+    n_text = n_total - n_vision
+    image_tokens = (224 // 14) ** 2 + 1
+    flops = tokens * (4 * n_text + 2 * n_train) + steps * batch_size * image_tokens * 2 * n_vision
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    achieved = flops / seconds / 1e12
+    mfu = f"MFU {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else "MFU n/a (peak of this GPU unknown)"
+    return (f"{n_total / 1e9:.2f}B params ({n_train / 1e6:.1f}M trainable), batch {batch_size}x{seq}: "
+            f"{tokens / seconds:,.0f} tokens/s, {achieved:.1f} TFLOP/s, {mfu}")
+
+
+CHECKS = [
+    ("nccl DDP (1 GPU)", check_nccl_ddp),
+    ("FSDP (nccl) save / resume / evaluate", check_fsdp_save_resume_evaluate),
+    ("fp16 + GradScaler", check_fp16_grad_scaler),
+    ("bf16", check_bf16),
+    ("SDPA vs eager attention", check_sdpa_vs_eager),
+    ("bitsandbytes 8-bit frozen LM", lambda: check_bitsandbytes("8bit")),
+    ("bitsandbytes 4-bit frozen LM", lambda: check_bitsandbytes("4bit")),
+    ("throughput: LoRA step, ~1B OpenFlamingo, bf16", check_throughput),
+]
+
+
+def main() -> int:
+    """Run every check; the number of failures."""
+    if not torch.cuda.is_available():
+        print("no CUDA GPU visible to torch on this machine: the GPU checks cannot run")
+        return 0
+    import lavis.runners  # noqa: F401
+    import lavis.tasks  # noqa: F401  (registers the runners and tasks)
+
+    torch.cuda.set_device(0)
+    tdist.init_process_group("nccl", device_id=torch.device("cuda", 0))
+    print(f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    counts = {"ok": 0, "FAIL": 0, "skip": 0}
+    for name, check in CHECKS:
+        start = time.perf_counter()
+        try:
+            detail, status = check(), "ok"
+        except Skip as reason:
+            detail, status = str(reason), "skip"
+        except Exception as err:  # noqa: BLE001 - reported as FAIL with its traceback tail
+            detail, status = f"{type(err).__name__}: {err}".splitlines()[0][:300], "FAIL"
+            traceback.print_exc(limit=3)
+        counts[status] += 1
+        print(f"{status:4s} {name}: {detail} [{time.perf_counter() - start:.1f} s]", flush=True)
+        torch.cuda.empty_cache()
+    print(f"summary: {counts['ok']} ok, {counts['FAIL']} FAIL, {counts['skip']} skipped of {len(CHECKS)} checks")
+    tdist.destroy_process_group()
+    shutil.rmtree(WORK, ignore_errors=True)
+    return counts["FAIL"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
