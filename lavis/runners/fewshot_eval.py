@@ -132,6 +132,15 @@ def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label
                  feature_name=model_label)
 
 
+def _checkpoint_fingerprint(checkpoint) -> str:
+    """sha256 of a resolved checkpoint's file, or of its folder's files (a peft adapter, a sharded step)."""
+    path = Path(checkpoint.path)
+    if path.is_file():
+        return eval_cache.file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return eval_cache.sha256_json({str(p.relative_to(path)): eval_cache.file_sha256(p) for p in files})
+
+
 def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = None) -> dict | None:
     """Evaluate every configured split, shot count and trial; write and print the table and results.json.
 
@@ -143,7 +152,7 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
     precision = resolve_precision(run.amp, info.device)
     fingerprints = {
         "model_fingerprint": eval_cache.sha256_json(_plain_config(cfg.model)),
-        "checkpoint_fingerprint": eval_cache.file_sha256(checkpoint) if checkpoint else None,
+        "checkpoint_fingerprint": _checkpoint_fingerprint(checkpoint) if checkpoint else None,
     }
     fingerprint = eval_cache.evaluation_fingerprint(fingerprints["model_fingerprint"],
                                                     fingerprints["checkpoint_fingerprint"], cfg)
