@@ -50,6 +50,8 @@ def _model_file_problems(model, raw: dict | None) -> list[str]:
         return []
     problems = []
     for key, (what, fallback) in _MODEL_FILES.items():
+        if fallback == "LLAMA_PATH":  # the model type names its LM's variable (MPT7B_PATH, ...)
+            fallback = model.get("lang_encoder_env", fallback)
         key_path = f"model.{key}"
         value = model.get(key)
         declared = _env_names(_raw_value(raw, key_path))

@@ -132,7 +132,7 @@ def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label
                  feature_name=model_label)
 
 
-def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = None) -> dict | None:
+def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=None) -> dict | None:
     """Evaluate every configured split, shot count and trial; write and print the table and results.json.
 
     Returns the table, or None when SIGTERM stopped the evaluation (finished work is in the cache).
@@ -209,6 +209,7 @@ def evaluation_run_dir(run, cfg, fingerprint: str) -> RunPaths:
                     "(its response cache fingerprint differs); choose another run.run_name")}
             else:
                 outcome = {"run_dir": str(run_dir)}
+                (run_dir / "FAILED").unlink(missing_ok=True)  # a crashed attempt, continued now
     outcome = dist.broadcast_object(outcome)
     if outcome and "error" in outcome:
         raise outcome["error"]

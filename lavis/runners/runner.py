@@ -30,7 +30,15 @@ from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
 from lavis.runners.progress import Progress, bar_postfix, train_line
-from lavis.runners.run_config import available_splits, check_run_values, check_splits, resolve_best_dataset
+from lavis.runners.run_config import (
+    RunConfig,
+    available_splits,
+    check_run_values,
+    check_splits,
+    check_warmup,
+    resolve_best_dataset,
+    run_problems,
+)
 from lavis.runners.run_dir import prepare_run_dir
 from lavis.runners.sample_log import samples_filename, step_tag
 from lavis.runners.strategy import build_strategy
@@ -42,6 +50,14 @@ log = get_logger()
 @registry.register_runner("runner_base")
 class RunnerBase:
     """Epoch-based runner; see the module docstring. Build it with ``(cfg, task, model, datasets)``."""
+
+    #: The runner's keys of the ``run`` section (validated by the config loader, with the task's).
+    Config = RunConfig
+
+    @classmethod
+    def run_problems(cls, run) -> list[str]:
+        """Range and cross-key checks of the runner's keys (the loader reports them with the schema errors)."""
+        return run_problems(run)
 
     def __init__(self, cfg, task, model, datasets: dict):
         self.cfg = cfg
@@ -58,6 +74,11 @@ class RunnerBase:
         ckpt.set_seed(run.seed + self.info.rank)
         self.model = self.strategy.place(model)
         self.paths = prepare_run_dir(run, cfg)
+        # A checkpoint to resume is read and checked against the config now, before anything is logged
+        # into its run directory; its weights and optimizer state are loaded once they are built.
+        self._resume_state = None
+        if self.paths.resume_from is not None and not run.evaluate:
+            self._resume_state = self._read_resume_state(self.paths.resume_from)
         setup_logging(self.info.rank, self.paths.log if self.info.is_main else None)
         self.metrics = MetricsLog(
             self.paths.metrics,
@@ -113,6 +134,7 @@ class RunnerBase:
         )
         self.stream = stream
         self.steps_per_period, self.total_steps = self.plan(stream)
+        check_warmup(run, self.total_steps)
         # Wrapped first: FSDP replaces the parameters by their shards, which the optimizer must hold.
         self.train_model = self._wrap_ddp(self.model)
         self.optimizer = build_optimizer(self.model, run)
@@ -364,16 +386,23 @@ class RunnerBase:
             model_state=self.model.training_state(), model=model, optimizer=optimizer,
         )
 
-    def _resume(self, path) -> None:
-        sharded_dir = path.is_dir()
-        if sharded_dir:  # sharded: weights and optimizer are loaded (and re-sharded) here
+    def _read_resume_state(self, path) -> TrainState:
+        """The TrainState of the checkpoint to resume (a sharded one: its train-state file), checked against the config."""
+        if path.is_dir():
             if not self.strategy.sharded_checkpoints:
                 raise CheckpointError(f"{path}: a sharded checkpoint (written with run.strategy=fsdp); resume it "
-                                      "with run.strategy=fsdp (evaluation and export read it under any strategy)")
-            state = TrainState().load_state_dict(sharded.load(path, self.model, self.optimizer), path, sharded=True)
+                                      f"with run.strategy=fsdp, or convert it with lavis.export --format single")
+            state = TrainState().load_state_dict(ckpt.load_checkpoint(path / sharded.TRAIN_STATE), path, sharded=True)
         else:
             state = TrainState().load_state_dict(ckpt.load_checkpoint(path), path)
         state.check_resumable(self.cfg, self.PLAN_KEYS, path)
+        return state
+
+    def _resume(self, path) -> None:
+        state = self._resume_state
+        sharded_dir = path.is_dir()
+        if sharded_dir:  # the weights and optimizer state are loaded (and re-sharded) from the shards here
+            sharded.load(path, self.model, self.optimizer)
         if state.model is not None:
             self.strategy.load_trainable_state_dict(self.model, state.model, str(path))
         try:
@@ -398,6 +427,7 @@ class RunnerBase:
                         "differ from the original run%s", path, state.world_size, self.info.world_size,
                         "; the sharded weights and optimizer state were re-sharded" if sharded_dir else "")
         log.info("resumed from %s at step %d", path, self.global_step)
+        self._resume_state = None  # the weights and optimizer state it held now live in the model and optimizer
 
     # --- final / evaluation-only -----------------------------------------------------------------------
 
