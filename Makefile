@@ -33,7 +33,7 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
-	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/run_all.py
 
 # Regenerate the README's config reference from the schemas (tests/test_readme.py checks it).
 reference: install
