@@ -109,7 +109,7 @@ def _data_file_problems(datasets, raw: dict | None) -> list[str]:
         # Builders that read one folder or file outside build_info (imagenet: root, classnames_file).
         top_level = {key: section[key] for key in ("root", "classnames_file") if isinstance(section.get(key), str)}
         if top_level:
-            _walk_build_info(top_level, f"datasets.{name}", set(), True, raw, problems)
+            _walk_build_info(top_level, f"datasets.{name}", section, raw, problems)
         if isinstance(build_info, dict):
             _walk_build_info(build_info, f"datasets.{name}.build_info", section, raw, problems)
     return problems
