@@ -44,11 +44,12 @@ from transformers import DynamicCache
 from lavis.common.config import read_yaml
 from lavis.datasets.builders.shapes import ShapesCaptionBuilder
 from lavis.datasets.fewshot import FewShotDataset
+from lavis.metrics.postprocess import postprocess_caption
 from lavis.models import build_model
 from lavis.models.flamingo.perceiver import merge_heads, split_heads
 from lavis.runners.eval_batches import predict_records, shared_media_cache
 from lavis.runners.precision import resolve_precision
-from lavis.tasks.captioning import CaptioningTask, postprocess_caption
+from lavis.tasks.captioning import CaptioningTask
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8

@@ -22,6 +22,17 @@ VQA_POSTPROCESSORS = ("none", "openflamingo_v2")
 STEMMERS = ("none", "okvqa")
 
 
+def postprocess_caption(text: str) -> str:
+    """OpenFlamingo's caption clean-up: cut where the model starts a new ``Output:`` prompt, drop quotes."""
+    return text.split("Output", 1)[0].replace('"', "").strip()
+
+
+def postprocess_answer(text: str) -> str:
+    """OpenFlamingo's answer clean-up: cut at the next prompt word, keep the first clause."""
+    text = re.split("Question|Answer|Short", text, maxsplit=1)[0]
+    return re.split(", ", text, maxsplit=1)[0].strip()
+
+
 def postprocess_vqa_v2(text: str) -> str:
     """OpenFlamingo v2's answer clean-up (see the module docstring)."""
     return _V2_CUT.split(text, maxsplit=1)[0].split(", ", 1)[0]

@@ -2,24 +2,8 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
-
-from lavis.common.errors import ConfigError
-from lavis.common.registry import registry
+from lavis.models.factory import build_model
 from lavis.models.flamingo import Flamingo, OpenFlamingo
 from lavis.models.inference import load_model_and_preprocess
 
 __all__ = ["Flamingo", "OpenFlamingo", "build_model", "load_model_and_preprocess"]
-
-
-def build_model(model_cfg):
-    """Build the model a config section names (``arch`` picks the class; omitted keys take defaults).
-
-    Returns the network with ``.tokenizer``, ``.image_processor`` and ``.image_size``.
-    """
-    if isinstance(model_cfg, DictConfig):
-        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-    if not isinstance(model_cfg, dict) or not model_cfg.get("arch"):
-        raise ConfigError("model.arch is not set: name the model class, e.g. model.arch=openflamingo")
-    cls = registry.get("model", model_cfg["arch"], key_path="model.arch")
-    return cls.from_config(model_cfg)

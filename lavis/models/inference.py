@@ -82,7 +82,7 @@ class InferenceMixin:
                 **decoding) -> list[str]:
         """A caption per image; ``demos`` are (image, caption) pairs shown first (in-context examples)."""
         from lavis.datasets.collators import CaptionCollator
-        from lavis.tasks.captioning import postprocess_caption
+        from lavis.metrics.postprocess import postprocess_caption
 
         images = [images] if isinstance(images, (str, Path)) or hasattr(images, "convert") else list(images)
         collate = CaptionCollator(self.tokenizer, role="eval")
@@ -98,7 +98,7 @@ class InferenceMixin:
                batch_size: int = 8, **decoding) -> list[str]:
         """A short answer per (image, question); ``demos`` are (image, question, answer) triples shown first."""
         from lavis.datasets.collators import VQACollator
-        from lavis.tasks.vqa import postprocess_answer
+        from lavis.metrics.postprocess import postprocess_answer
 
         images = [images] if isinstance(images, (str, Path)) or hasattr(images, "convert") else list(images)
         questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
@@ -167,7 +167,7 @@ def load_model_and_preprocess(name: str = "openflamingo", model_type: str | None
     enough, since it names its model. The processors are dicts keyed by role (``train``, ``eval``).
     """
     from lavis.datasets.processors import build_processor
-    from lavis.models import build_model
+    from lavis.models.factory import build_model
     from lavis.models.trained import load_trained_weights, model_section_for, resolve_checkpoint
 
     trained = resolve_checkpoint(checkpoint) if checkpoint is not None else None

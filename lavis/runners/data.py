@@ -184,3 +184,14 @@ def eval_loader(dataset: Dataset, collate_fn, batch_size: int, rank: int, world_
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate_fn,
                       num_workers=num_workers, drop_last=False)
+
+
+def move_to_device(batch, device: torch.device):
+    """Tensors of a (nested) batch moved to ``device``; other values unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch

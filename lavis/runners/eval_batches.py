@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Su
 from lavis.models.flamingo.flamingo import Flamingo
 from lavis.models.flamingo.media_cache import MediaCache, media_cache_enabled
 from lavis.runners import sample_log
-from lavis.runners.data import eval_loader
+from lavis.runners.data import eval_loader, move_to_device
 
 BUCKET_WINDOW = 8  # batches sorted together: enough to find rows of equal length, few enough to hold in memory
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -88,8 +88,6 @@ def predict_records(task, model, dataset, device, precision, batch_size: int, ke
     A Flamingo model gets bucketed batches (``bucket``) and the media cache (``cache``); its task must
     return one record per sample. Any other model is evaluated batch by batch in shard order.
     """
-    from lavis.runners.evaluation import move_to_device
-
     collate_fn = sample_log.DemoIndexCollator(task.collator(model, "eval"))
     if not isinstance(model, Flamingo):
         records: list[dict] = []

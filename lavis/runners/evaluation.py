@@ -93,13 +93,3 @@ def _plain(value):
         return value.item() if value.numel() == 1 else value.tolist()
     return value
 
-
-def move_to_device(batch, device: torch.device):
-    """Tensors of a (nested) batch moved to ``device``; other values unchanged."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    return batch

@@ -24,8 +24,8 @@ from lavis.common.registry import registry
 from lavis.runners import checkpoint as ckpt
 from lavis.runners import provenance
 from lavis.runners import sharded_checkpoint as sharded
-from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
-from lavis.runners.evaluation import evaluate_split, move_to_device
+from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets, move_to_device
+from lavis.runners.evaluation import evaluate_split
 from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision

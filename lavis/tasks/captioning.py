@@ -5,12 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lavis.common.registry import registry
+from lavis.metrics.postprocess import postprocess_caption
 from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
-
-
-def postprocess_caption(text: str) -> str:
-    """OpenFlamingo's caption clean-up: cut where the model starts a new ``Output:`` prompt, drop quotes."""
-    return text.split("Output", 1)[0].replace('"', "").strip()
 
 
 @registry.register_task("captioning")

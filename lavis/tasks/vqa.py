@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 from lavis.common.registry import registry
+from lavis.metrics.postprocess import postprocess_answer, vqa_postprocessor
 from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
 
 # VQAv2's answer types (the keys of the official evaluation's perAnswerType).
 ANSWER_TYPES = ("yes/no", "number", "other")
-
-
-def postprocess_answer(text: str) -> str:
-    """OpenFlamingo's answer clean-up: cut at the next prompt word, keep the first clause."""
-    text = re.split("Question|Answer|Short", text, maxsplit=1)[0]
-    return re.split(", ", text, maxsplit=1)[0].strip()
 
 
 @registry.register_task("vqa")
@@ -58,8 +52,6 @@ class VQATask(BaseTask):
         protocol, stemmer = run.get("vqa_postprocess", "default"), run.get("vqa_stemmer", "none")
         if protocol == "default" and stemmer == "none":
             return [postprocess_answer(t) for t in texts]
-        from lavis.metrics.postprocess import vqa_postprocessor
-
         if protocol == "default":
             return vqa_postprocessor("none", stemmer)([postprocess_answer(t) for t in texts])
         return vqa_postprocessor(protocol, stemmer)(texts)
