@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # local wheel cache; GPU machines get the CUDA build of the same release).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint bench reference
+.PHONY: install demo demo-suite test lint bench reference
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/python -m lavis.demo
+
+# The evaluation suite (Flickr30k, OK-VQA, TextVQA, VizWiz, Hateful Memes, ImageNet) on synthetic stand-ins.
+demo-suite: install
+	$(BIN)/python -m lavis.demo_suite
 
 test: install
 	$(BIN)/python -m pytest -q

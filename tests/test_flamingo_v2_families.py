@@ -128,7 +128,14 @@ def test_unknown_family_is_refused_naming_the_expected_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"falcon_remote.*remote code is never run.*mpt = MPT \(MPT-7B.*"
                                           r"gpt_neox = GPT-NeoX.*mosaic_gpt = MosaicGPT"):
         family_of_directory(str(tmp_path / "lm"))
-    config = MptConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=16, vocab_size=20).to_dict()
+    # A remote-code MPT directory (auto_map, llm-foundry's class name) loads into the native class.
+    MptForCausalLM(MptConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=16, vocab_size=20)).save_pretrained(
+        tmp_path / "lm")
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    config.update(architectures=["MPTForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"})
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
+    lm = family_of_directory(str(tmp_path / "lm")).load(str(tmp_path / "lm"), torch.float32, None)
+    assert type(lm) is MptForCausalLM
     config["attn_config"]["qk_ln"] = True
     (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"attn_config\.qk_ln: true"):
@@ -270,3 +277,35 @@ def test_model_config_relations_are_reported_with_dotted_keys(tmp_path):
                      "model.tiny.vision_head_width: 24 does not divide model.tiny.vision_width 64",
                      "model.cross_attn_every_n_layers: must be >= 1", "model.perceiver.heads: must be positive"):
         assert expected in message
+
+
+def test_v2_config_without_its_files_names_the_model_types_variables(tmp_path, monkeypatch, capsys):
+    for variable in ("MPT7B_PATH", "LLAMA_PATH", "OPENFLAMINGO_V2_CHECKPOINT", "CLIP_VITL14_WEIGHTS", "PETVLM_DATA"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        train_main(["--cfg-path", str(Path(__file__).parent.parent / V2_PROJECTS / "train"
+                                      / "caption_coco_mpt7b_lora_4xv100.yaml")])
+    lines = [x.strip() for x in capsys.readouterr().err.splitlines() if x.strip().startswith("- model.")]
+    expected = {"model.tokenizer_path": "MPT7B_PATH", "model.lang_encoder_path": "MPT7B_PATH",
+                "model.pretrained_checkpoint_path": "OPENFLAMINGO_V2_CHECKPOINT",
+                "model.clip_vision_encoder_pretrained": "CLIP_VITL14_WEIGHTS"}
+    for key, variable in expected.items():
+        (line,) = [x for x in lines if x.startswith(f"- {key}:")]
+        assert variable in line and "LLAMA_PATH" not in line, line
+
+
+def test_v1_added_token_head_rows_come_from_the_config_not_the_process_rng():
+    # The v1 checkpoint does not carry lm_head, so its added-token rows (<|endofchunk|> decides where
+    # generation stops) are drawn; they depend on model.embedding_init_seed only.
+    ref = Path(__file__).parent / "fixtures" / "openflamingo_reference"
+    cfg = {"arch": "openflamingo", "clip_vision_encoder_path": str(ref / "vision" / "ViT-Dev-P16.json"),
+           "clip_vision_encoder_pretrained": str(ref / "vision" / "ViT-Dev-P16.pt"),
+           "lang_encoder_path": str(ref / "llama"), "tokenizer_path": str(ref / "llama"),
+           "cross_attn_every_n_layers": 1, "pretrained_checkpoint_path": str(ref / "checkpoint.pt"),
+           "xattn_semantics": "v1", "adapters": {"method": None}}
+    heads = []
+    for seed, init_seed in ((0, 0), (99, 0), (0, 1)):
+        torch.manual_seed(seed)
+        heads.append(build_model({**cfg, "embedding_init_seed": init_seed}).lang_encoder.lm_head.weight[640:])
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])

@@ -237,3 +237,21 @@ def test_wrong_shape_is_refused_naming_it(family, tmp_path):
     torch.save(state, tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError, match=r"perceiver\.layers\.1\.0\.to_kv\.weight: checkpoint \(1024, 48\)"):
         load_openflamingo_checkpoint(model, tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_perturbing_an_image_changes_logits_from_the_reference_position(family):
+    model = model_for(family)
+    case = json.loads((REF / family / "cases" / "interleaved_leftpad" / "case.json").read_text())
+    expected = case["first_valid_position_whose_logits_change_when_image_t_of_row_b_is_perturbed"]
+    vision_x, ids, mask = load_case(family, "interleaved_leftpad")
+    with torch.no_grad():
+        base = model(vision_x, ids, mask).logits
+        for b, row in enumerate(expected):  # None: the image is never attended
+            for t, position in enumerate(row):
+                perturbed = vision_x.clone()
+                perturbed[b, t] += 0.5
+                changed = (model(perturbed, ids, mask).logits[b] - base[b]).abs().amax(-1) > 1e-5
+                changed &= mask[b].bool()
+                first = int(changed.nonzero()[0]) if changed.any() else None
+                assert first == position, (b, t)

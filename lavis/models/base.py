@@ -81,7 +81,8 @@ class TrainableModel(nn.Module):
         """The NEW token ids (B * num_return_sequences, N_new), padded with the pad id after eos."""
         raise NotImplementedError(f"{type(self).__name__} does not generate text")
 
-    def score(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-row summed log-likelihood of the ``labels`` tokens (for ranking answers); shape (B,)."""
+    def score(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None,
+              continuations, normalize_length: bool = True, batch_size: int = 16) -> torch.Tensor:
+        """(B, C) log-likelihood of each continuation (token-id list) after each left-padded context row:
+        the mean per token when ``normalize_length``, else the sum (lavis/models/flamingo/scoring.py)."""
         raise NotImplementedError(f"{type(self).__name__} does not score text")

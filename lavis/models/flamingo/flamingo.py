@@ -219,7 +219,8 @@ class Flamingo(TrainableModel):
         do_sample, temperature, top_k, top_p, length_penalty, num_return_sequences, use_cache, ...).
         """
         self._check_media_tokens(vision_x, lang_x)
-        settings = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "early_stopping": False,
+        # use_cache explicit: an LM config with use_cache false (MPT-7B's) must not turn the cache off here.
+        settings = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "early_stopping": False, "use_cache": True,
                     "length_penalty": 1.0, "eos_token_id": self.eoc_token_id,
                     "pad_token_id": self.pad_token_id, "bos_token_id": None}
         settings.update(generation_kwargs)
