@@ -255,7 +255,7 @@ def evaluate_main(argv=None) -> None:
         run_dir = _set_evaluation_run_dir(cfg, args, trained)
         finished = False
         try:
-            run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=args.checkpoint)
+            run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=trained)
             finished = True
         except BaseException as err:
             _clean_failed_evaluation(run_dir, err)

@@ -29,7 +29,7 @@ from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
-from lavis.models.trained import load_trained_weights, model_label
+from lavis.models.trained import TrainedCheckpoint, load_trained_weights, model_label
 from lavis.report import report_after_run
 from lavis.runners import eval_cache
 from lavis.runners.eval_results import build_results, cell_summary
@@ -132,7 +132,19 @@ def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label
                  feature_name=model_label)
 
 
-def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = None) -> dict | None:
+def _checkpoint_fingerprint(checkpoint) -> str | None:
+    """sha256 of the checkpoint's file, or of every file of a checkpoint directory (peft adapter, shards)."""
+    if not checkpoint:
+        return None
+    path = Path(checkpoint.path if isinstance(checkpoint, TrainedCheckpoint) else checkpoint)
+    if path.is_file():
+        return eval_cache.file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return eval_cache.sha256_json([[str(p.relative_to(path)), eval_cache.file_sha256(p)] for p in files])
+
+
+def run_fewshot_evaluation(cfg, task, model, datasets,
+                           checkpoint: TrainedCheckpoint | str | None = None) -> dict | None:
     """Evaluate every configured split, shot count and trial; write and print the table and results.json.
 
     Returns the table, or None when SIGTERM stopped the evaluation (finished work is in the cache).
@@ -143,7 +155,7 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint: str | None = 
     precision = resolve_precision(run.amp, info.device)
     fingerprints = {
         "model_fingerprint": eval_cache.sha256_json(_plain_config(cfg.model)),
-        "checkpoint_fingerprint": eval_cache.file_sha256(checkpoint) if checkpoint else None,
+        "checkpoint_fingerprint": _checkpoint_fingerprint(checkpoint),
     }
     fingerprint = eval_cache.evaluation_fingerprint(fingerprints["model_fingerprint"],
                                                     fingerprints["checkpoint_fingerprint"], cfg)
