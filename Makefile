@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # local wheel cache; GPU machines get the CUDA build of the same release).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint bench reference
+.PHONY: install demo demo-suite test lint bench reference
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/python -m lavis.demo
 
+# The evaluation suite (Flickr30k, OK-VQA, TextVQA, VizWiz, Hateful Memes, ImageNet) on synthetic stand-ins.
+demo-suite: install
+	$(BIN)/python -m lavis.demo_suite
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -29,7 +33,7 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
-	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/run_all.py
 
 # Regenerate the README's config reference from the schemas (tests/test_readme.py checks it).
 reference: install

@@ -12,7 +12,7 @@ The figure is each job's largest per-rank peak RSS (``ru_maxrss``: the whole pro
 included); the losses of the two jobs must agree (same computation, sharded or not). Both jobs run with
 ``MALLOC_MMAP_THRESHOLD_=65536`` (see ``launch``): with glibc's default dynamic threshold the freed per-unit
 buffers of FSDP stay in the heap, and its peak RSS measured 0.95x DDP's (3167 vs 3324 MB) although its live
-memory is about half of DDP's. Measured (124M parameters): FSDP 1956 MB vs DDP 3293 MB per rank, 0.594x.
+memory is about half of DDP's. Measured (124M parameters): FSDP 1949 MB vs DDP 3287 MB per rank, 0.593x.
 
 Run: ``PYTHONPATH=. python benchmarks/fsdp_memory.py`` (about a minute; needs ~6 GB of free RAM).
 """

@@ -105,26 +105,41 @@ def check_nccl_ddp() -> str:
 def check_fsdp_save_resume_evaluate() -> str:
     from lavis.runners import sharded_checkpoint as sharded
 
-    runner, summary = train_runner("fsdp", strategy="fsdp", save_freq_steps=3, keep_last=5)
+    # bf16 where the GPU has it: FSDP's MixedPrecisionPolicy gathers the bf16-stored frozen weights and the
+    # fp32 trainable ones in bf16.
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    amp, dtype, tolerance = ("bf16", "bfloat16", 1e-3) if bf16 else ("fp32", "float32", 1e-4)
+
+    def build():
+        torch.manual_seed(0)
+        return build_model(model_cfg(frozen_dtype=dtype))
+
+    runner, summary = train_runner("fsdp", amp, model=build(), strategy="fsdp", save_freq_steps=3, keep_last=5)
     final = runner.strategy.gather_trainable_state_dict(runner.model)
     step3 = sharded.step_checkpoint_dir(runner.paths.run_dir, 3)
     assert sharded.is_sharded_checkpoint(step3), step3
     resumed_dir = WORK / "fsdp_resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(step3, resumed_dir / step3.name)
-    again, summary2 = train_runner("fsdp_resumed", strategy="fsdp", save_freq_steps=3, resume_ckpt_path="latest")
+    again, _ = train_runner("fsdp_resumed", amp, model=build(), strategy="fsdp", save_freq_steps=3,
+                            resume_ckpt_path="latest")
     resumed = again.strategy.gather_trainable_state_dict(again.model)
     diff = max((final[k] - resumed[k]).abs().max().item() for k in final)
-    assert diff < 1e-4, f"resumed run differs by {diff}"
+    assert diff < tolerance, f"resumed run differs by {diff}"
     last = sharded.step_checkpoint_dir(runner.paths.run_dir, summary["step"])
-    _, evaluated = train_runner("fsdp_eval", strategy="fsdp", evaluate=True, resume_ckpt_path=str(last))
+    _, evaluated = train_runner("fsdp_eval", amp, model=build(), strategy="fsdp", evaluate=True,
+                                resume_ckpt_path=str(last))
     n = evaluated["test"]["val"]["lm"]["n"]
     assert n == 5, evaluated
-    return f"{summary['step']} steps, resumed from step 3 (max |diff| {diff:.1e}), evaluated {n} samples"
+    return f"{amp}, {summary['step']} steps, resumed from step 3 (max |diff| {diff:.1e}), evaluated {n} samples"
 
 
-def check_fp16_grad_scaler() -> str:
-    class CountingScaler(torch.amp.GradScaler):
+def check_fp16_grad_scaler(strategy: str) -> str:
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    base = ShardedGradScaler if strategy == "fsdp" else torch.amp.GradScaler
+
+    class CountingScaler(base):
         skipped = taken = 0
 
         def update(self, new_scale=None):
@@ -137,7 +152,7 @@ def check_fp16_grad_scaler() -> str:
 
     torch.manual_seed(0)
     model = build_model(model_cfg(frozen_dtype="float16"))
-    cfg_run = dict(amp="fp16", max_epoch=2)
+    cfg_run = dict(amp="fp16", max_epoch=2, strategy=strategy)
     from lavis.runners.runner import RunnerBase
 
     real = RunnerBase.train
@@ -149,11 +164,12 @@ def check_fp16_grad_scaler() -> str:
 
     RunnerBase.train = train_with_counting_scaler
     try:
-        runner, summary = train_runner("fp16", model=model, **cfg_run)
+        runner, summary = train_runner(f"fp16_{strategy}", model=model, **cfg_run)
     finally:
         RunnerBase.train = real
     masters = {p.dtype for p in runner.model.parameters() if p.requires_grad}
     assert masters == {torch.float32}, masters
+    assert isinstance(runner.scaler, base), type(runner.scaler)
     assert CountingScaler.skipped > 0 and CountingScaler.taken > 0, (CountingScaler.skipped, CountingScaler.taken)
     return (f"{summary['step']} steps: {CountingScaler.skipped} skipped by the GradScaler, {CountingScaler.taken} "
             f"taken, final scale {runner.scaler.get_scale():.0f}")
@@ -283,7 +299,8 @@ def check_throughput() -> str:
 CHECKS = [
     ("nccl DDP (1 GPU)", check_nccl_ddp),
     ("FSDP (nccl) save / resume / evaluate", check_fsdp_save_resume_evaluate),
-    ("fp16 + GradScaler", check_fp16_grad_scaler),
+    ("fp16 + GradScaler (ddp)", lambda: check_fp16_grad_scaler("ddp")),
+    ("fp16 + ShardedGradScaler (fsdp)", lambda: check_fp16_grad_scaler("fsdp")),
     ("bf16", check_bf16),
     ("SDPA vs eager attention", check_sdpa_vs_eager),
     ("bitsandbytes 8-bit frozen LM", lambda: check_bitsandbytes("8bit")),

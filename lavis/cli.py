@@ -185,7 +185,9 @@ def _set_evaluation_run_dir(cfg, args, trained) -> Path:
     decided = None
     if dist.is_main_process():
         name = cfg.run.run_name
-        if given and (output_dir / name).exists():
+        if name and _same_evaluation(output_dir / name, cfg, trained):
+            decided = {"name": name}  # re-running the same evaluation continues it (lavis.runners.eval_cache)
+        elif given and (output_dir / name).exists():
             decided = {"error": (
                 f"run.run_name: {output_dir / name} already exists; evaluate.py never writes into an existing "
                 f"directory: choose another run.run_name, or leave it out for a fresh eval_* folder")}
@@ -194,7 +196,7 @@ def _set_evaluation_run_dir(cfg, args, trained) -> Path:
         else:
             base = evaluation_run_name(args.cfg_path, trained)
             name, n = base, 1
-            while (output_dir / name).exists():
+            while (output_dir / name).exists() and not _same_evaluation(output_dir / name, cfg, trained):
                 name, n = f"{base}_{n}", n + 1
             if cfg.run.run_name:
                 get_logger().info("run.run_name %r is taken (%s): this evaluation writes to %s", cfg.run.run_name,
@@ -207,21 +209,39 @@ def _set_evaluation_run_dir(cfg, args, trained) -> Path:
     return output_dir / decided["name"]
 
 
-def _clean_failed_evaluation(run_dir: Path, err: BaseException) -> None:
-    """Remove the run directory of an evaluation that failed before any result; mark one that has some."""
+def _same_evaluation(run_dir: Path, cfg, trained) -> bool:
+    """Whether ``run_dir`` holds an unfinished or finished evaluation of exactly this model, checkpoint and task."""
+    import json
+
+    from lavis.runners.eval_cache import CACHE_DIR
+    from lavis.runners.fewshot_eval import evaluation_fingerprints
+
+    stamp = run_dir / CACHE_DIR / "fingerprint.json"
+    if not stamp.is_file():
+        return False
+    return json.loads(stamp.read_text()).get("fingerprint") == evaluation_fingerprints(cfg, trained)[1]
+
+
+def _clean_failed_evaluation(run_dir: Path, err: BaseException, keep: bool = False) -> None:
+    """Remove the run directory of an evaluation that failed before any result; mark one that has some.
+
+    Results, a table or cached responses (which a re-run continues from) count as results.
+    """
     import shutil
 
     from lavis.common import dist
     from lavis.common.fileio import atomic_write_text
+    from lavis.common.logging import close_logging
+    from lavis.runners.eval_cache import CACHE_DIR
 
     if not dist.is_main_process() or not run_dir.is_dir():
         return
-    from lavis.common.logging import close_logging
-
     close_logging()  # log.txt is open in there
     results = run_dir / "results"
-    written = (results.is_dir() and any(results.iterdir())) or (run_dir / "fewshot_table.json").exists()
-    if written:
+    cache = run_dir / CACHE_DIR
+    written = ((results.is_dir() and any(results.iterdir())) or (run_dir / "fewshot_table.json").exists()
+               or (cache.is_dir() and any(p.name != "fingerprint.json" for p in cache.iterdir())))
+    if written or keep:
         atomic_write_text(run_dir / "FAILED", f"{type(err).__name__}: {err}\n")
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -253,12 +273,15 @@ def evaluate_main(argv=None) -> None:
         from lavis.common import dist
 
         run_dir = _set_evaluation_run_dir(cfg, args, trained)
+        continued = run_dir.exists()  # an evaluation being continued is never removed
         finished = False
         try:
             run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=trained)
             finished = True
+            if dist.is_main_process():
+                (run_dir / "FAILED").unlink(missing_ok=True)  # a continued evaluation that now succeeded
         except BaseException as err:
-            _clean_failed_evaluation(run_dir, err)
+            _clean_failed_evaluation(run_dir, err, keep=continued)
             raise
         finally:
             # After an error, peers may be dead or stuck: leave at once instead of waiting at a barrier.

@@ -10,7 +10,7 @@ from test_datasets_builders import EVAL_VIS, write_coco, write_vqa
 
 from lavis.common.errors import DataError
 from lavis.common.registry import registry
-from lavis.datasets import shards
+from lavis.datasets import pack_shards, shards
 from lavis.datasets.base import CAPTION_EVAL, CAPTION_TRAIN
 
 torch.set_num_threads(1)
@@ -145,7 +145,7 @@ def test_all_bad_is_an_error_not_an_empty_epoch(tmp_path):
 
 def _pack(tmp_path, info):
     images = build("coco_caption", info, splits=["train"])["train"]
-    return shards.pack_records(images.records, CAPTION_TRAIN, tmp_path / "wds", "train", samples_per_shard=2)
+    return pack_shards.pack_records(images.records, CAPTION_TRAIN, tmp_path / "wds", "train", samples_per_shard=2)
 
 
 def test_shard_with_unreadable_image(tmp_path):

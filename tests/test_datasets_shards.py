@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lavis.common.registry import registry
-from lavis.datasets import shapes, shards
+from lavis.datasets import pack_shards, shapes, shards
 from lavis.datasets.base import CAPTION_TRAIN, VQA
 from lavis.datasets.builders.shapes import caption_build_info, vqa_build_info
 
@@ -35,7 +35,7 @@ def test_pack_then_read_returns_the_same_samples(shapes_root, tmp_path, name, sp
     info = caption_build_info(shapes_root) if name == "coco_caption" else vqa_build_info(shapes_root)
     images = _builder(name, info, splits=[split]).build_datasets()[split]
     records, fmt, _ = images.records, images.sample_format, None
-    pattern = shards.pack_records(records, fmt, tmp_path, split, samples_per_shard=3)
+    pattern = pack_shards.pack_records(records, fmt, tmp_path, split, samples_per_shard=3)
     if name == "coco_caption":
         info = {**info, "shards": {split: pattern}}
     else:
@@ -50,7 +50,7 @@ def test_pack_then_read_returns_the_same_samples(shapes_root, tmp_path, name, sp
 def _packed(shapes_root, tmp_path, spp=2):
     info = caption_build_info(shapes_root)
     images = _builder("coco_caption", info, splits=["train"]).build_datasets()["train"]
-    pattern = shards.pack_records(images.records, CAPTION_TRAIN, tmp_path, "train", samples_per_shard=spp)
+    pattern = pack_shards.pack_records(images.records, CAPTION_TRAIN, tmp_path, "train", samples_per_shard=spp)
     paths = shards.expand_pattern(pattern)
     return [shards.index_shard(p, CAPTION_TRAIN) for p in paths]
 
@@ -106,7 +106,7 @@ def test_dataloader_workers_split_a_rank_without_overlap(shapes_root, tmp_path):
 def test_cap_applies_to_shards(shapes_root, tmp_path):
     info = caption_build_info(shapes_root)
     images = _builder("coco_caption", info, splits=["train"]).build_datasets()["train"]
-    pattern = shards.pack_records(images.records, CAPTION_TRAIN, tmp_path, "train", samples_per_shard=4)
+    pattern = pack_shards.pack_records(images.records, CAPTION_TRAIN, tmp_path, "train", samples_per_shard=4)
     ds = _builder("coco_caption", {**info, "shards": {"train": pattern}}, splits=["train"], data_type="webdataset",
                   max_samples=7).build_datasets()["train"]
     assert ds.num_records == 7 and len(list(ds)) == 7
@@ -115,9 +115,11 @@ def test_cap_applies_to_shards(shapes_root, tmp_path):
 def test_cli_packs_a_builder_split(shapes_root, tmp_path, capsys):
     options = [f"datasets.vqav2.build_info.val.{k}={v}" for k, v in vqa_build_info(shapes_root)["val"].items() if v]
     out = tmp_path / "cli"
-    assert shards.main(["--builder", "vqav2", "--split", "val", "--out", str(out), "--samples-per-shard", "1",
-                        "--options", *options]) == 0
-    pattern = capsys.readouterr().out.strip().splitlines()[-1]
+    assert pack_shards.main(["--builder", "vqav2", "--split", "val", "--out", str(out), "--samples-per-shard", "1",
+                             "--options", *options]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    pattern = printed[1]
+    assert f"'datasets.vqav2.build_info.val.shards={pattern}'" in printed[3]
     paths = shards.expand_pattern(pattern)
     assert len(paths) == 1 and all(p.endswith(".tar") for p in paths)  # 13 images -> 1 val image
     assert sum(s.num_records for s in (shards.index_shard(p, VQA) for p in paths)) == 5

@@ -67,6 +67,9 @@ def test_two_process_evaluation_equals_one_process_exactly(tmp_path, shapes_root
             one, two = sorted_results(single / "results" / name, key), sorted_results(double / "results" / name, key)
             assert one == two, name
             assert len({r[key] for r in two}) == len(two) == count
+            # The per-sample logs too: prompts, demonstrations and scores gathered from both ranks.
+            samples = f"samples_shapes_{kind if kind == 'vqa' else 'caption'}_val_{shots}shot_trial0.jsonl"
+            assert (single / samples).read_text() == (double / samples).read_text(), samples
     answers = {r["answer"] for r in sorted_results(single / "results" / "val_2shot_trial0_vqa_results.json",
                                                    "question_id")}
     assert len(answers) > 1  # the answers depend on the question, so a mix-up of ids would show

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import FAST_DECODING, TINY_MODEL, shapes_section, write_config
 
 import lavis.runners.fewshot_eval as fewshot_eval
@@ -59,9 +60,13 @@ def test_best_pt_and_the_run_directory_evaluate_like_the_runner_validated(traine
     evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_run / "checkpoints" / "best.pt")])
     by_best = tmp_path / "evals" / "eval_eval_run_best"
     assert table_score(by_best) == pytest.approx(best["CIDEr"], abs=1e-9)
-    # The run directory resolves to its best.pt; the next evaluation gets a fresh folder, never the same one.
+    # The run directory resolves to its best.pt: the same evaluation, so the same folder (its response cache
+    # answers); another decoding setting is another evaluation, in a fresh folder.
+    table = (by_best / "fewshot_table.json").read_text()
     evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_run)])
-    assert table_score(tmp_path / "evals" / "eval_eval_run_best_1") == table_score(by_best)
+    assert (by_best / "fewshot_table.json").read_text() == table
+    evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_run), "--options", "run.max_new_tokens=4"])
+    assert (tmp_path / "evals" / "eval_eval_run_best_1" / "fewshot_table.json").is_file()
     assert (by_best / "log.txt").read_text().count("shapes_caption") > 0  # the evaluation's own log
 
 
@@ -92,3 +97,23 @@ def test_an_existing_run_name_given_on_the_command_line_is_refused_with_evaluati
         evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_run), "--options", "run.run_name=run"])
     err = capsys.readouterr().err
     assert "never writes into an existing directory" in err and "resume_ckpt_path" not in err
+
+
+def test_an_exported_peft_folder_and_openflamingo_checkpoint_evaluate_like_best_pt(trained_run, shapes_root,
+                                                                                   tmp_path):
+    from lavis.export import export
+
+    best = trained_run / "checkpoints" / "best.pt"
+    cfg = eval_config(tmp_path / "eval.yaml", shapes_root, tmp_path / "evals")
+    evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(best)])
+    expected = table_score(tmp_path / "evals" / "eval_eval_run_best")
+    has_lm_adapter = yaml.safe_load((trained_run / "config.yaml").read_text())["model"]["adapters"]["method"]
+    if has_lm_adapter:
+        export(str(best), str(tmp_path / "adapter"), "peft")
+        evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(tmp_path / "adapter")])
+        assert table_score(tmp_path / "evals" / "eval_eval_adapter") == expected
+    release = export(str(best), str(tmp_path / "release"), "openflamingo")
+    evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(release)])
+    score = table_score(tmp_path / "evals" / "eval_eval_release_checkpoint")
+    if not has_lm_adapter:  # nothing merged: the same weights exactly
+        assert score == expected

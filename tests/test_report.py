@@ -18,6 +18,7 @@ from browser import headless_chromium
 from conftest import FAST_DECODING, FAST_JOINT_DECODING, REPO, read_jsonl, shapes_section, write_config
 from PIL import Image
 
+from lavis import demo
 from lavis.cli import evaluate_main, train_main
 from lavis.report import build_report, report_after_run
 from lavis.report.__main__ import main as report_cli
@@ -146,6 +147,18 @@ def test_compare_puts_both_runs_galleries_in_one_page(fewshot_runs, tmp_path, ca
     for g in data["galleries"]:
         twin = next(o for o in data["galleries"] if o["run"] != g["run"] and o["file"] == g["file"])
         assert {r["id"] for r in g["rows"]} == {r["id"] for r in twin["rows"]}
+
+
+def test_the_demo_ends_with_the_untrained_and_trained_models_side_by_side(fewshot_runs, tmp_path, capsys):
+    trained, untrained = fewshot_runs
+    (tmp_path / "before").symlink_to(untrained)
+    (tmp_path / "after").symlink_to(trained)
+    demo._report(tmp_path)
+    assert f"{tmp_path / 'report.html'}" in capsys.readouterr().out
+    data = page_data((tmp_path / "report.html").read_text())
+    first = data["galleries"][0]
+    assert first["run"] == "untrained" and data["compare_default"] is True
+    assert any(g["run"] == "trained" and g["file"] == first["file"] for g in data["galleries"])
 
 
 def test_reference_numbers_named_by_the_config_are_drawn(tmp_path):

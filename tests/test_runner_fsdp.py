@@ -98,7 +98,7 @@ def test_fsdp_step_checkpoints_are_sharded_directories_and_best_is_one_file(runs
     assert sorted(weights) == sorted(final)
     out = sharded.consolidate(found[-1][1], runs / "consolidated.pt")
     single = ckpt.load_checkpoint(out)
-    assert single["progress"]["global_step"] == 10 and "optimizer" not in single
+    assert single["step"] == 10 and single["kind"] == "weights" and "optimizer" not in single
     for name, value in final.items():
         assert torch.equal(single["model"][name], value), name
         assert torch.equal(weights[name], value), name
@@ -137,3 +137,18 @@ def test_activation_checkpointing_gives_equal_gradients_under_fsdp(runs):
     assert any(n.startswith("perceiver.") for n in plain) and any("gated_cross_attn" in n for n in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_export_format_single_of_a_sharded_checkpoint_equals_the_gathered_weights(runs, tmp_path):
+    from lavis.export import export
+
+    [*_, (step, directory)] = ckpt.list_step_checkpoints(runs / "fsdp_lora")
+    out = export(str(directory), str(tmp_path / "single"), "single")
+    single = ckpt.load_checkpoint(out)
+    final = load(runs / "fsdp_lora.pt")  # gathered from the shards at the end of training (step 10)
+    assert step == 10 and sorted(single["model"]) == sorted(final)
+    for name, value in final.items():
+        assert torch.equal(single["model"][name], value), name
+    # The single file loads like any step checkpoint (weights) and says which run it came from.
+    weights, state = sharded.read_weights(out)
+    assert sorted(weights) == sorted(final) and state["config"]["run"]["strategy"] == "fsdp"

@@ -19,6 +19,7 @@ from lavis.runners import checkpoint as ckpt
 from lavis.runners import precision
 from lavis.runners.data import TrainStream
 from lavis.runners.optim import build_lr_schedule, build_optimizer
+from lavis.runners.progress import TIMING_KEYS
 
 
 def train(root, model=None, datasets=None, task=None, **run):
@@ -63,7 +64,7 @@ def test_run_directory_layout_and_metrics_jsonl(tmp_path):
     # constant_lr with 2 warmup steps: the lr of the step just taken.
     assert [r["lr"] for r in train_records] == pytest.approx([0.05] * 5)
     for r in train_records:
-        assert set(r) == {"epoch", "step", "split", "lr", "loss", "grad_norm", "data/num_skipped"}
+        assert set(r) == {"epoch", "step", "split", "lr", "loss", "grad_norm", "data/num_skipped", *TIMING_KEYS}
         assert r["loss"] > 0 and r["data/num_skipped"] == 3
     evals = [r for r in records if r["split"] != "train"]
     assert [(r["split"], r["step"], r["epoch"]) for r in evals] == [("val", 8, 0), ("val", 16, 1),

@@ -111,7 +111,8 @@ class ToyRegressionTask(BaseTask):
             for sid, p, t in zip(batch["sample_id"], pred[:, 0], batch["y"][:, 0])
         ]
 
-    def metric_names(self):
+    @classmethod
+    def metric_names(cls, run):
         return ["agg_metrics", "mse", "n"]
 
     def evaluate(self, records, split, dataset, result_dir):

@@ -25,6 +25,7 @@ from lavis.common.schema import check_mapping, merged_schema
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = ("model", "datasets", "run")
+DEFAULT_RUNNER = "runner_base"
 
 
 def model_default_path(arch: str, model_type: str) -> Path:
@@ -57,10 +58,21 @@ def parse_options(options: list[str] | None) -> DictConfig:
     for option in options:
         if "=" not in option or option.startswith("="):
             raise ConfigError(f"--options: {option!r} is not of the form key=value")
-    try:
-        return OmegaConf.from_dotlist(options)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"--options: {err}") from None
+    problems = []
+    for option in options:
+        key, _, value = option.partition("=")
+        if not key.strip() or any(not part for part in key.split(".")):
+            problems.append(f"--options {option!r}: {key!r} is not a dotted key (e.g. run.init_lr)")
+            continue
+        try:
+            OmegaConf.from_dotlist([option])
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problems.append(f"--options {key}: the value {value!r} is not valid YAML ({first}); quote a string "
+                            f"value, e.g. {key}='\"...\"'")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return OmegaConf.from_dotlist(options)
 
 
 def _model_defaults(model: DictConfig, source: str) -> DictConfig:
@@ -134,16 +146,23 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
             errors += errs
 
     run = plain.get("run") or {}
-    from lavis.runners.run_config import RunConfig
-
     task_cls = _lookup("task", run.get("task"), "run.task", errors)
-    run_schema = merged_schema("RunSection", RunConfig, *([task_cls.Config] if task_cls is not None else []))
+    # The run section holds the runner's keys (its registered class's Config) and the task's; an unknown
+    # runner is reported, and the section is still checked against the default runner's keys.
+    runner_name = run.get("runner", DEFAULT_RUNNER)
+    runner_cls = _lookup("runner", runner_name, "run.runner", errors) if isinstance(runner_name, str) else None
+    runner_cls = runner_cls or registry.get("runner", DEFAULT_RUNNER)
+    run_schema = merged_schema("RunSection", runner_cls.Config,
+                               *([task_cls.Config] if task_cls is not None else []))
     out["run"], errs = check_mapping(run, run_schema, "run")
     errors += errs
     if isinstance(out["run"], dict):
-        for key, kind in (("runner", "runner"), ("lr_sched", "lr_scheduler")):
-            if isinstance(out["run"].get(key), str):
-                _lookup(kind, out["run"][key], f"run.{key}", errors)
+        if isinstance(out["run"].get("lr_sched"), str):
+            _lookup("lr_scheduler", out["run"]["lr_sched"], "run.lr_sched", errors)
+        # Range and cross-key checks (the runner's and the task's), reported with the schema errors.
+        errors += runner_cls.run_problems(out["run"])
+        if task_cls is not None:
+            errors += task_cls.run_problems(out["run"])
 
     if errors:
         listing = "\n  - ".join(dict.fromkeys(errors))

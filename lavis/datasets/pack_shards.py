@@ -10,13 +10,15 @@ Shard layout (one tar sample per image, written with ``webdataset.TarWriter``)::
 per caption for caption training, one per question for VQA), so a shard split
 reads back to exactly the items of the image split. Each tar is written atomically.
 
-CLI (``python -m lavis.datasets.shards`` runs the same)::
+CLI::
 
     python -m lavis.datasets.pack_shards --builder coco_caption --split train --out DIR \
         [--cfg-path project.yaml] [--options datasets.coco_caption.build_info.images=...] \
         [--samples-per-shard 1000]
 
-prints the shard pattern to put in ``build_info`` (``shards``) with ``data_type: webdataset``.
+prints the shard pattern and the exact ``--options`` that read the split from the shards
+(``data_type: webdataset``); a train split read from shards needs no other file, an eval split only
+its scoring files (ground truth, questions).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 from pathlib import Path
 
 from lavis.common.errors import DataError, UserError
@@ -119,9 +122,25 @@ def main(argv=None) -> int:
     check_image_files(records, f"{args.builder}/{args.split}")
     pattern = pack_records(records, sample_format, args.out, args.prefix or args.split, args.samples_per_shard)
     print(f"packed {len(records)} {sample_format.name} records of {args.builder}/{args.split}")
-    print(f"datasets.{args.builder}.data_type=webdataset; shards of split {args.split}: {pattern}")
     print(pattern)
+    print("read the split from the shards with:")
+    print("  --options " + " ".join(shlex.quote(o) for o in reading_options(builder, args.split, pattern)))
+    if role != "train":
+        print(f"  (an evaluated split is scored with its ground truth: keep datasets.{args.builder}.build_info's "
+              f"scoring files of {args.split} on that node{', derived from shapes.root' if _derived(builder) else ''})")
     return 0
+
+
+def _derived(builder) -> bool:
+    return hasattr(builder, "info_factory")  # the shapes builders derive build_info from shapes.root
+
+
+def reading_options(builder, split: str, pattern: str) -> list[str]:
+    """The ``--options`` that make ``builder`` read ``split`` from the shards at ``pattern``."""
+    key = f"datasets.{builder.name}"
+    caption_style = "shards" in builder.cfg.build_info  # coco_caption: build_info.shards.<split>
+    where = f"{key}.build_info.shards.{split}" if caption_style else f"{key}.build_info.{split}.shards"
+    return [f"{key}.data_type=webdataset", f"{key}.splits=[{split}]", f"{where}={pattern}"]
 
 
 def run_cli(argv=None) -> None:

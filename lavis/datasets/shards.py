@@ -1,8 +1,8 @@
 """Webdataset shards: index them up front and stream them under DDP.
 
-Shards are written by ``lavis.datasets.pack_shards`` (the layout is described there;
-``python -m lavis.datasets.shards`` still runs its CLI, and ``pack_records`` / ``main``
-are importable from here).
+Shards are written by ``python -m lavis.datasets.pack_shards`` (the layout is described there). The
+packer is a tool: readers never import it, so that running it as ``-m`` finds no copy of it already
+imported by ``lavis.datasets``.
 
 Streaming (``ShardDataset``): when the dataset is built the shards are indexed
 (tar headers, and every JSON member parsed and checked -- the up-front check);
@@ -33,11 +33,10 @@ import torch
 
 from lavis.common.errors import DataError
 from lavis.datasets.base import BadSample, SampleFormat, SampleSource, decode_image, describe_record
-from lavis.datasets.pack_shards import group_by_image, main, pack_records
 
 __all__ = [
     "IMAGE_EXTENSIONS", "REQUIRED_FIELDS", "Shard", "ShardDataset", "ShardSample", "current_rank_world",
-    "expand_pattern", "group_by_image", "index_shard", "main", "pack_records", "rank_range",
+    "expand_pattern", "index_shard", "rank_range",
 ]
 
 logger = logging.getLogger(__name__)
@@ -295,9 +294,3 @@ class ShardDataset(SampleSource, torch.utils.data.IterableDataset):
             raise BadSample(f"{where}: the shard is truncated")
         return decode_image(data, where)
 
-
-if __name__ == "__main__":
-    # The packing CLI moved to pack_shards.py; ``python -m lavis.datasets.shards`` still runs it.
-    from lavis.datasets.pack_shards import run_cli
-
-    run_cli()

@@ -263,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True, help="results JSON: [{image_id, caption}]")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                         help=f"comma-separated subset of {','.join(METRIC_KEYS)} (default: all)")
-    parser.add_argument("--all-images", action="store_true", help="score every annotated image")
+    parser.add_argument("--all-images", action="store_true",
+                        help="score every annotated image (the CLI's default; see --allow-partial)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="score the images the results caption even when some are missing")
     parser.add_argument("--per-image", action="store_true", help="add perImage values")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
@@ -272,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
+        from lavis.metrics.coverage import check_coverage
+
+        scored = check_coverage(args.results, args.annotations, "image_id", args.allow_partial)
         metrics = caption_metrics(args.annotations, args.results, metrics=args.metrics,
-                                  all_images=args.all_images, per_image=args.per_image)
+                                  all_images=not args.allow_partial, per_image=args.per_image)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+    print(scored, file=sys.stderr)
     print(json.dumps(metrics))
     return 0
 

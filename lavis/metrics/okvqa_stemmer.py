@@ -10,12 +10,17 @@ match: tokenise with nltk ``word_tokenize``, POS-tag with ``pos_tag``, then per 
 and the tokens are joined with single spaces. The tokenizer splits ``'s`` off before the table is looked
 up, so the table's keys with an apostrophe never match (kept: that is what the original does).
 
-Speed: every distinct string is stemmed once (model answers repeat a lot) and lemmas are cached, which
-gives the same strings as stemming each answer from scratch (benchmarks/okvqa_stemmer.py).
+Speed, with the same strings as stemming each answer from scratch (benchmarks/okvqa_stemmer.py, and the
+tests against the fixture's tokens and tags): every distinct string is stemmed once (model answers repeat a
+lot); POS tags are cached per token sequence and lemmas per word; and a string of plain ASCII words
+separated by spaces, with none of the tokenizer's contraction patterns (``cannot``, ``gonna``, ...), is
+split on spaces instead of running Punkt and the Treebank tokenizer, which give exactly that split for
+such a string (no punctuation, quote or sentence boundary for their rules to act on).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from lavis.metrics.nltk_data import MissingNltkDataError, ensure_nltk_data
@@ -73,12 +78,14 @@ class OKVQAStemmer:
             ) from None
         ensure_nltk_data()
         self._tokenize = nltk.tokenize.word_tokenize
+        self._contractions = _contraction_patterns()
         self._pos_tag = nltk.pos_tag
         self._lemmatize = nltk.stem.WordNetLemmatizer().lemmatize
         self._singularize = inflection.singularize
         self._stems: dict[str, str] = {}
         self._verb_lemmas: dict[str, str] = {}
         self._singulars: dict[str, str] = {}
+        self._tags: dict[tuple[str, ...], list[tuple[str, str]]] = {}
 
     def _token(self, word: str, tag: str) -> str:
         if word in MANUAL_MATCHES:
@@ -95,9 +102,21 @@ class OKVQAStemmer:
             return singular
         return word
 
+    def tokens(self, text: str) -> list[str]:
+        """nltk's ``word_tokenize(text)`` (split on spaces when that is provably the same, see the module)."""
+        if self._contractions is not None and _PLAIN_WORDS.fullmatch(text):
+            padded = f" {text} "
+            if not any(p.search(padded) for p in self._contractions):
+                return text.split()
+        return self._tokenize(text)
+
     def tagged(self, text: str) -> list[tuple[str, str]]:
         """nltk's tokens of ``text`` with their POS tags (what the rules look at)."""
-        return self._pos_tag(self._tokenize(text))
+        tokens = tuple(self.tokens(text))
+        tags = self._tags.get(tokens)
+        if tags is None:
+            tags = self._tags[tokens] = [tuple(t) for t in self._pos_tag(list(tokens))]
+        return tags
 
     def stem(self, text: str) -> str:
         """The stemmed form of one answer."""
@@ -109,6 +128,19 @@ class OKVQAStemmer:
     def stem_many(self, texts: Iterable[str]) -> list[str]:
         """``[stem(t) for t in texts]``, each distinct string stemmed once."""
         return [self.stem(text) for text in texts]
+
+
+_PLAIN_WORDS = re.compile(r" *[A-Za-z]+(?: +[A-Za-z]+)* *")
+
+
+def _contraction_patterns():
+    """The word tokenizer's contraction regexes (``cannot`` -> ``can not``), or None if this nltk has none."""
+    try:
+        from nltk.tokenize.destructive import NLTKWordTokenizer
+    except ImportError:
+        return None
+    patterns = list(getattr(NLTKWordTokenizer, "CONTRACTIONS2", [])) + list(getattr(NLTKWordTokenizer, "CONTRACTIONS3", []))
+    return patterns or None
 
 
 _STEMMER: OKVQAStemmer | None = None

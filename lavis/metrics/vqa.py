@@ -340,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--always-normalize", action="store_true",
                         help="normalise even when all GT answers are identical (not official)")
     parser.add_argument("--all-questions", action="store_true",
-                        help="require results for every annotated question (official loadRes)")
+                        help="require results for every annotated question (official loadRes; the CLI's default)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="score the questions the results answer even when some are missing")
     parser.add_argument("--postprocess", choices=["none", "openflamingo_v2"], default="none",
                         help="turn raw generations into answers first (openflamingo_v2: cut at Question/Answer/"
                              "Short, then at ', '); also makes openflamingo_v2 the default --metric")
@@ -352,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     metric = args.metric or ("openflamingo_v2" if args.postprocess == "openflamingo_v2" else "official")
     try:
+        from lavis.metrics.coverage import check_coverage
+
+        scored = check_coverage(args.results, args.annotations, "question_id", args.allow_partial)
         results: Any = args.results
         if args.postprocess != "none" or args.stemmer != "none":
             from lavis.metrics.postprocess import postprocess_results
@@ -367,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(scored, file=sys.stderr)
     print(json.dumps(metrics))
     return 0
 

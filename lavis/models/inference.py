@@ -57,7 +57,11 @@ class InferenceMixin:
 
     def _items(self, images: Sequence, texts: Sequence[str] | None, demos, kind: str) -> list[dict]:
         demo_items = []
+        width = 2 if kind == "caption" else 3
         for i, demo in enumerate(demos or []):
+            if not isinstance(demo, (tuple, list)) or len(demo) != width:
+                shape = "(image, caption)" if kind == "caption" else "(image, question, answer)"
+                raise DataError(f"demos[{i}]: expected a {shape} tuple, got {demo!r:.80}")
             image, *fields = demo
             item = {"image": self._pixels(image, f"demo {i}"), "image_id": -1 - i}
             if kind == "caption":

@@ -79,6 +79,19 @@ def _peft(directory: Path) -> TrainedCheckpoint:
     return TrainedCheckpoint("peft", directory, model_cfg)
 
 
+def _peek(path: Path) -> dict:
+    """The checkpoint's dict, memory-mapped where possible: it is only classified here, and loaded later."""
+    from lavis.runners.checkpoint import load_checkpoint
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip file, or refused: the full loader gives the precise message
+        return load_checkpoint(path)
+    if not isinstance(state, dict):
+        return load_checkpoint(path)
+    return state
+
+
 def _training(path: Path, state: dict) -> TrainedCheckpoint:
     config = state.get("config") or _run_config(path)
     if not config or not config.get("model"):
@@ -108,7 +121,7 @@ def resolve_checkpoint(path: str | Path) -> TrainedCheckpoint:
             raise CheckpointError(
                 f"{path}: a directory that is neither a run directory (checkpoints/) nor a peft adapter "
                 f"({PEFT_CONFIG})")
-    state = load_checkpoint(path)
+    state = _peek(path)
     if isinstance(state.get("model"), dict):
         return _training(path, state)
     flat = state.get("model_state_dict", state)
@@ -189,6 +202,21 @@ def _load_peft_dir(model: torch.nn.Module, directory: Path) -> None:
                 if name not in params or params[name].shape != value.shape:
                     raise CheckpointError(f"{extra}: {name} does not fit the model")
                 params[name].copy_(value)
+
+
+def checkpoint_fingerprint(checkpoint: TrainedCheckpoint | str | Path) -> str:
+    """sha256 of the checkpoint's bytes: the file's, or every file of a folder (peft, sharded) in name order."""
+    import hashlib
+
+    path = checkpoint.path if isinstance(checkpoint, TrainedCheckpoint) else Path(checkpoint)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def model_label(cfg, checkpoint: TrainedCheckpoint | str | Path | None) -> str:

@@ -47,7 +47,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     images, texts = Thumbnails(), TextTable()
     galleries = build_galleries(runs, images, texts)
     title = f"{run.name}" + (f" vs {other.name}" if other else "")
-    sections = [header(run, status)]
+    sections = [header(run, status, other)]
     if run.train_records:
         sections.append(f'<section id="training"><h2>Training curves</h2>'
                         f'{plot_img(figures["training_curves"], "training curves", "plot-training")}</section>')

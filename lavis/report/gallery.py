@@ -26,8 +26,10 @@ MAX_DEMO_IMAGES = 2000
 # Per-sample fields shown as filters when the samples have them.
 FILTER_KEYS = ("answer_type", "question_type")
 # Sample fields that are not scores even when numeric.
-NOT_SCORES = {*LMMS_FIELDS, "image", "demo_ids", "demo_images", "image_id", "question_id", "demos_text_only"}
-SCORE_PREFERENCE = ("vqa_accuracy", "CIDEr", "accuracy", "exact_match")
+NOT_SCORES = {*LMMS_FIELDS, "image", "demo_ids", "demo_images", "image_id", "question_id", "demos_text_only", "id",
+              "label"}
+# The score a gallery sorts by when the run's agg metric is not a per-sample key (classification: correct).
+SCORE_PREFERENCE = ("vqa_accuracy", "CIDEr", "accuracy", "correct", "top1_correct", "exact_match")
 
 
 class Thumbnails:

@@ -12,10 +12,13 @@ from typing import Any
 from lavis.report.plots import best_point, eval_series, fewshot_rows
 from lavis.report.run_data import RunData
 
-_CONFIG_RUN_KEYS = ("task", "max_epoch", "max_steps", "batch_size_train", "accum_grad_iters", "init_lr", "lr_sched",
-                    "weight_decay", "amp", "train_max_shots", "valid_splits", "test_splits", "num_shots",
-                    "num_trials", "trial_seeds", "num_samples", "demo_split", "demo_method", "num_beams",
-                    "max_new_tokens", "length_penalty", "metrics", "agg_metric", "seed")
+# The run keys the header shows, by kind of run (the others keep their defaults and would only add noise).
+_TRAIN_KEYS = ("task", "max_epoch", "max_steps", "batch_size_train", "accum_grad_iters", "init_lr", "lr_sched",
+               "weight_decay", "amp", "train_max_shots", "valid_splits", "test_splits", "metrics", "agg_metric",
+               "best_metric", "seed")
+_FEWSHOT_KEYS = ("task", "amp", "test_splits", "num_shots", "num_trials", "trial_seeds", "num_samples", "demo_split",
+                 "demo_method", "zero_shot_text_demos", "num_beams", "max_new_tokens", "length_penalty", "metrics",
+                 "agg_metric", "reference_results")
 
 
 def _asset(name: str) -> str:
@@ -77,8 +80,9 @@ def status(run: RunData, given: str | None) -> str:
     return f"last logged step {max(steps)}" if steps else "unknown"
 
 
-def header(run: RunData, given_status: str | None) -> str:
-    """The run, model, checkpoint and config summary, and the provenance of run_info.json."""
+def header(run: RunData, given_status: str | None, other: RunData | None = None) -> str:
+    """The run, model, checkpoint and config summary, and the provenance of run_info.json (of ``run``;
+    ``other``, the compared run, is named with its checkpoint)."""
     cfg = run.config
     model = cfg.get("model") or {}
     run_cfg = cfg.get("run") or {}
@@ -88,20 +92,23 @@ def header(run: RunData, given_status: str | None) -> str:
         adapter = f"{adapter} (r={adapters.get('r')})" if adapters.get("r") is not None else adapter
     trainable = model.get("trainable") or {}
     checkpoint = (run.fewshot_table or {}).get("model") or run_cfg.get("resume_ckpt_path")
-    best = next((run.run_dir / "checkpoints" / n for n in ("best.pt",) if (run.run_dir / "checkpoints" / n).is_file()),
-                None)
+    best = run.run_dir / "checkpoints" / "best.pt"
     summary = [
         ("run", run.name), ("directory", run.run_dir), ("kind", kind(run)), ("status", status(run, given_status)),
         ("wall time", _duration(run.wall_time_s)),
         ("model", f"{model.get('arch', '?')} / {model.get('model_type', '?')}" if model else None),
         ("adapters", adapter), ("trainable", ", ".join(k for k, v in trainable.items() if v) or None),
-        ("checkpoint", checkpoint), ("best checkpoint", best),
+        ("checkpoint", checkpoint), ("best checkpoint", best if best.is_file() else None),
         ("datasets", ", ".join(
             f"{name} ({', '.join(sec.get('splits') or []) or 'default splits'})" if isinstance(sec, dict) else name
             for name, sec in (cfg.get("datasets") or {}).items()) or None),
     ]
+    if other is not None:
+        summary.append(("compared with", f"{other.name} ({other.run_dir}), checkpoint "
+                                         f"{(other.fewshot_table or {}).get('model', '?')}"))
+    keys = _FEWSHOT_KEYS if kind(run) == "few-shot evaluation" else _TRAIN_KEYS
     config = [(k, " ".join(map(str, run_cfg[k])) if isinstance(run_cfg.get(k), list) else run_cfg.get(k))
-              for k in _CONFIG_RUN_KEYS if k in run_cfg]
+              for k in keys if k in run_cfg]
     if run.run_info is None:
         provenance = '<p class="muted">run_info.json not found (runs made before it existed have none).</p>'
     else:

@@ -29,12 +29,17 @@
 
   function option(select, value, label) { select.appendChild(el("option", { value: value, text: label })); }
 
-  function targetText(target) {
-    // Ten VQA answers read better as "yes ×7, no ×3".
+  function targetCell(target) {
+    // Distinct references one per line; ten VQA answers read better as "yes ×7, no ×3".
     const counts = new Map();
     for (const t of target) counts.set(t, (counts.get(t) || 0) + 1);
-    if (counts.size === target.length) return target.join(" | ");
-    return [...counts.entries()].sort((a, b) => b[1] - a[1]).map(([t, n]) => n > 1 ? `${t} ×${n}` : t).join(", ");
+    const cell = el("td", { cls: "target" });
+    if (counts.size === target.length) {
+      for (const t of target) cell.appendChild(el("div", { cls: "ref", text: t }));
+    } else {
+      cell.textContent = [...counts.entries()].sort((a, b) => b[1] - a[1]).map(([t, n]) => n > 1 ? `${t} ×${n}` : t).join(", ");
+    }
+    return cell;
   }
 
   function compareRows() {
@@ -107,7 +112,7 @@
                      [`score: ${g.score_key || "none"}`, "score"]];
     if (other) {
       const b = galleries[state.compare];
-      headers.push([`prediction (${b.run} ${b.title})`, null], ["score B", null], ["Δ (B − A)", "delta"]);
+      headers.push([`prediction (${b.run})`, null], [`score (${b.run})`, null], [`Δ (${b.run} − ${g.run})`, "delta"]);
     }
     const tr = el("tr");
     for (const [label, key] of headers) {
@@ -136,7 +141,7 @@
       if (row.scores) scoreCell.title = Object.entries(row.scores).map(([k, v]) => `${k}: ${fmt(v)}`).join("\n");
       const cells = [el("td", { cls: "id", text: String(row.id) }), el("td", {}, [image(row.img, "query-img")]),
                      demoCell(row), queryCell, predictionCell(row, "prediction"),
-                     el("td", { cls: "target", text: targetText(row.target) }), scoreCell];
+                     targetCell(row.target), scoreCell];
       if (other) {
         const b = other.get(String(row.id));
         cells.push(predictionCell(b, "prediction-b"), el("td", { cls: "score-b", text: fmt(b.score) }),

@@ -112,6 +112,12 @@ class TrainStream:
         sampler.set_epoch(epoch)
         return sampler
 
+    def _loader_options(self) -> dict:
+        # Workers (when asked for) live for the whole run and keep batches queued ahead of the step.
+        if self.num_workers == 0:
+            return {"num_workers": 0, "pin_memory": self.pin_memory}
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory, "prefetch_factor": 4}
+
     def _open_epoch(self) -> None:
         generator = torch.Generator()
         generator.manual_seed(self.seed * 1_000_003 + self.data_epoch * 1009 + self.rank)
@@ -123,10 +129,9 @@ class TrainStream:
             batch_size=self.batch_size,
             sampler=SkipSampler(self._sampler(self.data_epoch), self.position * self.batch_size),
             collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
             drop_last=True,
             generator=generator,
+            **self._loader_options(),
         )
         self._iter = iter(loader)
 
@@ -138,10 +143,9 @@ class TrainStream:
             self.dataset,
             batch_size=self.batch_size,
             collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
             drop_last=True,
             generator=generator,
+            **self._loader_options(),
         )
         return itertools.islice(iter(loader), self.position, None)
 

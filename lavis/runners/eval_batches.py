@@ -97,6 +97,11 @@ def predict_records(task, model, dataset, device, precision, batch_size: int, ke
             with precision.autocast():
                 records.extend(sample_log.annotate(task.valid_step(model, move_to_device(batch, device)), batch, key))
         return records
+    from torch.distributed.fsdp import FSDPModule
+
+    # Under run.strategy=fsdp encoding is a collective (the perceiver's shards are gathered): a cache hit on
+    # one rank and a miss on another would leave the ranks in different collectives. No cache there.
+    cache = cache and not isinstance(model, FSDPModule)
     scope = media_cache_enabled(model, shared_media_cache(model)) if cache else contextlib.nullcontext()
     placed: dict[int, dict] = {}
     with scope:

@@ -34,6 +34,7 @@ _BOOKKEEPING_KEYS = ("output_dir", "run_name", "num_shots", "num_trials", "trial
                      "num_workers", "dist_timeout_s", "resume_ckpt_path", "rices_cache_dir", "evaluate", "device")
 
 
+
 class EvaluationInterrupted(Exception):
     """SIGTERM: the finished batches are in the cache; re-running the same command continues."""
 
@@ -41,15 +42,6 @@ class EvaluationInterrupted(Exception):
 def sha256_json(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj``."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (streamed)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def task_config(cfg) -> dict:

@@ -41,6 +41,8 @@ def bootstrap_stderr(samples: list[dict]) -> tuple[str, float] | None:
     of the corpus CIDEr).
     """
     rng = np.random.default_rng(BOOTSTRAP_SEED)
+    # In sample-id order: the file's order depends on how the ranks split the data, the estimate must not.
+    samples = sorted(samples, key=lambda s: (type(s.get("doc_id")).__name__, s.get("doc_id")))
     n = len(samples)
     if n < 2:
         return None

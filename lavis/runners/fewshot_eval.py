@@ -29,7 +29,7 @@ from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
-from lavis.models.trained import TrainedCheckpoint, load_trained_weights, model_label
+from lavis.models.trained import checkpoint_fingerprint, load_trained_weights, model_label
 from lavis.report import report_after_run
 from lavis.runners import eval_cache
 from lavis.runners.eval_results import build_results, cell_summary
@@ -132,19 +132,7 @@ def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label
                  feature_name=model_label)
 
 
-def _checkpoint_fingerprint(checkpoint) -> str | None:
-    """sha256 of the checkpoint's file, or of every file of a checkpoint directory (peft adapter, shards)."""
-    if not checkpoint:
-        return None
-    path = Path(checkpoint.path if isinstance(checkpoint, TrainedCheckpoint) else checkpoint)
-    if path.is_file():
-        return eval_cache.file_sha256(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return eval_cache.sha256_json([[str(p.relative_to(path)), eval_cache.file_sha256(p)] for p in files])
-
-
-def run_fewshot_evaluation(cfg, task, model, datasets,
-                           checkpoint: TrainedCheckpoint | str | None = None) -> dict | None:
+def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=None) -> dict | None:
     """Evaluate every configured split, shot count and trial; write and print the table and results.json.
 
     Returns the table, or None when SIGTERM stopped the evaluation (finished work is in the cache).
@@ -153,12 +141,7 @@ def run_fewshot_evaluation(cfg, task, model, datasets,
     splits = check_run(run, datasets)
     info = dist.init_distributed(run.device, run.dist_timeout_s)
     precision = resolve_precision(run.amp, info.device)
-    fingerprints = {
-        "model_fingerprint": eval_cache.sha256_json(_plain_config(cfg.model)),
-        "checkpoint_fingerprint": _checkpoint_fingerprint(checkpoint),
-    }
-    fingerprint = eval_cache.evaluation_fingerprint(fingerprints["model_fingerprint"],
-                                                    fingerprints["checkpoint_fingerprint"], cfg)
+    fingerprints, fingerprint = evaluation_fingerprints(cfg, checkpoint)
     paths = evaluation_run_dir(run, cfg, fingerprint)
     setup_logging(info.rank, paths.log)
     if checkpoint:
@@ -190,6 +173,16 @@ def run_fewshot_evaluation(cfg, task, model, datasets,
     return table
 
 
+def evaluation_fingerprints(cfg, checkpoint) -> tuple[dict, str]:
+    """({model_fingerprint, checkpoint_fingerprint}, the evaluation's fingerprint) keying its response cache."""
+    fingerprints = {
+        "model_fingerprint": eval_cache.sha256_json(_plain_config(cfg.model)),
+        "checkpoint_fingerprint": checkpoint_fingerprint(checkpoint) if checkpoint else None,
+    }
+    return fingerprints, eval_cache.evaluation_fingerprint(fingerprints["model_fingerprint"],
+                                                           fingerprints["checkpoint_fingerprint"], cfg)
+
+
 def _plain_config(section) -> dict:
     from omegaconf import OmegaConf
 
@@ -216,6 +209,7 @@ def evaluation_run_dir(run, cfg, fingerprint: str) -> RunPaths:
                     "(its response cache fingerprint differs); choose another run.run_name")}
             else:
                 outcome = {"run_dir": str(run_dir)}
+                (run_dir / "FAILED").unlink(missing_ok=True)  # a crashed attempt, continued now
     outcome = dist.broadcast_object(outcome)
     if outcome and "error" in outcome:
         raise outcome["error"]

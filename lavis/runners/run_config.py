@@ -8,6 +8,7 @@ above each field is its documentation. It also holds the start-up checks of run 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from lavis.common.errors import ConfigError
@@ -157,21 +158,72 @@ class RunConfig:
     dist_timeout_s: int = 1800
 
 
-def check_run_values(run) -> None:
-    """Range checks the schema cannot express (all problems in one ConfigError)."""
+def _number(run, key):
+    """The value of ``run.key`` when it is a number (a wrongly typed value is the schema's error, not ours)."""
+    value = run.get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def run_problems(run) -> list[str]:
+    """Range and cross-key checks of the runner's keys the schema cannot express, one message per problem.
+
+    ``run`` is the run section (a dict or DictConfig, defaults filled); called by the config loader
+    (with the schema errors) and by the runner (for configs built in code).
+    """
     problems = []
-    for key in ("accum_grad_iters", "log_freq", "val_freq", "batch_size_train", "batch_size_eval", "keep_last"):
-        if int(run[key]) < 1:
-            problems.append(f"run.{key}: must be >= 1, got {run[key]}")
-    for key in ("save_freq_steps", "num_workers"):
-        if int(run[key]) < 0:
-            problems.append(f"run.{key}: must be >= 0, got {run[key]}")
-    if run.max_steps is not None and run.max_steps < 1:
-        problems.append(f"run.max_steps: must be >= 1 or null, got {run.max_steps}")
-    if run.best_split is not None and run.best_split not in run.valid_splits:
-        problems.append(f"run.best_split: {run.best_split!r} is not one of run.valid_splits {list(run.valid_splits)}")
+
+    def at_least(key: str, low, optional: bool = False) -> None:
+        value = _number(run, key)
+        if value is not None and value < low:
+            problems.append(f"run.{key}: must be >= {low}{' or null' if optional else ''}, got {value}")
+
+    for key in ("accum_grad_iters", "log_freq", "val_freq", "batch_size_train", "batch_size_eval", "keep_last",
+                "dist_timeout_s"):
+        at_least(key, 1)
+    for key in ("save_freq_steps", "num_workers", "warmup_steps", "init_lr", "min_lr", "warmup_lr",
+                "weight_decay", "max_grad_norm"):
+        at_least(key, 0)
+    for key in ("max_steps", "max_iters", "iters_per_inner_epoch", "lr_decay_steps"):
+        at_least(key, 1, optional=True)
+    if not run.get("evaluate") and run.get("runner", "runner_base") == "runner_base":
+        at_least("max_epoch", 1)
+    init_lr, min_lr = _number(run, "init_lr"), _number(run, "min_lr")
+    if init_lr is not None and min_lr is not None and 0 <= init_lr < min_lr:
+        problems.append(f"run.min_lr: must be <= run.init_lr ({init_lr}), got {min_lr}")
+    for key in ("beta1", "beta2"):
+        value = _number(run, key)
+        if value is not None and not 0 <= value < 1:
+            problems.append(f"run.{key}: must be in [0, 1), got {value}")
+    eps, decay = _number(run, "eps"), _number(run, "lr_decay_rate")
+    if eps is not None and eps <= 0:
+        problems.append(f"run.eps: must be > 0, got {eps}")
+    if decay is not None and decay <= 0:
+        problems.append(f"run.lr_decay_rate: must be > 0, got {decay}")
+    warmup, max_iters = _number(run, "warmup_steps"), _number(run, "max_iters")
+    if run.get("runner") == "runner_iter" and warmup is not None and max_iters is not None and warmup > max_iters:
+        problems.append(f"run.warmup_steps: {warmup} is longer than the run (run.max_iters={max_iters})")
+    valid = list(run.get("valid_splits") or [])
+    best_split = run.get("best_split")
+    if best_split is not None and best_split not in valid:
+        problems.append(f"run.best_split: {best_split!r} is not one of run.valid_splits {valid}")
+    output_dir = run.get("output_dir")
+    if isinstance(output_dir, str) and Path(output_dir).expanduser().exists() and not Path(output_dir).expanduser().is_dir():
+        problems.append(f"run.output_dir: {output_dir} exists and is not a directory")
+    return problems
+
+
+def check_run_values(run) -> None:
+    """``run_problems`` as one ConfigError (a config built in code skips the loader's checks)."""
+    problems = run_problems(run)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def check_warmup(run, total_steps: int) -> None:
+    """``run.warmup_steps`` within the run, once its length in steps is known (before the first step)."""
+    if int(run.warmup_steps) > total_steps:
+        raise ConfigError(f"run.warmup_steps: {run.warmup_steps} is longer than the run ({total_steps} optimizer "
+                          f"steps); lower it")
 
 
 def available_splits(datasets: dict) -> list[str]:

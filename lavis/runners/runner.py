@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import signal
 import threading
+import time
 
 import torch
 
@@ -21,13 +22,23 @@ from lavis.common.errors import CheckpointError, ConfigError
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, progress_bar, setup_logging
 from lavis.common.registry import registry
 from lavis.runners import checkpoint as ckpt
+from lavis.runners import provenance
 from lavis.runners import sharded_checkpoint as sharded
 from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
 from lavis.runners.evaluation import evaluate_split, move_to_device
 from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
-from lavis.runners.run_config import available_splits, check_run_values, check_splits, resolve_best_dataset
+from lavis.runners.progress import Progress, bar_postfix, train_line
+from lavis.runners.run_config import (
+    RunConfig,
+    available_splits,
+    check_run_values,
+    check_splits,
+    check_warmup,
+    resolve_best_dataset,
+    run_problems,
+)
 from lavis.runners.run_dir import prepare_run_dir
 from lavis.runners.sample_log import samples_filename, step_tag
 from lavis.runners.strategy import build_strategy
@@ -39,6 +50,14 @@ log = get_logger()
 @registry.register_runner("runner_base")
 class RunnerBase:
     """Epoch-based runner; see the module docstring. Build it with ``(cfg, task, model, datasets)``."""
+
+    #: The runner's keys of the ``run`` section (validated by the config loader, with the task's).
+    Config = RunConfig
+
+    @classmethod
+    def run_problems(cls, run) -> list[str]:
+        """Range and cross-key checks of the runner's keys (the loader reports them with the schema errors)."""
+        return run_problems(run)
 
     def __init__(self, cfg, task, model, datasets: dict):
         self.cfg = cfg
@@ -55,6 +74,11 @@ class RunnerBase:
         ckpt.set_seed(run.seed + self.info.rank)
         self.model = self.strategy.place(model)
         self.paths = prepare_run_dir(run, cfg)
+        # A checkpoint to resume is read and checked against the config now, before anything is logged
+        # into its run directory; its weights and optimizer state are loaded once they are built.
+        self._resume_state = None
+        if self.paths.resume_from is not None and not run.evaluate:
+            self._resume_state = self._read_resume_state(self.paths.resume_from)
         setup_logging(self.info.rank, self.paths.log if self.info.is_main else None)
         self.metrics = MetricsLog(
             self.paths.metrics,
@@ -72,6 +96,9 @@ class RunnerBase:
         self._closed = False
         log.info("run directory: %s (%d process(es), %s, %s)", self.paths.run_dir, self.info.world_size,
                  self.info.device, run.amp)
+        self._started = time.time()
+        self.progress = Progress(self.info.device)
+        provenance.start_invocation(self.paths, cfg, self.info, self.model)  # run_info.json, config history
 
     # --- planning ---------------------------------------------------------------------------------------
 
@@ -107,6 +134,7 @@ class RunnerBase:
         )
         self.stream = stream
         self.steps_per_period, self.total_steps = self.plan(stream)
+        check_warmup(run, self.total_steps)
         # Wrapped first: FSDP replaces the parameters by their shards, which the optimizer must hold.
         self.train_model = self._wrap_ddp(self.model)
         self.optimizer = build_optimizer(self.model, run)
@@ -130,12 +158,16 @@ class RunnerBase:
                 summary["test"] = self._final_test()
         except BaseException:
             self._failed = True  # close() then leaves the process group without waiting for the peers
+            provenance.finish_invocation(self.paths, self.info, "failed")
             raise
         finally:
             self.metrics.close()
         # Only lines the ranks up: the clean exit is close() (barrier, then destroy the process group),
         # which train.py calls in a finally; a process that exits without it may still cut a peer's receive.
         dist.barrier()
+        summary["summary"] = provenance.end_of_run_summary(self, status, self._started)
+        provenance.finish_invocation(self.paths, self.info, status, summary["summary"])
+        log.info("%s", provenance.format_summary(summary["summary"]))
         return summary
 
     def evaluate(self, split: str, step: int | None = None, epoch: int | None = None) -> dict:
@@ -147,6 +179,7 @@ class RunnerBase:
                 continue
             found = True
             at_step = self.global_step if step is None else step
+            since = time.time()
             metrics = evaluate_split(
                 task=self.task, model=self.model, dataset=by_split[split], dataset_name=name, split=split,
                 info=self.info, precision=self.precision, batch_size=self.run_cfg.batch_size_eval,
@@ -159,6 +192,8 @@ class RunnerBase:
             if self.schedule is not None:
                 record["lr"] = self.schedule.base_lr(max(0, self.global_step - 1))
             self.metrics.write({**record, **metrics})
+            if self.info.is_main:  # one results file per evaluation, beside the latest
+                provenance.keep_results(self.paths.results, since, split, epoch, at_step)
             log.info("eval %s.%s at step %s: %s", name, split, record["step"], format_metrics(metrics))
         if not found:
             raise ConfigError(f"no dataset has the split {split!r}; available: {available_splits(self.datasets)}")
@@ -193,7 +228,9 @@ class RunnerBase:
                     status = "max_steps"
                     break
                 period = self.global_step // self.steps_per_period
-                loss, grad_norm, lr = self._optimizer_step(self.stream.next_step())
+                micro_batches = self.stream.next_step()
+                self.progress.count(micro_batches)
+                loss, grad_norm, lr = self._optimizer_step(micro_batches)
                 self.global_step += 1
                 bar.update(1)
                 if self.global_step % run.log_freq == 0:
@@ -283,10 +320,11 @@ class RunnerBase:
         skipped = [d.num_skipped for d in leaf_datasets(self.stream.dataset) if hasattr(d, "num_skipped")]
         if skipped:  # every rank holds the same datasets, so every rank joins this collective or none does
             record["data/num_skipped"] = dist.sum_over_ranks(sum(skipped))
-        self.metrics.write(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if not self.run_cfg.progress_bar:
-            log.info("epoch %d step %d: loss %.4f lr %.3e", period, self.global_step, loss, lr)
+        figures = self.progress.report(self.global_step, self.total_steps)
+        self.metrics.write({**record, **figures})
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **bar_postfix(figures))
+        # Always in log.txt; on the console only without the bar (which shows the same figures).
+        log.info("%s", train_line(record, figures), extra={"file_only": self.run_cfg.progress_bar})
 
     def _end_of_period(self, period: int) -> None:
         run = self.run_cfg
@@ -348,16 +386,23 @@ class RunnerBase:
             model_state=self.model.training_state(), model=model, optimizer=optimizer,
         )
 
-    def _resume(self, path) -> None:
-        sharded_dir = path.is_dir()
-        if sharded_dir:  # sharded: weights and optimizer are loaded (and re-sharded) here
+    def _read_resume_state(self, path) -> TrainState:
+        """The TrainState of the checkpoint to resume (a sharded one: its train-state file), checked against the config."""
+        if path.is_dir():
             if not self.strategy.sharded_checkpoints:
                 raise CheckpointError(f"{path}: a sharded checkpoint (written with run.strategy=fsdp); resume it "
-                                      "with run.strategy=fsdp (evaluation and export read it under any strategy)")
-            state = TrainState().load_state_dict(sharded.load(path, self.model, self.optimizer), path, sharded=True)
+                                      f"with run.strategy=fsdp, or convert it with lavis.export --format single")
+            state = TrainState().load_state_dict(ckpt.load_checkpoint(path / sharded.TRAIN_STATE), path, sharded=True)
         else:
             state = TrainState().load_state_dict(ckpt.load_checkpoint(path), path)
         state.check_resumable(self.cfg, self.PLAN_KEYS, path)
+        return state
+
+    def _resume(self, path) -> None:
+        state = self._resume_state
+        sharded_dir = path.is_dir()
+        if sharded_dir:  # the weights and optimizer state are loaded (and re-sharded) from the shards here
+            sharded.load(path, self.model, self.optimizer)
         if state.model is not None:
             self.strategy.load_trainable_state_dict(self.model, state.model, str(path))
         try:
@@ -382,6 +427,7 @@ class RunnerBase:
                         "differ from the original run%s", path, state.world_size, self.info.world_size,
                         "; the sharded weights and optimizer state were re-sharded" if sharded_dir else "")
         log.info("resumed from %s at step %d", path, self.global_step)
+        self._resume_state = None  # the weights and optimizer state it held now live in the model and optimizer
 
     # --- final / evaluation-only -----------------------------------------------------------------------
 

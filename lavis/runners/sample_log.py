@@ -272,7 +272,8 @@ def _pool_files(dataset) -> tuple[list | None, list | None]:
 
 def build_samples(records: list[dict], key: str, per_sample: dict, dataset, prediction_keys=("caption", "answer")
                   ) -> list[dict]:
-    """lmms-eval records of one evaluated split from its (de-duplicated, annotated) task records.
+    """lmms-eval records of one evaluated split from its (de-duplicated, annotated) task records, in the
+    order of ``dataset.sample_ids()``.
 
     ``per_sample``: ``task.evaluate``'s :data:`SAMPLES_KEY` (``target``, ``filtered_resps`` and scores by
     sample id); a record's ``resps`` is its raw generation. Without ``filtered_resps`` from the task, the
@@ -280,6 +281,9 @@ def build_samples(records: list[dict], key: str, per_sample: dict, dataset, pred
     """
     _, image_by_id, _ = _image_files(dataset)
     pool_files, pool_ids = _pool_files(dataset)
+    # The split's own order, whatever the number of ranks the records were gathered from.
+    order = {sample_id: i for i, sample_id in enumerate(dataset.sample_ids())} if hasattr(dataset, "sample_ids") else {}
+    records = sorted(records, key=lambda r: order.get(r[key], len(order)))
     samples = []
     for record in records:
         sample_id = record[key]

@@ -151,13 +151,18 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 def consolidate(sharded_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
     """Write a single-file checkpoint (``<sharded_dir>-consolidated.pt`` by default) from a sharded one; its path.
 
-    It holds the full trainable weights under ``model`` and the training state of ``train_state.pt``
-    (config, step, best, ...), but no optimizer state: it serves evaluation and every export format;
-    resume training from the directory itself.
+    A weights file like ``best.pt``: the full trainable weights, the run's config, the step and the best
+    metric, no optimizer state. It serves evaluation and every export format; training resumes from the
+    directory itself.
     """
+    from lavis.runners.train_state import weights_state
+
     sharded_dir = Path(sharded_dir)
+    if not is_sharded_checkpoint(sharded_dir):
+        raise CheckpointError(f"{sharded_dir}: not a complete sharded checkpoint (no {_METADATA} or {TRAIN_STATE})")
     out = Path(out_path) if out_path is not None else sharded_dir.with_name(sharded_dir.name + "-consolidated.pt")
-    train_state = ckpt.load_checkpoint(sharded_dir / TRAIN_STATE) if is_sharded_checkpoint(sharded_dir) else {}
-    weights = load_full_tensors(sharded_dir)
-    keep = {k: v for k, v in train_state.items() if k not in ("rng", "scaler", "sharded")}
-    return ckpt.save_checkpoint(out, {**keep, "format_version": ckpt.FORMAT_VERSION, "model": weights})
+    train_state = ckpt.load_checkpoint(sharded_dir / TRAIN_STATE)
+    step = int(train_state["progress"]["global_step"])
+    state = weights_state(load_full_tensors(sharded_dir), train_state.get("config") or {}, step,
+                          dict(train_state.get("best") or {}))
+    return ckpt.save_checkpoint(out, state)

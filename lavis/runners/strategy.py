@@ -107,28 +107,45 @@ class FSDPStrategy(TrainingStrategy):
         # Training: the model stays where it was built; fully_shard moves each unit to the device as it shards
         # it, so the device never holds more than one unit in full (full fine-tuning of a 9B model would not
         # fit a V100 whole). Evaluation-only runs are not sharded (see the README).
+        self._check(model)  # at start-up, before any work
         return model.to(self.info.device) if self.run.evaluate else model
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
+    def _check(self, model: nn.Module) -> None:
         from lavis.models.quantization import is_quantized
 
         if hasattr(model, "lang_encoder") and is_quantized(model.lang_encoder):
             raise ConfigError("run.strategy=fsdp cannot shard a bitsandbytes-quantised language model; use "
                               "run.strategy=ddp (a 4/8-bit frozen LM with LoRA fits one GPU) or model.quantization=null")
+        stored = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if self.precision.dtype is None and len(stored) > 1:
+            raise ConfigError(
+                f"run.strategy=fsdp with run.amp=fp32: the model stores parameters in {sorted(map(str, stored))}; "
+                "FSDP gathers a unit in one dtype, so use run.amp=bf16 (or fp16 on CUDA) with a half-precision "
+                "model.frozen_dtype, or model.frozen_dtype=float32")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        self._check(model)
         _ensure_process_group(self.info)
         mesh = init_device_mesh(self.info.device.type, (self.info.world_size,))
         mp_policy = self._mp_policy(model)
         # As DDP does: every rank starts from rank 0's trainable weights (randomly initialised adapters and
         # Flamingo parts may differ between processes); frozen weights are loaded identically everywhere.
+        # The model is still where it was built (see place); nccl broadcasts from the device, one tensor at a time.
         if self.info.world_size > 1:
             for p in (p for p in model.parameters() if p.requires_grad):
-                tdist.broadcast(p.data, src=0)
+                on_device = p.data.to(self.info.device)
+                tdist.broadcast(on_device, src=0)
+                if on_device is not p.data:
+                    p.data.copy_(on_device)
         # AdaLoRA masks and scores its ranks on whole tensors (peft's update_and_allocate), which shards
         # would break; these small tensors stay whole on every rank and their gradients are all-reduced.
+        # fully_shard moves what it manages to the device; these it leaves alone, so they are moved here.
         self.replicated = replicated_parameters(model)
+        for p in self.replicated:
+            p.data = p.data.to(self.info.device)
         ignored = set(self.replicated) or None
         units = shard_units(model, self.run.fsdp_shard_vision)
         reshard = bool(self.run.fsdp_reshard_after_forward)
@@ -155,12 +172,6 @@ class FSDPStrategy(TrainingStrategy):
 
         dtype = self.precision.dtype
         if dtype is None:
-            stored = {p.dtype for p in model.parameters() if p.is_floating_point()}
-            if len(stored) > 1:
-                raise ConfigError(
-                    f"run.strategy=fsdp with run.amp=fp32: the model stores parameters in {sorted(map(str, stored))}; "
-                    "FSDP gathers a unit in one dtype, so use run.amp=bf16 (or fp16 on CUDA) with a half-precision "
-                    "model.frozen_dtype, or model.frozen_dtype=float32")
             return MixedPrecisionPolicy()
         # Compute in the autocast dtype; gradients are reduced in float32 and the optimizer updates the
         # float32 shards (master weights).

@@ -74,9 +74,35 @@ class BaseTask:
         self.cfg = cfg
         self.run_cfg = cfg.run
 
-    def metric_names(self) -> list[str]:
-        """Names of the metrics ``evaluate`` returns (``run.best_metric`` must be one; checked at start-up)."""
+    @classmethod
+    def metric_names(cls, run) -> list[str]:
+        """Names of the metrics ``evaluate`` returns under the run section ``run`` (``run.best_metric`` is one)."""
         return ["agg_metrics"]
+
+    @classmethod
+    def run_problems(cls, run) -> list[str]:
+        """Checks of the task's keys of the run section (a dict, defaults filled), one message per problem.
+
+        The config loader reports them with the schema errors, before anything is built.
+        """
+        problems = []
+        valid = run.get("valid_splits") or []
+        names = cls.metric_names(run)
+        if valid and not run.get("evaluate") and run.get("best_metric") not in names:
+            problems.append(f"run.best_metric: {run.get('best_metric')!r} is not a metric of task "
+                            f"{run.get('task')!r}; choose one of {', '.join(names)}")
+        for key, low in (("num_beams", 1), ("max_new_tokens", 1), ("vqa_max_new_tokens", 1), ("min_new_tokens", 0),
+                         ("num_trials", 1), ("num_samples", 1), ("train_max_shots", 0)):
+            value = run.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value < low:
+                problems.append(f"run.{key}: must be >= {low}, got {value}")
+        shots = run.get("num_shots")
+        if isinstance(shots, list) and any(isinstance(n, int) and n < 0 for n in shots):
+            problems.append(f"run.num_shots: shot counts must be >= 0, got {shots}")
+        low, high = run.get("min_new_tokens"), run.get("max_new_tokens")
+        if isinstance(low, int) and isinstance(high, int) and 0 <= low and 1 <= high < low:
+            problems.append(f"run.min_new_tokens: must be <= run.max_new_tokens ({high}), got {low}")
+        return problems
 
     def collator(self, model, role: str):
         """``items -> batch`` for ``role`` train or eval (model inputs, labels for train, the sample ids)."""

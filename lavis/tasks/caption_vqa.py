@@ -86,6 +86,10 @@ class CaptionVQATask(BaseTask):
         self.captioning = CaptioningTask(cfg)
         self.vqa = VQATask(cfg)
 
+    @classmethod
+    def metric_names(cls, run) -> list[str]:
+        return list(dict.fromkeys([*CaptioningTask.metric_names(run), *VQATask.metric_names(run)]))
+
     def collator(self, model, role: str):
         return MixedCollator(
             self.captioning.collator(model, role), self.vqa.collator(model, role), model.tokenizer.pad_token_id

@@ -33,6 +33,17 @@ class CaptioningTask(BaseTask):
         super().__init__(cfg)
         self.check_agg_metric()
 
+    @classmethod
+    def metric_names(cls, run) -> list[str]:
+        from lavis.common.errors import ConfigError
+        from lavis.metrics.caption import METRIC_KEYS, resolve_metrics
+
+        try:
+            scores = [key for name in resolve_metrics(list(run.get("metrics") or [])) for key in METRIC_KEYS[name]]
+        except ConfigError:
+            scores = []  # reported by check_agg_metric when the task is built
+        return ["agg_metrics", *scores]
+
     def check_agg_metric(self) -> None:
         """``run.agg_metric`` must be one of the scores ``run.metrics`` produces (checked before any work)."""
         from lavis.common.errors import ConfigError

@@ -106,7 +106,11 @@ class ClassificationTask(BaseTask):
         return [{"id": sample_id, "label": int(label), "class_set": class_set, "class_logprobs": row}
                 for sample_id, label, row in zip(batch["id"], batch["label"], scores.cpu().tolist())]
 
-    def evaluate(self, records: list[dict], split: str, dataset) -> dict:
+    def metric_names(self) -> list[str]:
+        """Hateful Memes: roc_auc, accuracy; ImageNet: top1_accuracy, top5_accuracy; agg_metrics = the first."""
+        return ["agg_metrics", "roc_auc", "accuracy", "top1_accuracy", "top5_accuracy"]
+
+    def evaluate(self, records: list[dict], split: str, dataset, result_dir=None) -> dict:
         from lavis.common.fileio import atomic_write_json
         from lavis.metrics.classification import hateful_memes_metrics, imagenet_metrics
         from lavis.runners.sample_log import SAMPLES_KEY
@@ -133,7 +137,7 @@ class ClassificationTask(BaseTask):
                                     "filtered_resps": class_set.names[top5[0]],
                                     "top5": [class_set.names[i] for i in top5],
                                     "top1_correct": int(ok1), "top5_correct": int(ok5)}
-        path = self.result_path(split, "_classification")
+        path = self.result_path(result_dir, split, "_classification")
         if path is not None:
             atomic_write_json(path, [{"id": r["id"], "label": r["label"], "class_logprobs": r["class_logprobs"]}
                                      for r in records])

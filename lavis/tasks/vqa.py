@@ -9,6 +9,9 @@ from typing import Literal
 from lavis.common.registry import registry
 from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
 
+# VQAv2's answer types (the keys of the official evaluation's perAnswerType).
+ANSWER_TYPES = ("yes/no", "number", "other")
+
 
 def postprocess_answer(text: str) -> str:
     """OpenFlamingo's answer clean-up: cut at the next prompt word, keep the first clause."""
@@ -39,6 +42,10 @@ class VQATask(BaseTask):
         vqa_metric: Literal["official", "openflamingo_v2"] = "official"
         # Answer shown in a demonstration: "answer" (the most frequent) or "first" (answers[0], OpenFlamingo's).
         vqa_demo_answer: Literal["answer", "first"] = "answer"
+
+    @classmethod
+    def metric_names(cls, run) -> list[str]:
+        return ["agg_metrics", "overall", *(f"answer_type/{t}" for t in ANSWER_TYPES)]
 
     def collator(self, model, role: str):
         from lavis.datasets.collators import VQACollator

@@ -5,12 +5,15 @@ MODE "train": train to the end; each rank saves its trainable parameters and cou
 DDP gradient all-reduces (a comm hook) to OUT_DIR/rank<r>.pt.
 MODE "sigterm": rank 1 alone sends itself SIGTERM in its third train_step; every
 rank must stop at the same step boundary, save, and exit 0.
+MODE "slow": slow steps; OUT_DIR/started appears once training runs (the test then sends SIGTERM
+to the launcher, scripts/preemptible_torchrun.py).
 """
 
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,8 +63,21 @@ class SigtermOnRank1(ToyRegressionTask):
         return super().train_step(model, batch)
 
 
+class Slow(ToyRegressionTask):
+    """Slow steps, and a marker file once training runs: the test then signals the launcher (mode "slow")."""
+
+    calls = 0
+
+    def train_step(self, model, batch):
+        self.calls += 1
+        if rank == 0 and self.calls == 3:
+            (out_dir / "started").write_text("")
+        time.sleep(0.2)
+        return super().train_step(model, batch)
+
+
 cfg = make_cfg(out_dir / "runs", **DDP_RUN)
-task = SigtermOnRank1(cfg) if mode == "sigterm" else ToyRegressionTask(cfg)
+task = {"sigterm": SigtermOnRank1, "slow": Slow}.get(mode, ToyRegressionTask)(cfg)
 datasets = make_datasets(n_train=64)
 datasets["toy"]["train"].num_skipped = rank + 1  # bad samples each rank skipped: 1 + 2 over both ranks
 runner = build_runner(cfg, model=ToyModel(dropout=0.0), datasets=datasets, task=task)

@@ -67,18 +67,18 @@ class ValidatingTask(CaptionLikeTask):
                 "chars": sum(len(r["text"]) for r in records)}
 
 
-def frozen_report(runner, fresh) -> dict:
-    """Frozen weights of the trained model vs a fresh build: bitwise equal, and never given a gradient."""
+def frozen_report(runner, reference: dict) -> dict:
+    """Frozen weights of the trained model vs their copies taken before training: bitwise equal, and never
+    given a gradient."""
     from torch.distributed.tensor import DTensor
 
-    reference = dict(fresh.named_parameters())
     changed, with_grad, n = [], [], 0
     for name, p in runner.model.named_parameters():
         if p.requires_grad:
             continue
         n += 1
         full = p.full_tensor() if isinstance(p, DTensor) else p
-        if not torch.equal(full.detach(), reference[name].detach()):
+        if not torch.equal(full.detach(), reference[name]):
             changed.append(name)
         if p.grad is not None:
             with_grad.append(name)
@@ -112,6 +112,7 @@ def train(strategy: str, trainable: str, run_name: str, kill_in_call=None, **run
     cfg = make_cfg(out_dir, run_name=run_name, strategy=strategy, **{**RUN, **run})
     torch.manual_seed(0)  # the same adapter initialisation in every run
     model = tiny_model(adapters=ADALORA if trainable == "adalora" else LORA, trainable=TRAINABLE[trainable])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     task = ValidatingTask(cfg)
     task.kill_in_call = kill_in_call
     datasets = {"lm": {"train": CaptionLikeDataset(N_TRAIN, model.image_size),
@@ -119,8 +120,7 @@ def train(strategy: str, trainable: str, run_name: str, kill_in_call=None, **run
     runner = registry.get("runner", cfg.run.runner)(cfg, task, model, datasets)
     summary = runner.train()
     weights = runner.strategy.gather_trainable_state_dict(runner.model)
-    report = frozen_report(runner, tiny_model(adapters=ADALORA if trainable == "adalora" else LORA,
-                                              trainable=TRAINABLE[trainable]))
+    report = frozen_report(runner, frozen)
     from lavis.models.adapters import peft_models
 
     report["rank_pattern"] = [next(iter(w.peft_config.values())).rank_pattern for w in peft_models(runner.model).values()]

@@ -48,7 +48,8 @@ class ShardOptions:
 class BuilderConfig:
     """Keys shared by every builder's section (``datasets.<builder>``)."""
 
-    # images: image files on disk; webdataset: tar shards named in build_info (shapes builders: images only).
+    # images: image files on disk; webdataset: tar shards named in build_info.shards (python -m
+    # lavis.datasets.pack_shards writes them); a train split read from shards needs no other file.
     data_type: Literal["images", "webdataset"] = "images"
     splits: list[str] = field(default_factory=lambda: ["train", "val"])  # the splits to build
     # Splits given the train role (train processors, one sample per caption); the others get the eval role.

@@ -101,12 +101,27 @@ class ShapesVQAConfig(VQAConfig):
     shapes: ShapesOptions = field(default_factory=ShapesOptions)
 
 
+def _with_shards(derived: dict, given: dict) -> dict:
+    """``derived`` build_info with the ``shards`` entries of the user's ``given`` one (at any depth)."""
+    out = dict(derived)
+    for key, value in (given or {}).items():
+        if key == "shards":
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _with_shards(out[key], value)
+    return out
+
+
 class _GenerateFirst:
     """Mixin: generate the set, then point ``build_info`` at it before the real reader runs."""
 
     def _derive_build_info(self, make_info) -> None:
-        if self.cfg.data_type != "images":
-            raise ConfigError(f"{self.key_path}.data_type: the shapes builders read images only")
+        if self.cfg.data_type == "webdataset":
+            # Read from shards (python -m lavis.datasets.pack_shards): nothing is generated, so a node that
+            # holds only the shards can train; the derived paths serve only to score eval-role splits.
+            self.cfg.build_info = OmegaConf.create(_with_shards(make_info(Path(self.cfg.shapes.root)),
+                                                                OmegaConf.to_container(self.cfg.build_info)))
+            return
         root = ensure_shapes(self.cfg.shapes)
         self.cfg.build_info = OmegaConf.create(make_info(root))
 

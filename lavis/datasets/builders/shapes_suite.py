@@ -106,28 +106,43 @@ class _GenerateSuiteFirst:
         self.cfg.build_info = OmegaConf.create(self.info_factory(root))
 
 
-def _with_suite(config_cls):
-    """A config dataclass adding the ``suite`` options to ``config_cls``."""
-    return dataclass(type(f"Shapes{config_cls.__name__}", (config_cls,), {
-        "__annotations__": {"suite": SuiteOptions},
-        "suite": field(default_factory=SuiteOptions),
-        "__doc__": f"{config_cls.__name__} with the stand-ins generated into suite.root (build_info derived).",
-    }))
+@dataclass
+class ShapesFlickr30kConfig(Flickr30kConfig):
+    # The stand-ins, generated into suite.root on first use; build_info is derived from it.
+    suite: SuiteOptions = field(default_factory=SuiteOptions)
+
+
+@dataclass
+class ShapesVQASuiteConfig(VQAConfig):
+    # The stand-ins, generated into suite.root on first use; build_info is derived from it.
+    suite: SuiteOptions = field(default_factory=SuiteOptions)
+
+
+@dataclass
+class ShapesHatefulMemesConfig(HatefulMemesConfig):
+    # The stand-ins, generated into suite.root on first use; build_info is derived from it.
+    suite: SuiteOptions = field(default_factory=SuiteOptions)
+
+
+@dataclass
+class ShapesImageNetConfig(ImageNetConfig):
+    # The stand-ins, generated into suite.root on first use; root and classnames are derived from it.
+    suite: SuiteOptions = field(default_factory=SuiteOptions)
 
 
 def _register(name: str, base, config_cls, info_factory, **attrs):
     cls = type(f"Shapes{base.__name__}", (_GenerateSuiteFirst, base), {
-        "name": f"shapes_{name}", "Config": _with_suite(config_cls), "info_factory": staticmethod(info_factory),
+        "name": f"shapes_{name}", "Config": config_cls, "info_factory": staticmethod(info_factory),
         "__doc__": f"The synthetic stand-in of {name}, in its official format.", **attrs})
     registry.register_builder(f"shapes_{name}")(cls)
     return cls
 
 
-ShapesFlickr30kBuilder = _register("flickr30k", Flickr30kBuilder, Flickr30kConfig, _flickr_info)
-ShapesOKVQABuilder = _register("okvqa", OKVQABuilder, VQAConfig, _vqa_info("okvqa"))
-ShapesTextVQABuilder = _register("textvqa", TextVQABuilder, VQAConfig, _vqa_info("textvqa"))
-ShapesVizWizBuilder = _register("vizwiz", VizWizBuilder, VQAConfig, _vqa_info("vizwiz"))
-ShapesHatefulMemesBuilder = _register("hateful_memes", HatefulMemesBuilder, HatefulMemesConfig, _hateful_memes_info)
+ShapesFlickr30kBuilder = _register("flickr30k", Flickr30kBuilder, ShapesFlickr30kConfig, _flickr_info)
+ShapesOKVQABuilder = _register("okvqa", OKVQABuilder, ShapesVQASuiteConfig, _vqa_info("okvqa"))
+ShapesTextVQABuilder = _register("textvqa", TextVQABuilder, ShapesVQASuiteConfig, _vqa_info("textvqa"))
+ShapesVizWizBuilder = _register("vizwiz", VizWizBuilder, ShapesVQASuiteConfig, _vqa_info("vizwiz"))
+ShapesHatefulMemesBuilder = _register("hateful_memes", HatefulMemesBuilder, ShapesHatefulMemesConfig, _hateful_memes_info)
 
 
 def _imagenet_point_at(self, root: Path) -> None:
@@ -135,4 +150,4 @@ def _imagenet_point_at(self, root: Path) -> None:
     self.cfg.classnames = list(shapes_suite.IMAGENET_CLASSES)
 
 
-ShapesImageNetBuilder = _register("imagenet", ImageNetBuilder, ImageNetConfig, None, point_at=_imagenet_point_at)
+ShapesImageNetBuilder = _register("imagenet", ImageNetBuilder, ShapesImageNetConfig, None, point_at=_imagenet_point_at)

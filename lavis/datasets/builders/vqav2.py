@@ -155,6 +155,11 @@ class VQAv2Builder(BaseBuilder):
         """Shard pattern, sample format and scoring files of a split stored as shards."""
         info = self.split_info(split)
         pattern = path_or_error(info.shards, f"{self.key_path}.build_info.{split}.shards")
+        if role == "train":
+            # The shards hold the questions and answers: training reads no raw file (the paths are passed on
+            # unread, for a run that also scores this split).
+            return pattern, VQA, {"question_file": str(info.questions) if info.questions else None,
+                                  "annotation_file": str(info.annotations) if info.annotations else None}
         files = self.scoring_files(split)
         read_questions(files["question_file"])  # checked up front, like the image path
         return pattern, VQA, files

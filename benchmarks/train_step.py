@@ -1,0 +1,151 @@
+"""Training: a reference-faithful OpenFlamingo step vs a whole train.py iteration (data included), ~40M model.
+
+Same model (the ~40M OpenFlamingo of fewshot_eval.py: LLaMA 512 x 8, ViT width 256 on 64 px,
+cross-attention every 4 layers, v2 masking), same trainable set (Perceiver, cross-attention blocks, the
+<image>/<|endofchunk|> embedding rows), same shapes caption samples (8 single-image samples per step),
+AdamW lr 1e-4, gradient clipping at 1.0, fp32, one thread.
+
+- **reference**: OpenFlamingo v1's ``train_one_epoch`` step, written from its behaviour, on batches
+  already collated in memory (so it pays no data loading at all): forward with the release's attention
+  formulas (keys/values and the dense masked softmax over every image, the explicit-softmax Perceiver),
+  backward, the gradient of every embedding row but <image> and <|endofchunk|> zeroed, clip_grad_norm_,
+  AdamW step, zero_grad.
+- **project**: ``RunnerBase.train()`` as train.py runs it, with the captioning task, the real dataset
+  (images read and processed from disk), the loader defaults of lavis.runners.data, the schedule,
+  logging every 10 steps and the run directory. The time of a step is taken between two consecutive
+  ``train_step`` calls, so everything between steps (data, collation, optimizer, logging) is counted.
+
+Times are the CPU time of the process (``num_workers: 0``, one thread: all the work of both sides runs in
+this process, so CPU time is the work done and stays meaningful on a shared, loaded machine).
+Runs alternate (reference, project, ...); min and median of the per-step times of the repeats.
+The losses of the first steps must agree (same samples in the same order on both sides, asserted to 1e-4).
+Last line: ``train_step_speedup=<reference s/step / project s/step, medians>``.
+Usage: python benchmarks/train_step.py [--steps 20] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fewshot_eval import build, reference_computation  # noqa: E402
+
+from lavis.datasets.builders.shapes import ShapesCaptionBuilder  # noqa: E402
+from lavis.runners.data import TrainStream  # noqa: E402
+from lavis.runners.run_config import RunConfig  # noqa: E402
+from lavis.runners.runner import RunnerBase  # noqa: E402
+from lavis.tasks.captioning import CaptioningTask  # noqa: E402
+
+BATCH = 8
+TRAINABLE = {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": True, "lm_embeddings": False}
+
+
+def model_40m():
+    return build("40m", "v2", trainable=TRAINABLE)
+
+
+class Stamped(CaptioningTask):
+    """The captioning task, recording the time and loss of every train_step call."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.stamps: list[float] = []
+        self.losses: list[float] = []
+
+    def train_step(self, model, batch):
+        self.stamps.append(time.process_time())
+        loss = super().train_step(model, batch)
+        if len(self.losses) < 3:
+            self.losses.append(float(loss))
+        return loss
+
+
+def per_step(stamps: list[float], warmup: int) -> float:
+    steady = stamps[warmup:]
+    return (steady[-1] - steady[0]) / (len(steady) - 1)
+
+
+def run_cfg(root: str, name: str, steps: int) -> dict:
+    run = dataclasses.asdict(RunConfig())
+    run.update(task="captioning", output_dir=root, run_name=name, batch_size_train=BATCH, max_epoch=1,
+               max_steps=steps, init_lr=1e-4, weight_decay=0.1, max_grad_norm=1.0, log_freq=10,
+               save_epoch_end=False, progress_bar=False, train_splits=["train"], valid_splits=[], test_splits=[],
+               seed=0, metrics=["CIDEr"], agg_metric="CIDEr", num_beams=3, max_new_tokens=20, min_new_tokens=0,
+               length_penalty=-2.0)
+    return run
+
+
+def reference_loop(model, batches: list[dict], task) -> tuple[float, list[float]]:
+    embedding = model.lang_encoder.get_input_embeddings()
+    keep = torch.zeros(embedding.weight.shape[0], 1, dtype=torch.bool)
+    keep[[model.media_token_id, model.eoc_token_id]] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+    model.train()
+    stamps, losses = [], []
+    with reference_computation(model, beams=1):
+        for batch in batches:
+            stamps.append(time.process_time())
+            loss = model(batch["vision_x"], batch["lang_x"], batch["attention_mask"], labels=batch["labels"]).loss
+            loss.backward()
+            embedding.weight.grad = embedding.weight.grad * keep  # OpenFlamingo masks the old rows' gradient
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if len(losses) < 3:
+                losses.append(float(loss))
+    return stamps, losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warmup = min(5, args.steps // 5)
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as root:
+        datasets = {"shapes_caption": ShapesCaptionBuilder({
+            "shapes": {"root": str(Path(root) / "shapes"), "num_images": 400, "image_size": 64},
+            "vis_processor": {"train": {"name": "clip_image_eval", "image_size": 64},
+                              "eval": {"name": "clip_image_eval", "image_size": 64}}}).build_datasets()}
+        ref_times, ours_times = [], []
+        for i in range(args.repeats):
+            # reference: the first `steps` batches of the same stream the runner reads, collated up front
+            model = model_40m()
+            cfg = OmegaConf.create({"model": {}, "datasets": {}, "run": run_cfg(root, f"ref{i}", args.steps)})
+            task = Stamped(cfg)
+            stream = TrainStream(datasets["shapes_caption"]["train"], task.collator(model, "train"), BATCH, 1, 0, 1, 0)
+            batches = [stream.next_step()[0] for _ in range(args.steps)]
+            stamps, ref_losses = reference_loop(model, batches, task)
+            ref_times.append(per_step(stamps, warmup))
+
+            model = model_40m()
+            task = Stamped(OmegaConf.create({"model": {}, "datasets": {}, "run": run_cfg(root, f"ours{i}", args.steps)}))
+            runner = RunnerBase(OmegaConf.create({"model": {}, "datasets": {}, "run": run_cfg(root, f"ours{i}", args.steps)}),
+                                task, model, datasets)
+            runner.train()
+            runner.close()
+            ours_times.append(per_step(task.stamps, warmup))
+            print(f"repeat {i}: reference {ref_times[-1] * 1e3:.1f} ms/step, project {ours_times[-1] * 1e3:.1f} ms/step",
+                  flush=True)
+            if not all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref_losses, task.losses)):
+                raise SystemExit(f"first losses differ: reference {ref_losses} vs project {task.losses}")
+    r, o = statistics.median(ref_times), statistics.median(ours_times)
+    print(f"reference s/step: min {min(ref_times):.4f} median {r:.4f}")
+    print(f"project s/step (train.py iteration, data included): min {min(ours_times):.4f} median {o:.4f}")
+    print(f"train_step_speedup_min={min(ref_times) / min(ours_times):.2f}")
+    print(f"train_step_speedup={r / o:.2f}")
+
+
+if __name__ == "__main__":
+    main()
