@@ -236,7 +236,7 @@ def test_tiny_family_trains_with_lora_and_evaluates_fewshot(family, target, tmp_
 V2_PROJECTS = Path("configs/projects/openflamingo_v2")
 
 
-@pytest.mark.parametrize("name,task,max_new", [("coco_caption_fewshot", "captioning", 20), ("vqav2_fewshot", "vqa", 5)])
+@pytest.mark.parametrize("name,task,max_new", [("caption_coco_fewshot", "captioning", 20), ("vqav2_fewshot", "vqa", 5)])
 def test_v2_eval_configs_carry_the_v2_protocol(name, task, max_new):
     from lavis.common.config import load_config
 
