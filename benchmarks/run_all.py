@@ -32,6 +32,7 @@ BENCHMARKS = [
     ("input_pipeline.py", "input pipeline vs a bare PIL/torchvision loop", ""),
     ("bench_collators.py", "collation vs plain tokenisation", ""),
     ("fsdp_memory.py", "FSDP vs DDP peak RSS per rank", ""),
+    ("okvqa_stemmer.py", "OK-VQA post-processing vs stemming each answer from scratch", ""),
 ]
 FIGURE = re.compile(r"^([A-Za-z_][\w]*)=([-+\w.]+)$")
 

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lavis.models.base import TrainableModel
 from lavis.runners.run_config import RunConfig
 from lavis.runners.runner import RunnerBase
 
@@ -43,10 +44,21 @@ class Blobs(Dataset):
         return {"x": self.x[i], "y": self.y[i], "id": i}
 
 
+class MLP(TrainableModel):
+    """The same MLP on both sides; the runner needs the model contract (no hooks, no extra state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
+                                 nn.Linear(HIDDEN, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
-                         nn.Linear(HIDDEN, 1))
+    return MLP()
 
 
 def collate(items):
@@ -64,9 +76,13 @@ class TimedTask:
     def collator(self, model, role):
         return collate
 
+    def loss_count(self, batch) -> int:
+        return len(batch["y"])
+
     def train_step(self, model, batch):
+        # Summed, as the runner's task contract wants (it divides by loss_count): the bare loop's mean.
         self.stamps.append(time.perf_counter())
-        return nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        return nn.functional.mse_loss(model(batch["x"]), batch["y"], reduction="sum")
 
 
 def per_step(stamps: list[float], warmup: int) -> float:

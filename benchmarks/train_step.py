@@ -63,9 +63,9 @@ class Stamped(CaptioningTask):
 
     def train_step(self, model, batch):
         self.stamps.append(time.process_time())
-        loss = super().train_step(model, batch)
+        loss = super().train_step(model, batch)  # summed over the target tokens
         if len(self.losses) < 3:
-            self.losses.append(float(loss))
+            self.losses.append(float(loss.detach()) / self.loss_count(batch))
         return loss
 
 
@@ -102,7 +102,7 @@ def reference_loop(model, batches: list[dict], task) -> tuple[float, list[float]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if len(losses) < 3:
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
     return stamps, losses
 
 

@@ -276,7 +276,7 @@ def evaluate_main(argv=None) -> None:
         continued = run_dir.exists()  # an evaluation being continued is never removed
         finished = False
         try:
-            run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=args.checkpoint)
+            run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=trained)
             finished = True
             if dist.is_main_process():
                 (run_dir / "FAILED").unlink(missing_ok=True)  # a continued evaluation that now succeeded
