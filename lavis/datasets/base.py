@@ -203,3 +203,36 @@ class ImageDataset(SampleSource, torch.utils.data.Dataset):
             f"{self.name}: {MAX_CONSECUTIVE_BAD} consecutive samples from index {index} could not be read; "
             "the data is broken, not a few bad files"
         )
+
+
+class DatasetView(torch.utils.data.Dataset):
+    """A map-style dataset derived from ``base`` (a subset, or items with demonstrations) that keeps the
+    dataset contract: ``sample_id_key``, ``sample_ids()``, ``sample_format``, ``annotation_file``,
+    ``question_file`` and ``num_skipped`` are the base's. Nothing else is forwarded."""
+
+    def __init__(self, base):
+        self.base = base
+
+    @property
+    def sample_id_key(self) -> str:
+        return self.base.sample_id_key
+
+    @property
+    def sample_format(self):
+        return self.base.sample_format
+
+    @property
+    def annotation_file(self):
+        return self.base.annotation_file
+
+    @property
+    def question_file(self):
+        return self.base.question_file
+
+    @property
+    def num_skipped(self) -> int:
+        return self.base.num_skipped
+
+    def sample_ids(self) -> list:
+        """Every sample id of the view, in index order."""
+        return self.base.sample_ids()

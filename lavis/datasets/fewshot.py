@@ -19,9 +19,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from lavis.common.errors import ConfigError, DataError
+from lavis.datasets.base import DatasetView
 from lavis.datasets.prompts import DEMOS_KEY, TEXT_ONLY_DEMOS_KEY
 from lavis.datasets.rices import RICES, item_ids
 
@@ -98,7 +98,7 @@ def rices_demo_indices(
     return out
 
 
-class FewShotDataset(Dataset):
+class FewShotDataset(DatasetView):
     """``query_ds`` with ``k`` demonstrations from ``pool_ds`` attached to every item.
 
     Args:
@@ -112,8 +112,8 @@ class FewShotDataset(Dataset):
         rices: a :class:`RICES` index over ``pool_ds``. Query features are computed here, once, in
             the constructing process (before DataLoader workers start).
 
-    Other attributes (``sample_id_key``, ``sample_ids()``, ``annotation_file``...) are the query
-    dataset's.
+    The dataset contract (``sample_id_key``, ``sample_ids()``, ``annotation_file``...) is the query
+    dataset's (:class:`DatasetView`).
     """
 
     def __init__(
@@ -132,6 +132,7 @@ class FewShotDataset(Dataset):
                 raise ConfigError(f"few-shot {name} must be a non-negative integer, got {value!r}")
         if method not in ("random", "rices"):
             raise ConfigError(f"few-shot method must be 'random' or 'rices', got {method!r}")
+        super().__init__(query_ds)
         self.query_ds = query_ds
         self.pool_ds = pool_ds
         self.num_shots = num_shots
@@ -198,14 +199,9 @@ class FewShotDataset(Dataset):
             query[TEXT_ONLY_DEMOS_KEY] = True
         return query
 
-    def __getattr__(self, name):
-        # Delegate the query dataset's attributes (sample_id_key, sample_ids, annotation_file, ...).
-        if name.startswith("__") or name in ("query_ds", "pool_ds"):
-            raise AttributeError(name)
-        return getattr(self.query_ds, name)
 
 
-class InContextTrainingDataset(Dataset):
+class InContextTrainingDataset(DatasetView):
     """Training samples preceded by 0..``max_shots`` demonstrations from the same split.
 
     Flamingo learns few-shot prompting from interleaved sequences; a model fine-tuned only on
@@ -218,6 +214,7 @@ class InContextTrainingDataset(Dataset):
     def __init__(self, dataset, max_shots: int, seed: int):
         if not isinstance(max_shots, int) or max_shots < 0:
             raise ConfigError(f"in-context training needs a non-negative max_shots, got {max_shots!r}")
+        super().__init__(dataset)
         self.dataset = dataset
         self.max_shots = max_shots
         self.seed = seed
@@ -240,9 +237,3 @@ class InContextTrainingDataset(Dataset):
                                      lambda j: shares_sample(ids, item_ids(load(j))))
         item[DEMOS_KEY] = [load(j) for j in chosen]
         return item
-
-    def __getattr__(self, name):
-        # The wrapped dataset's attributes (num_skipped, sample_id_key, ...) stay visible to the runner.
-        if name.startswith("__") or name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)

@@ -186,7 +186,8 @@ class StopFlag:
 class CachedTask:
     """A task whose ``valid_step`` answers from the cache and stores what it computes (one cell's view).
 
-    Everything else is the wrapped task's. A batch is computed only when one of its rows is missing.
+    The rest of what evaluation uses (collator, evaluate, sample_id_key) is the wrapped task's. A batch is
+    computed only when one of its rows is missing.
     """
 
     def __init__(self, task, cache: ResponseCache, fingerprint: str, dataset: str, tag: str, key: str,
@@ -194,8 +195,16 @@ class CachedTask:
         self._task, self._cache, self._stop = task, cache, stop
         self._fingerprint, self._dataset, self._tag, self._key = fingerprint, dataset, tag, key
 
-    def __getattr__(self, name):
-        return getattr(self._task, name)
+    # What evaluation asks of a task besides valid_step: the wrapped task's own.
+    @property
+    def sample_id_key(self) -> str:
+        return self._task.sample_id_key
+
+    def collator(self, model, role: str):
+        return self._task.collator(model, role)
+
+    def evaluate(self, records: list[dict], split: str, dataset, result_dir) -> dict:
+        return self._task.evaluate(records, split, dataset, result_dir)
 
     def _row_keys(self, batch: dict) -> dict:
         ids = batch[self._key]

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from lavis.common import dist
 from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
+from lavis.datasets.base import DatasetView
 from lavis.datasets.fewshot import RICES, FewShotDataset
 from lavis.models.trained import checkpoint_fingerprint, load_trained_weights, model_label
 from lavis.report import report_after_run
@@ -41,10 +41,11 @@ from lavis.runners.sample_log import fewshot_tag, samples_filename
 log = get_logger()
 
 
-class QuerySubset(Dataset):
+class QuerySubset(DatasetView):
     """A fixed subset of an evaluation dataset that keeps its scoring attributes."""
 
     def __init__(self, dataset, indices: list[int]):
+        super().__init__(dataset)
         self.dataset = dataset
         self.indices = list(indices)
 
@@ -57,11 +58,6 @@ class QuerySubset(Dataset):
     def sample_ids(self) -> list:
         all_ids = self.dataset.sample_ids()
         return [all_ids[i] for i in self.indices]
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name in ("dataset", "indices"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 def query_subset(dataset, num_samples: int | None, seed: int):
