@@ -64,7 +64,7 @@ def postprocess_results(results, postprocess: str = "openflamingo_v2", stemmer: 
     Each record's raw text is its ``generation`` field, or else its ``answer`` field.
     """
     from lavis.common.errors import DataError
-    from lavis.metrics.vqa import _records
+    from lavis.metrics.vqa_rules import _records
 
     records, label = _records(results, "", "VQA results")
     texts = []

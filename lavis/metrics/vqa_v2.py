@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from lavis.common.errors import DataError
-from lavis.metrics.vqa import _column, _first_duplicate, _question_accuracies, _records, _sequential_sum
 from lavis.metrics.vqa_normalize import normalize_answer, normalize_whitespace
+from lavis.metrics.vqa_rules import _column, _first_duplicate, _question_accuracies, _records, _sequential_sum
 
 
 def _annotations(annotations: Any) -> tuple[dict[int, dict], str]:

@@ -79,13 +79,22 @@ def step_checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
 
 
+# A sharded step directory (sharded_checkpoint.py): DCP's shards, its index and the training state.
+TRAIN_STATE = "train_state.pt"
+DCP_METADATA = ".metadata"  # DCP's index, written last by the coordinator rank
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a complete sharded checkpoint directory (DCP index and training state present)."""
+    path = Path(path)
+    return path.is_dir() and (path / DCP_METADATA).is_file() and (path / TRAIN_STATE).is_file()
+
+
 def list_step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``[(step, path)]`` of the step checkpoints (files or sharded directories) of a run, oldest first.
 
     Temporary files and incomplete directories are ignored.
     """
-    from lavis.runners.sharded_checkpoint import is_sharded_checkpoint
-
     directory = Path(run_dir) / CHECKPOINT_DIR
     if not directory.is_dir():
         return []
@@ -99,8 +108,6 @@ def list_step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def verify_checkpoint(path: Path) -> None:
     """A CheckpointError unless ``path`` loads (a sharded directory: its train-state file)."""
-    from lavis.runners.sharded_checkpoint import TRAIN_STATE
-
     load_checkpoint(path / TRAIN_STATE if path.is_dir() else path)
 
 
@@ -224,15 +231,6 @@ def restore_rng_state(state: dict) -> None:
 def trainable_state_dict(model: TrainableModel) -> dict[str, torch.Tensor]:
     """CPU copies of the model's ``trainable_state_dict()`` (the parameters that train)."""
     return {name: t.detach().to("cpu", copy=True) for name, t in model.trainable_state_dict().items()}
-
-
-def load_weights(model: TrainableModel, path) -> dict:
-    """Load the trainable weights of a checkpoint (a step checkpoint, sharded or not, or best.pt); the state."""
-    from lavis.runners.sharded_checkpoint import read_weights
-
-    weights, state = read_weights(path)
-    load_trainable_state_dict(model, weights, str(path))
-    return state
 
 
 def load_trainable_state_dict(model: TrainableModel, sd: dict, source: str) -> None:

@@ -34,19 +34,12 @@ from lavis.common import dist
 from lavis.common.errors import CheckpointError
 from lavis.common.fileio import atomic_directory
 from lavis.runners import checkpoint as ckpt
+from lavis.runners.checkpoint import DCP_METADATA, TRAIN_STATE, is_sharded_checkpoint
 
-TRAIN_STATE = "train_state.pt"
-_METADATA = ".metadata"  # DCP's index, written last by the coordinator rank
 # Only the parameters that train: the frozen LM is rebuilt from its config, as for single-file checkpoints.
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # Loading leaves the frozen weights as built; _check_keys makes sure every trainable one is in the checkpoint.
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a complete sharded checkpoint directory (DCP index and training state present)."""
-    path = Path(path)
-    return path.is_dir() and (path / _METADATA).is_file() and (path / TRAIN_STATE).is_file()
 
 
 def step_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -81,7 +74,7 @@ def load(directory: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     """Load a sharded checkpoint into ``model`` and ``optimizer`` (re-sharding as needed); its training state."""
     directory = Path(directory)
     if not is_sharded_checkpoint(directory):
-        raise CheckpointError(f"{directory}: not a complete sharded checkpoint (no {_METADATA} or {TRAIN_STATE})")
+        raise CheckpointError(f"{directory}: not a complete sharded checkpoint (no {DCP_METADATA} or {TRAIN_STATE})")
     train_state = ckpt.load_checkpoint(directory / TRAIN_STATE)
     state = {"model": _trainable_model_state(model),
              "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS)}
@@ -128,7 +121,7 @@ def load_full_tensors(directory: str | os.PathLike, prefix: str = "model.") -> d
     """
     directory = Path(directory)
     if not is_sharded_checkpoint(directory):
-        raise CheckpointError(f"{directory}: not a complete sharded checkpoint (no {_METADATA} or {TRAIN_STATE})")
+        raise CheckpointError(f"{directory}: not a complete sharded checkpoint (no {DCP_METADATA} or {TRAIN_STATE})")
     state = {prefix + name: torch.empty(meta.size, dtype=meta.properties.dtype)
              for name, meta in _stored_tensors(directory, prefix).items()}
     with warnings.catch_warnings():  # DCP warns that it assumes one process, which is what is asked here
@@ -159,7 +152,7 @@ def consolidate(sharded_dir: str | os.PathLike, out_path: str | os.PathLike | No
 
     sharded_dir = Path(sharded_dir)
     if not is_sharded_checkpoint(sharded_dir):
-        raise CheckpointError(f"{sharded_dir}: not a complete sharded checkpoint (no {_METADATA} or {TRAIN_STATE})")
+        raise CheckpointError(f"{sharded_dir}: not a complete sharded checkpoint (no {DCP_METADATA} or {TRAIN_STATE})")
     out = Path(out_path) if out_path is not None else sharded_dir.with_name(sharded_dir.name + "-consolidated.pt")
     train_state = ckpt.load_checkpoint(sharded_dir / TRAIN_STATE)
     step = int(train_state["progress"]["global_step"])
