@@ -21,7 +21,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import torch
-from torch.distributed.tensor import DTensor
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: 4096 latent sets of OpenFlamingo-9B (64 x 1024 floats each)
 
@@ -29,10 +28,7 @@ DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: 4096 latent sets of OpenFlamingo-9B (64 x 
 def tensor_digest(tensor: torch.Tensor, hasher=None) -> bytes:
     """blake2b digest of a tensor's bytes, shape and dtype (a host copy is made for device tensors)."""
     h = hasher or hashlib.blake2b(digest_size=16)
-    data = tensor.detach()
-    if isinstance(data, DTensor):  # FSDP2: every rank hashes the whole tensor, so every rank's cache agrees
-        data = data.full_tensor()
-    data = data.contiguous()
+    data = tensor.detach().contiguous()
     if data.device.type != "cpu":
         data = data.cpu()
     h.update(repr((tuple(data.shape), str(data.dtype))).encode())
