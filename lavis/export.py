@@ -43,7 +43,7 @@ def export_peft(model, section: dict, out: Path, base_model: str | None = None) 
     import safetensors.torch
     import yaml
 
-    from lavis.models.adapters import save_adapter
+    from lavis.models.adapter_export import save_adapter
     from lavis.models.trained import FLAMINGO_TRAINABLE, MODEL_SECTION
 
     base = base_model or section.get("lang_encoder_path") or os.environ.get("LLAMA_PATH")

@@ -18,7 +18,9 @@ from standin_flamingo import (
 )
 
 from lavis.common.errors import ConfigError
+from lavis.common.fileio import atomic_directory
 from lavis.models import adapters as A
+from lavis.models.adapter_export import merge_and_export, save_adapter
 
 torch.set_num_threads(1)
 
@@ -37,7 +39,7 @@ def test_saved_adapter_loads_onto_plain_llama(tmp_path, train_new_rows):
     train_steps(model)
     model.eval()
     out = tmp_path / "adapter"
-    A.save_adapter(model, str(out))
+    save_adapter(model, str(out))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
     saved = safetensors.torch.load_file(str(out / "adapter_model.safetensors"))
     # The trained embedding rows travel with the adapter; otherwise only adapter weights do.
@@ -65,7 +67,7 @@ def test_adapter_changes_outputs_and_save_overwrites(tmp_path):
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    A.save_adapter(model, str(out))  # replaces the whole directory
+    save_adapter(model, str(out))  # replaces the whole directory
     assert not (out / "stale.txt").exists()
 
 
@@ -80,7 +82,7 @@ def test_merge_and_export_round_trip(tmp_path):
     expected = logits(model.lang_encoder, lang_x)
     weights_before = {n: p.detach().clone() for n, p in model.lang_encoder.named_parameters()}
 
-    A.merge_and_export(model, str(tmp_path / "merged"))
+    merge_and_export(model, str(tmp_path / "merged"))
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), local_files_only=True).eval()
     assert not any("lora" in n or "base_layer" in n for n in exported.state_dict())
     torch.testing.assert_close(logits(exported, lang_x), expected, rtol=0, atol=1e-5)
@@ -101,7 +103,7 @@ def test_merge_and_export_other_methods(tmp_path, method):
     train_steps(model)
     model.eval()
     _, lang_x = make_batch(model)
-    A.merge_and_export(model, str(tmp_path / "m"))
+    merge_and_export(model, str(tmp_path / "m"))
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), local_files_only=True).eval()
     torch.testing.assert_close(
         logits(exported, lang_x), logits(model.lang_encoder, lang_x), rtol=0, atol=1e-5
@@ -112,9 +114,9 @@ def test_export_without_lm_adapter_is_a_user_error(tmp_path):
     model = StandInFlamingo()
     A.apply_trainable_policy(model, {"method": "lora", "apply_to": ["perceiver"]}, None)
     with pytest.raises(ConfigError, match="no adapter"):
-        A.save_adapter(model, str(tmp_path / "a"))
+        save_adapter(model, str(tmp_path / "a"))
     with pytest.raises(ConfigError, match="no adapter"):
-        A.merge_and_export(model, str(tmp_path / "m"))
+        merge_and_export(model, str(tmp_path / "m"))
     assert not (tmp_path / "a").exists()
 
 
@@ -123,7 +125,7 @@ def test_atomic_directory_keeps_old_copy_on_failure(tmp_path):
     target.mkdir()
     (target / "good.txt").write_text("complete")
     with pytest.raises(ValueError):
-        with A.atomic_directory(str(target)) as tmp:
+        with atomic_directory(str(target)) as tmp:
             open(os.path.join(tmp, "half.txt"), "w").write("partial")
             raise ValueError("crash while writing")
     assert sorted(os.listdir(tmp_path)) == ["out"]

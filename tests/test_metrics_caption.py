@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from lavis.common.errors import ConfigError, DataError
-from lavis.metrics import caption_metrics, write_caption_results
-from lavis.metrics.caption import ptb_tokenize, spice_models_present
+from lavis.metrics.caption import caption_metrics, ptb_tokenize, spice_models_present, write_caption_results
 
 FIX = Path(__file__).parent / "fixtures" / "caption_eval"
 ANNOTATIONS = FIX / "captions_annotations.json"

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from lavis.common.errors import DataError
-from lavis.metrics import vqa_accuracy, write_vqa_results
-from lavis.metrics.vqa import round_official
+from lavis.metrics.vqa import round_official, vqa_accuracy, write_vqa_results
 from lavis.metrics.vqa_normalize import (
     normalize_answer,
     normalize_whitespace,

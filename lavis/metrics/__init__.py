@@ -1,8 +1,7 @@
 """Evaluation metrics: the official VQAv2 accuracy and the COCO caption metrics (pycocoevalcap).
 
-Public API (imported lazily, so that ``python -m lavis.metrics.vqa`` does not import the module twice):
-``vqa_accuracy``, ``write_vqa_results``, ``caption_metrics``, ``write_caption_results``.
-This module also holds the record checks and the results writing shared by both metrics.
+The metrics live in their modules (``lavis.metrics.vqa.vqa_accuracy``, ``lavis.metrics.caption.caption_metrics``,
+...); this package holds the record checks and the results writing they share.
 """
 
 from __future__ import annotations
@@ -12,30 +11,6 @@ from typing import Any
 
 from lavis.common.errors import DataError
 from lavis.common.fileio import atomic_write_json
-
-__all__ = [
-    "vqa_accuracy",
-    "write_vqa_results",
-    "caption_metrics",
-    "write_caption_results",
-    "record_field",
-    "write_submission",
-]
-
-_LAZY = {
-    "vqa_accuracy": "lavis.metrics.vqa",
-    "write_vqa_results": "lavis.metrics.vqa",
-    "caption_metrics": "lavis.metrics.caption",
-    "write_caption_results": "lavis.metrics.caption",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lavis.metrics' has no attribute '{name}'")
 
 
 def record_field(rec: Any, name: str, types: type | tuple, label: str, index: int) -> Any:

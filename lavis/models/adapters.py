@@ -348,20 +348,3 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     steps copies them (the runner's checkpoint moves them to the CPU).
     """
     return {n: p.detach() for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
-
-
-# The peft-format export lives in adapter_export.py (it imports this module, hence the lazy forwarding);
-# these names stay importable from here.
-_FORWARDED = {
-    "save_adapter": "lavis.models.adapter_export",
-    "merge_and_export": "lavis.models.adapter_export",
-    "atomic_directory": "lavis.common.fileio",
-}
-
-
-def __getattr__(name: str):
-    if name in _FORWARDED:
-        import importlib
-
-        return getattr(importlib.import_module(_FORWARDED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,6 +25,7 @@ from lavis.common.errors import ConfigError
 from lavis.common.registry import registry
 from lavis.common.schema import check_mapping
 from lavis.models import adalora, adapters
+from lavis.models.adapter_export import save_adapter
 from lavis.models.adapters import AdapterConfig, TrainableConfig
 from lavis.models.flamingo.checkpoint_io import load_openflamingo_checkpoint
 from lavis.models.flamingo.flamingo import Flamingo
@@ -338,5 +339,5 @@ class OpenFlamingo(InferenceMixin, Flamingo):
         adalora.load_allocator_state(self, state)
 
     def save_adapter(self, directory: str) -> None:
-        """Save the language-model adapter in peft format (delegates to the adapters module)."""
-        adapters.save_adapter(self, directory)
+        """Save the language-model adapter in peft format (lavis/models/adapter_export.py)."""
+        save_adapter(self, directory)
