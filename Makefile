@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # local wheel cache; GPU machines get the CUDA build of the same release).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo demo-suite test lint bench reference
+.PHONY: install demo demo-suite test test-fast lint bench reference
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,13 @@ demo-suite: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Everything but the multi-process and end-to-end tests (marked slow): a quick check while editing.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

@@ -69,11 +69,16 @@ def main() -> None:
         {
             "image": image,
             "image_id": i,
-            "demos": [{"image": image, "text_input": demo_pool[i * args.shots + s], "image_id": -1} for s in range(args.shots)],
+            "demos": [
+                {"image": image, "text_input": demo_pool[i * args.shots + s], "image_id": -1} for s in range(args.shots)
+            ],
         }
         for i in range(args.batch)
     ]
-    prompts = ["".join(f"<image>Output:{d['text_input']}<|endofchunk|>" for d in it["demos"]) + "<image>Output:" for it in eval_items]
+    prompts = [
+        "".join(f"<image>Output:{d['text_input']}<|endofchunk|>" for d in it["demos"]) + "<image>Output:"
+        for it in eval_items
+    ]
 
     def plain_eval():
         tokenizer(prompts, padding="longest", return_tensors="pt")

@@ -20,7 +20,8 @@ Same model weights, same queries, same demonstrations (``FewShotDataset``, rando
 Both sides must produce the same caption for every query (asserted), and the images must steer the
 output (asserted: blank images give other tokens). Runs alternate (reference, project, reference, ...);
 min and median are reported, of the process CPU time (both sides are single-threaded, so it is the work
-done, and it stays meaningful on a shared machine); the wall-clock ratio is printed beside it. Models: the tiny OpenFlamingo (tiny.yaml) and a ~40M one built here
+done, and it stays meaningful on a shared machine); the wall-clock ratio is printed beside it.
+Models: the tiny OpenFlamingo (tiny.yaml) and a ~40M one built here
 (LLaMA hidden 512 x 8 layers, ViT width 256 on 64 px, cross-attention every 4 layers, OpenFlamingo's
 Perceiver and cross-attention sizes); gates opened (1.0) so the images matter.
 
@@ -53,13 +54,30 @@ from lavis.tasks.captioning import CaptioningTask
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8
-RUN = {"num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 0, "length_penalty": -2.0,
-       "metrics": ["CIDEr"], "agg_metric": "CIDEr"}
+RUN = {
+    "num_beams": 3,
+    "max_new_tokens": 20,
+    "min_new_tokens": 0,
+    "length_penalty": -2.0,
+    "metrics": ["CIDEr"],
+    "agg_metric": "CIDEr",
+}
 SIZES = {
     "tiny": {},
-    "40m": {"cross_attn_every_n_layers": 4, "perceiver": {}, "cross_attention": {},
-            "tiny": {"vision_width": 256, "vision_layers": 4, "vision_head_width": 64, "lm_hidden_size": 512,
-                     "lm_layers": 8, "lm_heads": 8, "lm_intermediate_size": 1376}},
+    "40m": {
+        "cross_attn_every_n_layers": 4,
+        "perceiver": {},
+        "cross_attention": {},
+        "tiny": {
+            "vision_width": 256,
+            "vision_layers": 4,
+            "vision_head_width": 64,
+            "lm_hidden_size": 512,
+            "lm_layers": 8,
+            "lm_heads": 8,
+            "lm_intermediate_size": 1376,
+        },
+    },
 }
 
 
@@ -106,15 +124,21 @@ def release_perceiver_attention(attn, media, latents):
 def reference_computation(model, beams: int):
     """Within the block the model computes as OpenFlamingo does (see the module docstring)."""
     encode = model.encode_vision
-    patched = [(model, "encode_vision", lambda vision_x: encode(vision_x.repeat_interleave(beams, dim=0))),
-               # HF's own prompt pass, on every beam row: an empty cache instead of the once-per-sample prefix.
-               (model, "_prefill_once", lambda *args: DynamicCache())]
+    patched = [
+        (model, "encode_vision", lambda vision_x: encode(vision_x.repeat_interleave(beams, dim=0))),
+        # HF's own prompt pass, on every beam row: an empty cache instead of the once-per-sample prefix.
+        (model, "_prefill_once", lambda *args: DynamicCache()),
+    ]
     for block in model.gated_cross_attn_layers.values():
         attn = block.attn
-        patched += [(attn, "media_kv", lambda media: media),  # hand the raw media to every call
-                    (attn, "forward", (lambda a: lambda x, media, index: release_cross_attention(a, x, media, index))(attn))]
+        patched += [
+            (attn, "media_kv", lambda media: media),  # hand the raw media to every call
+            (attn, "forward", (lambda a: lambda x, media, index: release_cross_attention(a, x, media, index))(attn)),
+        ]
     for attn, _ in model.perceiver.layers:
-        patched.append((attn, "forward", (lambda a: lambda media, lat: release_perceiver_attention(a, media, lat))(attn)))
+        patched.append(
+            (attn, "forward", (lambda a: lambda media, lat: release_perceiver_attention(a, media, lat))(attn))
+        )
     for obj, name, fn in patched:
         setattr(obj, name, fn)
     try:
@@ -158,8 +182,9 @@ def images_matter(model, task, fewshot) -> bool:
     batch = task.collator(model, "eval")([fewshot[i] for i in range(min(BATCH, len(fewshot)))])
     with torch.no_grad():
         real = model.generate(batch["vision_x"], batch["lang_x"], batch["attention_mask"], **task.generation_kwargs())
-        blank = model.generate(torch.zeros_like(batch["vision_x"]), batch["lang_x"], batch["attention_mask"],
-                               **task.generation_kwargs())
+        blank = model.generate(
+            torch.zeros_like(batch["vision_x"]), batch["lang_x"], batch["attention_mask"], **task.generation_kwargs()
+        )
     return not torch.equal(real, blank)
 
 
@@ -175,11 +200,20 @@ def main() -> None:
     task = CaptioningTask(OmegaConf.create({"run": RUN}))
     ratios = {}
     with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:
-        splits = ShapesCaptionBuilder({
-            "shapes": {"root": str(Path(tmp) / "shapes"), "num_images": max(200, args.queries * 10), "image_size": 64},
-            "train_splits": [],
-            "vis_processor": {"train": {"name": "clip_image_eval", "image_size": 64},
-                              "eval": {"name": "clip_image_eval", "image_size": 64}}}).build_datasets()
+        splits = ShapesCaptionBuilder(
+            {
+                "shapes": {
+                    "root": str(Path(tmp) / "shapes"),
+                    "num_images": max(200, args.queries * 10),
+                    "image_size": 64,
+                },
+                "train_splits": [],
+                "vis_processor": {
+                    "train": {"name": "clip_image_eval", "image_size": 64},
+                    "eval": {"name": "clip_image_eval", "image_size": 64},
+                },
+            }
+        ).build_datasets()
         queries = torch.utils.data.Subset(splits["val"], range(min(args.queries, len(splits["val"]))))
         queries.sample_ids = lambda: [splits["val"].sample_ids()[i] for i in queries.indices]
         for size in args.models.split(","):
@@ -187,8 +221,9 @@ def main() -> None:
             params = sum(p.numel() for p in model.parameters())
             for shots in map(int, args.shots.split(",")):
                 # OpenFlamingo's 0-shot prompt: two text-only demonstrations.
-                fewshot = FewShotDataset(splits["val"], splits["train"], num_shots=shots, seed=42,
-                                         zero_shot_text_demos=True)
+                fewshot = FewShotDataset(
+                    splits["val"], splits["train"], num_shots=shots, seed=42, zero_shot_text_demos=True
+                )
                 fewshot = torch.utils.data.Subset(fewshot, range(len(queries)))
                 project_pass(model, task, fewshot)  # warm-up (allocator, lazy inits)
                 times = {"reference": [], "project": []}
@@ -209,11 +244,14 @@ def main() -> None:
                 ratios[size, shots] = ratio
                 cache = shared_media_cache(model)
                 wall_ratio = statistics.median(walls["reference"]) / statistics.median(walls["project"])
-                print(f"{size} ({params / 1e6:.1f}M params) {shots}-shot, {len(fewshot)} queries, CPU s: reference "
-                      f"min {min(ref):.2f} median {statistics.median(ref):.2f} | project min {min(ours):.2f} "
-                      f"median {statistics.median(ours):.2f} | speed-up median {ratio:.2f}x, min "
-                      f"{min(ref) / min(ours):.2f}x (wall clock median {wall_ratio:.2f}x) | same captions | "
-                      f"media cache {len(cache)} images, {cache.nbytes / 2**20:.2f} MiB", flush=True)
+                print(
+                    f"{size} ({params / 1e6:.1f}M params) {shots}-shot, {len(fewshot)} queries, CPU s: reference "
+                    f"min {min(ref):.2f} median {statistics.median(ref):.2f} | project min {min(ours):.2f} "
+                    f"median {statistics.median(ours):.2f} | speed-up median {ratio:.2f}x, min "
+                    f"{min(ref) / min(ours):.2f}x (wall clock median {wall_ratio:.2f}x) | same captions | "
+                    f"media cache {len(cache)} images, {cache.nbytes / 2**20:.2f} MiB",
+                    flush=True,
+                )
             del model
     for (size, shots), ratio in ratios.items():
         print(f"fewshot_{size}_{shots}shot_speedup={ratio:.2f}")

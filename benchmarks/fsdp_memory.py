@@ -60,8 +60,12 @@ def worker(strategy: str, out: Path) -> None:
     model_cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(read_yaml(TINY_YAML).model).items()}
     model_cfg["tiny"] = {**model_cfg["tiny"], **LM}
     model_cfg["cross_attn_every_n_layers"] = 4
-    model_cfg["trainable"] = {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False,
-                              "lang_encoder": True}
+    model_cfg["trainable"] = {
+        "perceiver": True,
+        "gated_cross_attn": True,
+        "new_token_embeddings": False,
+        "lang_encoder": True,
+    }
     model = build_model(model_cfg)
     phases["built"] = rss_mb()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -86,7 +90,8 @@ def worker(strategy: str, out: Path) -> None:
         phases[f"step{step + 1}"] = rss_mb()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     (out / f"{strategy}_rank{info.rank}.json").write_text(
-        json.dumps({"peak_mb": peak_mb, "losses": losses, "params": n_params, "phases": phases}))
+        json.dumps({"peak_mb": peak_mb, "losses": losses, "params": n_params, "phases": phases})
+    )
     dist.destroy()
 
 
@@ -94,12 +99,26 @@ def launch(strategy: str, work: Path) -> list[dict]:
     # glibc's dynamic mmap threshold otherwise keeps freed buffers of a few MB in the heap, so RSS would
     # count memory already freed (FSDP allocates and frees a unit's gathered weights and gradients every step);
     # a fixed threshold returns them to the OS and RSS tracks live memory. Both jobs run with it.
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
-               MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        TOKENIZERS_PARALLELISM="false",
+        MALLOC_MMAP_THRESHOLD_="65536",
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           "--worker", strategy, str(work)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        __file__,
+        "--worker",
+        strategy,
+        str(work),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{strategy} job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -115,10 +134,17 @@ def main() -> None:
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"losses differ: ddp {ddp[0]['losses']} fsdp {fsdp[0]['losses']}"
     peak = {name: max(r["peak_mb"] for r in ranks) for name, ranks in results.items()}
     print(f"model: {ddp[0]['params'] / 1e6:.1f}M trainable parameters (full fine-tuning), fp32, AdamW, 2 processes")
-    print(f"losses (equal): ddp {[round(x, 5) for x in ddp[0]['losses']]}  fsdp {[round(x, 5) for x in fsdp[0]['losses']]}")
+    print(
+        f"losses (equal): ddp {[round(x, 5) for x in ddp[0]['losses']]}  "
+        f"fsdp {[round(x, 5) for x in fsdp[0]['losses']]}"
+    )
     for name, ranks in results.items():
-        print(f"{name:5s} peak RSS per rank: " + ", ".join(f"rank{r} {x['peak_mb']:.0f} MB" for r, x in enumerate(ranks))
-              + "; rank 0 RSS after " + ", ".join(f"{k} {v:.0f}" for k, v in ranks[0]["phases"].items()))
+        print(
+            f"{name:5s} peak RSS per rank: "
+            + ", ".join(f"rank{r} {x['peak_mb']:.0f} MB" for r, x in enumerate(ranks))
+            + "; rank 0 RSS after "
+            + ", ".join(f"{k} {v:.0f}" for k, v in ranks[0]["phases"].items())
+        )
     ratio = peak["fsdp"] / peak["ddp"]
     print(f"target: fsdp <= 0.6 x ddp: {'met' if ratio <= 0.6 else 'NOT met'}")
     print(f"fsdp_over_ddp_peak_rss={ratio:.3f}")

@@ -22,7 +22,7 @@ def baseline_generate(model, vision_x, ids, mask, new_tokens: int) -> torch.Tens
     for _ in range(new_tokens):
         nxt = model(vision_x, seq, am).logits[:, -1].argmax(-1, keepdim=True)
         seq, am = torch.cat([seq, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
-    return seq[:, ids.shape[1]:]
+    return seq[:, ids.shape[1] :]
 
 
 def main() -> None:
@@ -45,8 +45,9 @@ def main() -> None:
     tok.padding_side = "left"
     prompt = "<image>question: what color is the circle? answer: red<|endofchunk|>" * 2 + "<image>question: how many"
     batch = tok([prompt] * args.batch, return_tensors="pt")
-    vision_x = torch.randn(args.batch, 3, 1, 3, model.image_size, model.image_size,
-                           generator=torch.Generator().manual_seed(0))
+    vision_x = torch.randn(
+        args.batch, 3, 1, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0)
+    )
 
     def timed(fn):
         best, out = float("inf"), None
@@ -58,8 +59,11 @@ def main() -> None:
         return best, out
 
     n = args.new_tokens
-    t_cached, cached = timed(lambda: model.generate(vision_x, batch.input_ids, batch.attention_mask,
-                                                    max_new_tokens=n, min_new_tokens=n, eos_token_id=None))
+    t_cached, cached = timed(
+        lambda: model.generate(
+            vision_x, batch.input_ids, batch.attention_mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=None
+        )
+    )
     t_base, base = timed(lambda: baseline_generate(model, vision_x, batch.input_ids, batch.attention_mask, n))
     if not torch.equal(cached, base):
         raise SystemExit("cached and re-encoding decoding produced different tokens")

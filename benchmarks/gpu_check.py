@@ -34,8 +34,18 @@ WORK = Path(tempfile.mkdtemp(prefix="gpu_check-"))
 LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 TRAIN_PARTS = {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False, "lm_embeddings": False}
 # Dense peak tensor-core TFLOP/s (bf16, or fp16 where there is no bf16) from the vendors' data sheets.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "A10": 125.0,
-               "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
 
 
 class Skip(Exception):
@@ -68,13 +78,29 @@ def train_runner(run_name: str, amp: str = "fp32", model=None, **run):
         def evaluate(self, records, split, dataset):
             return {"agg_metrics": float(len(records)), "n": len(records)}
 
-    settings = dict(device="cuda", amp=amp, batch_size_train=4, max_epoch=1, warmup_steps=1, init_lr=1e-3,
-                    valid_splits=["val"], best_metric="n", max_new_tokens=4, num_beams=1, min_new_tokens=0,
-                    length_penalty=1.0, batch_size_eval=4, save_epoch_end=False, run_name=run_name)
+    settings = dict(
+        device="cuda",
+        amp=amp,
+        batch_size_train=4,
+        max_epoch=1,
+        warmup_steps=1,
+        init_lr=1e-3,
+        valid_splits=["val"],
+        best_metric="n",
+        max_new_tokens=4,
+        num_beams=1,
+        min_new_tokens=0,
+        length_penalty=1.0,
+        batch_size_eval=4,
+        save_epoch_end=False,
+        run_name=run_name,
+    )
     cfg = make_cfg(WORK, **{**settings, **run})
     torch.manual_seed(0)
     model = model if model is not None else build_model(model_cfg())
-    datasets = {"lm": {"train": CaptionLikeDataset(24, model.image_size), "val": CaptionLikeDataset(5, model.image_size, 1)}}
+    datasets = {
+        "lm": {"train": CaptionLikeDataset(24, model.image_size), "val": CaptionLikeDataset(5, model.image_size, 1)}
+    }
     runner = registry.get("runner", "runner_base")(cfg, EvalTask(cfg), model, datasets)
     return runner, runner.train()
 
@@ -121,14 +147,16 @@ def check_fsdp_save_resume_evaluate() -> str:
     resumed_dir = WORK / "fsdp_resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(step3, resumed_dir / step3.name)
-    again, _ = train_runner("fsdp_resumed", amp, model=build(), strategy="fsdp", save_freq_steps=3,
-                            resume_ckpt_path="latest")
+    again, _ = train_runner(
+        "fsdp_resumed", amp, model=build(), strategy="fsdp", save_freq_steps=3, resume_ckpt_path="latest"
+    )
     resumed = again.strategy.gather_trainable_state_dict(again.model)
     diff = max((final[k] - resumed[k]).abs().max().item() for k in final)
     assert diff < tolerance, f"resumed run differs by {diff}"
     last = sharded.step_checkpoint_dir(runner.paths.run_dir, summary["step"])
-    _, evaluated = train_runner("fsdp_eval", amp, model=build(), strategy="fsdp", evaluate=True,
-                                resume_ckpt_path=str(last))
+    _, evaluated = train_runner(
+        "fsdp_eval", amp, model=build(), strategy="fsdp", evaluate=True, resume_ckpt_path=str(last)
+    )
     n = evaluated["test"]["val"]["lm"]["n"]
     assert n == 5, evaluated
     return f"{amp}, {summary['step']} steps, resumed from step 3 (max |diff| {diff:.1e}), evaluated {n} samples"
@@ -171,8 +199,10 @@ def check_fp16_grad_scaler(strategy: str) -> str:
     assert masters == {torch.float32}, masters
     assert isinstance(runner.scaler, base), type(runner.scaler)
     assert CountingScaler.skipped > 0 and CountingScaler.taken > 0, (CountingScaler.skipped, CountingScaler.taken)
-    return (f"{summary['step']} steps: {CountingScaler.skipped} skipped by the GradScaler, {CountingScaler.taken} "
-            f"taken, final scale {runner.scaler.get_scale():.0f}")
+    return (
+        f"{summary['step']} steps: {CountingScaler.skipped} skipped by the GradScaler, {CountingScaler.taken} "
+        f"taken, final scale {runner.scaler.get_scale():.0f}"
+    )
 
 
 def check_bf16() -> str:
@@ -211,8 +241,15 @@ def _random_lm_dir(vocab: int) -> str:
     path = WORK / "random_llama"
     if not path.is_dir():
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=512,
+        )
         LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
 
@@ -226,9 +263,15 @@ def check_bitsandbytes(bits: str) -> str:
 
     vocab = len(build_tiny_tokenizer(read_yaml(TINY_YAML).model.tiny.tokenizer_vocab_size))
     torch.manual_seed(0)
-    model = build_model(model_cfg(lang_encoder_path=_random_lm_dir(vocab), quantization=bits,
-                                  frozen_dtype="float16", cross_attn_every_n_layers=2,
-                                  trainable={**TRAIN_PARTS, "lm_embeddings": False}))
+    model = build_model(
+        model_cfg(
+            lang_encoder_path=_random_lm_dir(vocab),
+            quantization=bits,
+            frozen_dtype="float16",
+            cross_attn_every_n_layers=2,
+            trainable={**TRAIN_PARTS, "lm_embeddings": False},
+        )
+    )
     model.perceiver.cuda()
     model.gated_cross_attn_layers.cuda()
     model.vision_encoder.cuda()
@@ -243,7 +286,8 @@ def check_bitsandbytes(bits: str) -> str:
     optimizer.step()
     moved = sum(not torch.equal(p.detach(), lora[n]) for n, p in model.named_parameters() if n in lora)
     assert torch.isfinite(loss) and moved == len(lora), (loss, moved, len(lora))
-    return f"loss {loss.item():.3f}, {moved} LoRA tensors updated, {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB peak"
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    return f"loss {loss.item():.3f}, {moved} LoRA tensors updated, {peak:.0f} MiB peak"
 
 
 def check_throughput() -> str:
@@ -251,11 +295,26 @@ def check_throughput() -> str:
     if not torch.cuda.is_bf16_supported(including_emulation=False):
         raise Skip("this GPU has no native bf16")
     torch.manual_seed(0)
-    tiny = {"lm_hidden_size": 2048, "lm_layers": 16, "lm_heads": 16, "lm_intermediate_size": 5504,
-            "image_size": 224, "patch_size": 14, "vision_width": 768, "vision_layers": 12, "vision_head_width": 64}
-    model = build_model(model_cfg(tiny=tiny, frozen_dtype="bfloat16", cross_attn_every_n_layers=4,
-                                  perceiver={"depth": 2, "heads": 8, "dim_head": 64, "num_latents": 64, "ff_mult": 2},
-                                  cross_attention={"heads": 8, "dim_head": 64, "ff_mult": 2})).cuda()
+    tiny = {
+        "lm_hidden_size": 2048,
+        "lm_layers": 16,
+        "lm_heads": 16,
+        "lm_intermediate_size": 5504,
+        "image_size": 224,
+        "patch_size": 14,
+        "vision_width": 768,
+        "vision_layers": 12,
+        "vision_head_width": 64,
+    }
+    model = build_model(
+        model_cfg(
+            tiny=tiny,
+            frozen_dtype="bfloat16",
+            cross_attn_every_n_layers=4,
+            perceiver={"depth": 2, "heads": 8, "dim_head": 64, "num_latents": 64, "ff_mult": 2},
+            cross_attention={"heads": 8, "dim_head": 64, "ff_mult": 2},
+        )
+    ).cuda()
     n_total = sum(p.numel() for p in model.parameters())
     n_vision = sum(p.numel() for p in model.vision_encoder.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -292,8 +351,10 @@ def check_throughput() -> str:
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     achieved = flops / seconds / 1e12
     mfu = f"MFU {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else "MFU n/a (peak of this GPU unknown)"
-    return (f"{n_total / 1e9:.2f}B params ({n_train / 1e6:.1f}M trainable), batch {batch_size}x{seq}: "
-            f"{tokens / seconds:,.0f} tokens/s, {achieved:.1f} TFLOP/s, {mfu}")
+    return (
+        f"{n_total / 1e9:.2f}B params ({n_train / 1e6:.1f}M trainable), batch {batch_size}x{seq}: "
+        f"{tokens / seconds:,.0f} tokens/s, {achieved:.1f} TFLOP/s, {mfu}"
+    )
 
 
 CHECKS = [
@@ -319,8 +380,10 @@ def main() -> int:
 
     torch.cuda.set_device(0)
     tdist.init_process_group("nccl", device_id=torch.device("cuda", 0))
-    print(f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), "
-          f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(
+        f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    )
     counts = {"ok": 0, "FAIL": 0, "skip": 0}
     for name, check in CHECKS:
         start = time.perf_counter()

@@ -40,8 +40,15 @@ def make_data(root: Path, n: int) -> dict:
         name = f"COCO_train2014_{i:012d}.jpg"
         pixels = rng.integers(0, 256, size=(256, 320, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / "train2014" / name, quality=90)
-        images.append({"filepath": "train2014", "filename": name, "cocoid": i, "split": "train",
-                       "sentences": [{"raw": f"a photo number {i}"}]})
+        images.append(
+            {
+                "filepath": "train2014",
+                "filename": name,
+                "cocoid": i,
+                "split": "train",
+                "sentences": [{"raw": f"a photo number {i}"}],
+            }
+        )
     (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
     return {"images": str(root), "karpathy_file": str(root / "dataset_coco.json")}
 
@@ -51,11 +58,13 @@ class BareDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths):
         self.paths = paths
-        self.transform = T.Compose([
-            T.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.ToTensor(),
-            T.Normalize(CLIP_MEAN, CLIP_STD),
-        ])
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.ToTensor(),
+                T.Normalize(CLIP_MEAN, CLIP_STD),
+            ]
+        )
 
     def __len__(self):
         return len(self.paths)
@@ -93,8 +102,11 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         info = make_data(Path(tmp), args.num_images)
-        section = {"build_info": info, "splits": ["train"],
-                   "vis_processor": {"train": {"name": "clip_image_train", "image_size": 224}}}
+        section = {
+            "build_info": info,
+            "splits": ["train"],
+            "vis_processor": {"train": {"name": "clip_image_train", "image_size": 224}},
+        }
         ours = registry.get("builder", "coco_caption")(section).build_datasets()["train"]
         bare = BareDataset([r["image_path"] for r in ours.records])
         ratios = []

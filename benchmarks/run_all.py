@@ -22,8 +22,11 @@ from lavis.common.fileio import atomic_write_text  # noqa: E402
 
 # (script, what it compares, target)
 BENCHMARKS = [
-    ("fewshot_eval.py", "few-shot captioning: OpenFlamingo's loop vs evaluate.py's pass (tiny + 40M, 0/8/32 shots)",
-     ">= 3x at 8/32 shots, >= 2x at 0"),
+    (
+        "fewshot_eval.py",
+        "few-shot captioning: OpenFlamingo's loop vs evaluate.py's pass (tiny + 40M, 0/8/32 shots)",
+        ">= 3x at 8/32 shots, >= 2x at 0",
+    ),
     ("train_step.py", "reference-faithful training step vs train.py's iteration with data (40M)", ">= 1.5x"),
     ("runner_overhead.py", "runner vs bare PyTorch loop (s/step ratio)", "<= 1.03"),
     ("lora_memory.py", "LoRA vs full fine-tuning of a 257M LM, peak RSS", "<= 0.5x"),
@@ -50,8 +53,9 @@ def main() -> None:
             continue
         load = os.getloadavg()[0]
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(HERE / script)], capture_output=True, text=True, env=env,
-                              cwd=HERE.parent, check=False)
+        proc = subprocess.run(
+            [sys.executable, str(HERE / script)], capture_output=True, text=True, env=env, cwd=HERE.parent, check=False
+        )
         seconds = time.perf_counter() - start
         lines = [line for line in proc.stdout.splitlines() if line.strip()]
         figures = [line for line in lines if FIGURE.match(line)]
@@ -62,9 +66,15 @@ def main() -> None:
             summary += proc.stderr.splitlines()[-5:]
         print(f"== {script}: {status}, {seconds:.0f} s, load {load:.1f}", *figures, sep="\n", flush=True)
         sections.append((script, what, target, status, seconds, load, figures, summary))
-    out = ["# Benchmark results", "", f"Written by `make bench` (benchmarks/run_all.py) on {time.strftime('%Y-%m-%d %H:%M')}, "
-           f"{os.cpu_count()} CPU(s); load = 1-minute load average when the benchmark started.", "",
-           "| benchmark | compares | target | headline | status | time | load |", "|---|---|---|---|---|---|---|"]
+    out = [
+        "# Benchmark results",
+        "",
+        f"Written by `make bench` (benchmarks/run_all.py) on {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"{os.cpu_count()} CPU(s); load = 1-minute load average when the benchmark started.",
+        "",
+        "| benchmark | compares | target | headline | status | time | load |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for script, what, target, status, seconds, load, figures, _ in sections:
         headline = figures[-1] if figures else ""
         out.append(f"| `{script}` | {what} | {target} | `{headline}` | {status} | {seconds:.0f} s | {load:.1f} |")

@@ -49,8 +49,9 @@ class MLP(TrainableModel):
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
-                                 nn.Linear(HIDDEN, 1))
+        self.net = nn.Sequential(
+            nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, 1)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -105,8 +106,18 @@ def bare_loop(steps: int, warmup: int) -> float:
 
 def runner_loop(steps: int, warmup: int, root: str, i: int) -> float:
     run = dataclasses.asdict(RunConfig())
-    run.update(task="none", output_dir=root, run_name=f"bench{i}", batch_size_train=BATCH, max_epoch=1,
-               init_lr=1e-4, max_grad_norm=1.0, log_freq=50, save_epoch_end=False, progress_bar=True)
+    run.update(
+        task="none",
+        output_dir=root,
+        run_name=f"bench{i}",
+        batch_size_train=BATCH,
+        max_epoch=1,
+        init_lr=1e-4,
+        max_grad_norm=1.0,
+        log_freq=50,
+        save_epoch_end=False,
+        progress_bar=True,
+    )
     cfg = OmegaConf.create({"model": {}, "datasets": {}, "run": run})
     task = TimedTask()
     runner = RunnerBase(cfg, task, make_model(), {"blobs": {"train": Blobs(steps * BATCH)}})

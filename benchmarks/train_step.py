@@ -76,11 +76,30 @@ def per_step(stamps: list[float], warmup: int) -> float:
 
 def run_cfg(root: str, name: str, steps: int) -> dict:
     run = dataclasses.asdict(RunConfig())
-    run.update(task="captioning", output_dir=root, run_name=name, batch_size_train=BATCH, max_epoch=1,
-               max_steps=steps, init_lr=1e-4, weight_decay=0.1, max_grad_norm=1.0, log_freq=10,
-               save_epoch_end=False, progress_bar=False, train_splits=["train"], valid_splits=[], test_splits=[],
-               seed=0, metrics=["CIDEr"], agg_metric="CIDEr", num_beams=3, max_new_tokens=20, min_new_tokens=0,
-               length_penalty=-2.0)
+    run.update(
+        task="captioning",
+        output_dir=root,
+        run_name=name,
+        batch_size_train=BATCH,
+        max_epoch=1,
+        max_steps=steps,
+        init_lr=1e-4,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        log_freq=10,
+        save_epoch_end=False,
+        progress_bar=False,
+        train_splits=["train"],
+        valid_splits=[],
+        test_splits=[],
+        seed=0,
+        metrics=["CIDEr"],
+        agg_metric="CIDEr",
+        num_beams=3,
+        max_new_tokens=20,
+        min_new_tokens=0,
+        length_penalty=-2.0,
+    )
     return run
 
 
@@ -114,10 +133,17 @@ def main() -> None:
     torch.set_num_threads(1)
     warmup = min(5, args.steps // 5)
     with tempfile.TemporaryDirectory(prefix="train-bench-") as root:
-        datasets = {"shapes_caption": ShapesCaptionBuilder({
-            "shapes": {"root": str(Path(root) / "shapes"), "num_images": 400, "image_size": 64},
-            "vis_processor": {"train": {"name": "clip_image_eval", "image_size": 64},
-                              "eval": {"name": "clip_image_eval", "image_size": 64}}}).build_datasets()}
+        datasets = {
+            "shapes_caption": ShapesCaptionBuilder(
+                {
+                    "shapes": {"root": str(Path(root) / "shapes"), "num_images": 400, "image_size": 64},
+                    "vis_processor": {
+                        "train": {"name": "clip_image_eval", "image_size": 64},
+                        "eval": {"name": "clip_image_eval", "image_size": 64},
+                    },
+                }
+            ).build_datasets()
+        }
         ref_times, ours_times = [], []
         for i in range(args.repeats):
             # reference: the first `steps` batches of the same stream the runner reads, collated up front
@@ -130,14 +156,22 @@ def main() -> None:
             ref_times.append(per_step(stamps, warmup))
 
             model = model_40m()
-            task = Stamped(OmegaConf.create({"model": {}, "datasets": {}, "run": run_cfg(root, f"ours{i}", args.steps)}))
-            runner = RunnerBase(OmegaConf.create({"model": {}, "datasets": {}, "run": run_cfg(root, f"ours{i}", args.steps)}),
-                                task, model, datasets)
+            task = Stamped(
+                OmegaConf.create({"model": {}, "datasets": {}, "run": run_cfg(root, f"ours{i}", args.steps)})
+            )
+            runner = RunnerBase(
+                OmegaConf.create({"model": {}, "datasets": {}, "run": run_cfg(root, f"ours{i}", args.steps)}),
+                task,
+                model,
+                datasets,
+            )
             runner.train()
             runner.close()
             ours_times.append(per_step(task.stamps, warmup))
-            print(f"repeat {i}: reference {ref_times[-1] * 1e3:.1f} ms/step, project {ours_times[-1] * 1e3:.1f} ms/step",
-                  flush=True)
+            print(
+                f"repeat {i}: reference {ref_times[-1] * 1e3:.1f} ms/step, project {ours_times[-1] * 1e3:.1f} ms/step",
+                flush=True,
+            )
             if not all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref_losses, task.losses)):
                 raise SystemExit(f"first losses differ: reference {ref_losses} vs project {task.losses}")
     r, o = statistics.median(ref_times), statistics.median(ours_times)

@@ -31,17 +31,61 @@ from lavis.metrics.vqa_normalize import ARTICLES, CONTRACTIONS, NUMBER_WORDS, PU
 ANSWERS = {
     "yes/no": ["yes", "no"],
     "number": ["0", "1", "2", "3", "4", "5", "6", "10", "12", "20", "100"],
-    "other": ["red", "blue", "white", "black", "green", "dog", "cat", "pizza", "tennis", "baseball",
-              "frisbee", "skateboarding", "kitchen", "bathroom", "giraffe", "elephant", "surfing", "table",
-              "left", "right", "wood", "grass", "snow", "water", "train", "bus", "fire hydrant", "stop sign",
-              "hot dog", "teddy bear", "cell phone", "t-shirt", "black and white", "on table", "umbrella"],
+    "other": [
+        "red",
+        "blue",
+        "white",
+        "black",
+        "green",
+        "dog",
+        "cat",
+        "pizza",
+        "tennis",
+        "baseball",
+        "frisbee",
+        "skateboarding",
+        "kitchen",
+        "bathroom",
+        "giraffe",
+        "elephant",
+        "surfing",
+        "table",
+        "left",
+        "right",
+        "wood",
+        "grass",
+        "snow",
+        "water",
+        "train",
+        "bus",
+        "fire hydrant",
+        "stop sign",
+        "hot dog",
+        "teddy bear",
+        "cell phone",
+        "t-shirt",
+        "black and white",
+        "on table",
+        "umbrella",
+    ],
 }
-DIGIT_WORDS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "6": "six",
-                "10": "ten"}
-QUESTION_TYPES = {"yes/no": ["is the", "are there", "does the", "is this", "can you", "is it"],
-                  "number": ["how many", "how many people are", "what number is"],
-                  "other": ["what color is the", "what is the", "what is", "where is the", "what sport is",
-                            "what room is", "what animal is", "which", "why", "what is on the"]}
+DIGIT_WORDS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "6": "six", "10": "ten"}
+QUESTION_TYPES = {
+    "yes/no": ["is the", "are there", "does the", "is this", "can you", "is it"],
+    "number": ["how many", "how many people are", "what number is"],
+    "other": [
+        "what color is the",
+        "what is the",
+        "what is",
+        "where is the",
+        "what sport is",
+        "what room is",
+        "what animal is",
+        "which",
+        "why",
+        "what is on the",
+    ],
+}
 
 
 def _noisy(rng: random.Random, answer: str) -> str:
@@ -77,12 +121,20 @@ def generate(n: int, seed: int) -> tuple[list, list, list]:
         answers = []
         for j in range(10):
             given = truth if rng.random() < agreement else rng.choice(pool)
-            answers.append({"answer": _noisy(rng, given), "answer_confidence": rng.choice(["yes", "maybe"]),
-                            "answer_id": j + 1})
+            answers.append(
+                {"answer": _noisy(rng, given), "answer_confidence": rng.choice(["yes", "maybe"]), "answer_id": j + 1}
+            )
         questions.append({"image_id": image_id, "question": "?", "question_id": qid})
-        annotations.append({"question_id": qid, "image_id": image_id, "answer_type": answer_type,
-                            "question_type": rng.choice(QUESTION_TYPES[answer_type]),
-                            "multiple_choice_answer": truth, "answers": answers})
+        annotations.append(
+            {
+                "question_id": qid,
+                "image_id": image_id,
+                "answer_type": answer_type,
+                "question_type": rng.choice(QUESTION_TYPES[answer_type]),
+                "multiple_choice_answer": truth,
+                "answers": answers,
+            }
+        )
         pred = truth if rng.random() < 0.6 else rng.choice(pool)
         results.append({"question_id": qid, "answer": _noisy(rng, pred)})
     return questions, annotations, results
@@ -145,10 +197,12 @@ def baseline(annotations: list, results: list) -> dict:
         by_qt.setdefault(gt["question_type"], []).append(acc)
         by_at.setdefault(gt["answer_type"], []).append(acc)
         per_q[qid] = _round2(100 * acc)
-    return {"overall": _round2(100 * float(sum(acc_qa)) / len(acc_qa)),
-            "perQuestionType": {k: _round2(100 * float(sum(v)) / len(v)) for k, v in by_qt.items()},
-            "perAnswerType": {k: _round2(100 * float(sum(v)) / len(v)) for k, v in by_at.items()},
-            "perQuestion": per_q}
+    return {
+        "overall": _round2(100 * float(sum(acc_qa)) / len(acc_qa)),
+        "perQuestionType": {k: _round2(100 * float(sum(v)) / len(v)) for k, v in by_qt.items()},
+        "perAnswerType": {k: _round2(100 * float(sum(v)) / len(v)) for k, v in by_at.items()},
+        "perQuestion": per_q,
+    }
 
 
 def official(paths: dict) -> dict:
@@ -165,8 +219,9 @@ def official(paths: dict) -> dict:
 
 
 def project(paths: dict) -> dict:
-    return vqa_accuracy(paths["questions"], paths["annotations"], paths["results"], per_question=True,
-                        all_questions=True)
+    return vqa_accuracy(
+        paths["questions"], paths["annotations"], paths["results"], per_question=True, all_questions=True
+    )
 
 
 def main() -> None:
@@ -180,8 +235,11 @@ def main() -> None:
     questions, annotations, results = generate(args.questions, args.seed)
     with tempfile.TemporaryDirectory(prefix="vqa-bench-") as tmp:
         paths = {name: f"{tmp}/{name}.json" for name in ("questions", "annotations", "results")}
-        for name, data in (("questions", {"questions": questions}), ("annotations", {"annotations": annotations}),
-                           ("results", results)):
+        for name, data in (
+            ("questions", {"questions": questions}),
+            ("annotations", {"annotations": annotations}),
+            ("results", results),
+        ):
             with open(paths[name], "w") as f:
                 json.dump(data, f)
         del questions, annotations, results

@@ -9,8 +9,14 @@ from __future__ import annotations
 import argparse
 import inspect
 
-SECTIONS = {"models": "model", "datasets": "builder", "tasks": "task", "processors": "processor",
-            "lr_schedulers": "lr_scheduler", "runners": "runner"}
+SECTIONS = {
+    "models": "model",
+    "datasets": "builder",
+    "tasks": "task",
+    "processors": "processor",
+    "lr_schedulers": "lr_scheduler",
+    "runners": "runner",
+}
 
 
 def _summary(obj) -> str:
@@ -50,8 +56,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lavis", description="PET-VLM command line")
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("list", help="list the registered components")
-    show.add_argument("what", nargs="*", choices=list(SECTIONS), default=[],
-                      help="which registries (default: all)")
+    show.add_argument("what", nargs="*", choices=list(SECTIONS), default=[], help="which registries (default: all)")
     args = parser.parse_args(argv)
     print(listing(list(args.what) or list(SECTIONS)))
 

@@ -24,12 +24,14 @@ def _parser(description: str, checkpoint: bool) -> argparse.ArgumentParser:
     )
     if checkpoint:
         parser.add_argument(
-            "--checkpoint", default=None,
+            "--checkpoint",
+            default=None,
             help="step_*.pt, best.pt, a run directory (its best, else latest), a peft adapter folder or an "
-                 "OpenFlamingo checkpoint.pt (default: the configured pretrained model)",
+            "OpenFlamingo checkpoint.pt (default: the configured pretrained model)",
         )
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the merged, validated config (YAML) and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the merged, validated config (YAML) and exit"
+    )
     return parser
 
 
@@ -82,8 +84,12 @@ def structure_from_checkpoint(cfg, checkpoint: str):
     section = model_section_for(trained, configured)
     log = get_logger()
     if trained.kind == "openflamingo":
-        log.info("%s: an OpenFlamingo checkpoint.pt, used as model.pretrained_checkpoint_path (the same as "
-                 "--options model.pretrained_checkpoint_path=%s)", trained.path, trained.path)
+        log.info(
+            "%s: an OpenFlamingo checkpoint.pt, used as model.pretrained_checkpoint_path (the same as "
+            "--options model.pretrained_checkpoint_path=%s)",
+            trained.path,
+            trained.path,
+        )
     changed = [key for key in section if section[key] != configured.get(key)]
     for key in changed:
         cfg.model[key] = section[key]
@@ -188,9 +194,12 @@ def _set_evaluation_run_dir(cfg, args, trained) -> Path:
         if name and _same_evaluation(output_dir / name, cfg, trained):
             decided = {"name": name}  # re-running the same evaluation continues it (lavis.runners.eval_cache)
         elif given and (output_dir / name).exists():
-            decided = {"error": (
-                f"run.run_name: {output_dir / name} already exists; evaluate.py never writes into an existing "
-                f"directory: choose another run.run_name, or leave it out for a fresh eval_* folder")}
+            decided = {
+                "error": (
+                    f"run.run_name: {output_dir / name} already exists; evaluate.py never writes into an existing "
+                    f"directory: choose another run.run_name, or leave it out for a fresh eval_* folder"
+                )
+            }
         elif name and not (output_dir / name).exists():
             decided = {"name": name}
         else:
@@ -199,8 +208,12 @@ def _set_evaluation_run_dir(cfg, args, trained) -> Path:
             while (output_dir / name).exists() and not _same_evaluation(output_dir / name, cfg, trained):
                 name, n = f"{base}_{n}", n + 1
             if cfg.run.run_name:
-                get_logger().info("run.run_name %r is taken (%s): this evaluation writes to %s", cfg.run.run_name,
-                                  output_dir / cfg.run.run_name, output_dir / name)
+                get_logger().info(
+                    "run.run_name %r is taken (%s): this evaluation writes to %s",
+                    cfg.run.run_name,
+                    output_dir / cfg.run.run_name,
+                    output_dir / name,
+                )
             decided = {"name": name}
     decided = dist.broadcast_object(decided)
     if "error" in decided:
@@ -239,8 +252,11 @@ def _clean_failed_evaluation(run_dir: Path, err: BaseException, keep: bool = Fal
     close_logging()  # log.txt is open in there
     results = run_dir / "results"
     cache = run_dir / CACHE_DIR
-    written = ((results.is_dir() and any(results.iterdir())) or (run_dir / "fewshot_table.json").exists()
-               or (cache.is_dir() and any(p.name != "fingerprint.json" for p in cache.iterdir())))
+    written = (
+        (results.is_dir() and any(results.iterdir()))
+        or (run_dir / "fewshot_table.json").exists()
+        or (cache.is_dir() and any(p.name != "fingerprint.json" for p in cache.iterdir()))
+    )
     if written or keep:
         atomic_write_text(run_dir / "FAILED", f"{type(err).__name__}: {err}\n")
     else:

@@ -28,8 +28,19 @@ METRIC_NAMES = {"shapes_caption": "CIDEr", "shapes_vqa": "VQA accuracy"}
 
 
 def _torchrun(script: str, cfg: Path, options: list[str], nproc: int, extra: list[str] = ()) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / script), "--cfg-path", str(cfg), *extra, "--options", *options]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(REPO / script),
+        "--cfg-path",
+        str(cfg),
+        *extra,
+        "--options",
+        *options,
+    ]
     print("+", " ".join(cmd[2:]), flush=True)
     # One thread per process: the two processes share the machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -48,13 +59,14 @@ def _generate_data() -> None:
 def before_after_table(before: dict, after: dict) -> str:
     """Markdown: one row per (model, data set), one column per shot count."""
     shots = sorted({int(s) for table in (before, after) for row in table["rows"].values() for s in row})
-    lines = ["| model | data (metric) | " + " | ".join(f"{s}-shot" for s in shots) + " |",
-             "|" + "---|" * (len(shots) + 2)]
+    lines = [
+        "| model | data (metric) | " + " | ".join(f"{s}-shot" for s in shots) + " |",
+        "|" + "---|" * (len(shots) + 2),
+    ]
     for label, table in (("untrained", before), ("trained", after)):
         for data, row in table["rows"].items():
             metric = METRIC_NAMES.get(data.split("/")[0], "agg_metrics")
-            cells = [f"{row[str(s)]['mean']:.1f}" if row.get(str(s), {}).get("mean") is not None else ""
-                     for s in shots]
+            cells = [f"{row[str(s)]['mean']:.1f}" if row.get(str(s), {}).get("mean") is not None else "" for s in shots]
             lines.append(f"| {label} | {data} ({metric}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -90,8 +102,9 @@ def main(argv=None) -> None:
 
         trained = latest_checkpoint(run_dir / "train")
         print("== 4/4 trained model, 0-shot and 4-shot", flush=True)
-        _torchrun("evaluate.py", EVAL_CFG, [*common, "run.run_name=after"], args.nproc,
-                  extra=["--checkpoint", str(trained)])
+        _torchrun(
+            "evaluate.py", EVAL_CFG, [*common, "run.run_name=after"], args.nproc, extra=["--checkpoint", str(trained)]
+        )
     except UserError as err:
         sys.exit(f"error: {err}")
     except subprocess.CalledProcessError as err:

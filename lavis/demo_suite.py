@@ -15,8 +15,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ["suite_captioning", "suite_vqa", "suite_classification", "suite_imagenet"]
-METRICS = {"flickr30k": "CIDEr", "okvqa": "VQA acc (v2)", "textvqa": "VQA acc (v2)", "vizwiz": "VQA acc (v2)",
-           "hateful_memes": "ROC AUC", "imagenet": "top-1"}
+METRICS = {
+    "flickr30k": "CIDEr",
+    "okvqa": "VQA acc (v2)",
+    "textvqa": "VQA acc (v2)",
+    "vizwiz": "VQA acc (v2)",
+    "hateful_memes": "ROC AUC",
+    "imagenet": "top-1",
+}
 
 
 def main(argv=None) -> int:
@@ -32,8 +38,16 @@ def main(argv=None) -> int:
     for name in CONFIGS:
         run_name = f"{stamp}_{name}"
         extra = ["--checkpoint", args.checkpoint] if args.checkpoint else []
-        evaluate_main(["--cfg-path", str(REPO / "configs" / "demo" / f"{name}.yaml"), *extra,
-                       "--options", f"run.output_dir={args.output_dir}", f"run.run_name={run_name}"])
+        evaluate_main(
+            [
+                "--cfg-path",
+                str(REPO / "configs" / "demo" / f"{name}.yaml"),
+                *extra,
+                "--options",
+                f"run.output_dir={args.output_dir}",
+                f"run.run_name={run_name}",
+            ]
+        )
         results = json.loads((Path(args.output_dir) / run_name / "results.json").read_text())
         for data, row in results["results"].items():
             metric = METRICS.get(data.split("/")[0].removeprefix("shapes_"), "agg_metrics")

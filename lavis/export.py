@@ -31,8 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="step_*.pt, best.pt or a run directory")
     parser.add_argument("--out", required=True, help="output folder (replaced atomically if it exists)")
     parser.add_argument("--format", choices=FORMATS, default="peft")
-    parser.add_argument("--base-model", default=None,
-                        help="peft: base_model_name_or_path to record (default: the config's model.lang_encoder_path)")
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="peft: base_model_name_or_path to record (default: the config's model.lang_encoder_path)",
+    )
     return parser
 
 
@@ -47,8 +50,11 @@ def export_peft(model, section: dict, out: Path, base_model: str | None = None) 
     from lavis.models.trained import FLAMINGO_TRAINABLE, MODEL_SECTION
 
     base = base_model or section.get("lang_encoder_path") or os.environ.get("LLAMA_PATH")
-    outside_lm = {name: tensor.detach().cpu().contiguous() for name, tensor in model.trainable_state_dict().items()
-                  if not name.startswith("lang_encoder.")}
+    outside_lm = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in model.trainable_state_dict().items()
+        if not name.startswith("lang_encoder.")
+    }
 
     def sidecars(folder: str) -> None:
         Path(folder, MODEL_SECTION).write_text(yaml.safe_dump(section, sort_keys=False))
@@ -77,8 +83,10 @@ def export_single(trained, out: Path) -> Path:
     from lavis.runners.sharded_checkpoint import consolidate, is_sharded_checkpoint
 
     if not is_sharded_checkpoint(trained.path):
-        raise ConfigError(f"--format single: {trained.path} is already a single-file checkpoint (it consolidates a "
-                          f"sharded checkpoints/step_*/ directory)")
+        raise ConfigError(
+            f"--format single: {trained.path} is already a single-file checkpoint (it consolidates a "
+            f"sharded checkpoints/step_*/ directory)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return consolidate(trained.path, out / "checkpoint.pt")
 
@@ -107,8 +115,10 @@ def export(checkpoint: str, out: str, fmt: str, base_model: str | None = None) -
     if fmt == "merged":
         merge_and_export(model, str(out_path))
         if any(not name.startswith("lang_encoder.") for name in model.trainable_state_dict()):
-            log.warning("the merged folder is the language model alone; the trained perceiver and cross-attention "
-                        "are in --format openflamingo (or peft, for this framework)")
+            log.warning(
+                "the merged folder is the language model alone; the trained perceiver and cross-attention "
+                "are in --format openflamingo (or peft, for this framework)"
+            )
         return out_path
     return export_openflamingo(model, out_path)
 

@@ -20,8 +20,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lavis.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="step_*.pt, best.pt, a run directory, a peft adapter folder or an "
-                                             "OpenFlamingo checkpoint.pt (default: the untrained --model-type)")
+    parser.add_argument(
+        "--checkpoint",
+        help="step_*.pt, best.pt, a run directory, a peft adapter folder or an "
+        "OpenFlamingo checkpoint.pt (default: the untrained --model-type)",
+    )
     parser.add_argument("--model-type", default=None, help="model type without --checkpoint (e.g. tiny)")
     parser.add_argument("--cfg-path", default=None, help="a project YAML whose model section to use")
     parser.add_argument("--image", nargs="+", required=True, help="image files, folders or globs")
@@ -82,10 +85,12 @@ def predict(args) -> list[dict]:
     images = expand_images(args.image)
     demos = read_demos(args.demos, args.question is not None) if args.demos else None
     model_type = args.model_type if (args.model_type or args.checkpoint or args.cfg_path) else "tiny"
-    model, _, _ = load_model_and_preprocess(model_type=model_type, checkpoint=args.checkpoint,
-                                            cfg=args.cfg_path, device=args.device)
-    decoding = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
-                if v is not None}
+    model, _, _ = load_model_and_preprocess(
+        model_type=model_type, checkpoint=args.checkpoint, cfg=args.cfg_path, device=args.device
+    )
+    decoding = {
+        k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v is not None
+    }
     if args.question is None:
         texts = model.caption(images, demos=demos, batch_size=args.batch_size, **decoding)
         return [{"image": str(p), "caption": t} for p, t in zip(images, texts)]

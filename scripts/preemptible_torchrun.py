@@ -47,8 +47,11 @@ def main(argv: list[str]) -> int:
             launcher.send_signal(signum)
             return
         workers = worker_pids(launcher.pid)
-        print(f"preemptible_torchrun: {signal.Signals(signum).name}: forwarding to the workers {workers}",
-              file=sys.stderr, flush=True)
+        print(
+            f"preemptible_torchrun: {signal.Signals(signum).name}: forwarding to the workers {workers}",
+            file=sys.stderr,
+            flush=True,
+        )
         for pid in workers:
             try:
                 os.kill(pid, signal.SIGTERM)

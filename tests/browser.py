@@ -21,9 +21,18 @@ import pytest
 
 # Flags for a sandboxed, offline machine: without the background-networking ones Chromium keeps trying
 # (and failing) to reach Google's services.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1400,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1000",
+]
 
 
 def _binary(*names: str) -> str | None:
@@ -44,8 +53,9 @@ class Browser:
 
     def _call(self, method: str, path: str, body: dict | None = None):
         data = json.dumps(body or {}).encode() if method == "POST" else None
-        request = urllib.request.Request(self.base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return json.loads(response.read())["value"]
@@ -100,13 +110,21 @@ def headless_chromium():
                     break
             except OSError:
                 time.sleep(0.1)
-        capabilities = {"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {"binary": chromium, "args": [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]},
-            "goog:loggingPrefs": {"browser": "ALL"},
-        }}}
-        request = urllib.request.Request(base + "/session", data=json.dumps(capabilities).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
+        capabilities = {
+            "capabilities": {
+                "alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {"binary": chromium, "args": [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]},
+                    "goog:loggingPrefs": {"browser": "ALL"},
+                }
+            }
+        }
+        request = urllib.request.Request(
+            base + "/session",
+            data=json.dumps(capabilities).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 session = json.loads(response.read())["value"]["sessionId"]
@@ -117,8 +135,7 @@ def headless_chromium():
     finally:
         if session is not None:
             with contextlib.suppress(OSError):
-                urllib.request.urlopen(urllib.request.Request(f"{base}/session/{session}", method="DELETE"),
-                                       timeout=10)
+                urllib.request.urlopen(urllib.request.Request(f"{base}/session/{session}", method="DELETE"), timeout=10)
         process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)

@@ -25,16 +25,30 @@ TINY_MODEL = {
     "arch": "openflamingo",
     "model_type": "tiny",
     "trainable": {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False, "lm_embeddings": True},
-    "adapters": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
-                 "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                 "apply_to": ["lang_encoder"]},
+    "adapters": {
+        "method": "lora",
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "apply_to": ["lang_encoder"],
+    },
 }
 # Short greedy decoding keeps every evaluation at a fraction of a second.
 FAST_DECODING = {"num_beams": 1, "max_new_tokens": 8, "length_penalty": 0.0}
 # The caption_vqa task also decodes VQA answers, with their own length.
 FAST_JOINT_DECODING = {**FAST_DECODING, "vqa_max_new_tokens": 3}
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
+_DIST_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "GROUP_RANK",
+    "ROLE_RANK",
+)
 
 
 def shapes_section(root: Path) -> dict:
@@ -50,16 +64,29 @@ def write_config(path: Path, *, run: dict, datasets: dict, model: dict | None = 
 
 def subprocess_env(**extra: str) -> dict:
     """The environment of an entry-point subprocess: single-threaded, no inherited torchrun or data variables."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+        PYTHONUNBUFFERED="1",
+    )
     for key in (*_DIST_VARS, "PETVLM_DATA", "LLAMA_PATH", "OPENFLAMINGO_CHECKPOINT", "CLIP_VITL14_WEIGHTS"):
         env.pop(key, None)
     env.update(extra)
     return env
 
 
-def run_entry(script: str, cfg_path: Path | str, options: list[str] = (), nproc: int = 1,
-              extra_args: list[str] = (), env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_entry(
+    script: str,
+    cfg_path: Path | str,
+    options: list[str] = (),
+    nproc: int = 1,
+    extra_args: list[str] = (),
+    env: dict | None = None,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
     """``python <script> --cfg-path CFG [...] --options ...`` (under torchrun when ``nproc`` > 1), in the repo."""
     launcher = [sys.executable]
     if nproc > 1:
@@ -67,8 +94,7 @@ def run_entry(script: str, cfg_path: Path | str, options: list[str] = (), nproc:
     cmd = [*launcher, str(REPO / script), "--cfg-path", str(cfg_path), *extra_args]
     if options:
         cmd += ["--options", *options]
-    return subprocess.run(cmd, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:
@@ -101,10 +127,22 @@ def trained_checkpoint(shapes_root, tmp_path_factory) -> Path:
     cfg = write_config(
         out / "pretrain.yaml",
         datasets={"shapes_caption": shapes_section(shapes_root), "shapes_vqa": shapes_section(shapes_root)},
-        run={"task": "caption_vqa", "device": "cpu", "max_epoch": 2, "batch_size_train": 16, "init_lr": 2.0e-3,
-             "min_lr": 1.0e-4, "warmup_steps": 5, "weight_decay": 0.0,
-             "param_groups": [{"match": "(attn|ff)_gate$", "lr_scale": 10.0}], "log_freq": 10,
-             "progress_bar": False, "save_epoch_end": False, "output_dir": str(out), "run_name": "run"},
+        run={
+            "task": "caption_vqa",
+            "device": "cpu",
+            "max_epoch": 2,
+            "batch_size_train": 16,
+            "init_lr": 2.0e-3,
+            "min_lr": 1.0e-4,
+            "warmup_steps": 5,
+            "weight_decay": 0.0,
+            "param_groups": [{"match": "(attn|ff)_gate$", "lr_scale": 10.0}],
+            "log_freq": 10,
+            "progress_bar": False,
+            "save_epoch_end": False,
+            "output_dir": str(out),
+            "run_name": "run",
+        },
     )
     check_ok(run_entry("train.py", cfg))
     checkpoints = sorted((out / "run" / "checkpoints").glob("step_*.pt"))

@@ -18,9 +18,7 @@ def make_tokenizer():
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(45)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tokenizer.add_tokens(["<|endofchunk|>", "<image>"], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": "<PAD>"})
     return tokenizer
@@ -65,9 +63,7 @@ class GatedBlock(nn.Module):
         super().__init__()
         self.attn = Attention(dim)
         self.attn_gate = nn.Parameter(torch.tensor([0.1]))
-        self.ff = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
-        )
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.ff_gate = nn.Parameter(torch.tensor([0.1]))
 
     def forward(self, x, media):

@@ -23,8 +23,11 @@ def gradients(checkpointing: bool, adapters=None, trainable=None):
     model.train()
     calls = {"layer": 0, "xattn": 0, "perceiver": 0}
     # transformers checkpoints the decoder layer's class-level forward: its MLP is watched instead.
-    watched = {"layer": decoder_layers(model.lang_encoder)[0].mlp, "xattn": model.gated_cross_attn_layers["0"],
-               "perceiver": model.perceiver}
+    watched = {
+        "layer": decoder_layers(model.lang_encoder)[0].mlp,
+        "xattn": model.gated_cross_attn_layers["0"],
+        "perceiver": model.perceiver,
+    }
     for key, module in watched.items():
         # Counted in forward itself: the recomputation in backward does not run the module's forward hooks.
         def counting(*args, _key=key, _forward=module.forward, **kwargs):

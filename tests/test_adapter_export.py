@@ -105,9 +105,7 @@ def test_merge_and_export_other_methods(tmp_path, method):
     _, lang_x = make_batch(model)
     merge_and_export(model, str(tmp_path / "m"))
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), local_files_only=True).eval()
-    torch.testing.assert_close(
-        logits(exported, lang_x), logits(model.lang_encoder, lang_x), rtol=0, atol=1e-5
-    )
+    torch.testing.assert_close(logits(exported, lang_x), logits(model.lang_encoder, lang_x), rtol=0, atol=1e-5)
 
 
 def test_export_without_lm_adapter_is_a_user_error(tmp_path):

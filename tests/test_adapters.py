@@ -35,15 +35,11 @@ def test_lora_trains_only_adapters_and_policy_parts():
     embed_name = "lang_encoder.model.embed_tokens.weight"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for name in trainable:
-        assert (
-            ".lora_" in name
-            or name.startswith(("perceiver.", "gated_cross_attn_layers."))
-            or name == embed_name
-        ), name
+        assert ".lora_" in name or name.startswith(("perceiver.", "gated_cross_attn_layers.")) or name == embed_name, (
+            name
+        )
     assert any(".self_attn.v_proj.lora_B." in n for n in trainable)
-    assert not any(
-        ".k_proj.lora_" in n for n in dict(model.named_parameters())
-    )  # only q_proj, v_proj targeted
+    assert not any(".k_proj.lora_" in n for n in dict(model.named_parameters()))  # only q_proj, v_proj targeted
     assert {n for n in dict(model.named_parameters()) if n.startswith("perceiver.")} <= trainable
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -171,9 +167,7 @@ def test_load_language_model_in_fp16(tmp_path):
     lm.save_pretrained(str(tmp_path / "llama"))
     loaded = Q.load_language_model(str(tmp_path / "llama"), "fp16")
     assert {p.dtype for p in loaded.parameters()} == {torch.float16}
-    torch.testing.assert_close(
-        loaded.model.embed_tokens.weight, lm.model.embed_tokens.weight.half(), rtol=0, atol=0
-    )
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, lm.model.embed_tokens.weight.half(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])

@@ -28,9 +28,21 @@ from lavis.metrics import vqa as vqa_cli
 pytestmark = pytest.mark.slow
 
 FIXTURES = Path(__file__).parent / "fixtures"
-_RUN = {"task": "captioning", "device": "cpu", "max_epoch": 1, "max_steps": 2, "batch_size_train": 4,
-        "batch_size_eval": 4, "num_beams": 1, "max_new_tokens": 4, "log_freq": 1, "progress_bar": False,
-        "save_freq_steps": 1, "metrics": ["BLEU"], "agg_metric": "Bleu_4"}
+_RUN = {
+    "task": "captioning",
+    "device": "cpu",
+    "max_epoch": 1,
+    "max_steps": 2,
+    "batch_size_train": 4,
+    "batch_size_eval": 4,
+    "num_beams": 1,
+    "max_new_tokens": 4,
+    "log_freq": 1,
+    "progress_bar": False,
+    "save_freq_steps": 1,
+    "metrics": ["BLEU"],
+    "agg_metric": "Bleu_4",
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +51,16 @@ def world(tmp_path_factory, shapes_root) -> dict:
     root = tmp_path_factory.mktemp("bad_inputs")
     out = root / "out"
     cfg = root / "base.yaml"
-    cfg.write_text(yaml.safe_dump({"model": TINY_MODEL, "datasets": {"shapes_caption": shapes_section(shapes_root)},
-                                   "run": {**_RUN, "output_dir": str(out)}}, sort_keys=False))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": TINY_MODEL,
+                "datasets": {"shapes_caption": shapes_section(shapes_root)},
+                "run": {**_RUN, "output_dir": str(out)},
+            },
+            sort_keys=False,
+        )
+    )
     train_main(["--cfg-path", str(cfg), "--options", "run.run_name=done"])
     checkpoints = out / "done" / "checkpoints"
     step = checkpoints / "step_00000002.pt"
@@ -73,7 +93,9 @@ def world(tmp_path_factory, shapes_root) -> dict:
     results = root / "results"
     results.mkdir()
     vqa_ann, vqa_q = FIXTURES / "vqa_eval" / "annotations.json", FIXTURES / "vqa_eval" / "questions.json"
-    answers = [{"question_id": a["question_id"], "answer": "yes"} for a in json.loads(vqa_ann.read_text())["annotations"]]
+    answers = [
+        {"question_id": a["question_id"], "answer": "yes"} for a in json.loads(vqa_ann.read_text())["annotations"]
+    ]
     (results / "vqa_missing.json").write_text(json.dumps(answers[1:]))
     (results / "vqa_extra.json").write_text(json.dumps(answers + [{"question_id": 987654321, "answer": "no"}]))
     (results / "vqa_no_id.json").write_text(json.dumps([{"answer": "yes"}]))
@@ -87,17 +109,37 @@ def world(tmp_path_factory, shapes_root) -> dict:
     a_file.write_text("x")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "broken.yaml").write_text("run: {task: captioning\n")
-    return {"root": root, "cfg": cfg, "out": out, "step": step, "best": checkpoints / "best.pt", "bad": bad,
-            "coco": coco, "broken_json": broken_json, "bad_image_root": bad_image_root, "results": results,
-            "vqa_ann": vqa_ann, "vqa_q": vqa_q, "cap_ann": cap_ann, "a_file": a_file}
+    return {
+        "root": root,
+        "cfg": cfg,
+        "out": out,
+        "step": step,
+        "best": checkpoints / "best.pt",
+        "bad": bad,
+        "coco": coco,
+        "broken_json": broken_json,
+        "bad_image_root": bad_image_root,
+        "results": results,
+        "vqa_ann": vqa_ann,
+        "vqa_q": vqa_q,
+        "cap_ann": cap_ann,
+        "a_file": a_file,
+    }
 
 
 def coco_options(w, **build_info) -> list[str]:
     """--options that replace the shapes data by the COCO-style fixture (with ``build_info`` changes)."""
     info = {**w["coco"], **build_info}
-    section = {"coco_caption": {"build_info": info, "splits": ["train", "val"],
-                                "vis_processor": {"train": {"name": "clip_image_eval", "image_size": 64},
-                                                  "eval": {"name": "clip_image_eval", "image_size": 64}}}}
+    section = {
+        "coco_caption": {
+            "build_info": info,
+            "splits": ["train", "val"],
+            "vis_processor": {
+                "train": {"name": "clip_image_eval", "image_size": 64},
+                "eval": {"name": "clip_image_eval", "image_size": 64},
+            },
+        }
+    }
     return ["datasets=" + json.dumps(section)]
 
 
@@ -110,7 +152,12 @@ CASES = [
     # --- run values the schema cannot express ---------------------------------------------------------
     ("negative init_lr", "train", _train("run.init_lr=-1e-4"), r"run\.init_lr: must be >= 0"),
     ("negative min_lr", "train", _train("run.min_lr=-1e-5"), r"run\.min_lr: must be >= 0"),
-    ("min_lr above init_lr", "train", _train("run.init_lr=1e-4", "run.min_lr=1e-3"), r"run\.min_lr: must be <= run\.init_lr"),
+    (
+        "min_lr above init_lr",
+        "train",
+        _train("run.init_lr=1e-4", "run.min_lr=1e-3"),
+        r"run\.min_lr: must be <= run\.init_lr",
+    ),
     ("negative warmup_lr", "train", _train("run.warmup_lr=-1"), r"run\.warmup_lr: must be >= 0"),
     ("max_epoch 0", "train", _train("run.max_epoch=0"), r"run\.max_epoch: must be >= 1"),
     ("negative max_epoch", "train", _train("run.max_epoch=-2"), r"run\.max_epoch: must be >= 1"),
@@ -122,9 +169,18 @@ CASES = [
     ("keep_last 0", "train", _train("run.keep_last=0"), r"run\.keep_last: must be >= 1"),
     ("max_steps 0", "train", _train("run.max_steps=0"), r"run\.max_steps: must be >= 1 or null"),
     ("negative warmup_steps", "train", _train("run.warmup_steps=-3"), r"run\.warmup_steps: must be >= 0"),
-    ("warmup longer than the run", "train", _train("run.warmup_steps=500"), r"run\.warmup_steps: 500 is longer than the run"),
-    ("warmup longer than max_iters", "train", _train("run.runner=runner_iter", "run.max_iters=10", "run.warmup_steps=20"),
-     r"run\.warmup_steps: 20 is longer than the run \(run\.max_iters=10\)"),
+    (
+        "warmup longer than the run",
+        "train",
+        _train("run.warmup_steps=500"),
+        r"run\.warmup_steps: 500 is longer than the run",
+    ),
+    (
+        "warmup longer than max_iters",
+        "train",
+        _train("run.runner=runner_iter", "run.max_iters=10", "run.warmup_steps=20"),
+        r"run\.warmup_steps: 20 is longer than the run \(run\.max_iters=10\)",
+    ),
     ("max_iters 0", "train", _train("run.runner=runner_iter", "run.max_iters=0"), r"run\.max_iters: must be >= 1"),
     ("negative weight_decay", "train", _train("run.weight_decay=-0.1"), r"run\.weight_decay: must be >= 0"),
     ("beta1 above 1", "train", _train("run.beta1=1.5"), r"run\.beta1: must be in \[0, 1\)"),
@@ -136,17 +192,39 @@ CASES = [
     ("dist_timeout_s 0", "train", _train("run.dist_timeout_s=0"), r"run\.dist_timeout_s: must be >= 1"),
     ("num_beams 0", "train", _train("run.num_beams=0"), r"run\.num_beams: must be >= 1"),
     ("max_new_tokens 0", "train", _train("run.max_new_tokens=0"), r"run\.max_new_tokens: must be >= 1"),
-    ("min_new_tokens above max", "train", _train("run.min_new_tokens=9"), r"run\.min_new_tokens: must be <= run\.max_new_tokens"),
+    (
+        "min_new_tokens above max",
+        "train",
+        _train("run.min_new_tokens=9"),
+        r"run\.min_new_tokens: must be <= run\.max_new_tokens",
+    ),
     ("negative train_max_shots", "train", _train("run.train_max_shots=-1"), r"run\.train_max_shots: must be >= 0"),
     ("num_trials 0", "evaluate", _train("run.num_trials=0"), r"run\.num_trials: must be >= 1"),
     ("negative num_shots", "evaluate", _train("run.num_shots=[0,-4]"), r"run\.num_shots: shot counts must be >= 0"),
-    ("best_metric typo", "train", _train("run.valid_splits=[val]", "run.best_metric=Bleu4"),
-     r"run\.best_metric: 'Bleu4' is not a metric of task 'captioning'; choose one of agg_metrics, Bleu_1"),
-    ("best_split not validated", "train", _train("run.valid_splits=[val]", "run.best_split=test"),
-     r"run\.best_split: 'test' is not one of run\.valid_splits"),
-    ("agg_metric not produced", "train", _train("run.agg_metric=CIDEr"), r"run\.agg_metric: 'CIDEr' is not a score of run\.metrics"),
-    ("several problems reported together", "train", _train("run.init_lr=-1", "run.num_beams=0", "run.max_epoch=0"),
-     r"(?s)base\.yaml: 3 problem\(s\).*run\.init_lr.*run\.max_epoch.*run\.num_beams"),
+    (
+        "best_metric typo",
+        "train",
+        _train("run.valid_splits=[val]", "run.best_metric=Bleu4"),
+        r"run\.best_metric: 'Bleu4' is not a metric of task 'captioning'; choose one of agg_metrics, Bleu_1",
+    ),
+    (
+        "best_split not validated",
+        "train",
+        _train("run.valid_splits=[val]", "run.best_split=test"),
+        r"run\.best_split: 'test' is not one of run\.valid_splits",
+    ),
+    (
+        "agg_metric not produced",
+        "train",
+        _train("run.agg_metric=CIDEr"),
+        r"run\.agg_metric: 'CIDEr' is not a score of run\.metrics",
+    ),
+    (
+        "several problems reported together",
+        "train",
+        _train("run.init_lr=-1", "run.num_beams=0", "run.max_epoch=0"),
+        r"(?s)base\.yaml: 3 problem\(s\).*run\.init_lr.*run\.max_epoch.*run\.num_beams",
+    ),
     # --- schema: names, types, registry ---------------------------------------------------------------
     ("unknown run key", "train", _train("run.init_lrr=1e-4"), r"run\.init_lrr: unknown key\. Did you mean 'init_lr'\?"),
     ("wrong type", "train", _train("run.init_lr=fast"), r"run\.init_lr: expected float, got str 'fast'"),
@@ -155,75 +233,268 @@ CASES = [
     ("unknown lr schedule", "train", _train("run.lr_sched=cosine"), r"run\.lr_sched: .*cosine"),
     ("amp not a choice", "train", _train("run.amp=fp8"), r"run\.amp: 'fp8' is not one of"),
     ("fp16 on the CPU", "train", _train("run.amp=fp16"), r"run\.amp: fp16 mixed precision is only supported on CUDA"),
-    ("unknown split", "train", _train("run.valid_splits=[vall]"), r"run\.valid_splits: no dataset has the split 'vall'"),
+    (
+        "unknown split",
+        "train",
+        _train("run.valid_splits=[vall]"),
+        r"run\.valid_splits: no dataset has the split 'vall'",
+    ),
     ("unknown section", "train", _train("runn.seed=1"), r"runn: unknown top-level section \(did you mean 'run'\?\)"),
     ("unknown model type", "train", _train("model.model_type=tiniest"), r"model\.model_type: unknown type 'tiniest'"),
     ("unknown model key", "train", _train("model.lora_rank=4"), r"model\.lora_rank: unknown key"),
     ("unknown builder", "train", _train("datasets.coco_captions={}"), r"datasets\.coco_captions"),
-    ("unknown dataset key", "train", _train("datasets.shapes_caption.num_images=3"), r"datasets\.shapes_caption\.num_images: unknown key"),
-    ("loss_reduction not a choice", "train", _train("run.loss_reduction=mean"), r"run\.loss_reduction: 'mean' is not one of"),
+    (
+        "unknown dataset key",
+        "train",
+        _train("datasets.shapes_caption.num_images=3"),
+        r"datasets\.shapes_caption\.num_images: unknown key",
+    ),
+    (
+        "loss_reduction not a choice",
+        "train",
+        _train("run.loss_reduction=mean"),
+        r"run\.loss_reduction: 'mean' is not one of",
+    ),
     # --- command line ---------------------------------------------------------------------------------
-    ("options value not YAML", "train", _train("run.valid_splits=[val"), r"--options run\.valid_splits: the value '\[val' is not valid YAML"),
-    ("options mapping not YAML", "train", _train("run.wandb={mode: offline"), r"--options run\.wandb: the value .* is not valid YAML"),
+    (
+        "options value not YAML",
+        "train",
+        _train("run.valid_splits=[val"),
+        r"--options run\.valid_splits: the value '\[val' is not valid YAML",
+    ),
+    (
+        "options mapping not YAML",
+        "train",
+        _train("run.wandb={mode: offline"),
+        r"--options run\.wandb: the value .* is not valid YAML",
+    ),
     ("options without =", "train", _train("run.seed"), r"--options: 'run\.seed' is not of the form key=value"),
-    ("options empty key part", "train", _train("run..seed=1"), r"--options 'run\.\.seed=1': 'run\.\.seed' is not a dotted key"),
-    ("cfg-path missing", "train", lambda w: ["--cfg-path", str(w["root"] / "nope.yaml")], r"config file not found: .*nope\.yaml"),
-    ("cfg-path not YAML", "train", lambda w: ["--cfg-path", str(w["root"] / "broken.yaml")], r"broken\.yaml: not valid YAML"),
-    ("cfg-path a list", "train", lambda w: ["--cfg-path", str(w["root"] / "list.yaml")], r"list\.yaml: expected a mapping at the top level"),
+    (
+        "options empty key part",
+        "train",
+        _train("run..seed=1"),
+        r"--options 'run\.\.seed=1': 'run\.\.seed' is not a dotted key",
+    ),
+    (
+        "cfg-path missing",
+        "train",
+        lambda w: ["--cfg-path", str(w["root"] / "nope.yaml")],
+        r"config file not found: .*nope\.yaml",
+    ),
+    (
+        "cfg-path not YAML",
+        "train",
+        lambda w: ["--cfg-path", str(w["root"] / "broken.yaml")],
+        r"broken\.yaml: not valid YAML",
+    ),
+    (
+        "cfg-path a list",
+        "train",
+        lambda w: ["--cfg-path", str(w["root"] / "list.yaml")],
+        r"list\.yaml: expected a mapping at the top level",
+    ),
     ("cfg-path a directory", "train", lambda w: ["--cfg-path", str(w["root"])], r"config file not found"),
     # --- output directories ---------------------------------------------------------------------------
-    ("run_name exists", "train", _train("run.run_name=done"), r"run\.run_name: .*done already exists and is never overwritten"),
-    ("output_dir is a file", "train", lambda w: ["--cfg-path", str(w["cfg"]), "--options", f"run.output_dir={w['a_file']}"],
-     r"run\.output_dir: .*a_file exists and is not a directory"),
-    ("latest without run_name", "train", _train("run.resume_ckpt_path=latest"), r"run\.resume_ckpt_path=latest needs run\.run_name"),
+    (
+        "run_name exists",
+        "train",
+        _train("run.run_name=done"),
+        r"run\.run_name: .*done already exists and is never overwritten",
+    ),
+    (
+        "output_dir is a file",
+        "train",
+        lambda w: ["--cfg-path", str(w["cfg"]), "--options", f"run.output_dir={w['a_file']}"],
+        r"run\.output_dir: .*a_file exists and is not a directory",
+    ),
+    (
+        "latest without run_name",
+        "train",
+        _train("run.resume_ckpt_path=latest"),
+        r"run\.resume_ckpt_path=latest needs run\.run_name",
+    ),
     # --- checkpoints ----------------------------------------------------------------------------------
-    ("resume path missing", "train", _train("run.resume_ckpt_path=/nonexistent/step_1.pt"), r"run\.resume_ckpt_path: /nonexistent/step_1\.pt does not exist"),
-    ("resume truncated", "train", lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'truncated.pt'}")(w), r"truncated\.pt: not a readable checkpoint"),
-    ("resume random bytes", "train", lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'random.pt'}")(w), r"random\.pt: not a readable checkpoint"),
-    ("resume text file", "train", lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'text.pt'}")(w), r"text\.pt: not a readable checkpoint"),
-    ("resume flipped bytes", "train", lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'flipped.pt'}")(w), r"flipped\.pt: corrupt checkpoint"),
-    ("resume pickled code", "train", lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'code.pt'}")(w),
-     r"code\.pt: refused: this file carries pickled code \(GLOBAL builtins\.eval\); it was not executed"),
-    ("resume a newer format", "train", lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'newer.pt'}")(w), r"newer\.pt: written in checkpoint format 99"),
-    ("resume from weights only", "train", lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'best_like.pt'}")(w), r"best_like\.pt: not a training checkpoint"),
-    ("resume with changed seed", "train", lambda w: _train(f"run.resume_ckpt_path={w['step']}", "run.seed=5")(w),
-     r"step_00000002\.pt: the config differs .*run\.seed: 42 -> 5"),
-    ("evaluate with weights of another model", "train",
-     lambda w: _train("run.evaluate=true", "run.valid_splits=[val]", f"run.resume_ckpt_path={w['bad'] / 'other_model.pt'}")(w),
-     r"other_model\.pt: trainable state dict does not fit the model: missing"),
-    ("evaluate.py checkpoint random bytes", "evaluate", lambda w: ["--cfg-path", str(w["cfg"]), "--checkpoint", str(w["bad"] / "random.pt")],
-     r"random\.pt: not a readable checkpoint"),
-    ("evaluate.py checkpoint missing", "evaluate", lambda w: ["--cfg-path", str(w["cfg"]), "--checkpoint", str(w["root"] / "gone.pt")],
-     r"gone\.pt: no such checkpoint file or directory"),
+    (
+        "resume path missing",
+        "train",
+        _train("run.resume_ckpt_path=/nonexistent/step_1.pt"),
+        r"run\.resume_ckpt_path: /nonexistent/step_1\.pt does not exist",
+    ),
+    (
+        "resume truncated",
+        "train",
+        lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'truncated.pt'}")(w),
+        r"truncated\.pt: not a readable checkpoint",
+    ),
+    (
+        "resume random bytes",
+        "train",
+        lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'random.pt'}")(w),
+        r"random\.pt: not a readable checkpoint",
+    ),
+    (
+        "resume text file",
+        "train",
+        lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'text.pt'}")(w),
+        r"text\.pt: not a readable checkpoint",
+    ),
+    (
+        "resume flipped bytes",
+        "train",
+        lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'flipped.pt'}")(w),
+        r"flipped\.pt: corrupt checkpoint",
+    ),
+    (
+        "resume pickled code",
+        "train",
+        lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'code.pt'}")(w),
+        r"code\.pt: refused: this file carries pickled code \(GLOBAL builtins\.eval\); it was not executed",
+    ),
+    (
+        "resume a newer format",
+        "train",
+        lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'newer.pt'}")(w),
+        r"newer\.pt: written in checkpoint format 99",
+    ),
+    (
+        "resume from weights only",
+        "train",
+        lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'best_like.pt'}")(w),
+        r"best_like\.pt: not a training checkpoint",
+    ),
+    (
+        "resume with changed seed",
+        "train",
+        lambda w: _train(f"run.resume_ckpt_path={w['step']}", "run.seed=5")(w),
+        r"step_00000002\.pt: the config differs .*run\.seed: 42 -> 5",
+    ),
+    (
+        "evaluate with weights of another model",
+        "train",
+        lambda w: _train(
+            "run.evaluate=true", "run.valid_splits=[val]", f"run.resume_ckpt_path={w['bad'] / 'other_model.pt'}"
+        )(w),
+        r"other_model\.pt: trainable state dict does not fit the model: missing",
+    ),
+    (
+        "evaluate.py checkpoint random bytes",
+        "evaluate",
+        lambda w: ["--cfg-path", str(w["cfg"]), "--checkpoint", str(w["bad"] / "random.pt")],
+        r"random\.pt: not a readable checkpoint",
+    ),
+    (
+        "evaluate.py checkpoint missing",
+        "evaluate",
+        lambda w: ["--cfg-path", str(w["cfg"]), "--checkpoint", str(w["root"] / "gone.pt")],
+        r"gone\.pt: no such checkpoint file or directory",
+    ),
     # --- data files and images --------------------------------------------------------------------------
-    ("annotation file missing", "train", lambda w: _train(*coco_options(w, karpathy_file=str(w["root"] / "missing.json")))(w),
-     r"missing\.json"),
-    ("annotation file not JSON", "train", lambda w: _train(*coco_options(w, karpathy_file=str(w["broken_json"])))(w),
-     r"coco_broken\.json: not valid JSON"),
-    ("image folder missing", "train", lambda w: _train(*coco_options(w, images=str(w["root"] / "no_images")))(w), r"no_images"),
-    ("image file missing", "train", lambda w: _train(*coco_options(w, images=str(w["bad_image_root"])))(w),
-     r"(?s)1 image file\(s\) not found.*COCO_train2014_000000000001\.jpg \(image_id=1\)"),
+    (
+        "annotation file missing",
+        "train",
+        lambda w: _train(*coco_options(w, karpathy_file=str(w["root"] / "missing.json")))(w),
+        r"missing\.json",
+    ),
+    (
+        "annotation file not JSON",
+        "train",
+        lambda w: _train(*coco_options(w, karpathy_file=str(w["broken_json"])))(w),
+        r"coco_broken\.json: not valid JSON",
+    ),
+    (
+        "image folder missing",
+        "train",
+        lambda w: _train(*coco_options(w, images=str(w["root"] / "no_images")))(w),
+        r"no_images",
+    ),
+    (
+        "image file missing",
+        "train",
+        lambda w: _train(*coco_options(w, images=str(w["bad_image_root"])))(w),
+        r"(?s)1 image file\(s\) not found.*COCO_train2014_000000000001\.jpg \(image_id=1\)",
+    ),
     # --- results files (metric CLIs) ------------------------------------------------------------------
-    ("vqa results miss ids", "vqa", lambda w: ["--questions", str(w["vqa_q"]), "--annotations", str(w["vqa_ann"]),
-                                               "--results", str(w["results"] / "vqa_missing.json")],
-     r"vqa_missing\.json: answers \d+ of the \d+ question_ids .* 1 missing \(first: \[\d+\]\); pass --allow-partial"),
-    ("vqa results add ids", "vqa", lambda w: ["--annotations", str(w["vqa_ann"]), "--results", str(w["results"] / "vqa_extra.json"),
-                                              "--allow-partial"], r"vqa_extra\.json: 1 question_id\(s\) are not in .*\[987654321\]"),
-    ("vqa results record without id", "vqa", lambda w: ["--annotations", str(w["vqa_ann"]), "--results", str(w["results"] / "vqa_no_id.json")],
-     r"vqa_no_id\.json: record #0 has no 'question_id'"),
-    ("vqa results not JSON", "vqa", lambda w: ["--annotations", str(w["vqa_ann"]), "--results", str(w["results"] / "broken.json")],
-     r"broken\.json: not valid JSON"),
-    ("vqa results not a list", "vqa", lambda w: ["--annotations", str(w["vqa_ann"]), "--results", str(w["results"] / "not_a_list.json")],
-     r"not_a_list\.json: expected a JSON list"),
-    ("vqa annotations missing", "vqa", lambda w: ["--annotations", str(w["root"] / "none.json"), "--results", str(w["results"] / "vqa_missing.json")],
-     r"annotations file not found: .*none\.json"),
-    ("caption results miss ids", "caption", lambda w: ["--annotations", str(w["cap_ann"]), "--results", str(w["results"] / "cap_missing.json"),
-                                                       "--metrics", "BLEU"],
-     r"cap_missing\.json: answers \d+ of the \d+ image_ids .* 1 missing"),
-    ("caption results add ids", "caption", lambda w: ["--annotations", str(w["cap_ann"]), "--results", str(w["results"] / "cap_extra.json"),
-                                                      "--metrics", "BLEU"], r"cap_extra\.json: 1 image_id\(s\) are not in .*\[424242\]"),
-    ("caption results missing file", "caption", lambda w: ["--annotations", str(w["cap_ann"]), "--results", str(w["root"] / "r.json")],
-     r"results file not found: .*r\.json"),
+    (
+        "vqa results miss ids",
+        "vqa",
+        lambda w: [
+            "--questions",
+            str(w["vqa_q"]),
+            "--annotations",
+            str(w["vqa_ann"]),
+            "--results",
+            str(w["results"] / "vqa_missing.json"),
+        ],
+        r"vqa_missing\.json: answers \d+ of the \d+ question_ids .* 1 missing \(first: \[\d+\]\); pass --allow-partial",
+    ),
+    (
+        "vqa results add ids",
+        "vqa",
+        lambda w: [
+            "--annotations",
+            str(w["vqa_ann"]),
+            "--results",
+            str(w["results"] / "vqa_extra.json"),
+            "--allow-partial",
+        ],
+        r"vqa_extra\.json: 1 question_id\(s\) are not in .*\[987654321\]",
+    ),
+    (
+        "vqa results record without id",
+        "vqa",
+        lambda w: ["--annotations", str(w["vqa_ann"]), "--results", str(w["results"] / "vqa_no_id.json")],
+        r"vqa_no_id\.json: record #0 has no 'question_id'",
+    ),
+    (
+        "vqa results not JSON",
+        "vqa",
+        lambda w: ["--annotations", str(w["vqa_ann"]), "--results", str(w["results"] / "broken.json")],
+        r"broken\.json: not valid JSON",
+    ),
+    (
+        "vqa results not a list",
+        "vqa",
+        lambda w: ["--annotations", str(w["vqa_ann"]), "--results", str(w["results"] / "not_a_list.json")],
+        r"not_a_list\.json: expected a JSON list",
+    ),
+    (
+        "vqa annotations missing",
+        "vqa",
+        lambda w: ["--annotations", str(w["root"] / "none.json"), "--results", str(w["results"] / "vqa_missing.json")],
+        r"annotations file not found: .*none\.json",
+    ),
+    (
+        "caption results miss ids",
+        "caption",
+        lambda w: [
+            "--annotations",
+            str(w["cap_ann"]),
+            "--results",
+            str(w["results"] / "cap_missing.json"),
+            "--metrics",
+            "BLEU",
+        ],
+        r"cap_missing\.json: answers \d+ of the \d+ image_ids .* 1 missing",
+    ),
+    (
+        "caption results add ids",
+        "caption",
+        lambda w: [
+            "--annotations",
+            str(w["cap_ann"]),
+            "--results",
+            str(w["results"] / "cap_extra.json"),
+            "--metrics",
+            "BLEU",
+        ],
+        r"cap_extra\.json: 1 image_id\(s\) are not in .*\[424242\]",
+    ),
+    (
+        "caption results missing file",
+        "caption",
+        lambda w: ["--annotations", str(w["cap_ann"]), "--results", str(w["root"] / "r.json")],
+        r"results file not found: .*r\.json",
+    ),
 ]
 
 ENTRIES = {"train": train_main, "evaluate": evaluate_main, "vqa": vqa_cli.main, "caption": caption_cli.main}

@@ -33,8 +33,12 @@ class CustomPayload:
 
 def _state() -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"format_version": 2, "model": {"w": torch.randn(64, 16, generator=g), "b": torch.zeros(16)},
-            "progress": {"global_step": 3}, "config": {"run": {"seed": 1}}}
+    return {
+        "format_version": 2,
+        "model": {"w": torch.randn(64, 16, generator=g), "b": torch.zeros(16)},
+        "progress": {"global_step": 3},
+        "config": {"run": {"seed": 1}},
+    }
 
 
 def _tensor_record(path: Path) -> tuple[zipfile.ZipInfo, int]:
@@ -42,7 +46,7 @@ def _tensor_record(path: Path) -> tuple[zipfile.ZipInfo, int]:
     with zipfile.ZipFile(path) as archive:
         info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     raw = path.read_bytes()
-    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
     return info, info.header_offset + 30 + name_len + extra_len
 
 
@@ -95,16 +99,22 @@ def test_truncated_and_random_files_are_always_a_checkpoint_error(tmp_path, seed
     noise.write_bytes((b"PK\x03\x04" if seed % 2 else b"") + rng.randbytes(rng.randrange(1, 5000)))
     spliced = tmp_path / "spliced.pt"
     cut = rng.randrange(1, len(intact))
-    spliced.write_bytes(intact[:cut] + rng.randbytes(rng.randrange(1, 200)) + intact[cut + 100:])
+    spliced.write_bytes(intact[:cut] + rng.randbytes(rng.randrange(1, 200)) + intact[cut + 100 :])
     for path in (truncated, noise, spliced):
         with pytest.raises(CheckpointError, match=rf"{path.name}: "):
             ckpt.load_checkpoint(path)
 
 
-@pytest.mark.parametrize(("payload", "named"), [(os.system, f"{os.system.__module__}.system"),
-                                               (posix.system, "posix.system"), (builtins.eval, "builtins.eval"),
-                                               (CustomPayload(), "test_checkpoint_integrity.CustomPayload")],
-                         ids=["os.system", "posix.system", "builtins.eval", "custom class"])
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        (os.system, f"{os.system.__module__}.system"),
+        (posix.system, "posix.system"),
+        (builtins.eval, "builtins.eval"),
+        (CustomPayload(), "test_checkpoint_integrity.CustomPayload"),
+    ],
+    ids=["os.system", "posix.system", "builtins.eval", "custom class"],
+)
 def test_pickled_code_is_refused_by_its_kind_and_not_run(tmp_path, payload, named):
     path = tmp_path / "evil.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "payload": payload}, path)

@@ -96,9 +96,21 @@ def test_all_problems_are_reported_together_with_paths_and_hints(tmp_path):
 @pytest.mark.parametrize(
     ("replace", "by", "expected"),
     [
-        ("arch: openflamingo", "arch: openflamingoo", "model.arch: unknown model 'openflamingoo'. Did you mean 'openflamingo'?"),
-        ("model_type: tiny", "model_type: tinny", "model.model_type: unknown type 'tinny' for arch 'openflamingo'. Did you mean 'tiny'?"),
-        ("shapes_caption: {}", "shapes_captions: {}", "datasets.shapes_captions: unknown builder 'shapes_captions'. Did you mean 'shapes_caption'?"),
+        (
+            "arch: openflamingo",
+            "arch: openflamingoo",
+            "model.arch: unknown model 'openflamingoo'. Did you mean 'openflamingo'?",
+        ),
+        (
+            "model_type: tiny",
+            "model_type: tinny",
+            "model.model_type: unknown type 'tinny' for arch 'openflamingo'. Did you mean 'tiny'?",
+        ),
+        (
+            "shapes_caption: {}",
+            "shapes_captions: {}",
+            "datasets.shapes_captions: unknown builder 'shapes_captions'. Did you mean 'shapes_caption'?",
+        ),
         ("task: captioning", "task: captoning", "run.task: unknown task 'captoning'. Did you mean 'captioning'?"),
     ],
 )

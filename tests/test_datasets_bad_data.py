@@ -24,7 +24,9 @@ def test_missing_image_is_found_when_building(tmp_path):
     info = write_coco(tmp_path)
     missing = tmp_path / "images" / "train2014" / "COCO_train2014_000000000002.jpg"
     missing.unlink()
-    with pytest.raises(DataError, match=r"(?s)coco_caption/train: 1 image file\(s\) not found.*000000000002\.jpg \(image_id=2\)"):
+    with pytest.raises(
+        DataError, match=r"(?s)coco_caption/train: 1 image file\(s\) not found.*000000000002\.jpg \(image_id=2\)"
+    ):
         build("coco_caption", info, splits=["train"])
 
 
@@ -156,8 +158,9 @@ def test_shard_with_unreadable_image(tmp_path):
     strict = build("coco_caption", {**info, **stream}, splits=["train"], data_type="webdataset")["train"]
     with pytest.raises(DataError, match=r"train-000000\.tar: sample 's000000001'.*cannot read image.*image_id=2"):
         list(strict)
-    lenient = build("coco_caption", {**info, **stream}, splits=["train"], data_type="webdataset",
-                    on_bad_sample="skip")["train"]
+    lenient = build("coco_caption", {**info, **stream}, splits=["train"], data_type="webdataset", on_bad_sample="skip")[
+        "train"
+    ]
     lenient.set_epoch(0)
     items = list(lenient)
     assert len(items) == 6 and lenient.num_skipped == 2

@@ -19,7 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(1)
 
-EVAL_VIS = {"train": {"name": "clip_image_eval", "image_size": 16}, "eval": {"name": "clip_image_eval", "image_size": 16}}
+EVAL_VIS = {
+    "train": {"name": "clip_image_eval", "image_size": 16},
+    "eval": {"name": "clip_image_eval", "image_size": 16},
+}
 
 
 def _image(path: Path, color=(200, 30, 30), size=(20, 16)):
@@ -35,11 +38,16 @@ def write_coco(root: Path) -> dict:
         folder = "train2014" if split in ("train", "restval") else "val2014"
         name = f"COCO_{folder}_{cocoid:012d}.jpg"
         _image(root / "images" / folder / name, color=(cocoid * 40, 10, 10))
-        sentences = [{"raw": f"  a  photo of   thing {cocoid} ", "tokens": []}, {"raw": f"picture {cocoid}", "tokens": []}]
+        sentences = [
+            {"raw": f"  a  photo of   thing {cocoid} ", "tokens": []},
+            {"raw": f"picture {cocoid}", "tokens": []},
+        ]
         images.append({"filepath": folder, "filename": name, "cocoid": cocoid, "split": split, "sentences": sentences})
         if folder == "val2014":
             gt_images.append({"id": cocoid, "file_name": name})
-            gt_anns += [{"image_id": cocoid, "id": cocoid * 10 + k, "caption": s["raw"]} for k, s in enumerate(sentences)]
+            gt_anns += [
+                {"image_id": cocoid, "id": cocoid * 10 + k, "caption": s["raw"]} for k, s in enumerate(sentences)
+            ]
     (root / "ann").mkdir(parents=True, exist_ok=True)
     (root / "ann" / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
     (root / "ann" / "captions_val2014.json").write_text(json.dumps({"images": gt_images, "annotations": gt_anns}))
@@ -76,7 +84,11 @@ def write_vqa(root: Path) -> dict:
     test_q = {"data_subtype": "test2015", "questions": [{"image_id": 9, "question": "what?", "question_id": 90}]}
     (root / "q_test.json").write_text(json.dumps(test_q))
     return {
-        "train": {"questions": str(root / "q_train.json"), "annotations": str(root / "a_train.json"), "images": str(root / "train2014")},
+        "train": {
+            "questions": str(root / "q_train.json"),
+            "annotations": str(root / "a_train.json"),
+            "images": str(root / "train2014"),
+        },
         "test": {"questions": str(root / "q_test.json"), "annotations": None, "images": str(root / "test2015")},
     }
 
@@ -175,8 +187,10 @@ def test_shipped_fewshot_caption_config_builds_its_demo_pool_and_refuses_to_scor
     write_coco(tmp_path / "coco")
     (tmp_path / "coco" / "ann").rename(tmp_path / "coco" / "annotations")
     monkeypatch.setenv("PETVLM_DATA", str(tmp_path))
-    cfg = load_config(REPO / "configs/projects/peft_flamingo/eval/caption_coco_fewshot.yaml",
-                      ["datasets.coco_caption.vis_processor.eval.image_size=16"])
+    cfg = load_config(
+        REPO / "configs/projects/peft_flamingo/eval/caption_coco_fewshot.yaml",
+        ["datasets.coco_caption.vis_processor.eval.image_size=16"],
+    )
     section = cfg.datasets.coco_caption
     section.train_splits = []  # as evaluate.py sets it: demos are shown as at test time
     assert "train" not in section.build_info.annotations
@@ -186,8 +200,11 @@ def test_shipped_fewshot_caption_config_builds_its_demo_pool_and_refuses_to_scor
     assert check_run(cfg.run, datasets) == ["test"]  # the scored split has its ground truth
     # Scoring a split that has none is refused before any generation, naming the key to set.
     run = OmegaConf.merge(cfg.run, {"test_splits": ["train"]})
-    with pytest.raises(ConfigError, match=r"datasets\.coco_caption\.build_info\.annotations\.train: split 'train' "
-                                          r"is evaluated .* no ground-truth captions file"):
+    with pytest.raises(
+        ConfigError,
+        match=r"datasets\.coco_caption\.build_info\.annotations\.train: split 'train' "
+        r"is evaluated .* no ground-truth captions file",
+    ):
         check_run(run, datasets)
 
 

@@ -20,7 +20,11 @@ VIS = {"train": {"name": "clip_image_eval", "image_size": 32}, "eval": {"name": 
 
 
 def _digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_generation_is_deterministic_per_seed(tmp_path):
@@ -94,8 +98,11 @@ def test_oracle_captions_score_high_cider_and_wrong_colours_do_not():
 def _ensure(args):
     root, n = args
     torch.set_num_threads(1)
-    return str(ensure_shapes(OmegaConf.create({"root": root, "num_images": n, "seed": 0, "image_size": 32,
-                                               "fractions": [0.8, 0.1, 0.1]})))
+    return str(
+        ensure_shapes(
+            OmegaConf.create({"root": root, "num_images": n, "seed": 0, "image_size": 32, "fractions": [0.8, 0.1, 0.1]})
+        )
+    )
 
 
 def test_two_ranks_generate_once_without_racing(tmp_path):

@@ -26,8 +26,14 @@ def _builder(name, info, **extra):
 
 
 def _key(item):
-    return (item.get("question_id"), item["image_id"], item.get("text_input"), tuple(item.get("captions", ())),
-            item.get("answer"), round(float(item["image"].sum()), 3))
+    return (
+        item.get("question_id"),
+        item["image_id"],
+        item.get("text_input"),
+        tuple(item.get("captions", ())),
+        item.get("answer"),
+        round(float(item["image"].sum()), 3),
+    )
 
 
 @pytest.mark.parametrize("name,split", [("coco_caption", "train"), ("coco_caption", "val"), ("vqav2", "train")])
@@ -107,16 +113,32 @@ def test_cap_applies_to_shards(shapes_root, tmp_path):
     info = caption_build_info(shapes_root)
     images = _builder("coco_caption", info, splits=["train"]).build_datasets()["train"]
     pattern = pack_shards.pack_records(images.records, CAPTION_TRAIN, tmp_path, "train", samples_per_shard=4)
-    ds = _builder("coco_caption", {**info, "shards": {"train": pattern}}, splits=["train"], data_type="webdataset",
-                  max_samples=7).build_datasets()["train"]
+    ds = _builder(
+        "coco_caption", {**info, "shards": {"train": pattern}}, splits=["train"], data_type="webdataset", max_samples=7
+    ).build_datasets()["train"]
     assert ds.num_records == 7 and len(list(ds)) == 7
 
 
 def test_cli_packs_a_builder_split(shapes_root, tmp_path, capsys):
     options = [f"datasets.vqav2.build_info.val.{k}={v}" for k, v in vqa_build_info(shapes_root)["val"].items() if v]
     out = tmp_path / "cli"
-    assert pack_shards.main(["--builder", "vqav2", "--split", "val", "--out", str(out), "--samples-per-shard", "1",
-                             "--options", *options]) == 0
+    assert (
+        pack_shards.main(
+            [
+                "--builder",
+                "vqav2",
+                "--split",
+                "val",
+                "--out",
+                str(out),
+                "--samples-per-shard",
+                "1",
+                "--options",
+                *options,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.strip().splitlines()
     pattern = printed[1]
     assert f"'datasets.vqav2.build_info.val.shards={pattern}'" in printed[3]
@@ -124,4 +146,3 @@ def test_cli_packs_a_builder_split(shapes_root, tmp_path, capsys):
     assert len(paths) == 1 and all(p.endswith(".tar") for p in paths)  # 13 images -> 1 val image
     assert sum(s.num_records for s in (shards.index_shard(p, VQA) for p in paths)) == 5
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
-

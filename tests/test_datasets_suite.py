@@ -13,7 +13,10 @@ from lavis.common.errors import DataError
 from lavis.common.preflight import missing_files, raw_config
 from lavis.common.registry import registry
 
-SMALL_VIS = {"train": {"name": "clip_image_eval", "image_size": 16}, "eval": {"name": "clip_image_eval", "image_size": 16}}
+SMALL_VIS = {
+    "train": {"name": "clip_image_eval", "image_size": 16},
+    "eval": {"name": "clip_image_eval", "image_size": 16},
+}
 SPLITS = {"flickr30k": ["train", "test"], "hateful_memes": ["train", "dev"]}
 NAMES = ["flickr30k", "okvqa", "textvqa", "vizwiz", "hateful_memes", "imagenet"]
 
@@ -24,8 +27,12 @@ def suite_root(tmp_path_factory) -> Path:
 
 
 def stand_in(name: str, root: Path, **extra):
-    section = {"splits": SPLITS.get(name, ["train", "val"]), "vis_processor": SMALL_VIS,
-               "suite": {"root": str(root), "num_images": 60}, **extra}
+    section = {
+        "splits": SPLITS.get(name, ["train", "val"]),
+        "vis_processor": SMALL_VIS,
+        "suite": {"root": str(root), "num_images": 60},
+        **extra,
+    }
     return registry.get("builder", f"shapes_{name}")(section).build_datasets()
 
 
@@ -35,8 +42,11 @@ def test_stand_in_is_read_by_the_official_reader(name, suite_root):
     evaluated = datasets[SPLITS.get(name, ["train", "val"])[1]]
     item = evaluated[0]
     assert item["image"].shape == (3, 16, 16)
-    keys = {"flickr30k": {"image_id", "captions"}, "hateful_memes": {"id", "label", "class_name", "text_input"},
-            "imagenet": {"id", "label", "class_name"}}.get(name, {"question_id", "answers", "text_input"})
+    keys = {
+        "flickr30k": {"image_id", "captions"},
+        "hateful_memes": {"id", "label", "class_name", "text_input"},
+        "imagenet": {"id", "label", "class_name"},
+    }.get(name, {"question_id", "answers", "text_input"})
     assert keys <= set(item)
     assert len(evaluated.sample_ids()) == len(evaluated)
 
@@ -62,8 +72,9 @@ def _flickr_files(tmp_path: Path, images: list[dict]) -> dict:
 
 
 def test_flickr30k_refuses_a_non_numeric_file_name(tmp_path):
-    info = _flickr_files(tmp_path, [{"filename": "abc.jpg", "imgid": 0, "split": "test",
-                                     "sentences": [{"raw": "a dog."}]}])
+    info = _flickr_files(
+        tmp_path, [{"filename": "abc.jpg", "imgid": 0, "split": "test", "sentences": [{"raw": "a dog."}]}]
+    )
     builder = registry.get("builder", "flickr30k")({"splits": ["test"], "build_info": info, "vis_processor": SMALL_VIS})
     with pytest.raises(DataError, match="abc.jpg.*not a numeric image id"):
         builder.build_datasets()
@@ -78,8 +89,11 @@ def test_flickr30k_refuses_a_record_without_sentences(tmp_path):
 
 def test_hateful_memes_refuses_bad_lines(tmp_path):
     (tmp_path / "dev.jsonl").write_text('{"id": 1, "img": "img/1.png", "label": 2, "text": "x"}\n')
-    section = {"splits": ["dev"], "vis_processor": SMALL_VIS,
-               "build_info": {"images": str(tmp_path), "annotations": {"dev": str(tmp_path / "dev.jsonl")}}}
+    section = {
+        "splits": ["dev"],
+        "vis_processor": SMALL_VIS,
+        "build_info": {"images": str(tmp_path), "annotations": {"dev": str(tmp_path / "dev.jsonl")}},
+    }
     with pytest.raises(DataError, match="line 1 .*label 2; expected 0 or 1"):
         registry.get("builder", "hateful_memes")(section).build_datasets()
     (tmp_path / "dev.jsonl").write_text('{"id": 1, "img": "img/1.png", "label": 1, "text": "x"}\n{"id": 2,\n')
@@ -97,11 +111,22 @@ def test_imagenet_refuses_class_names_that_do_not_match_the_folders(tmp_path):
 
 
 def test_vizwiz_question_without_annotation_is_refused(tmp_path):
-    (tmp_path / "q.json").write_text(json.dumps({"questions": [{"image_id": "a.jpg", "question": "q", "question_id": 1}]}))
+    (tmp_path / "q.json").write_text(
+        json.dumps({"questions": [{"image_id": "a.jpg", "question": "q", "question_id": 1}]})
+    )
     (tmp_path / "a.json").write_text(json.dumps({"annotations": []}))
-    section = {"splits": ["val"], "vis_processor": SMALL_VIS, "build_info": {"val": {
-        "questions": str(tmp_path / "q.json"), "annotations": str(tmp_path / "a.json"), "images": str(tmp_path),
-        "image_name_format": "{image_id}"}}}
+    section = {
+        "splits": ["val"],
+        "vis_processor": SMALL_VIS,
+        "build_info": {
+            "val": {
+                "questions": str(tmp_path / "q.json"),
+                "annotations": str(tmp_path / "a.json"),
+                "images": str(tmp_path),
+                "image_name_format": "{image_id}",
+            }
+        },
+    }
     with pytest.raises(DataError, match="question_id 1 has no annotation"):
         registry.get("builder", "vizwiz")(section).build_datasets()
 
@@ -110,7 +135,8 @@ def test_vizwiz_question_without_annotation_is_refused(tmp_path):
 def test_preflight_names_every_missing_default_file(name, tmp_path, monkeypatch):
     monkeypatch.setenv("PETVLM_DATA", str(tmp_path / "nowhere"))
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(f"model: {{arch: openflamingo, model_type: tiny}}\ndatasets: {{{name}: {{}}}}\n"
-                        "run: {task: vqa}\n")
+    cfg_path.write_text(
+        f"model: {{arch: openflamingo, model_type: tiny}}\ndatasets: {{{name}: {{}}}}\nrun: {{task: vqa}}\n"
+    )
     _, problems = missing_files(load_config(cfg_path), raw_config(cfg_path, []))
     assert problems and all("nowhere" in p and "PETVLM_DATA" in p for p in problems), problems

@@ -67,19 +67,43 @@ def test_text_generated_by_the_tiny_model_never_shows_special_tokens(special):
     special_id = tok.convert_tokens_to_ids(special)
     word_id = tok.convert_tokens_to_ids("▁red")
     prompt = tok(["<image>Output:"], return_tensors="pt")
-    batch = {"vision_x": torch.zeros(1, 1, 1, 3, model.image_size, model.image_size),
-             "lang_x": prompt["input_ids"], "attention_mask": prompt["attention_mask"]}
-    task = CaptioningTask(OmegaConf.create({"run": {"metrics": ["CIDEr"], "agg_metric": "CIDEr", "num_beams": 1,
-                                                    "max_new_tokens": 4, "min_new_tokens": 0,
-                                                    "length_penalty": 0.0}}))
-    new = model.generate(batch["vision_x"], batch["lang_x"], batch["attention_mask"], max_new_tokens=4,
-                         sequence_bias={(special_id,): 50.0})
+    batch = {
+        "vision_x": torch.zeros(1, 1, 1, 3, model.image_size, model.image_size),
+        "lang_x": prompt["input_ids"],
+        "attention_mask": prompt["attention_mask"],
+    }
+    task = CaptioningTask(
+        OmegaConf.create(
+            {
+                "run": {
+                    "metrics": ["CIDEr"],
+                    "agg_metric": "CIDEr",
+                    "num_beams": 1,
+                    "max_new_tokens": 4,
+                    "min_new_tokens": 0,
+                    "length_penalty": 0.0,
+                }
+            }
+        )
+    )
+    new = model.generate(
+        batch["vision_x"],
+        batch["lang_x"],
+        batch["attention_mask"],
+        max_new_tokens=4,
+        sequence_bias={(special_id,): 50.0},
+    )
     assert (new == special_id).all(), new  # it really generated the special token
     (text,) = task.generate_text(model, batch, sequence_bias={(special_id,): 50.0})
     assert text == ""
     # Mixed with a word, the word stays and the special token goes.
-    new = model.generate(batch["vision_x"], batch["lang_x"], batch["attention_mask"], max_new_tokens=4,
-                         sequence_bias={(special_id,): 50.0, (special_id, word_id): 100.0})
+    new = model.generate(
+        batch["vision_x"],
+        batch["lang_x"],
+        batch["attention_mask"],
+        max_new_tokens=4,
+        sequence_bias={(special_id,): 50.0, (special_id, word_id): 100.0},
+    )
     assert word_id in new.tolist()[0] and special_id in new.tolist()[0], new
     (text,) = task.generate_text(model, batch, sequence_bias={(special_id,): 50.0, (special_id, word_id): 100.0})
     assert special not in text and "red" in text, text

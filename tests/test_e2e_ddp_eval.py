@@ -29,11 +29,22 @@ def evaluate(tmp_path: Path, shapes_root: Path, checkpoint: Path, nproc: int) ->
     cfg = write_config(
         tmp_path / "eval.yaml",
         datasets={"shapes_caption": shapes_section(shapes_root), "shapes_vqa": shapes_section(shapes_root)},
-        run={"task": "caption_vqa", "device": "cpu", "test_splits": ["val"], "demo_split": "train",
-             "num_shots": SHOTS, "num_trials": 1, "trial_seeds": [7], "num_samples": None,
-             # A batch of 2 splits 5 samples unevenly, so rows are padded differently in the two runs.
-             "batch_size_eval": 2, "metrics": ["CIDEr", "BLEU"], "output_dir": str(tmp_path / "out"),
-             "run_name": f"np{nproc}", **FAST_JOINT_DECODING},
+        run={
+            "task": "caption_vqa",
+            "device": "cpu",
+            "test_splits": ["val"],
+            "demo_split": "train",
+            "num_shots": SHOTS,
+            "num_trials": 1,
+            "trial_seeds": [7],
+            "num_samples": None,
+            # A batch of 2 splits 5 samples unevenly, so rows are padded differently in the two runs.
+            "batch_size_eval": 2,
+            "metrics": ["CIDEr", "BLEU"],
+            "output_dir": str(tmp_path / "out"),
+            "run_name": f"np{nproc}",
+            **FAST_JOINT_DECODING,
+        },
     )
     check_ok(run_entry("evaluate.py", cfg, nproc=nproc, extra_args=["--checkpoint", str(checkpoint)]))
     return tmp_path / "out" / f"np{nproc}"
@@ -70,8 +81,9 @@ def test_two_process_evaluation_equals_one_process_exactly(tmp_path, shapes_root
             # The per-sample logs too: prompts, demonstrations and scores gathered from both ranks.
             samples = f"samples_shapes_{kind if kind == 'vqa' else 'caption'}_val_{shots}shot_trial0.jsonl"
             assert (single / samples).read_text() == (double / samples).read_text(), samples
-    answers = {r["answer"] for r in sorted_results(single / "results" / "val_2shot_trial0_vqa_results.json",
-                                                   "question_id")}
+    answers = {
+        r["answer"] for r in sorted_results(single / "results" / "val_2shot_trial0_vqa_results.json", "question_id")
+    }
     assert len(answers) > 1  # the answers depend on the question, so a mix-up of ids would show
 
 
@@ -86,8 +98,16 @@ def test_evaluation_records_missing_an_id_fail_with_the_split_and_the_id(tmp_pat
     cfg = make_cfg(tmp_path)
     info = dist.init_distributed("cpu")
     with pytest.raises(DataError) as err:
-        evaluate_split(task=ToyRegressionTask(cfg), model=ToyModel(), dataset=ClaimsAnExtraId(7), dataset_name="toy",
-                       split="val", info=info, precision=resolve_precision("fp32", torch.device("cpu")), batch_size=3)
+        evaluate_split(
+            task=ToyRegressionTask(cfg),
+            model=ToyModel(),
+            dataset=ClaimsAnExtraId(7),
+            dataset_name="toy",
+            split="val",
+            info=info,
+            precision=resolve_precision("fp32", torch.device("cpu")),
+            batch_size=3,
+        )
     message = str(err.value)
     assert message.startswith("toy.val: evaluation records do not cover the split")
     assert "1 missing (e.g. [999])" in message and "7 ids predicted, 8 expected" in message

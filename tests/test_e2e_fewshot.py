@@ -57,15 +57,27 @@ def spy(monkeypatch):
     return seen
 
 
-def run_fewshot(tmp_path: Path, shapes_root: Path, checkpoint: Path, name: str, seeds: list[int],
-                shots: list[int] = SHOTS) -> Path:
+def run_fewshot(
+    tmp_path: Path, shapes_root: Path, checkpoint: Path, name: str, seeds: list[int], shots: list[int] = SHOTS
+) -> Path:
     cfg = write_config(
         tmp_path / f"{name}.yaml",
         datasets={"shapes_caption": shapes_section(shapes_root)},
-        run={"task": "captioning", "device": "cpu", "test_splits": ["val"], "demo_split": "train",
-             "num_shots": shots, "num_trials": len(seeds), "trial_seeds": seeds, "num_samples": 3,
-             "batch_size_eval": 3, "metrics": ["CIDEr"], "output_dir": str(tmp_path / "out"), "run_name": name,
-             **FAST_DECODING},
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "test_splits": ["val"],
+            "demo_split": "train",
+            "num_shots": shots,
+            "num_trials": len(seeds),
+            "trial_seeds": seeds,
+            "num_samples": 3,
+            "batch_size_eval": 3,
+            "metrics": ["CIDEr"],
+            "output_dir": str(tmp_path / "out"),
+            "run_name": name,
+            **FAST_DECODING,
+        },
     )
     evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(checkpoint)])
     return tmp_path / "out" / name
@@ -110,8 +122,7 @@ def test_fewshot_table_is_written_and_reproducible(tmp_path, shapes_root, traine
             assert prompt.endswith("<image>Output:") and prompt.count("<|endofchunk|>") == (int(tag[4]) or 2)
 
 
-def test_another_trial_seed_changes_only_that_trials_demos(tmp_path, shapes_root, trained_checkpoint, spy,
-                                                           one_thread):
+def test_another_trial_seed_changes_only_that_trials_demos(tmp_path, shapes_root, trained_checkpoint, spy, one_thread):
     run_fewshot(tmp_path, shapes_root, trained_checkpoint, "a", seeds=[11, 12], shots=[2])
     before = {tag: dict(v) for tag, v in spy.items()}
     spy.clear()

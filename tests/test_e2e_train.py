@@ -32,12 +32,27 @@ def caption_run(tmp_path: Path, shapes_root: Path, **run) -> Path:
     return write_config(
         tmp_path / "caption.yaml",
         datasets={"shapes_caption": shapes_section(shapes_root)},
-        run={"task": "captioning", "device": "cpu", "max_epoch": 1, "batch_size_train": 8, "batch_size_eval": 4,
-             "init_lr": 2.0e-3, "min_lr": 1.0e-4, "warmup_steps": 3, "weight_decay": 0.0,
-             "param_groups": [{"match": "(attn|ff)_gate$", "lr_scale": 10.0}],
-             "valid_splits": ["val"], "test_splits": ["test"], "log_freq": 1, "progress_bar": False,
-             "output_dir": str(tmp_path / "out"), "run_name": "run", "metrics": ["CIDEr", "BLEU"],
-             **FAST_DECODING, **run},
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "max_epoch": 1,
+            "batch_size_train": 8,
+            "batch_size_eval": 4,
+            "init_lr": 2.0e-3,
+            "min_lr": 1.0e-4,
+            "warmup_steps": 3,
+            "weight_decay": 0.0,
+            "param_groups": [{"match": "(attn|ff)_gate$", "lr_scale": 10.0}],
+            "valid_splits": ["val"],
+            "test_splits": ["test"],
+            "log_freq": 1,
+            "progress_bar": False,
+            "output_dir": str(tmp_path / "out"),
+            "run_name": "run",
+            "metrics": ["CIDEr", "BLEU"],
+            **FAST_DECODING,
+            **run,
+        },
     )
 
 
@@ -62,15 +77,19 @@ def check_run_dir(run_dir: Path, world_size: int) -> list[dict]:
     checkpoints = run_dir / "checkpoints"
     state = torch.load(checkpoints / f"step_{steps:08d}.pt", map_location="cpu", weights_only=False)
     assert state["progress"]["global_step"] == steps and state["world_size"] == world_size
-    assert state["model"] and all("lora_" in k or "perceiver" in k or "gated_cross_attn" in k or "embed" in k
-                                  for k in state["model"]), sorted(state["model"])[:5]
+    assert state["model"] and all(
+        "lora_" in k or "perceiver" in k or "gated_cross_attn" in k or "embed" in k for k in state["model"]
+    ), sorted(state["model"])[:5]
     assert (checkpoints / "best.pt").is_file()
 
     # COCO caption results format: a list of {"image_id": int, "caption": str}, every image of the split once.
     for split in ("val", "test"):
         results = json.loads((run_dir / "results" / f"{split}_caption_results.json").read_text())
-        gt = json.loads(Path(saved["datasets"]["shapes_caption"]["shapes"]["root"], "annotations",
-                             f"captions_shapes_{split}.json").read_text())
+        gt = json.loads(
+            Path(
+                saved["datasets"]["shapes_caption"]["shapes"]["root"], "annotations", f"captions_shapes_{split}.json"
+            ).read_text()
+        )
         assert sorted(r["image_id"] for r in results) == sorted(image["id"] for image in gt["images"])
         assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
     return records

@@ -26,9 +26,18 @@ from lavis.tasks.vqa import VQATask
 from tests.test_flamingo_network import open_gates, tiny_cfg
 
 torch.set_num_threads(1)
-RUN = {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 0, "length_penalty": -2.0,
-       "metrics": ["CIDEr"], "agg_metric": "CIDEr"}
-PROCESSORS = {"train": {"name": "clip_image_eval", "image_size": 64}, "eval": {"name": "clip_image_eval", "image_size": 64}}
+RUN = {
+    "num_beams": 3,
+    "max_new_tokens": 8,
+    "min_new_tokens": 0,
+    "length_penalty": -2.0,
+    "metrics": ["CIDEr"],
+    "agg_metric": "CIDEr",
+}
+PROCESSORS = {
+    "train": {"name": "clip_image_eval", "image_size": 64},
+    "eval": {"name": "clip_image_eval", "image_size": 64},
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +47,25 @@ def setup(tmp_path_factory):
     open_gates(model, 1.5)
     data = {}
     for name, builder in (("caption", ShapesCaptionBuilder), ("vqa", ShapesVQABuilder)):
-        splits = builder({"shapes": {"root": str(root), "num_images": 60}, "train_splits": [],
-                          "vis_processor": PROCESSORS}).build_datasets()
+        splits = builder(
+            {"shapes": {"root": str(root), "num_images": 60}, "train_splits": [], "vis_processor": PROCESSORS}
+        ).build_datasets()
         data[name] = splits
     return model, data
 
 
 def run(model, task, dataset, bucket, cache, batch_size=4):
-    return predict_records(task, model, dataset, torch.device("cpu"), resolve_precision("fp32", torch.device("cpu")),
-                           batch_size, dataset.sample_id_key, bucket=bucket, cache=cache)
+    return predict_records(
+        task,
+        model,
+        dataset,
+        torch.device("cpu"),
+        resolve_precision("fp32", torch.device("cpu")),
+        batch_size,
+        dataset.sample_id_key,
+        bucket=bucket,
+        cache=cache,
+    )
 
 
 @pytest.mark.parametrize("kind,shots", [("caption", 4), ("caption", 0), ("vqa", 4)])
@@ -63,8 +82,9 @@ def test_bucketed_and_cached_passes_give_identical_results_files(setup, tmp_path
         encoded.clear()
         records = run(model, task, fewshot, bucket, cache)
         files[bucket, cache] = tmp_path / f"{bucket}_{cache}.json"
-        write_caption_results(records, files[bucket, cache]) if kind == "caption" else \
-            files[bucket, cache].write_text(json.dumps(records))
+        write_caption_results(records, files[bucket, cache]) if kind == "caption" else files[bucket, cache].write_text(
+            json.dumps(records)
+        )
         images = sum(encoded)
         if cache:  # each distinct image once: fewer encodings than images shown (demos repeat)
             assert images < len(fewshot) * (shots + 1) if shots else images == len(fewshot)
@@ -77,8 +97,10 @@ def test_bucketed_and_cached_passes_give_identical_results_files(setup, tmp_path
     batch = task.collator(model, "eval")([fewshot[i] for i in range(4)])
     args = (batch["lang_x"], batch["attention_mask"])
     kwargs = {"num_beams": 3, "max_new_tokens": 8}
-    assert not torch.equal(model.generate(batch["vision_x"], *args, **kwargs),
-                           model.generate(torch.zeros_like(batch["vision_x"]), *args, **kwargs))
+    assert not torch.equal(
+        model.generate(batch["vision_x"], *args, **kwargs),
+        model.generate(torch.zeros_like(batch["vision_x"]), *args, **kwargs),
+    )
     rows = [r for r, _ in batches_of(fewshot, task.collator(model, "eval"), 4, 0, 1)]
     assert sorted(i for r in rows for i in r) == list(range(len(fewshot)))
     if shots:

@@ -20,16 +20,30 @@ from lavis.cli import evaluate_main
 
 pytestmark = pytest.mark.slow
 
-SMALL_VIS = {"train": {"name": "clip_image_eval", "image_size": 64}, "eval": {"name": "clip_image_eval", "image_size": 64}}
+SMALL_VIS = {
+    "train": {"name": "clip_image_eval", "image_size": 64},
+    "eval": {"name": "clip_image_eval", "image_size": 64},
+}
 RUNS = {
     # task, datasets (name -> evaluated split), run keys
     # TextVQA's reader and metric are VizWiz's and OK-VQA's (tests/test_datasets_suite.py, the fixture tests).
-    "vqa": ("vqa", {"okvqa": "val", "vizwiz": "val"},
-            {"vqa_postprocess": "openflamingo_v2", "vqa_metric": "openflamingo_v2", "vqa_demo_answer": "first",
-             "max_new_tokens": 3, **{k: v for k, v in FAST_DECODING.items() if k != "max_new_tokens"}}),
-    "classification": ("classification", {"hateful_memes": "dev", "imagenet": "val"},
-                       # prompt ensembling: tests/test_tasks_classification.py
-                       {"score_batch_size": 7}),
+    "vqa": (
+        "vqa",
+        {"okvqa": "val", "vizwiz": "val"},
+        {
+            "vqa_postprocess": "openflamingo_v2",
+            "vqa_metric": "openflamingo_v2",
+            "vqa_demo_answer": "first",
+            "max_new_tokens": 3,
+            **{k: v for k, v in FAST_DECODING.items() if k != "max_new_tokens"},
+        },
+    ),
+    "classification": (
+        "classification",
+        {"hateful_memes": "dev", "imagenet": "val"},
+        # prompt ensembling: tests/test_tasks_classification.py
+        {"score_batch_size": 7},
+    ),
     "captioning": ("captioning", {"flickr30k": "test"}, {"metrics": ["CIDEr"], **FAST_DECODING}),
 }
 
@@ -43,13 +57,30 @@ def suite_root(tmp_path_factory) -> Path:
 
 def config(tmp_path: Path, suite_root: Path, which: str, run_name: str, shots=(0, 2)) -> Path:
     task, names, extra = RUNS[which]
-    datasets = {f"shapes_{n}": {"splits": ["train", split], "vis_processor": SMALL_VIS,
-                                "suite": {"root": str(suite_root), "num_images": 60}} for n, split in names.items()}
+    datasets = {
+        f"shapes_{n}": {
+            "splits": ["train", split],
+            "vis_processor": SMALL_VIS,
+            "suite": {"root": str(suite_root), "num_images": 60},
+        }
+        for n, split in names.items()
+    }
     split = next(iter(names.values()))
     assert len(set(names.values())) == 1 or which == "classification"
-    run = {"task": task, "device": "cpu", "test_splits": sorted(set(names.values())), "demo_split": "train",
-           "num_shots": list(shots), "num_trials": 1, "trial_seeds": [3], "num_samples": 5, "batch_size_eval": 2,
-           "output_dir": str(tmp_path / "out"), "run_name": run_name, **extra}
+    run = {
+        "task": task,
+        "device": "cpu",
+        "test_splits": sorted(set(names.values())),
+        "demo_split": "train",
+        "num_shots": list(shots),
+        "num_trials": 1,
+        "trial_seeds": [3],
+        "num_samples": 5,
+        "batch_size_eval": 2,
+        "output_dir": str(tmp_path / "out"),
+        "run_name": run_name,
+        **extra,
+    }
     if which == "classification":
         # Hateful Memes evaluates dev, ImageNet val: one run per split keeps the config simple.
         run["test_splits"] = [split]
@@ -61,8 +92,12 @@ def outputs(run_dir: Path) -> dict:
     """The files an evaluation must reproduce: samples files (bytes) and the results' metrics."""
     results = json.loads((run_dir / "results.json").read_text())
     files = {p.name: p.read_bytes() for p in sorted(run_dir.glob("samples_*.jsonl"))}
-    return {"samples": files, "results": results["results"], "n-samples": results["n-samples"],
-            "table": (run_dir / "fewshot_table.json").read_text()}
+    return {
+        "samples": files,
+        "results": results["results"],
+        "n-samples": results["n-samples"],
+        "table": (run_dir / "fewshot_table.json").read_text(),
+    }
 
 
 def assert_close(a, b, path="") -> None:
@@ -96,13 +131,23 @@ def test_suite_task_two_processes_equal_one(which, tmp_path, suite_root, trained
     # ids exactly; class log-likelihoods to float32 rounding (rows are left-padded differently per rank).
     assert_close(runs[1]["results"], runs[2]["results"])
     assert runs[1]["n-samples"] == runs[2]["n-samples"]
-    assert_close({n: by_id(b) for n, b in runs[1]["samples"].items()},
-                 {n: by_id(b) for n, b in runs[2]["samples"].items()})
+    assert_close(
+        {n: by_id(b) for n, b in runs[1]["samples"].items()}, {n: by_id(b) for n, b in runs[2]["samples"].items()}
+    )
     names = sorted(runs[1]["samples"])
     assert len(names) == len(RUNS[which][1] if which == "vqa" else ["hateful_memes"])
     results = json.loads((tmp_path / "out" / "np1" / "results.json").read_text())
-    for key in ("config", "config_fingerprint", "model_fingerprint", "checkpoint_fingerprint", "git_hash",
-                "versions", "date", "end_date", "n-shot"):
+    for key in (
+        "config",
+        "config_fingerprint",
+        "model_fingerprint",
+        "checkpoint_fingerprint",
+        "git_hash",
+        "versions",
+        "date",
+        "end_date",
+        "n-shot",
+    ):
         assert key in results
     for per_split in results["results"].values():
         for cell in per_split.values():
@@ -119,8 +164,9 @@ def test_suite_task_two_processes_equal_one(which, tmp_path, suite_root, trained
 
 def test_flickr30k_captioning_on_its_stand_in(tmp_path, suite_root, trained_checkpoint, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    evaluate_main(["--cfg-path", str(config(tmp_path, suite_root, "captioning", "cap")),
-                   "--checkpoint", str(trained_checkpoint)])
+    evaluate_main(
+        ["--cfg-path", str(config(tmp_path, suite_root, "captioning", "cap")), "--checkpoint", str(trained_checkpoint)]
+    )
     results = json.loads((tmp_path / "out" / "cap" / "results.json").read_text())
     assert list(results["results"]) == ["shapes_flickr30k/test"]
     assert results["results"]["shapes_flickr30k/test"]["2"]["mean"] > 0
@@ -154,8 +200,7 @@ def test_stopped_evaluation_resumes_to_identical_outputs(tmp_path, suite_root, t
     monkeypatch.setattr(eval_cache.CachedTask, "valid_step", real_valid_step)
     hits = []
     real_get = eval_cache.ResponseCache.get
-    monkeypatch.setattr(eval_cache.ResponseCache, "get",
-                        lambda self, key: hits.append(key) or real_get(self, key))
+    monkeypatch.setattr(eval_cache.ResponseCache, "get", lambda self, key: hits.append(key) or real_get(self, key))
     evaluate_main(["--cfg-path", str(resumed_cfg), *args])  # the same command continues the run
     assert outputs(run_dir) == reference
     assert len(hits) >= 4
@@ -166,8 +211,16 @@ def test_another_evaluation_never_continues_an_unfinished_one(tmp_path, suite_ro
     evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_checkpoint)])
     (tmp_path / "out" / "one" / "results.json").unlink()  # as if it had been stopped before the end
     before = sorted(p.name for p in (tmp_path / "out" / "one").iterdir())
-    evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_checkpoint),
-                   "--options", "run.classification_prompt_ensembling=true"])
+    evaluate_main(
+        [
+            "--cfg-path",
+            str(cfg),
+            "--checkpoint",
+            str(trained_checkpoint),
+            "--options",
+            "run.classification_prompt_ensembling=true",
+        ]
+    )
     # Another task config: its own fresh run directory; the unfinished one is left as it was.
     assert sorted(p.name for p in (tmp_path / "out" / "one").iterdir()) == before
     others = [p for p in (tmp_path / "out").iterdir() if p.name != "one" and (p / "results.json").is_file()]

@@ -20,8 +20,15 @@ from lavis.cli import evaluate_main, train_main
 pytestmark = pytest.mark.slow
 
 STRUCTURES = {
-    "lora": {**TINY_MODEL, "trainable": {"perceiver": False, "gated_cross_attn": False,
-                                         "new_token_embeddings": False, "lm_embeddings": False}},
+    "lora": {
+        **TINY_MODEL,
+        "trainable": {
+            "perceiver": False,
+            "gated_cross_attn": False,
+            "new_token_embeddings": False,
+            "lm_embeddings": False,
+        },
+    },
     "xattn": {**TINY_MODEL, "adapters": {"method": None}},
 }
 
@@ -33,19 +40,47 @@ def datasets(root: Path) -> dict:
 @pytest.fixture(scope="module", params=sorted(STRUCTURES))
 def trained_run(request, shapes_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp(f"train_{request.param}")
-    cfg = write_config(out / "train.yaml", model=STRUCTURES[request.param], datasets=datasets(shapes_root),
-                       run={"task": "captioning", "device": "cpu", "batch_size_train": 16, "batch_size_eval": 5,
-                            "init_lr": 5e-3, "warmup_steps": 0, "valid_splits": ["val"], "metrics": ["CIDEr"],
-                            "progress_bar": False, "output_dir": str(out), "run_name": "run", **FAST_DECODING})
+    cfg = write_config(
+        out / "train.yaml",
+        model=STRUCTURES[request.param],
+        datasets=datasets(shapes_root),
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "batch_size_train": 16,
+            "batch_size_eval": 5,
+            "init_lr": 5e-3,
+            "warmup_steps": 0,
+            "valid_splits": ["val"],
+            "metrics": ["CIDEr"],
+            "progress_bar": False,
+            "output_dir": str(out),
+            "run_name": "run",
+            **FAST_DECODING,
+        },
+    )
     train_main(["--cfg-path", str(cfg)])
     return out / "run"
 
 
 def eval_config(path: Path, root: Path, output_dir: Path) -> Path:
-    return write_config(path, model={"arch": "openflamingo", "model_type": "tiny"}, datasets=datasets(root),
-                        run={"task": "captioning", "device": "cpu", "test_splits": ["val"], "demo_split": "train",
-                             "num_shots": [0], "zero_shot_text_demos": False, "batch_size_eval": 5,
-                             "metrics": ["CIDEr"], "output_dir": str(output_dir), **FAST_DECODING})
+    return write_config(
+        path,
+        model={"arch": "openflamingo", "model_type": "tiny"},
+        datasets=datasets(root),
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "test_splits": ["val"],
+            "demo_split": "train",
+            "num_shots": [0],
+            "zero_shot_text_demos": False,
+            "batch_size_eval": 5,
+            "metrics": ["CIDEr"],
+            "output_dir": str(output_dir),
+            **FAST_DECODING,
+        },
+    )
 
 
 def table_score(run_dir: Path) -> float:
@@ -73,8 +108,18 @@ def test_best_pt_and_the_run_directory_evaluate_like_the_runner_validated(traine
 def test_evaluating_with_the_training_config_never_touches_the_training_run(trained_run):
     before = sorted(p.name for p in trained_run.iterdir())
     cfg = trained_run.parent / "train.yaml"
-    evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_run / "checkpoints" / "best.pt"),
-                   "--options", "run.num_shots=[0]", "run.zero_shot_text_demos=false", "run.demo_split=val"])
+    evaluate_main(
+        [
+            "--cfg-path",
+            str(cfg),
+            "--checkpoint",
+            str(trained_run / "checkpoints" / "best.pt"),
+            "--options",
+            "run.num_shots=[0]",
+            "run.zero_shot_text_demos=false",
+            "run.demo_split=val",
+        ]
+    )
     assert sorted(p.name for p in trained_run.iterdir()) == before
     assert (trained_run.parent / "eval_train_run_best" / "fewshot_table.json").is_file()
 
@@ -90,8 +135,9 @@ def test_a_failed_evaluation_leaves_no_run_directory(trained_run, shapes_root, t
     assert not (tmp_path / "evals").exists() or not any((tmp_path / "evals").iterdir())
 
 
-def test_an_existing_run_name_given_on_the_command_line_is_refused_with_evaluation_advice(trained_run, shapes_root,
-                                                                                         tmp_path, capsys):
+def test_an_existing_run_name_given_on_the_command_line_is_refused_with_evaluation_advice(
+    trained_run, shapes_root, tmp_path, capsys
+):
     cfg = eval_config(tmp_path / "eval.yaml", shapes_root, trained_run.parent)
     with pytest.raises(SystemExit):
         evaluate_main(["--cfg-path", str(cfg), "--checkpoint", str(trained_run), "--options", "run.run_name=run"])
@@ -99,8 +145,7 @@ def test_an_existing_run_name_given_on_the_command_line_is_refused_with_evaluati
     assert "never writes into an existing directory" in err and "resume_ckpt_path" not in err
 
 
-def test_an_exported_peft_folder_and_openflamingo_checkpoint_evaluate_like_best_pt(trained_run, shapes_root,
-                                                                                   tmp_path):
+def test_an_exported_peft_folder_and_openflamingo_checkpoint_evaluate_like_best_pt(trained_run, shapes_root, tmp_path):
     from lavis.export import export
 
     best = trained_run / "checkpoints" / "best.pt"

@@ -25,8 +25,9 @@ def lm_logits(lm, ids) -> torch.Tensor:
 def flamingo_logits(model, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     vision_x = torch.randn(2, 1, 1, 3, model.image_size, model.image_size, generator=gen)
-    ids = model.tokenizer(["<image>Output:a red circle", "<image>Question:what? Short answer:"],
-                          return_tensors="pt", padding=True)
+    ids = model.tokenizer(
+        ["<image>Output:a red circle", "<image>Question:what? Short answer:"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         return model(vision_x, ids["input_ids"], attention_mask=ids["attention_mask"]).logits
 
@@ -70,12 +71,18 @@ def reference_model(**overrides):
     """The fixture's OpenFlamingo; seeded, since the LM head's rows of the added tokens are drawn at random
     (the release file does not hold them: two builds share them only through the seed)."""
     torch.manual_seed(3)
-    cfg = {"arch": "openflamingo", "model_type": "llama7b_vitl14",
-           "clip_vision_encoder_path": str(REF / "vision" / "ViT-Dev-P16.json"),
-           "clip_vision_encoder_pretrained": str(REF / "vision" / "ViT-Dev-P16.pt"),
-           "lang_encoder_path": str(REF / "llama"), "tokenizer_path": str(REF / "llama"),
-           "cross_attn_every_n_layers": 1, "pretrained_checkpoint_path": str(REF / "checkpoint.pt"),
-           "xattn_semantics": "v1", **overrides}
+    cfg = {
+        "arch": "openflamingo",
+        "model_type": "llama7b_vitl14",
+        "clip_vision_encoder_path": str(REF / "vision" / "ViT-Dev-P16.json"),
+        "clip_vision_encoder_pretrained": str(REF / "vision" / "ViT-Dev-P16.pt"),
+        "lang_encoder_path": str(REF / "llama"),
+        "tokenizer_path": str(REF / "llama"),
+        "cross_attn_every_n_layers": 1,
+        "pretrained_checkpoint_path": str(REF / "checkpoint.pt"),
+        "xattn_semantics": "v1",
+        **overrides,
+    }
     return build_model(cfg).eval()
 
 
@@ -102,8 +109,9 @@ def test_openflamingo_export_has_the_release_key_layout_and_reloads_to_the_same_
     torch.testing.assert_close(flamingo_logits(fresh), flamingo_logits(model), rtol=0, atol=1e-6)
 
     # With LoRA on the LM: the release keys plus the merged weights of exactly the adapted modules.
-    lora = reference_model(adapters={"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
-                                     "target_modules": ["q_proj", "v_proj"]})
+    lora = reference_model(
+        adapters={"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    )
     perturb_trainable(lora)
     state = openflamingo_state_dict(lora)
     extra = set(state) - release_keys
@@ -120,9 +128,24 @@ def test_openflamingo_export_of_a_training_run_through_the_cli(tmp_path, trained
     import sys
 
     out = tmp_path / "release"
-    proc = subprocess.run([sys.executable, "-m", "lavis.export", "--checkpoint", str(trained_checkpoint.parent.parent),
-                           "--out", str(out), "--format", "openflamingo"], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lavis.export",
+            "--checkpoint",
+            str(trained_checkpoint.parent.parent),
+            "--out",
+            str(out),
+            "--format",
+            "openflamingo",
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     check_ok(proc)
     assert f"exported (openflamingo): {out / 'checkpoint.pt'}" in proc.stdout
     # The plain tiny model with the file as its pretrained checkpoint is the fine-tuned model (LoRA merged).

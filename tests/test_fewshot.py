@@ -160,7 +160,8 @@ class CountingFeatures:
 
 def angle_pool(angles=ANGLES, norms=NORMS):
     items = [
-        {"image": vector_image(a, n), "image_id": i, "text_input": f"c{i}"} for i, (a, n) in enumerate(zip(angles, norms))
+        {"image": vector_image(a, n), "image_id": i, "text_input": f"c{i}"}
+        for i, (a, n) in enumerate(zip(angles, norms))
     ]
     return ListDataset(items, "image_id")
 
@@ -201,8 +202,14 @@ def test_rices_demos_are_nearest_admissible_neighbours():
     # Two questions per image; images at distinct angles.
     angles = [0.0, 5.0, 20.0, 60.0, 100.0, 150.0]
     items = [
-        {"image": vector_image(a), "text_input": "q?", "answer": "a", "answers": ["a"], "question_id": 10 * i + q,
-         "image_id": i}
+        {
+            "image": vector_image(a),
+            "text_input": "q?",
+            "answer": "a",
+            "answers": ["a"],
+            "question_id": 10 * i + q,
+            "image_id": i,
+        }
         for i, a in enumerate(angles)
         for q in range(2)
     ]

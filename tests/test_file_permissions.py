@@ -37,8 +37,7 @@ def tree_modes(root: Path) -> dict[str, int]:
 
 def check_shareable(root: Path) -> None:
     """Every folder under ``root`` is 0755 and every file 0644 (umask 022)."""
-    wrong = {name: oct(m) for name, m in tree_modes(root).items()
-             if m != (0o755 if (root / name).is_dir() else 0o644)}
+    wrong = {name: oct(m) for name, m in tree_modes(root).items() if m != (0o755 if (root / name).is_dir() else 0o644)}
     assert not wrong, wrong
 
 
@@ -58,12 +57,23 @@ def test_atomic_files_and_folders_follow_the_umask(tmp_path, umask, mask):
 def test_a_training_run_directory_is_readable_by_the_group_and_others(tmp_path, umask, shapes_root):
     from conftest import check_ok, run_entry, shapes_section, write_config
 
-    cfg = write_config(tmp_path / "c.yaml", datasets={"shapes_caption": {**shapes_section(shapes_root),
-                                                                         "max_samples": 32}},
-                       run={"task": "captioning", "device": "cpu", "batch_size_train": 16,
-                            "valid_splits": ["val"], "val_freq": 1, "metrics": ["CIDEr"], "num_beams": 1,
-                            "max_new_tokens": 4, "progress_bar": False, "output_dir": str(tmp_path / "out"),
-                            "run_name": "run"})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        datasets={"shapes_caption": {**shapes_section(shapes_root), "max_samples": 32}},
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "batch_size_train": 16,
+            "valid_splits": ["val"],
+            "val_freq": 1,
+            "metrics": ["CIDEr"],
+            "num_beams": 1,
+            "max_new_tokens": 4,
+            "progress_bar": False,
+            "output_dir": str(tmp_path / "out"),
+            "run_name": "run",
+        },
+    )
     umask(0o022)  # the subprocess inherits it
     check_ok(run_entry("train.py", cfg))
     run_dir = tmp_path / "out" / "run"

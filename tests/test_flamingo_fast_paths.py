@@ -73,8 +73,9 @@ def test_perceiver_attention_equals_the_release_formula():
     attn = PerceiverAttention(32, dim_head=8, heads=4)
     media, latents = torch.randn(2, 3, 10, 32), torch.randn(2, 3, 4, 32)
     with torch.no_grad():
-        torch.testing.assert_close(attn(media, latents), release_perceiver_attention(attn, media, latents),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            attn(media, latents), release_perceiver_attention(attn, media, latents), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("semantics", ["v1", "v2"])
@@ -83,8 +84,10 @@ def test_media_keys_values_computed_once_per_generate_on_the_media_rows(semantic
     open_gates(model, 1.5)
     vision_x, ids, mask = prompts_batch(model, PROMPTS)
     rows = []
-    handles = [block.attn.to_kv.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]))
-               for block in model.gated_cross_attn_layers.values()]
+    handles = [
+        block.attn.to_kv.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]))
+        for block in model.gated_cross_attn_layers.values()
+    ]
     model.generate(vision_x, ids, mask, num_beams=3, max_new_tokens=6, min_new_tokens=6)
     for h in handles:
         h.remove()
@@ -102,8 +105,9 @@ def test_generation_logits_match_the_release_formula_path():
         originals = {}
         for block in model.gated_cross_attn_layers.values():
             originals[block] = block.attn.forward
-            block.attn.forward = (lambda a: lambda x, kv, index: release_cross_attention(
-                a, x, model._cond.media, index))(block.attn)
+            block.attn.forward = (
+                lambda a: lambda x, kv, index: release_cross_attention(a, x, model._cond.media, index)
+            )(block.attn)
         for attn, _ in model.perceiver.layers:
             attn.forward = (lambda a: lambda m, lat: release_perceiver_attention(a, m, lat))(attn)
         slow = model(vision_x, ids, mask).logits
@@ -122,7 +126,8 @@ def test_prompt_run_once_per_sample_generates_what_the_per_beam_prompt_does(sema
     vision_x, ids, mask = prompts_batch(model, prompts)
     calls = []
     hook = model.lang_encoder.get_decoder().register_forward_pre_hook(
-        lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+        lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+    )
     once = model.generate(vision_x, ids, mask, num_beams=3, max_new_tokens=5, min_new_tokens=5)
     hook.remove()
     plain = model.generate(vision_x, ids, mask, num_beams=3, max_new_tokens=5, min_new_tokens=5, use_cache=False)

@@ -16,9 +16,11 @@ from lavis.models.flamingo.vision import build_vision_tower
 
 torch.set_num_threads(1)
 TINY_YAML = "lavis/configs/models/openflamingo/tiny.yaml"
-WORDS = ("a an the this that there is are of on in at to and with image picture photo shape shapes circle square "
-         "triangle red green blue yellow purple orange one two three four 1 2 3 4 left right top bottom middle "
-         "center upper lower side what which how many color colour yes no question answer short output").split()
+WORDS = (
+    "a an the this that there is are of on in at to and with image picture photo shape shapes circle square "
+    "triangle red green blue yellow purple orange one two three four 1 2 3 4 left right top bottom middle "
+    "center upper lower side what which how many color colour yes no question answer short output"
+).split()
 
 
 def tiny_cfg(**overrides) -> dict:
@@ -49,17 +51,21 @@ def prompts_batch(model, prompts):
     return vision_x, batch.input_ids, batch.attention_mask
 
 
-PROMPTS = ["a circle<image>question: what color is the shape? answer: red<|endofchunk|><image>question: how many",
-           "<image>output: a red circle.<|endofchunk|><image>output:",
-           "<image>this photo shows"]
+PROMPTS = [
+    "a circle<image>question: what color is the shape? answer: red<|endofchunk|><image>question: how many",
+    "<image>output: a red circle.<|endofchunk|><image>output:",
+    "<image>this photo shows",
+]
 
 
 # ---------------------------------------------------------------- media masks
 M, E, P, S, T = 9, 8, 7, 1, 5  # <image>, <|endofchunk|>, <PAD>, <s>, text
-CRAFTED = torch.tensor([
-    [S, T, M, T, T, E, M, T, E, M, T, T],  # text before the first image, three images
-    [P, P, P, P, S, M, T, E, M, T, T, T],  # left padding, two images
-])
+CRAFTED = torch.tensor(
+    [
+        [S, T, M, T, T, E, M, T, E, M, T, T],  # text before the first image, three images
+        [P, P, P, P, S, M, T, E, M, T, T, T],  # left padding, two images
+    ]
+)
 
 
 def test_v1_media_index_table():
@@ -173,7 +179,7 @@ def test_generation_returns_new_tokens_of_a_manual_greedy_loop(tiny):
             nxt = tiny(vision_x, seq, am).logits[:, -1].argmax(-1, keepdim=True)
             seq, am = torch.cat([seq, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
     open_gates(tiny, 0.0)
-    assert torch.equal(new, seq[:, ids.shape[1]:])
+    assert torch.equal(new, seq[:, ids.shape[1] :])
 
 
 def test_pad_after_eos():
@@ -184,8 +190,9 @@ def test_pad_after_eos():
 # ---------------------------------------------------------------- state dicts
 def test_trainable_state_dict_round_trip(tiny):
     state = tiny.trainable_state_dict()
-    assert state and all(k.startswith(("perceiver.", "gated_cross_attn_layers.", "lang_encoder.model.embed_tokens"))
-                         for k in state)
+    assert state and all(
+        k.startswith(("perceiver.", "gated_cross_attn_layers.", "lang_encoder.model.embed_tokens")) for k in state
+    )
     assert not any(k.startswith("vision_encoder") or ".layers.0.self_attn" in k for k in state)
     other = build_model(tiny_cfg(tiny={**tiny_cfg()["tiny"], "seed": 0})).eval()
     with torch.no_grad():
@@ -232,8 +239,15 @@ def test_build_is_deterministic_and_has_the_contract_attributes(tiny):
 
 
 def test_defaults_fill_omitted_keys():
-    model = build_model({"arch": "openflamingo", "clip_vision_encoder_path": "tiny", "lang_encoder_path": "tiny",
-                         "tokenizer_path": "tiny", "cross_attn_every_n_layers": 2})
+    model = build_model(
+        {
+            "arch": "openflamingo",
+            "clip_vision_encoder_path": "tiny",
+            "lang_encoder_path": "tiny",
+            "tokenizer_path": "tiny",
+            "cross_attn_every_n_layers": 2,
+        }
+    )
     assert set(model.gated_cross_attn_layers) == {"1"}  # before every 2nd layer of the 2-layer tiny LM
     assert model.xattn_semantics == "v2" and len(model.perceiver.layers) == 6
 
@@ -262,13 +276,26 @@ def test_tiny_tokenizer_covers_the_shapes_vocabulary(tiny):
 
 
 def test_openflamingo_9b_parameter_count_on_meta_device():
-    lm_config = LlamaConfig(vocab_size=32003, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                            num_attention_heads=32, rms_norm_eps=1e-6)
+    lm_config = LlamaConfig(
+        vocab_size=32003,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        rms_norm_eps=1e-6,
+    )
     with torch.device("meta"):
         vision = build_vision_tower("ViT-L-14", None)
         lm = LlamaForCausalLM(lm_config)
-        model = Flamingo(vision.visual, lm, vis_dim=vision.vis_dim, media_token_id=32001, eoc_token_id=32000,
-                         pad_token_id=32002, cross_attn_every_n_layers=4)
+        model = Flamingo(
+            vision.visual,
+            lm,
+            vis_dim=vision.vis_dim,
+            media_token_id=32001,
+            eoc_token_id=32000,
+            pad_token_id=32002,
+            cross_attn_every_n_layers=4,
+        )
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert vision.vis_dim == 1024 and vision.image_size == 224
     assert count(model.perceiver) == 63_019_008

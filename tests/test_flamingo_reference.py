@@ -27,11 +27,14 @@ ORIGINAL_VOCAB = 640  # logit columns of the added tokens are random in the refe
 
 def reference_config(**overrides) -> dict:
     cfg = {
-        "arch": "openflamingo", "model_type": "llama7b_vitl14",
+        "arch": "openflamingo",
+        "model_type": "llama7b_vitl14",
         "clip_vision_encoder_path": str(REF / "vision" / "ViT-Dev-P16.json"),
         "clip_vision_encoder_pretrained": str(REF / "vision" / "ViT-Dev-P16.pt"),
-        "lang_encoder_path": str(REF / "llama"), "tokenizer_path": str(REF / "llama"),
-        "cross_attn_every_n_layers": 1, "pretrained_checkpoint_path": str(REF / "checkpoint.pt"),
+        "lang_encoder_path": str(REF / "llama"),
+        "tokenizer_path": str(REF / "llama"),
+        "cross_attn_every_n_layers": 1,
+        "pretrained_checkpoint_path": str(REF / "checkpoint.pt"),
         "xattn_semantics": "v1",
     }
     cfg.update(overrides)
@@ -53,8 +56,11 @@ def eos_model():
 
 def load_case(name: str):
     d = REF / "cases" / name
-    return (torch.from_numpy(np.load(d / "vision_x.npy")), torch.from_numpy(np.load(d / "input_ids.npy")),
-            torch.from_numpy(np.load(d / "attention_mask.npy")))
+    return (
+        torch.from_numpy(np.load(d / "vision_x.npy")),
+        torch.from_numpy(np.load(d / "input_ids.npy")),
+        torch.from_numpy(np.load(d / "attention_mask.npy")),
+    )
 
 
 def test_tokenizer_ids_match_legacy_llama(model):
@@ -90,8 +96,9 @@ def test_vision_tokens_and_perceiver(model, name):
         latents = model.encode_vision(vision_x)
     expected_tokens = np.load(REF / "cases" / name / "debug_vision_tokens.npy")
     np.testing.assert_allclose(tokens.reshape(expected_tokens.shape).numpy(), expected_tokens, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(latents.numpy(), np.load(REF / "cases" / name / "debug_perceiver_out.npy"),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        latents.numpy(), np.load(REF / "cases" / name / "debug_perceiver_out.npy"), atol=1e-4, rtol=1e-4
+    )
     assert latents.shape == (b, t, 64, 48)
 
 
@@ -102,8 +109,9 @@ def test_logits(model, name):
         logits = model(vision_x, ids, mask).logits
     expected = torch.from_numpy(np.load(REF / "cases" / name / "logits.npy"))
     valid = mask.bool()  # pad query rows are implementation-defined in the reference
-    torch.testing.assert_close(logits[valid][:, :ORIGINAL_VOCAB], expected[valid][:, :ORIGINAL_VOCAB],
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits[valid][:, :ORIGINAL_VOCAB], expected[valid][:, :ORIGINAL_VOCAB], atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -113,7 +121,7 @@ def test_generation(model, name, kind, num_beams):
     expected = np.load(REF / "cases" / name / f"{kind}_sequences.npy")
     # The reference fills finished rows with the LM's pad id 0; the fixtures include the prompt.
     out = model.generate(vision_x, ids, mask, num_beams=num_beams, max_new_tokens=10, pad_token_id=0)
-    np.testing.assert_array_equal(out.numpy(), expected[:, ids.shape[1]:])
+    np.testing.assert_array_equal(out.numpy(), expected[:, ids.shape[1] :])
 
 
 def test_eos_variant_logits(eos_model):
@@ -124,13 +132,19 @@ def test_eos_variant_logits(eos_model):
     torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind,kwargs", [("greedy", {"num_beams": 1}), ("beam3", {"num_beams": 3}),
-                                         ("beam3_lp-2", {"num_beams": 3, "length_penalty": -2.0})])
+@pytest.mark.parametrize(
+    "kind,kwargs",
+    [
+        ("greedy", {"num_beams": 1}),
+        ("beam3", {"num_beams": 3}),
+        ("beam3_lp-2", {"num_beams": 3, "length_penalty": -2.0}),
+    ],
+)
 def test_eos_variant_generation(eos_model, kind, kwargs):
     vision_x, ids, mask = load_case("batch_leftpad")
     expected = np.load(REF / "cases" / "batch_leftpad" / "eos_variant" / f"{kind}_sequences.npy")
     out = eos_model.generate(vision_x, ids, mask, max_new_tokens=10, pad_token_id=0, **kwargs)
-    np.testing.assert_array_equal(out.numpy(), expected[:, ids.shape[1]:])
+    np.testing.assert_array_equal(out.numpy(), expected[:, ids.shape[1] :])
     assert (out == 640).any(), "the eos variant must stop on <|endofchunk|>"
 
 

@@ -10,15 +10,19 @@ from lavis.common.errors import DataError
 from lavis.models import build_model
 
 torch.set_num_threads(1)
-PROMPTS = ["a circle<image>output: a red circle.<|endofchunk|><image>output:",
-           "<image>output: two blue squares.<|endofchunk|><image>output:",
-           "<image>output:"]
+PROMPTS = [
+    "a circle<image>output: a red circle.<|endofchunk|><image>output:",
+    "<image>output: two blue squares.<|endofchunk|><image>output:",
+    "<image>output:",
+]
 NAMES = ["a red circle", "blue", "three green triangles on the left", "square"]
 
 
 def tiny_model():
-    cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in read_yaml(
-        "lavis/configs/models/openflamingo/tiny.yaml").model.items()}
+    cfg = {
+        k: (dict(v) if hasattr(v, "items") else v)
+        for k, v in read_yaml("lavis/configs/models/openflamingo/tiny.yaml").model.items()
+    }
     model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # open gates with some spread so the images matter
@@ -53,7 +57,7 @@ def from_scratch(model, vision_x, ids, mask, conts, normalize_length):
             c = torch.tensor(cont)[None].expand(ids.shape[0], -1)
             full = torch.cat([ids, c], 1)
             logits = model(vision_x, full, torch.cat([mask, torch.ones_like(c)], 1)).logits.float()
-            logp = logits[:, ids.shape[1] - 1:-1].log_softmax(-1).gather(-1, c[..., None]).squeeze(-1)
+            logp = logits[:, ids.shape[1] - 1 : -1].log_softmax(-1).gather(-1, c[..., None]).squeeze(-1)
             out[:, j] = logp.mean(-1) if normalize_length else logp.sum(-1)
     return out
 

@@ -26,11 +26,26 @@ from lavis.models.flamingo.vision import build_vision_tower
 
 torch.set_num_threads(1)
 MODEL_TYPES = Path("lavis/configs/models/openflamingo")
-MOSAIC = {"model_type": "mosaic_gpt", "d_model": 32, "n_heads": 4, "n_layers": 2, "mlp_ratio": 4,
-          "max_seq_len": 64, "vocab_size": 90, "attn_qk_ln": True, "alibi": True, "alibi_bias_max": 8,
-          "no_bias": True, "attn_clip_qkv": None, "softmax_scale": None, "logit_scale": None,
-          "embedding_fraction": 1.0, "low_precision_layernorm": True, "architectures": ["MosaicGPT"],
-          "auto_map": {"AutoModelForCausalLM": "mosaic_gpt.MosaicGPT"}}
+MOSAIC = {
+    "model_type": "mosaic_gpt",
+    "d_model": 32,
+    "n_heads": 4,
+    "n_layers": 2,
+    "mlp_ratio": 4,
+    "max_seq_len": 64,
+    "vocab_size": 90,
+    "attn_qk_ln": True,
+    "alibi": True,
+    "alibi_bias_max": 8,
+    "no_bias": True,
+    "attn_clip_qkv": None,
+    "softmax_scale": None,
+    "logit_scale": None,
+    "embedding_fraction": 1.0,
+    "low_precision_layernorm": True,
+    "architectures": ["MosaicGPT"],
+    "auto_map": {"AutoModelForCausalLM": "mosaic_gpt.MosaicGPT"},
+}
 
 
 # ---------------------------------------------------------------- MosaicGPT port
@@ -39,16 +54,24 @@ def mosaic_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     d, r = cfg["d_model"], cfg["mlp_ratio"]
     randn = lambda *shape, s=1.0: torch.randn(*shape, generator=g) * s  # noqa: E731
-    state = {"transformer.wte.weight": randn(cfg["vocab_size"], d, s=0.5),
-             "transformer.norm_f.weight": 1 + randn(d, s=0.1)}
+    state = {
+        "transformer.wte.weight": randn(cfg["vocab_size"], d, s=0.5),
+        "transformer.norm_f.weight": 1 + randn(d, s=0.1),
+    }
     for i in range(cfg["n_layers"]):
         p = f"transformer.blocks.{i}."
-        state.update({p + "ln_1.weight": 1 + randn(d, s=0.1), p + "ln_2.weight": 1 + randn(d, s=0.1),
-                      p + "attn.Wqkv.weight": randn(3 * d, d, s=2 / math.sqrt(d)),
-                      p + "attn.q_ln.weight": 1 + randn(d, s=0.1), p + "attn.k_ln.weight": 1 + randn(d, s=0.1),
-                      p + "attn.out_proj.weight": randn(d, d, s=1 / math.sqrt(d)),
-                      p + "mlp.mlp_up.weight": randn(r * d, d, s=1 / math.sqrt(d)),
-                      p + "mlp.mlp_down.weight": randn(d, r * d, s=1 / math.sqrt(r * d))})
+        state.update(
+            {
+                p + "ln_1.weight": 1 + randn(d, s=0.1),
+                p + "ln_2.weight": 1 + randn(d, s=0.1),
+                p + "attn.Wqkv.weight": randn(3 * d, d, s=2 / math.sqrt(d)),
+                p + "attn.q_ln.weight": 1 + randn(d, s=0.1),
+                p + "attn.k_ln.weight": 1 + randn(d, s=0.1),
+                p + "attn.out_proj.weight": randn(d, d, s=1 / math.sqrt(d)),
+                p + "mlp.mlp_up.weight": randn(r * d, d, s=1 / math.sqrt(d)),
+                p + "mlp.mlp_down.weight": randn(d, r * d, s=1 / math.sqrt(r * d)),
+            }
+        )
     return state
 
 
@@ -110,11 +133,14 @@ def test_mosaic_gpt_weights_that_do_not_fit_are_named(tmp_path):
         FAMILIES["mosaic_gpt"].load(str(tmp_path / "bad"), torch.float32, None)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"attn_qk_ln": False}, "without attn_qk_ln"),
-    ({"alibi": False}, r"alibi: false"),
-    ({"mlp_ratio": 8}, "MLP ratio 8"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"attn_qk_ln": False}, "without attn_qk_ln"),
+        ({"alibi": False}, r"alibi: false"),
+        ({"mlp_ratio": 8}, "MLP ratio 8"),
+    ],
+)
 def test_mosaic_gpt_settings_the_port_lacks_are_refused(tmp_path, change, message):
     write_mosaic_dir(tmp_path / "x", {**MOSAIC, **change})
     with pytest.raises(ConfigError, match=message):
@@ -123,14 +149,19 @@ def test_mosaic_gpt_settings_the_port_lacks_are_refused(tmp_path, change, messag
 
 def test_unknown_family_is_refused_naming_the_expected_ones(tmp_path):
     (tmp_path / "lm").mkdir()
-    (tmp_path / "lm" / "config.json").write_text(json.dumps({"model_type": "falcon_remote",
-                                                             "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
-    with pytest.raises(ConfigError, match=r"falcon_remote.*remote code is never run.*mpt = MPT \(MPT-7B.*"
-                                          r"gpt_neox = GPT-NeoX.*mosaic_gpt = MosaicGPT"):
+    (tmp_path / "lm" / "config.json").write_text(
+        json.dumps({"model_type": "falcon_remote", "auto_map": {"AutoModelForCausalLM": "x.Y"}})
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"falcon_remote.*remote code is never run.*mpt = MPT \(MPT-7B.*"
+        r"gpt_neox = GPT-NeoX.*mosaic_gpt = MosaicGPT",
+    ):
         family_of_directory(str(tmp_path / "lm"))
     # A remote-code MPT directory (auto_map, llm-foundry's class name) loads into the native class.
     MptForCausalLM(MptConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=16, vocab_size=20)).save_pretrained(
-        tmp_path / "lm")
+        tmp_path / "lm"
+    )
     config = json.loads((tmp_path / "lm" / "config.json").read_text())
     config.update(architectures=["MPTForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"})
     (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
@@ -145,14 +176,25 @@ def test_unknown_family_is_refused_naming_the_expected_ones(tmp_path):
 # ---------------------------------------------------------------- release parameter counts
 V2_VOCAB = 50280  # GPT-NeoX-20B's 50277 tokens + <|endofchunk|>, <image>, <PAD> (the 50432-row LMs shrink)
 RELEASE_LMS = {
-    "mpt1b": lambda: MosaicGPTForCausalLM(MosaicGPTConfig(d_model=2048, n_heads=16, n_layers=24, max_seq_len=2048,
-                                                          vocab_size=V2_VOCAB)),
-    "rpj3b": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
-        hidden_size=2560, num_attention_heads=32, num_hidden_layers=32, intermediate_size=10240,
-        vocab_size=V2_VOCAB, max_position_embeddings=2048, rotary_pct=1.0, use_parallel_residual=False,
-        tie_word_embeddings=False)),
-    "mpt7b": lambda: MptForCausalLM(MptConfig(d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048,
-                                              vocab_size=V2_VOCAB)),
+    "mpt1b": lambda: MosaicGPTForCausalLM(
+        MosaicGPTConfig(d_model=2048, n_heads=16, n_layers=24, max_seq_len=2048, vocab_size=V2_VOCAB)
+    ),
+    "rpj3b": lambda: GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            hidden_size=2560,
+            num_attention_heads=32,
+            num_hidden_layers=32,
+            intermediate_size=10240,
+            vocab_size=V2_VOCAB,
+            max_position_embeddings=2048,
+            rotary_pct=1.0,
+            use_parallel_residual=False,
+            tie_word_embeddings=False,
+        )
+    ),
+    "mpt7b": lambda: MptForCausalLM(
+        MptConfig(d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=V2_VOCAB)
+    ),
 }
 # model type: (LM, environment variable, total parameters, checkpoint.pt parameters, cross-attention layers).
 # The checkpoint figures times 4 bytes are the release files' sizes: 4.19 GB (3B), 4.87 GB (4B-langinstruct;
@@ -175,9 +217,17 @@ def test_v2_model_type_parameter_count_on_meta_device(model_type):
     with torch.device("meta"):
         vision = build_vision_tower(cfg.clip_vision_encoder_path, None)
         lm = RELEASE_LMS[lm_name]()
-        model = Flamingo(vision.visual, lm, vis_dim=vision.vis_dim, media_token_id=50278, eoc_token_id=50277,
-                         pad_token_id=50279, cross_attn_every_n_layers=cfg.cross_attn_every_n_layers,
-                         perceiver=dict(cfg.perceiver), cross_attention=dict(cfg.cross_attention))
+        model = Flamingo(
+            vision.visual,
+            lm,
+            vis_dim=vision.vis_dim,
+            media_token_id=50278,
+            eoc_token_id=50277,
+            pad_token_id=50279,
+            cross_attn_every_n_layers=cfg.cross_attn_every_n_layers,
+            perceiver=dict(cfg.perceiver),
+            cross_attention=dict(cfg.cross_attention),
+        )
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(model) == total
     family = family_of_model(lm)
@@ -203,29 +253,65 @@ def test_mpt_alibi_attention_is_fp16_safe_at_full_length():
 # ---------------------------------------------------------------- tiny MPT / GPT-NeoX: LoRA training, few-shot
 @pytest.mark.parametrize("family,target", [("mpt", "Wqkv"), ("gpt_neox", "query_key_value")])
 def test_tiny_family_trains_with_lora_and_evaluates_fewshot(family, target, tmp_path, shapes_root):
-    model = {"arch": "openflamingo", "model_type": f"tiny_{family}",
-             "trainable": {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False,
-                           "lm_embeddings": True},
-             "adapters": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "apply_to": ["lang_encoder"]}}
+    model = {
+        "arch": "openflamingo",
+        "model_type": f"tiny_{family}",
+        "trainable": {
+            "perceiver": True,
+            "gated_cross_attn": True,
+            "new_token_embeddings": False,
+            "lm_embeddings": True,
+        },
+        "adapters": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "apply_to": ["lang_encoder"]},
+    }
     built = build_model(OmegaConf.merge(read_yaml(MODEL_TYPES / f"tiny_{family}.yaml").model, model))
     assert family_of_model(built.lang_encoder).name == family
     lora = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in built.named_parameters() if ".lora_A." in n}
     assert lora == set(FAMILIES[family].lora_target_modules) and target in lora
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "train.yaml", model=model, datasets={"shapes_caption": shapes_section(shapes_root)},
-                       run={"task": "captioning", "device": "cpu", "max_steps": 4, "batch_size_train": 8,
-                            "init_lr": 2e-3, "warmup_steps": 0, "weight_decay": 0.0, "log_freq": 1,
-                            "progress_bar": False, "valid_splits": [], "output_dir": str(out), "run_name": "t"})
+    cfg = write_config(
+        tmp_path / "train.yaml",
+        model=model,
+        datasets={"shapes_caption": shapes_section(shapes_root)},
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "max_steps": 4,
+            "batch_size_train": 8,
+            "init_lr": 2e-3,
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "log_freq": 1,
+            "progress_bar": False,
+            "valid_splits": [],
+            "output_dir": str(out),
+            "run_name": "t",
+        },
+    )
     train_main(["--cfg-path", str(cfg)])
     losses = [r["loss"] for r in read_jsonl(out / "t" / "metrics.jsonl") if "loss" in r]
     assert losses and all(math.isfinite(x) for x in losses)
     checkpoint = sorted((out / "t" / "checkpoints").glob("step_*.pt"))[-1]
-    eval_cfg = write_config(tmp_path / "eval.yaml", model=model,
-                            datasets={"shapes_caption": shapes_section(shapes_root)},
-                            run={"task": "captioning", "device": "cpu", "test_splits": ["val"],
-                                 "demo_split": "train", "num_shots": [0, 2], "num_trials": 1, "trial_seeds": [3],
-                                 "num_samples": 3, "batch_size_eval": 3, "metrics": ["CIDEr"],
-                                 "output_dir": str(out), "run_name": "e", **FAST_DECODING})
+    eval_cfg = write_config(
+        tmp_path / "eval.yaml",
+        model=model,
+        datasets={"shapes_caption": shapes_section(shapes_root)},
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "test_splits": ["val"],
+            "demo_split": "train",
+            "num_shots": [0, 2],
+            "num_trials": 1,
+            "trial_seeds": [3],
+            "num_samples": 3,
+            "batch_size_eval": 3,
+            "metrics": ["CIDEr"],
+            "output_dir": str(out),
+            "run_name": "e",
+            **FAST_DECODING,
+        },
+    )
     evaluate_main(["--cfg-path", str(eval_cfg), "--checkpoint", str(checkpoint)])
     table = json.loads((out / "e" / "fewshot_table.json").read_text())
     (row,) = table["rows"].values()
@@ -245,15 +331,22 @@ def test_v2_eval_configs_carry_the_v2_protocol(name, task, max_new):
     assert cfg.model.model_type == "mpt7b_vitl14" and cfg.model.xattn_semantics == "v2"
     assert cfg.model.lang_encoder_env == "MPT7B_PATH" and cfg.model.cross_attn_every_n_layers == 4
     assert (run.task, run.num_beams, run.length_penalty, run.max_new_tokens, run.min_new_tokens) == (
-        task, 3, 0.0, max_new, 0)
+        task,
+        3,
+        0.0,
+        max_new,
+        0,
+    )
     assert run.num_shots == [0, 4, 8, 16, 32] and len(run.trial_seeds) == run.num_trials == 3
     assert run.zero_shot_text_demos and run.num_samples is None
     if task == "vqa":
         assert run.always_normalize
 
 
-@pytest.mark.parametrize("name,amp,frozen", [("caption_coco_mpt7b_lora_4xv100", "fp16", "float16"),
-                                             ("caption_coco_mpt7b_lora_1xa100", "bf16", "bfloat16")])
+@pytest.mark.parametrize(
+    "name,amp,frozen",
+    [("caption_coco_mpt7b_lora_4xv100", "fp16", "float16"), ("caption_coco_mpt7b_lora_1xa100", "bf16", "bfloat16")],
+)
 def test_v2_train_configs(name, amp, frozen):
     from lavis.common.config import load_config
 
@@ -266,16 +359,21 @@ def test_model_config_relations_are_reported_with_dotted_keys(tmp_path):
     from lavis.common.config import load_config
 
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("model:\n  arch: openflamingo\n  model_type: tiny_mpt\n  cross_attn_every_n_layers: 0\n"
-                   "  tiny: {lm_heads: 5, image_size: 60, vision_head_width: 24}\n  perceiver: {heads: 0}\n"
-                   "datasets:\n  shapes_caption: {}\nrun:\n  task: captioning\n")
+    cfg.write_text(
+        "model:\n  arch: openflamingo\n  model_type: tiny_mpt\n  cross_attn_every_n_layers: 0\n"
+        "  tiny: {lm_heads: 5, image_size: 60, vision_head_width: 24}\n  perceiver: {heads: 0}\n"
+        "datasets:\n  shapes_caption: {}\nrun:\n  task: captioning\n"
+    )
     with pytest.raises(ConfigError) as err:
         load_config(cfg)
     message = str(err.value)
-    for expected in ("model.tiny.lm_heads: 5 does not divide model.tiny.lm_hidden_size 128",
-                     "model.tiny.patch_size: 16 does not divide model.tiny.image_size 60",
-                     "model.tiny.vision_head_width: 24 does not divide model.tiny.vision_width 64",
-                     "model.cross_attn_every_n_layers: must be >= 1", "model.perceiver.heads: must be positive"):
+    for expected in (
+        "model.tiny.lm_heads: 5 does not divide model.tiny.lm_hidden_size 128",
+        "model.tiny.patch_size: 16 does not divide model.tiny.image_size 60",
+        "model.tiny.vision_head_width: 24 does not divide model.tiny.vision_width 64",
+        "model.cross_attn_every_n_layers: must be >= 1",
+        "model.perceiver.heads: must be positive",
+    ):
         assert expected in message
 
 
@@ -284,12 +382,19 @@ def test_v2_config_without_its_files_names_the_model_types_variables(tmp_path, m
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
-        train_main(["--cfg-path", str(Path(__file__).parent.parent / V2_PROJECTS / "train"
-                                      / "caption_coco_mpt7b_lora_4xv100.yaml")])
+        train_main(
+            [
+                "--cfg-path",
+                str(Path(__file__).parent.parent / V2_PROJECTS / "train" / "caption_coco_mpt7b_lora_4xv100.yaml"),
+            ]
+        )
     lines = [x.strip() for x in capsys.readouterr().err.splitlines() if x.strip().startswith("- model.")]
-    expected = {"model.tokenizer_path": "MPT7B_PATH", "model.lang_encoder_path": "MPT7B_PATH",
-                "model.pretrained_checkpoint_path": "OPENFLAMINGO_V2_CHECKPOINT",
-                "model.clip_vision_encoder_pretrained": "CLIP_VITL14_WEIGHTS"}
+    expected = {
+        "model.tokenizer_path": "MPT7B_PATH",
+        "model.lang_encoder_path": "MPT7B_PATH",
+        "model.pretrained_checkpoint_path": "OPENFLAMINGO_V2_CHECKPOINT",
+        "model.clip_vision_encoder_pretrained": "CLIP_VITL14_WEIGHTS",
+    }
     for key, variable in expected.items():
         (line,) = [x for x in lines if x.startswith(f"- {key}:")]
         assert variable in line and "LLAMA_PATH" not in line, line
@@ -299,11 +404,17 @@ def test_v1_added_token_head_rows_come_from_the_config_not_the_process_rng():
     # The v1 checkpoint does not carry lm_head, so its added-token rows (<|endofchunk|> decides where
     # generation stops) are drawn; they depend on model.embedding_init_seed only.
     ref = Path(__file__).parent / "fixtures" / "openflamingo_reference"
-    cfg = {"arch": "openflamingo", "clip_vision_encoder_path": str(ref / "vision" / "ViT-Dev-P16.json"),
-           "clip_vision_encoder_pretrained": str(ref / "vision" / "ViT-Dev-P16.pt"),
-           "lang_encoder_path": str(ref / "llama"), "tokenizer_path": str(ref / "llama"),
-           "cross_attn_every_n_layers": 1, "pretrained_checkpoint_path": str(ref / "checkpoint.pt"),
-           "xattn_semantics": "v1", "adapters": {"method": None}}
+    cfg = {
+        "arch": "openflamingo",
+        "clip_vision_encoder_path": str(ref / "vision" / "ViT-Dev-P16.json"),
+        "clip_vision_encoder_pretrained": str(ref / "vision" / "ViT-Dev-P16.pt"),
+        "lang_encoder_path": str(ref / "llama"),
+        "tokenizer_path": str(ref / "llama"),
+        "cross_attn_every_n_layers": 1,
+        "pretrained_checkpoint_path": str(ref / "checkpoint.pt"),
+        "xattn_semantics": "v1",
+        "adapters": {"method": None},
+    }
     heads = []
     for seed, init_seed in ((0, 0), (99, 0), (0, 1)):
         torch.manual_seed(seed)

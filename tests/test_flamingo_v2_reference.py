@@ -37,15 +37,19 @@ LOGIT_TOL = {"mpt": 1e-4, "gptneox": 2.5e-4}
 
 def v2_config(family: str, **overrides) -> dict:
     cfg = {
-        "arch": "openflamingo", "model_type": "mpt7b_vitl14" if family == "mpt" else "rpj3b_vitl14",
+        "arch": "openflamingo",
+        "model_type": "mpt7b_vitl14" if family == "mpt" else "rpj3b_vitl14",
         "clip_vision_encoder_path": str(REF / "vision" / "ViT-V2Dev-P8.json"),
         "clip_vision_encoder_pretrained": str(REF / "vision" / "ViT-V2Dev-P8.pt"),
-        "lang_encoder_path": str(REF / family / "lm"), "tokenizer_path": str(REF / family / "lm"),
+        "lang_encoder_path": str(REF / family / "lm"),
+        "tokenizer_path": str(REF / family / "lm"),
         "cross_attn_every_n_layers": 1 if family == "mpt" else 2,
         "pretrained_checkpoint_path": str(REF / family / "checkpoint.pt"),
         "perceiver": {"depth": 6, "heads": 8, "dim_head": 64, "num_latents": 64, "ff_mult": 4},
         "cross_attention": {"heads": 8, "dim_head": 64, "ff_mult": 4},
-        "xattn_semantics": "v2", "frozen_dtype": "float32", "adapters": {"method": None},
+        "xattn_semantics": "v2",
+        "frozen_dtype": "float32",
+        "adapters": {"method": None},
         "gradient_checkpointing": False,
     }
     cfg.update(overrides)
@@ -60,8 +64,9 @@ def model_for(family: str, eos: bool = False):
     if key not in _MODELS:
         model = build_model(v2_config(family)).eval()
         if eos:
-            load_openflamingo_checkpoint(model, REF / family / "extra" / "eos_variant_override.pt",
-                                         require_flamingo_keys=False)
+            load_openflamingo_checkpoint(
+                model, REF / family / "extra" / "eos_variant_override.pt", require_flamingo_keys=False
+            )
         _MODELS[key] = model
     return _MODELS[key]
 
@@ -129,19 +134,23 @@ def expected_new(path: Path, prompt_len: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name,kind,kwargs", [
-    ("interleaved_leftpad", "greedy", {"num_beams": 1}), ("interleaved_leftpad", "beam3", {"num_beams": 3}),
-    ("vqa_fewshot", "greedy", {"num_beams": 1}),
-    ("vqa_fewshot", "beam3_lp0", {"num_beams": 3, "length_penalty": 0.0}),
-])
+@pytest.mark.parametrize(
+    "name,kind,kwargs",
+    [
+        ("interleaved_leftpad", "greedy", {"num_beams": 1}),
+        ("interleaved_leftpad", "beam3", {"num_beams": 3}),
+        ("vqa_fewshot", "greedy", {"num_beams": 1}),
+        ("vqa_fewshot", "beam3_lp0", {"num_beams": 3, "length_penalty": 0.0}),
+    ],
+)
 def test_generation_ids_exact(family, name, kind, kwargs):
     model = model_for(family)
     vision_x, ids, mask = load_case(family, name)
     expected = expected_new(REF / family / "cases" / name / f"{kind}_sequences.npy", ids.shape[1])
     # The reference fills finished rows with the eos it was given (<|endofchunk|>), not <PAD>.
     out = model.generate(vision_x, ids, mask, max_new_tokens=8, pad_token_id=EOC, **kwargs)
-    np.testing.assert_array_equal(out.numpy()[:, :expected.shape[1]], expected)
-    assert (out.numpy()[:, expected.shape[1]:] == EOC).all()
+    np.testing.assert_array_equal(out.numpy()[:, : expected.shape[1]], expected)
+    assert (out.numpy()[:, expected.shape[1] :] == EOC).all()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -152,14 +161,16 @@ def test_eos_variant(family):
     with torch.no_grad():
         logits = model(vision_x, ids, mask).logits
     valid = mask.bool().numpy()
-    assert_close(logits.numpy()[valid], np.load(d / "logits.npy")[valid],
-                 LOGIT_TOL[family])
+    assert_close(logits.numpy()[valid], np.load(d / "logits.npy")[valid], LOGIT_TOL[family])
     outs = {}
-    for kind, kwargs in (("greedy", {"num_beams": 1}), ("beam3", {"num_beams": 3}),
-                         ("beam3_lp0", {"num_beams": 3, "length_penalty": 0.0})):
+    for kind, kwargs in (
+        ("greedy", {"num_beams": 1}),
+        ("beam3", {"num_beams": 3}),
+        ("beam3_lp0", {"num_beams": 3, "length_penalty": 0.0}),
+    ):
         expected = expected_new(d / f"{kind}_sequences.npy", ids.shape[1])
         out = model.generate(vision_x, ids, mask, max_new_tokens=8, pad_token_id=EOC, **kwargs).numpy()
-        np.testing.assert_array_equal(out[:, :expected.shape[1]], expected)
+        np.testing.assert_array_equal(out[:, : expected.shape[1]], expected)
         outs[kind] = out
     assert (outs["greedy"] == EOC).any(), "the eos variant must stop on <|endofchunk|>"
     assert not np.array_equal(outs["beam3"], outs["beam3_lp0"])  # length_penalty matters here
@@ -209,16 +220,23 @@ def test_checkpoint_wrappers_and_bool_buffers_accepted(family, tmp_path):
     assert len(names) == len(state)
     head = "lang_encoder.lm_head.weight" if family == "gptneox" else "lang_encoder.transformer.wte.weight"
     assert head in names
-    assert torch.equal(model.lang_encoder.get_output_embeddings().weight,
-                       state["lang_encoder.embed_out.weight" if family == "gptneox"
-                             else "lang_encoder.transformer.wte.weight"])
+    assert torch.equal(
+        model.lang_encoder.get_output_embeddings().weight,
+        state["lang_encoder.embed_out.weight" if family == "gptneox" else "lang_encoder.transformer.wte.weight"],
+    )
 
 
-@pytest.mark.parametrize("family,key,renamed", [
-    ("mpt", "lang_encoder.transformer.blocks.2.gated_cross_attn_layer.ff.1.weight",
-     "lang_encoder.transformer.blocks.2.gated_cross_attn_layer.ff.2.weight"),
-    ("gptneox", "lang_encoder.embed_out.weight", "lang_encoder.embed_output.weight"),
-])
+@pytest.mark.parametrize(
+    "family,key,renamed",
+    [
+        (
+            "mpt",
+            "lang_encoder.transformer.blocks.2.gated_cross_attn_layer.ff.1.weight",
+            "lang_encoder.transformer.blocks.2.gated_cross_attn_layer.ff.2.weight",
+        ),
+        ("gptneox", "lang_encoder.embed_out.weight", "lang_encoder.embed_output.weight"),
+    ],
+)
 def test_renamed_key_is_refused_naming_it(family, key, renamed, tmp_path):
     model = build_model(v2_config(family, pretrained_checkpoint_path=None))
     state = read_checkpoint(REF / family / "checkpoint.pt")

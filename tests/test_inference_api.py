@@ -44,10 +44,24 @@ def test_caption_and_answer_with_a_trained_checkpoint_match_the_evaluation_pipel
     assert len(captions) == len(answers) == len(images)
     assert all(captions) and all(answers), (captions, answers)  # a trained model says something
 
-    run = {"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 0, "length_penalty": -2.0,
-           "metrics": ["CIDEr"], "agg_metric": "CIDEr", "always_normalize": False}
-    items = [{"image": vis["eval"](Image.open(p).convert("RGB")), "image_id": i, "question_id": i,
-              "text_input": "What shape is in the image?"} for i, p in enumerate(images)]
+    run = {
+        "num_beams": 1,
+        "max_new_tokens": 6,
+        "min_new_tokens": 0,
+        "length_penalty": -2.0,
+        "metrics": ["CIDEr"],
+        "agg_metric": "CIDEr",
+        "always_normalize": False,
+    }
+    items = [
+        {
+            "image": vis["eval"](Image.open(p).convert("RGB")),
+            "image_id": i,
+            "question_id": i,
+            "text_input": "What shape is in the image?",
+        }
+        for i, p in enumerate(images)
+    ]
     task = CaptioningTask(OmegaConf.create({"run": run}))
     expected = [r["caption"] for r in task.valid_step(model, CaptionCollator(model.tokenizer, "eval")(items))]
     assert captions == expected

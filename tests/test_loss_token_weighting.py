@@ -30,12 +30,26 @@ _PLAIN = {"vis_processor": {"train": {"name": "clip_image_eval", "image_size": 6
 def _config(tmp_path: Path, shapes_root: Path, name: str, **run) -> Path:
     shapes = {"root": str(shapes_root), "num_images": 50}
     return write_config(
-        tmp_path / f"{name}.yaml", model=TINY_MODEL,
+        tmp_path / f"{name}.yaml",
+        model=TINY_MODEL,
         datasets={"shapes_caption": {"shapes": shapes, **_PLAIN}, "shapes_vqa": {"shapes": shapes, **_PLAIN}},
-        run={"task": "caption_vqa", "device": "cpu", "seed": 3, "max_epoch": 1, "max_steps": STEPS,
-             "init_lr": 2.0e-3, "warmup_steps": 2, "weight_decay": 0.01, "train_max_shots": 2,
-             "log_freq": 1, "progress_bar": False, "save_epoch_end": False,
-             "output_dir": str(tmp_path / "out"), "run_name": name, **run},
+        run={
+            "task": "caption_vqa",
+            "device": "cpu",
+            "seed": 3,
+            "max_epoch": 1,
+            "max_steps": STEPS,
+            "init_lr": 2.0e-3,
+            "warmup_steps": 2,
+            "weight_decay": 0.01,
+            "train_max_shots": 2,
+            "log_freq": 1,
+            "progress_bar": False,
+            "save_epoch_end": False,
+            "output_dir": str(tmp_path / "out"),
+            "run_name": name,
+            **run,
+        },
     )
 
 
@@ -61,15 +75,18 @@ def test_one_process_two_processes_and_accumulation_train_the_same_weights(tmp_p
     for name in ("accum", "ddp"):
         weights, losses = _result(tmp_path, name)
         difference = relative_l2(weights, single)
-        print(f"{name} vs single: relative L2 {difference:.3e}, "
-              f"max loss difference {max(abs(a - b) for a, b in zip(losses, single_losses)):.3e}")
+        print(
+            f"{name} vs single: relative L2 {difference:.3e}, "
+            f"max loss difference {max(abs(a - b) for a, b in zip(losses, single_losses)):.3e}"
+        )
         assert losses == pytest.approx(single_losses, rel=1e-5)
         # fp32 summation order differs between the splits, and Adam's 1/sqrt(v) amplifies it on elements
         # with tiny gradients: a few elements of 1.5e-6 (0.1% of one lr=2e-3 step). Per-sample weighting
         # made 99.8% of the weights differ, relative L2 3e-2 to 5e-2.
         assert difference < 1e-6
         for key in single:
-            torch.testing.assert_close(weights[key], single[key], rtol=1e-5, atol=5e-6,
-                                       msg=lambda m, key=key, name=name: f"{name}: {key}: {m}")
+            torch.testing.assert_close(
+                weights[key], single[key], rtol=1e-5, atol=5e-6, msg=lambda m, key=key, name=name: f"{name}: {key}: {m}"
+            )
     # The comparison is between trained weights, not between untouched ones.
     assert single_losses[-1] < single_losses[0] - 0.1

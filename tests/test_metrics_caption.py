@@ -46,7 +46,9 @@ def test_spice_runs_or_is_skipped_with_a_note(plausible_all_metrics):
     if not spice_models_present():
         assert "SPICE" not in plausible_all_metrics
         assert "get_stanford_models.sh" in plausible_all_metrics["skipped"]["SPICE"]
-        pytest.skip("SPICE value not tested: Stanford CoreNLP 3.6.0 models absent (coco-caption/get_stanford_models.sh)")
+        pytest.skip(
+            "SPICE value not tested: Stanford CoreNLP 3.6.0 models absent (coco-caption/get_stanford_models.sh)"
+        )
     assert 0 < plausible_all_metrics["SPICE"] <= 100
     assert "skipped" not in plausible_all_metrics
 
@@ -70,7 +72,7 @@ def test_tokenizer_matches_recorded_ptb_output():
         want_refs[str(ann["image_id"])].append(line)
     assert want_refs == tok["references"]
     want_cands = tok["candidates"]["results_edgecases.json"]
-    assert {str(c["image_id"]): line for c, line in zip(cands, got[len(refs):])} == want_cands
+    assert {str(c["image_id"]): line for c, line in zip(cands, got[len(refs) :])} == want_cands
     assert ptb_tokenize(["a\rb", "c\u2028d", ""]) == ["a b", "c d", ""]  # no line shifted
 
 
@@ -80,8 +82,9 @@ def test_default_scores_the_result_images_and_all_images_requires_them():
     assert got["num_images"] == 10 and sorted(got["perImage"]) == sorted(r["image_id"] for r in results)
     # CIDEr document frequencies come from the scored images only: per-image values differ from the full set.
     full = EXPECTED["results"]["results_plausible.json"]["per_image"]
-    assert any(abs(got["perImage"][r["image_id"]]["CIDEr"] - 100 * full[str(r["image_id"])]["CIDEr"]) > 1e-6
-               for r in results)
+    assert any(
+        abs(got["perImage"][r["image_id"]]["CIDEr"] - 100 * full[str(r["image_id"])]["CIDEr"]) > 1e-6 for r in results
+    )
     with pytest.raises(DataError, match="no caption for 30 of the 40 images"):
         caption_metrics(ANNOTATIONS, results, metrics=["CIDEr"], all_images=True)
 
@@ -106,9 +109,23 @@ def test_bad_input_is_a_clear_error(tmp_path):
 
 def test_cli_prints_one_json_object_equal_to_the_library():
     res = FIX / "results_edgecases.json"
-    proc = subprocess.run([sys.executable, "-m", "lavis.metrics.caption", "--annotations", str(ANNOTATIONS),
-                           "--results", str(res), "--metrics", "CIDEr,BLEU", "--all-images"],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lavis.metrics.caption",
+            "--annotations",
+            str(ANNOTATIONS),
+            "--results",
+            str(res),
+            "--metrics",
+            "CIDEr,BLEU",
+            "--all-images",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert proc.stdout.count("\n") == 1

@@ -42,14 +42,16 @@ def _stemmer_or_skip():
 
 # ----------------------------------------------------------------------------- VQA-style datasets
 
+
 @pytest.mark.parametrize("dataset,generations", VQA_CASES)
 def test_v2_postprocessing_and_metric_reproduce_the_fixture(dataset, generations):
     if dataset == "okvqa":
         _stemmer_or_skip()
     expected = _load(dataset, "expected.json")["results"][generations]
     questions, annotations = VQA_FILES[dataset]
-    results = postprocess_results(FIX / dataset / generations, "openflamingo_v2",
-                                  "okvqa" if dataset == "okvqa" else "none")
+    results = postprocess_results(
+        FIX / dataset / generations, "openflamingo_v2", "okvqa" if dataset == "okvqa" else "none"
+    )
     assert results == _load(dataset, expected["results_file"])
     got = vqa_accuracy_v2(FIX / dataset / questions, FIX / dataset / annotations, results, per_question=True)
     want = expected["v2_metric"]
@@ -96,8 +98,9 @@ def test_official_metric_on_okvqa_differs_as_the_fixture_says():
 
 
 def test_vizwiz_leave_one_out_removes_every_equal_answer():
-    anns = [{"question_id": 1, "question_type": "other",
-             "answers": [{"answer": "yes", "answer_confidence": "yes"}] * 10}]
+    anns = [
+        {"question_id": 1, "question_type": "other", "answers": [{"answer": "yes", "answer_confidence": "yes"}] * 10}
+    ]
     assert vqa_accuracy_v2(None, anns, [{"question_id": 1, "answer": "yes"}])["overall"] == 0.0
     anns[0]["answers"] = [dict(a, answer_id=i) for i, a in enumerate(anns[0]["answers"])]
     assert vqa_accuracy_v2(None, anns, [{"question_id": 1, "answer": "yes"}])["overall"] == 100.0
@@ -114,9 +117,24 @@ def test_vqa_cli_postprocess_and_stemmer(capsys):
 
     _stemmer_or_skip()
     q, a = VQA_FILES["okvqa"]
-    assert main(["--questions", str(FIX / "okvqa" / q), "--annotations", str(FIX / "okvqa" / a), "--results",
-                 str(FIX / "okvqa" / "generations_subset_dup.json"), "--postprocess", "openflamingo_v2",
-                 "--stemmer", "okvqa", "--allow-partial"]) == 0
+    assert (
+        main(
+            [
+                "--questions",
+                str(FIX / "okvqa" / q),
+                "--annotations",
+                str(FIX / "okvqa" / a),
+                "--results",
+                str(FIX / "okvqa" / "generations_subset_dup.json"),
+                "--postprocess",
+                "openflamingo_v2",
+                "--stemmer",
+                "okvqa",
+                "--allow-partial",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["overall"] == 77.04
 
 
@@ -128,7 +146,8 @@ def test_tagger_json_built_from_the_pickle_equals_nltk_data(tmp_path, monkeypatc
         pytest.skip(f"nltk data package not installed ({nltk_data.INSTALL_HINT})")
     out = tmp_path / "tagger"
     nltk_data._write_tagger_json(
-        source / "taggers" / "averaged_perceptron_tagger" / "averaged_perceptron_tagger.pickle", out)
+        source / "taggers" / "averaged_perceptron_tagger" / "averaged_perceptron_tagger.pickle", out
+    )
     digest = {p.name.split(".")[1]: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
     assert digest["weights"].startswith("789e8e35f6fac656d9b7eccea29ba4e8a137cbb5b525dd31f39e4291a9e80832")
     assert digest["tagdict"].startswith("4c713731cb06727736962bc8cd94ad919217a040e76691059af99bc0c2c9c246")
@@ -145,6 +164,7 @@ def test_missing_nltk_data_names_the_package(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- captions
 
+
 def test_caption_postprocessing_strings():
     expected = _load("captions", "expected.json")["per_image"]
     assert len(expected) == 30
@@ -154,12 +174,15 @@ def test_caption_postprocessing_strings():
 
 # ----------------------------------------------------------------------------- classification
 
+
 @pytest.mark.parametrize("name", ["logprobs_main.json", "logprobs_ties.json", "logprobs_constant.json"])
 def test_hateful_memes_auc_and_p_yes(name):
     labels = {json.loads(line)["id"]: json.loads(line)["label"] for line in (FIX / "hateful_memes" / "dev.json").open()}
     scores = _load("hateful_memes", name)
     expected = _load("hateful_memes", "expected.json")["results"][name]
-    got = hateful_memes_metrics([labels[r["id"]] for r in scores], [[r["logprob_no"], r["logprob_yes"]] for r in scores])
+    got = hateful_memes_metrics(
+        [labels[r["id"]] for r in scores], [[r["logprob_no"], r["logprob_yes"]] for r in scores]
+    )
     assert got["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-9)
     assert got["p_yes"] == [s["p_yes"] for s in expected["per_sample"]]
     assert [["no", "yes"][p] for p in got["pred"]] == [s["pred_label"] for s in expected["per_sample"]]
@@ -187,16 +210,30 @@ def test_classification_cli(tmp_path, capsys):
 
     labels = {json.loads(line)["id"]: json.loads(line)["label"] for line in (FIX / "hateful_memes" / "dev.json").open()}
     scores = tmp_path / "hm.jsonl"
-    scores.write_text("".join(json.dumps({"id": r["id"], "label": labels[r["id"]],
-                                          "class_logprobs": [r["logprob_no"], r["logprob_yes"]]}) + "\n"
-                              for r in _load("hateful_memes", "logprobs_main.json")))
+    scores.write_text(
+        "".join(
+            json.dumps({"id": r["id"], "label": labels[r["id"]], "class_logprobs": [r["logprob_no"], r["logprob_yes"]]})
+            + "\n"
+            for r in _load("hateful_memes", "logprobs_main.json")
+        )
+    )
     assert main(["--scores", str(scores), "--task", "hateful_memes"]) == 0
     assert json.loads(capsys.readouterr().out)["roc_auc"] == pytest.approx(0.692, abs=1e-9)
     counts = _load("imagenet", "token_counts.json")
     imagenet = tmp_path / "in.jsonl"
-    imagenet.write_text("".join(json.dumps({"id": s["id"], "label": s["gt_class_index"],
-                                            "class_logprobs": [v / c for v, c in zip(s["logprob_sums"], counts)]}) + "\n"
-                                for s in _load("imagenet", "samples_main.json")))
+    imagenet.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": s["id"],
+                    "label": s["gt_class_index"],
+                    "class_logprobs": [v / c for v, c in zip(s["logprob_sums"], counts)],
+                }
+            )
+            + "\n"
+            for s in _load("imagenet", "samples_main.json")
+        )
+    )
     assert main(["--scores", str(imagenet), "--task", "imagenet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["top1_accuracy"] == pytest.approx(14 / 24) and out["top5_accuracy"] == pytest.approx(19 / 24)

@@ -27,6 +27,7 @@ RESULT_FILES = ["results_edgecases.json", "results_realistic.json"]
 
 # ----------------------------------------------------------------------------- conformance fixture
 
+
 @pytest.mark.parametrize("name", RESULT_FILES)
 @pytest.mark.parametrize("all_questions", [False, True])
 def test_fixture_reproduces_official_numbers(name, all_questions):
@@ -58,27 +59,55 @@ def test_normalisation_table_from_official_code():
 
 # ----------------------------------------------------------------------------- hand-written rules
 
-@pytest.mark.parametrize("raw, want", [
-    ("1,000", "1000"), ("1,000-2,000", "10002000"), ("1, 000", "1 000"),  # digit-comma rule
-    ("red-white", "red white"), ("hot-dog - fries", "hotdog  fries"),  # " -" decides for every "-"
-    ("u.s.a.", "usa"), ("3.5.", "3.5"), ("..5", ".5"), ("L.A.", "LA"),  # periods before digits stay
-    ("yes!", "yes "), ("what?", "what "), ("a/b", "a b"), ("(x)", " x "),
-    ("it's 5:30 & 50% #1 $2 *", "it's 5:30 & 50% #1 $2 *"),  # not punctuation
-    ("no" + "." * 35, "no..."),  # re.UNICODE lands in count: at most 32 periods deleted
-])
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("1,000", "1000"),
+        ("1,000-2,000", "10002000"),
+        ("1, 000", "1 000"),  # digit-comma rule
+        ("red-white", "red white"),
+        ("hot-dog - fries", "hotdog  fries"),  # " -" decides for every "-"
+        ("u.s.a.", "usa"),
+        ("3.5.", "3.5"),
+        ("..5", ".5"),
+        ("L.A.", "LA"),  # periods before digits stay
+        ("yes!", "yes "),
+        ("what?", "what "),
+        ("a/b", "a b"),
+        ("(x)", " x "),
+        ("it's 5:30 & 50% #1 $2 *", "it's 5:30 & 50% #1 $2 *"),  # not punctuation
+        ("no" + "." * 35, "no..."),  # re.UNICODE lands in count: at most 32 periods deleted
+    ],
+)
 def test_process_punctuation_rules(raw, want):
     assert process_punctuation(raw) == want
 
 
-@pytest.mark.parametrize("raw, want", [
-    ("Two", "2"), ("none", "0"), ("zero", "0"), ("ten", "10"), ("eleven", "eleven"), ("twenty", "twenty"),
-    ("onesie", "onesie"),  # whole words only
-    ("The Dog", "dog"), ("a an the", ""), ("an apple a day", "apple day"),
-    ("dont", "don't"), ("wont stop", "won't stop"), ("oclock", "o'clock"), ("whats", "what's"),
-    ("Ive", "ive"), ("Im", "im"),  # capitalised keys of the official table never match
-    ("somebody'd", "somebodyd"),  # reversed entry of the official table
-    ("  many   spaces ", "many spaces"), ("CRÈME BRÛLÉE", "crème brûlée"),
-])
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("Two", "2"),
+        ("none", "0"),
+        ("zero", "0"),
+        ("ten", "10"),
+        ("eleven", "eleven"),
+        ("twenty", "twenty"),
+        ("onesie", "onesie"),  # whole words only
+        ("The Dog", "dog"),
+        ("a an the", ""),
+        ("an apple a day", "apple day"),
+        ("dont", "don't"),
+        ("wont stop", "won't stop"),
+        ("oclock", "o'clock"),
+        ("whats", "what's"),
+        ("Ive", "ive"),
+        ("Im", "im"),  # capitalised keys of the official table never match
+        ("somebody'd", "somebodyd"),  # reversed entry of the official table
+        ("  many   spaces ", "many spaces"),
+        ("CRÈME BRÛLÉE", "crème brûlée"),
+    ],
+)
 def test_process_digit_article_rules(raw, want):
     assert process_digit_article(raw) == want
 
@@ -94,10 +123,15 @@ def _dataset(cases):
     questions, annotations, results = [], [], []
     for qid, (gts, pred) in enumerate(cases, start=1):
         questions.append({"question_id": qid, "image_id": qid, "question": "q?"})
-        annotations.append({
-            "question_id": qid, "image_id": qid, "question_type": "what is", "answer_type": "other",
-            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(gts)],
-        })
+        annotations.append(
+            {
+                "question_id": qid,
+                "image_id": qid,
+                "question_type": "what is",
+                "answer_type": "other",
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(gts)],
+            }
+        )
         results.append({"question_id": qid, "answer": pred})
     return questions, annotations, results
 
@@ -113,8 +147,13 @@ def test_leave_one_out_by_match_count():
 
 
 def test_gate_all_identical_answers_compares_prediction_raw():
-    cases = [(["yes"] * 10, "Yes"), (["yes"] * 10, "yes."), (["2"] * 10, "two"),
-             (["happy birthday"] * 10, "happy  birthday"), (["yes"] * 10, " yes\n")]
+    cases = [
+        (["yes"] * 10, "Yes"),
+        (["yes"] * 10, "yes."),
+        (["2"] * 10, "two"),
+        (["happy birthday"] * 10, "happy  birthday"),
+        (["yes"] * 10, " yes\n"),
+    ]
     assert _scores(cases) == [0.0, 0.0, 0.0, 0.0, 100.0]
     assert _scores(cases, always_normalize=True) == [100.0, 100.0, 100.0, 100.0, 100.0]
 
@@ -142,6 +181,7 @@ def test_round_official_is_half_away_from_zero_on_the_binary_value():
 
 def _reference_accuracy(questions, annotations, results):
     """The official per-question loop, written plainly (for the randomised comparison below)."""
+
     def r2(x):
         return float(Decimal(x).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
 
@@ -157,8 +197,11 @@ def _reference_accuracy(questions, annotations, results):
         accs.append(acc)
         per_type.setdefault(ann["question_type"], []).append(acc)
         per_q[ann["question_id"]] = r2(100 * acc)
-    return {"overall": r2(100 * sum(accs) / len(accs)), "perQuestion": per_q,
-            "perQuestionType": {t: r2(100 * sum(v) / len(v)) for t, v in per_type.items()}}
+    return {
+        "overall": r2(100 * sum(accs) / len(accs)),
+        "perQuestion": per_q,
+        "perQuestionType": {t: r2(100 * sum(v) / len(v)) for t, v in per_type.items()},
+    }
 
 
 def test_randomised_against_plain_official_loop():
@@ -176,14 +219,16 @@ def test_randomised_against_plain_official_loop():
 
 # ----------------------------------------------------------------------------- subsets, inputs, CLI
 
+
 def test_subset_scores_only_the_results_and_all_questions_requires_coverage():
     results = json.loads((FIX / "results_realistic.json").read_text())
     subset = results[:30]
     got = vqa_accuracy(QUESTIONS, ANNOTATIONS, subset, per_question=True)
     assert sorted(got["perQuestion"]) == sorted(r["question_id"] for r in subset)
     full = EXPECTED["results"]["results_realistic.json"]["perQuestion"]
-    assert {str(k): v for k, v in got["perQuestion"].items()} == {str(r["question_id"]): full[str(r["question_id"])]
-                                                                  for r in subset}
+    assert {str(k): v for k, v in got["perQuestion"].items()} == {
+        str(r["question_id"]): full[str(r["question_id"])] for r in subset
+    }
     with pytest.raises(DataError, match="cover 30 of the 120"):
         vqa_accuracy(QUESTIONS, ANNOTATIONS, subset, all_questions=True)
 
@@ -201,14 +246,19 @@ def test_in_memory_inputs_and_result_order_do_not_matter():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "lavis.metrics.vqa", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "lavis.metrics.vqa", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
 
 
 def test_cli_prints_one_json_object_equal_to_the_library():
     res = FIX / "results_realistic.json"
-    proc = _cli("--questions", str(QUESTIONS), "--annotations", str(ANNOTATIONS), "--results", str(res),
-                "--per-question")
+    proc = _cli(
+        "--questions", str(QUESTIONS), "--annotations", str(ANNOTATIONS), "--results", str(res), "--per-question"
+    )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     lib = vqa_accuracy(QUESTIONS, ANNOTATIONS, res, per_question=True)
@@ -225,6 +275,7 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 @pytest.fixture
 def small():
@@ -260,8 +311,9 @@ def test_errors_name_the_file_and_record(small, tmp_path):
 
 def test_write_vqa_results_is_atomic_and_official_format(tmp_path, monkeypatch):
     path = tmp_path / "out" / "vqa_result.json"
-    write_vqa_results([{"question_id": 1, "answer": "cat", "answers": ["x"]}, {"question_id": 2, "answer": "dog"}],
-                      path)
+    write_vqa_results(
+        [{"question_id": 1, "answer": "cat", "answers": ["x"]}, {"question_id": 2, "answer": "dog"}], path
+    )
     assert json.loads(path.read_text()) == [{"question_id": 1, "answer": "cat"}, {"question_id": 2, "answer": "dog"}]
     with pytest.raises(DataError, match="duplicate question_id 1"):
         write_vqa_results([{"question_id": 1, "answer": "a"}, {"question_id": 1, "answer": "b"}], path)

@@ -28,18 +28,45 @@ def free_port() -> int:
 
 def test_two_nodes_on_one_host_train_with_fsdp(shapes_root, tmp_path):
     cfg = write_config(
-        tmp_path / "cfg.yaml", model=TINY_MODEL, datasets={"shapes_caption": shapes_section(shapes_root)},
-        run={"task": "captioning", "device": "cpu", "max_epoch": 1, "max_steps": 2, "batch_size_train": 4,
-             "log_freq": 1, "progress_bar": False, "output_dir": str(tmp_path / "out"), "run_name": "run",
-             "strategy": "fsdp"},
+        tmp_path / "cfg.yaml",
+        model=TINY_MODEL,
+        datasets={"shapes_caption": shapes_section(shapes_root)},
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "max_epoch": 1,
+            "max_steps": 2,
+            "batch_size_train": 4,
+            "log_freq": 1,
+            "progress_bar": False,
+            "output_dir": str(tmp_path / "out"),
+            "run_name": "run",
+            "strategy": "fsdp",
+        },
     )
     port = free_port()
     agents = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=twonodes",
-             str(REPO / "train.py"), "--cfg-path", str(cfg)],
-            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=twonodes",
+                str(REPO / "train.py"),
+                "--cfg-path",
+                str(cfg),
+            ],
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in (0, 1)
     ]
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]

@@ -29,9 +29,12 @@ def test_the_example_loads_and_fills_its_defaults(monkeypatch, tmp_path):
 def test_the_example_trains_for_a_few_steps(tmp_path):
     out = tmp_path / "out"
     # The example as written, with its data generated under PETVLM_DATA, stopped after 3 steps.
-    proc = run_entry("train.py", EXAMPLE, ["run.max_steps=3", f"run.output_dir={out}", "run.run_name=first",
-                                           "run.log_freq=1", "run.progress_bar=false"],
-                     env=subprocess_env(PETVLM_DATA=str(tmp_path / "data")))
+    proc = run_entry(
+        "train.py",
+        EXAMPLE,
+        ["run.max_steps=3", f"run.output_dir={out}", "run.run_name=first", "run.log_freq=1", "run.progress_bar=false"],
+        env=subprocess_env(PETVLM_DATA=str(tmp_path / "data")),
+    )
     check_ok(proc)
     run_dir = out / "first"
     assert (tmp_path / "data" / "shapes_small" / "shapes.json").is_file()

@@ -15,8 +15,9 @@ from lavis.models import load_model_and_preprocess
 
 
 def run_module(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_predict_a_folder_of_images_matches_the_python_api(tmp_path, shapes_root, trained_checkpoint):
@@ -29,8 +30,21 @@ def test_predict_a_folder_of_images_matches_the_python_api(tmp_path, shapes_root
     demos = tmp_path / "demos.jsonl"
     demos.write_text(json.dumps({"image": str(sources[-1]), "question": "What colour is it?", "answer": "red"}) + "\n")
 
-    proc = run_module("-m", "lavis.predict", "--checkpoint", str(trained_checkpoint), "--image", str(folder),
-                      "--json", "--batch-size", "2", "--num-beams", "1", "--max-new-tokens", "6")
+    proc = run_module(
+        "-m",
+        "lavis.predict",
+        "--checkpoint",
+        str(trained_checkpoint),
+        "--image",
+        str(folder),
+        "--json",
+        "--batch-size",
+        "2",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "6",
+    )
     check_ok(proc)
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["image"] for r in records] == [str(folder / f"img{i}.png") for i in range(5)]
@@ -38,15 +52,27 @@ def test_predict_a_folder_of_images_matches_the_python_api(tmp_path, shapes_root
     expected = model.caption(sorted(folder.glob("*.png")), num_beams=1, max_new_tokens=6)
     assert [r["caption"] for r in records] == expected and all(expected)
 
-    proc = run_module("-m", "lavis.predict", "--checkpoint", str(trained_checkpoint), "--image",
-                      str(folder / "img*.png"), "--question", "What colour is it?", "--demos", str(demos),
-                      "--num-beams", "1")
+    proc = run_module(
+        "-m",
+        "lavis.predict",
+        "--checkpoint",
+        str(trained_checkpoint),
+        "--image",
+        str(folder / "img*.png"),
+        "--question",
+        "What colour is it?",
+        "--demos",
+        str(demos),
+        "--num-beams",
+        "1",
+    )
     check_ok(proc)
     lines = proc.stdout.splitlines()
     assert len(lines) == 5 and all("\t" in line for line in lines)
     images = sorted(folder.glob("img*.png"))
-    answers = model.answer(images, ["What colour is it?"] * 5, demos=[(sources[-1], "What colour is it?", "red")],
-                           num_beams=1)
+    answers = model.answer(
+        images, ["What colour is it?"] * 5, demos=[(sources[-1], "What colour is it?", "red")], num_beams=1
+    )
     assert lines == [f"{p}\t{a}" for p, a in zip(images, answers)]
 
 
@@ -57,8 +83,18 @@ def test_predict_names_a_path_with_no_image(tmp_path):
 
 def test_lavis_list_shows_each_registry_with_model_types():
     text = listing(["models", "datasets", "tasks", "processors", "lr_schedulers", "runners"])
-    for name in ("openflamingo", "model_type tiny", "model_type llama7b_vitl14", "coco_caption", "shapes_vqa",
-                 "captioning", "vqa", "clip_image_eval", "linear_warmup_cosine_lr", "runner_iter"):
+    for name in (
+        "openflamingo",
+        "model_type tiny",
+        "model_type llama7b_vitl14",
+        "coco_caption",
+        "shapes_vqa",
+        "captioning",
+        "vqa",
+        "clip_image_eval",
+        "linear_warmup_cosine_lr",
+        "runner_iter",
+    ):
         assert name in text
     proc = run_module("-m", "lavis", "list", "tasks", timeout=120)
     check_ok(proc)
@@ -66,8 +102,15 @@ def test_lavis_list_shows_each_registry_with_model_types():
 
 
 def test_print_config_prints_the_merged_validated_config_and_exits():
-    proc = run_module("train.py", "--cfg-path", "configs/projects/examples/my_first_project.yaml", "--print-config",
-                      "--options", "run.init_lr=5e-4", timeout=120)
+    proc = run_module(
+        "train.py",
+        "--cfg-path",
+        "configs/projects/examples/my_first_project.yaml",
+        "--print-config",
+        "--options",
+        "run.init_lr=5e-4",
+        timeout=120,
+    )
     check_ok(proc)
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["run"]["init_lr"] == 5e-4 and cfg["model"]["tiny"]["lm_layers"] == 2  # defaults filled in

@@ -29,9 +29,20 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_zero(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "preemptible_torchrun.py"), "--standalone", "--nproc_per_node=2",
-         str(SCRIPT), str(tmp_path), "slow"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "preemptible_torchrun.py"),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(SCRIPT),
+            str(tmp_path),
+            "slow",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while not (tmp_path / "started").exists():

@@ -30,8 +30,7 @@ FEWSHOT_PROMPT = (
     "<image>Output:A bowl of oranges on a table.<|endofchunk|><image>Output:"
 )
 VQA_PROMPT = (
-    "<image>Question:How many dogs are there? Short answer:2<|endofchunk|>"
-    "<image>Question:Is it sunny? Short answer:"
+    "<image>Question:How many dogs are there? Short answer:2<|endofchunk|><image>Question:Is it sunny? Short answer:"
 )
 BOS, EOC, MEDIA, PAD = 1, 640, 641, 642
 
@@ -163,7 +162,10 @@ def test_eval_batch_is_left_padded_and_ends_on_the_prompt(tokenizer):
 
 
 def test_fewshot_caption_prompt_matches_reference_and_images_are_in_order(tokenizer):
-    demos = [caption_item(11, "A man riding a horse on a beach.", 1.0), caption_item(12, "A bowl of oranges on a table.", 2.0)]
+    demos = [
+        caption_item(11, "A man riding a horse on a beach.", 1.0),
+        caption_item(12, "A bowl of oranges on a table.", 2.0),
+    ]
     query = caption_item(5, value=3.0)
     query["demos"] = demos
     batch = CaptionCollator(tokenizer, role="eval")([query])
@@ -182,7 +184,10 @@ def test_train_with_demos_learns_only_the_query_answer(tokenizer):
     batch = CaptionCollator(tokenizer, role="train")([query])
     ids = batch["lang_x"][0].tolist()
     learnt = [t for t in batch["labels"][0].tolist() if t != IGNORE_INDEX]
-    assert tokenizer.decode(ids) == "<s><image> Output:A man riding a horse on a beach.<|endofchunk|><image> Output:Two cats on a sofa.<|endofchunk|>"
+    assert (
+        tokenizer.decode(ids) == "<s><image> Output:A man riding a horse on a beach.<|endofchunk|>"
+        "<image> Output:Two cats on a sofa.<|endofchunk|>"
+    )
     assert tokenizer.decode(learnt) == "Two cats on a sofa.<|endofchunk|>"
     assert batch["vision_x"][0, :, 0, 0, 0, 0].tolist() == [1.0, 3.0]
 
@@ -312,4 +317,3 @@ def test_tokenizer_without_flamingo_tokens_is_refused():
     raw.add_special_tokens({"pad_token": "<PAD>"})
     with pytest.raises(ConfigError, match="no <image> token"):
         CaptionCollator(raw, role="train")
-

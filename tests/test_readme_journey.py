@@ -45,12 +45,15 @@ def workdir(tmp_path) -> Path:
 
 def test_the_journey_after_training_runs_as_the_readme_says(workdir):
     readme = (REPO / "README.md").read_text()
-    env = subprocess_env(PATH=f"{workdir / 'bin'}{os.pathsep}{os.environ['PATH']}",
-                         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = subprocess_env(
+        PATH=f"{workdir / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     outputs = []
     for command in commands(between(readme, "JOURNEY")):
-        proc = subprocess.run(["bash", "-c", command], cwd=workdir, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            ["bash", "-c", command], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
+        )
         check_ok(proc)
         outputs.append(proc.stdout)
     train, listing, captions, answers, table, export = outputs
@@ -58,17 +61,23 @@ def test_the_journey_after_training_runs_as_the_readme_says(workdir):
     assert "run finished: 60 step(s)" in train and (run_dir / "checkpoints" / "best.pt").is_file()
     assert "model_type tiny" in listing
     val_images = sorted((workdir / "data" / "shapes_small" / "images" / "shapes_val").glob("*.png"))
-    assert [line.split("\t")[0] for line in captions.splitlines()] == [
-        str(p.relative_to(workdir)) for p in val_images]
+    assert [line.split("\t")[0] for line in captions.splitlines()] == [str(p.relative_to(workdir)) for p in val_images]
     assert [json.loads(line)["question"] for line in answers.splitlines()] == ["What colour is the shape?"] * len(
-        val_images)
+        val_images
+    )
     assert "shapes_caption/val (CIDEr)" in table
     assert (workdir / "output" / "my_first_project" / "eval_my_first_project_first_best" / "fewshot_table.md").is_file()
     adapter = json.loads((workdir / "output" / "my_adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "tiny" and "exported (peft)" in export
 
-    proc = subprocess.run([sys.executable, "-c", between(readme, "PYTHON EXAMPLE")], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", between(readme, "PYTHON EXAMPLE")],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     check_ok(proc)
     printed = proc.stdout.splitlines()
     assert len(printed) == 4 and all(line.startswith("['") for line in printed[:3]), printed

@@ -41,10 +41,22 @@ def fewshot_run(tmp_path: Path, shapes_root: Path, name: str, checkpoint: Path |
     cfg = write_config(
         tmp_path / f"{name}.yaml",
         datasets={"shapes_caption": shapes_section(shapes_root), "shapes_vqa": shapes_section(shapes_root)},
-        run={"task": "caption_vqa", "device": "cpu", "test_splits": ["val"], "demo_split": "train",
-             "num_shots": [0, 2], "num_trials": 2, "trial_seeds": [1, 2], "num_samples": 12,
-             "batch_size_eval": 12, "metrics": ["CIDEr"], "zero_shot_text_demos": False,
-             "output_dir": str(tmp_path / "out"), "run_name": name, **FAST_JOINT_DECODING},
+        run={
+            "task": "caption_vqa",
+            "device": "cpu",
+            "test_splits": ["val"],
+            "demo_split": "train",
+            "num_shots": [0, 2],
+            "num_trials": 2,
+            "trial_seeds": [1, 2],
+            "num_samples": 12,
+            "batch_size_eval": 12,
+            "metrics": ["CIDEr"],
+            "zero_shot_text_demos": False,
+            "output_dir": str(tmp_path / "out"),
+            "run_name": name,
+            **FAST_JOINT_DECODING,
+        },
     )
     evaluate_main(["--cfg-path", str(cfg)] + (["--checkpoint", str(checkpoint)] if checkpoint else []))
     return tmp_path / "out" / name
@@ -54,18 +66,34 @@ def fewshot_run(tmp_path: Path, shapes_root: Path, name: str, checkpoint: Path |
 def fewshot_runs(tmp_path_factory, shapes_root, trained_checkpoint):
     """(trained, untrained) few-shot run directories; each got its report.html from evaluate.py."""
     tmp = tmp_path_factory.mktemp("report")
-    return fewshot_run(tmp, shapes_root, "trained", trained_checkpoint), fewshot_run(tmp, shapes_root, "untrained",
-                                                                                      None)
+    return fewshot_run(tmp, shapes_root, "trained", trained_checkpoint), fewshot_run(
+        tmp, shapes_root, "untrained", None
+    )
 
 
 def test_training_run_report_has_curves_and_the_last_evaluation(tmp_path, shapes_root):
     cfg = write_config(
         tmp_path / "train.yaml",
         datasets={"shapes_caption": shapes_section(shapes_root)},
-        run={"task": "captioning", "device": "cpu", "max_epoch": 2, "batch_size_train": 32, "batch_size_eval": 5,
-             "init_lr": 2.0e-3, "min_lr": 1.0e-4, "warmup_steps": 2, "weight_decay": 0.0, "valid_splits": ["val"],
-             "log_freq": 1, "progress_bar": False, "output_dir": str(tmp_path / "out"), "run_name": "run",
-             "metrics": ["CIDEr"], "max_grad_norm": 1.0, **FAST_DECODING},
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "max_epoch": 2,
+            "batch_size_train": 32,
+            "batch_size_eval": 5,
+            "init_lr": 2.0e-3,
+            "min_lr": 1.0e-4,
+            "warmup_steps": 2,
+            "weight_decay": 0.0,
+            "valid_splits": ["val"],
+            "log_freq": 1,
+            "progress_bar": False,
+            "output_dir": str(tmp_path / "out"),
+            "run_name": "run",
+            "metrics": ["CIDEr"],
+            "max_grad_norm": 1.0,
+            **FAST_DECODING,
+        },
     )
     train_main(["--cfg-path", str(cfg)])
     run_dir = tmp_path / "out" / "run"
@@ -118,8 +146,12 @@ def test_fewshot_report_gallery_matches_the_results_files(fewshot_runs):
         # VQA overall is the mean of the per-question accuracies (each rounded to 2 decimals).
         expected = metrics[key]["CIDEr" if score == "CIDEr" else "overall"]
         assert statistics.fmean(r["score"] for r in rows.values()) == pytest.approx(expected, abs=0.01)
-        results = json.loads((run_dir / "results" / f"val_{shots}shot_trial{trial}_"
-                              f"{'caption' if score == 'CIDEr' else 'vqa'}_results.json").read_text())
+        results = json.loads(
+            (
+                run_dir / "results" / f"val_{shots}shot_trial{trial}_"
+                f"{'caption' if score == 'CIDEr' else 'vqa'}_results.json"
+            ).read_text()
+        )
         field = "caption" if score == "CIDEr" else "answer"
         id_key = "image_id" if score == "CIDEr" else "question_id"
         assert {r[id_key]: r[field] for r in results} == {i: r["pred"] for i, r in rows.items()}
@@ -165,9 +197,20 @@ def test_reference_numbers_named_by_the_config_are_drawn(tmp_path):
     run_dir = tmp_path / "ref"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("run: {task: captioning, reference_results: openflamingo-9b}\n")
-    (run_dir / "fewshot_table.json").write_text(json.dumps({"model": "m", "metric": "agg_metrics", "rows": {
-        "coco_caption/test": {"0": {"mean": 60.0, "std": 1.0, "trials": [59.0, 61.0]},
-                              "4": {"mean": 70.0, "std": 0.5, "trials": [69.5, 70.5]}}}}))
+    (run_dir / "fewshot_table.json").write_text(
+        json.dumps(
+            {
+                "model": "m",
+                "metric": "agg_metrics",
+                "rows": {
+                    "coco_caption/test": {
+                        "0": {"mean": 60.0, "std": 1.0, "trials": [59.0, 61.0]},
+                        "4": {"mean": 70.0, "std": 0.5, "trials": [69.5, 70.5]},
+                    }
+                },
+            }
+        )
+    )
     html = build_report(run_dir).read_text()
     assert "OpenFlamingo-9B (published): coco_caption (CIDEr)" in html
     assert "<td>65.5</td><td>74.3</td>" in html and "60.00 ± 1.00" in html
@@ -192,11 +235,14 @@ ROWS = "[...document.querySelectorAll('#gallery-body tr.row')]"
 
 def choose(browser, select_id: str, label_part: str) -> None:
     """Pick the option of ``select_id`` whose label contains ``label_part``, as a user's choice (change event)."""
-    assert browser.run(f"""
+    assert browser.run(
+        f"""
         const s = document.getElementById('{select_id}');
         const o = [...s.options].find(o => o.text.includes(arguments[0]));
         if (!o) return false;
-        s.value = o.value; s.dispatchEvent(new Event('change')); return true;""", label_part)
+        s.value = o.value; s.dispatchEvent(new Event('change')); return true;""",
+        label_part,
+    )
 
 
 def shown_scores(browser) -> list:
@@ -254,10 +300,20 @@ def test_gallery_of_5000_samples_pages_in_the_browser(tmp_path):
     (run_dir / "config.yaml").write_text("datasets: {vqav2: {}}\nrun: {task: vqa}\n")
     image = tmp_path / "img.png"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
-    samples = [sample_record(i, input=f"<image>Question:q{i} Short answer:", target=["yes"] * 10, resps=f"a{i}",
-                             filtered_resps=f"a{i}", image=str(image), vqa_accuracy=float((i * 37) % 101),
-                             answer_type="yes/no" if i % 2 else "other", question_type="is the")
-               for i in range(5000)]
+    samples = [
+        sample_record(
+            i,
+            input=f"<image>Question:q{i} Short answer:",
+            target=["yes"] * 10,
+            resps=f"a{i}",
+            filtered_resps=f"a{i}",
+            image=str(image),
+            vqa_accuracy=float((i * 37) % 101),
+            answer_type="yes/no" if i % 2 else "other",
+            question_type="is the",
+        )
+        for i in range(5000)
+    ]
     write_samples(run_dir / "samples_vqav2_val_0shot_trial0.jsonl", samples)
     report = build_report(run_dir)
     with headless_chromium() as browser:
@@ -268,7 +324,8 @@ def test_gallery_of_5000_samples_pages_in_the_browser(tmp_path):
         assert shown_scores(browser)[:3] == [0.0, 0.0, 0.0]
         browser.click("#next-page")
         assert "page 2 of 100" in browser.run("return document.getElementById('gallery-info').textContent")
-        elapsed = browser.run("const t = performance.now(); document.getElementById('sort-score').click();"
-                              "return performance.now() - t")
+        elapsed = browser.run(
+            "const t = performance.now(); document.getElementById('sort-score').click();return performance.now() - t"
+        )
         assert shown_scores(browser)[0] == 100.0
         print(f"sorting 5000 rows and rendering a page took {elapsed:.1f} ms")

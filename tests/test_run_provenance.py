@@ -15,16 +15,42 @@ from lavis.cli import train_main
 
 pytestmark = pytest.mark.slow
 
-RUN_INFO_KEYS = {"argv", "cwd", "git", "versions", "devices", "world_size", "host", "start_time", "end_time",
-                 "status", "invocations", "summary"}
+RUN_INFO_KEYS = {
+    "argv",
+    "cwd",
+    "git",
+    "versions",
+    "devices",
+    "world_size",
+    "host",
+    "start_time",
+    "end_time",
+    "status",
+    "invocations",
+    "summary",
+}
 
 
 def config(tmp_path: Path, shapes_root: Path, **run) -> Path:
     return write_config(
-        tmp_path / "train.yaml", datasets={"shapes_caption": {**shapes_section(shapes_root), "max_samples": 32}},
-        run={"task": "captioning", "device": "cpu", "max_epoch": 2, "batch_size_train": 8, "batch_size_eval": 5,
-             "valid_splits": ["val"], "metrics": ["CIDEr"], "log_freq": 2, "progress_bar": True,
-             "output_dir": str(tmp_path / "out"), "run_name": "run", **FAST_DECODING, **run})
+        tmp_path / "train.yaml",
+        datasets={"shapes_caption": {**shapes_section(shapes_root), "max_samples": 32}},
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "max_epoch": 2,
+            "batch_size_train": 8,
+            "batch_size_eval": 5,
+            "valid_splits": ["val"],
+            "metrics": ["CIDEr"],
+            "log_freq": 2,
+            "progress_bar": True,
+            "output_dir": str(tmp_path / "out"),
+            "run_name": "run",
+            **FAST_DECODING,
+            **run,
+        },
+    )
 
 
 def test_run_info_progress_log_lines_results_per_evaluation_and_summary(tmp_path, shapes_root, capsys):
@@ -57,8 +83,11 @@ def test_run_info_progress_log_lines_results_per_evaluation_and_summary(tmp_path
 
     # One results file per evaluation (epochs 0 and 1), and the latest under the plain name.
     results = sorted(p.name for p in (run_dir / "results").iterdir())
-    assert results == ["val_caption_results.json", "val_epoch0_step4_caption_results.json",
-                       "val_epoch1_step8_caption_results.json"]
+    assert results == [
+        "val_caption_results.json",
+        "val_epoch0_step4_caption_results.json",
+        "val_epoch1_step8_caption_results.json",
+    ]
     latest = json.loads((run_dir / "results" / "val_caption_results.json").read_text())
     assert latest == json.loads((run_dir / "results" / "val_epoch1_step8_caption_results.json").read_text())
 

@@ -37,7 +37,10 @@ def test_round_trip_of_plain_state(tmp_path):
 def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "extra": NotATensor()}, path)
-    with pytest.raises(PickledCodeError, match=r"evil.pt: refused: this file carries pickled code \(GLOBAL .*NotATensor\); it was not executed"):
+    with pytest.raises(
+        PickledCodeError,
+        match=r"evil.pt: refused: this file carries pickled code \(GLOBAL .*NotATensor\); it was not executed",
+    ):
         ckpt.load_checkpoint(path)
 
 
@@ -53,8 +56,9 @@ def test_sigkill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
     run_dir = tmp_path / "run"
     ckpt.save_checkpoint(ckpt.step_checkpoint_path(run_dir, 1), {"step": 1})
     target = run_dir / ckpt.CHECKPOINT_DIR / ckpt.BEST_NAME
-    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "stalled_checkpoint_write.py"), str(target)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "stalled_checkpoint_write.py"), str(target)], stdout=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline()
         assert line.strip() == "STALLED"

@@ -25,8 +25,16 @@ def torchrun(out_dir: Path, mode: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-           str(out_dir), mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(SCRIPT),
+        str(out_dir),
+        mode,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -47,8 +55,11 @@ def test_two_processes_stay_identical_and_match_one_process_with_the_same_global
     assert [r["allreduces"] for r in results] == [8, 8]
 
     # One process with a per-process batch twice as large sees the same samples in each step.
-    single = build_runner(make_cfg(tmp_path / "single", **dict(DDP_RUN, batch_size_train=8)),
-                          model=ToyModel(dropout=0.0), datasets=make_datasets(n_train=64))
+    single = build_runner(
+        make_cfg(tmp_path / "single", **dict(DDP_RUN, batch_size_train=8)),
+        model=ToyModel(dropout=0.0),
+        datasets=make_datasets(n_train=64),
+    )
     summary = single.train()
     reference = trainable_params(single.model)
     for name in reference:

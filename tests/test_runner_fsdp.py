@@ -30,8 +30,14 @@ def launch(out_dir: Path, plan: str, nproc: int = 2):
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([*launcher, str(SCRIPT), str(out_dir), plan], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [*launcher, str(SCRIPT), str(out_dir), plan],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +80,11 @@ def test_fsdp_trains_the_same_weights_as_ddp(runs, trainable):
             assert run["frozen"] > 0 and run["changed"] == [] and run["with_grad"] == [], (strategy, rank)
     if trainable == "adalora":
         # AdaLoRA's rank re-allocation ran under fsdp (its tensors are replicated) and chose what ddp chose.
-        patterns = [json.loads((runs / f"rank{r}.json").read_text())[f"{s}_adalora"]["rank_pattern"]
-                    for r in (0, 1) for s in ("ddp", "fsdp")]
+        patterns = [
+            json.loads((runs / f"rank{r}.json").read_text())[f"{s}_adalora"]["rank_pattern"]
+            for r in (0, 1)
+            for s in ("ddp", "fsdp")
+        ]
         assert patterns[0] and patterns[0][0] and all(p == patterns[0] for p in patterns)
     metrics = [json.loads(line) for line in (runs / f"fsdp_{trainable}" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if m["split"] == "train"]

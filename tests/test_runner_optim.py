@@ -17,24 +17,33 @@ def run_cfg(tmp_path, **kw):
 
 def names_by_group(model, cfg):
     ids = {id(p): n for n, p in model.named_parameters()}
-    return {g["name"]: (sorted(ids[id(p)] for p in g["params"]), g["weight_decay"], g["lr_scale"])
-            for g in build_param_groups(model, cfg)}
+    return {
+        g["name"]: (sorted(ids[id(p)] for p in g["params"]), g["weight_decay"], g["lr_scale"])
+        for g in build_param_groups(model, cfg)
+    }
 
 
 def test_default_policy_no_decay_on_bias_norm_gate_embed_and_frozen_left_out(tmp_path):
     groups = names_by_group(ToyModel(), run_cfg(tmp_path, weight_decay=0.1))
     assert groups["default_decay"] == (["head.weight", "proj.weight"], 0.1, 1.0)
     assert groups["default_no_decay"] == (
-        ["attn_gate", "embed_scale", "head.bias", "norm.bias", "norm.weight", "proj.bias"], 0.0, 1.0)
+        ["attn_gate", "embed_scale", "head.bias", "norm.bias", "norm.weight", "proj.bias"],
+        0.0,
+        1.0,
+    )
     all_names = [n for names, _, _ in groups.values() for n in names]
     assert not any(n.startswith("backbone") for n in all_names)
 
 
 def test_param_group_rules_first_match_wins_and_override_decay(tmp_path):
-    cfg = run_cfg(tmp_path, weight_decay=0.1, param_groups=[
-        {"match": r"^proj\.", "lr_scale": 0.5, "weight_decay": None},
-        {"match": "gate|proj", "lr_scale": 2.0, "weight_decay": 0.3},
-    ])
+    cfg = run_cfg(
+        tmp_path,
+        weight_decay=0.1,
+        param_groups=[
+            {"match": r"^proj\.", "lr_scale": 0.5, "weight_decay": None},
+            {"match": "gate|proj", "lr_scale": 2.0, "weight_decay": 0.3},
+        ],
+    )
     groups = names_by_group(ToyModel(), cfg)
     assert groups["rule0_decay"] == (["proj.weight"], 0.1, 0.5)
     assert groups["rule0_no_decay"] == (["proj.bias"], 0.0, 0.5)

@@ -113,8 +113,11 @@ def test_sigterm_saves_at_next_step_boundary_and_resumes_exactly(tmp_path, caplo
 
 def test_latest_starts_from_scratch_and_every_requeue_continues(tmp_path):
     # A cluster requeue passes the same options every time, the first start included.
-    killed = build_runner(make_cfg(tmp_path, resume_ckpt_path="latest", **COMMON),
-                          task=KillingTask(make_cfg(tmp_path, **COMMON), at_call=2), model=ToyModel())
+    killed = build_runner(
+        make_cfg(tmp_path, resume_ckpt_path="latest", **COMMON),
+        task=KillingTask(make_cfg(tmp_path, **COMMON), at_call=2),
+        model=ToyModel(),
+    )
     with pytest.raises(Killed):  # killed before the first checkpoint (step 3)
         killed.train()
     killed.close()
@@ -143,8 +146,12 @@ def test_resume_with_a_different_order_defining_config_names_each_key(tmp_path):
         build_runner(cfg, model=ToyModel()).train()
     message = str(err.value)
     assert "step_00000003.pt: the config differs" in message
-    for part in ("run.batch_size_train: 4 -> 8", "run.seed: 42 -> 7", "run.max_epoch: 2 -> 3",
-                 "datasets.toy.root: '<absent>' -> 'elsewhere'"):
+    for part in (
+        "run.batch_size_train: 4 -> 8",
+        "run.seed: 42 -> 7",
+        "run.max_epoch: 2 -> 3",
+        "datasets.toy.root: '<absent>' -> 'elsewhere'",
+    ):
         assert part in message
     # Keys that do not move the position may change (max_steps, log_freq); the iteration runner ignores max_epoch.
     resumed, summary = finished_run(tmp_path, resume_ckpt_path="latest", log_freq=2, **COMMON)

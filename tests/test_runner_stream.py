@@ -42,8 +42,12 @@ class ToyStream(IterableDataset):
 
 
 def stream_datasets() -> dict:
-    return {"toy": {"train": ToyStream(ToyRegressionDataset(32)),
-                    "val": ToyStream(ToyRegressionDataset(13, 1, 1000), shuffle=False)}}
+    return {
+        "toy": {
+            "train": ToyStream(ToyRegressionDataset(32)),
+            "val": ToyStream(ToyRegressionDataset(13, 1, 1000), shuffle=False),
+        }
+    }
 
 
 RUN = dict(max_epoch=2, valid_splits=["val"], save_freq_steps=3, keep_last=2)
@@ -66,14 +70,16 @@ def test_streamed_split_resumes_mid_epoch_exactly(tmp_path):
     reference.train()
     cut = build_runner(make_cfg(tmp_path / "cut", max_steps=5, **RUN), model=ToyModel(), datasets=stream_datasets())
     assert cut.train()["status"] == "max_steps"
-    resumed = build_runner(make_cfg(tmp_path / "cut", resume_ckpt_path="latest", **RUN), model=ToyModel(),
-                           datasets=stream_datasets())
+    resumed = build_runner(
+        make_cfg(tmp_path / "cut", resume_ckpt_path="latest", **RUN), model=ToyModel(), datasets=stream_datasets()
+    )
     assert resumed.train()["status"] == "finished"
     a, b = trainable_params(reference.model), trainable_params(resumed.model)
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert ([without_timing(r) for r in read_metrics(reference.paths.metrics)]
-            == [without_timing(r) for r in read_metrics(resumed.paths.metrics)])
+    assert [without_timing(r) for r in read_metrics(reference.paths.metrics)] == [
+        without_timing(r) for r in read_metrics(resumed.paths.metrics)
+    ]
 
 
 def test_uneven_exact_streams_are_refused_for_training_under_ddp():

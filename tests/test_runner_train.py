@@ -24,8 +24,9 @@ from lavis.runners.progress import TIMING_KEYS
 
 def train(root, model=None, datasets=None, task=None, **run):
     cfg = make_cfg(root, **run)
-    runner = build_runner(cfg, model=model if model is not None else ToyModel(dropout=0.0), datasets=datasets,
-                          task=task)
+    runner = build_runner(
+        cfg, model=model if model is not None else ToyModel(dropout=0.0), datasets=datasets, task=task
+    )
     return runner, runner.train()
 
 
@@ -47,12 +48,12 @@ def test_accumulating_4_micro_batches_equals_one_batch_4x_larger(tmp_path):
 def test_run_directory_layout_and_metrics_jsonl(tmp_path):
     data = make_datasets()
     data["toy"]["train"].num_skipped = 3  # a dataset that counts the bad samples it skipped
-    runner, summary = train(tmp_path, datasets=data, log_freq=3, valid_splits=["val"], test_splits=["test"],
-                            lr_sched="constant_lr")
+    runner, summary = train(
+        tmp_path, datasets=data, log_freq=3, valid_splits=["val"], test_splits=["test"], lr_sched="constant_lr"
+    )
     run_dir = tmp_path / "toy"
     assert summary["status"] == "finished" and summary["run_dir"] == str(run_dir)
-    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "log.txt", "metrics.jsonl", "checkpoints",
-                                                   "results"}
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "log.txt", "metrics.jsonl", "checkpoints", "results"}
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["run"]["log_freq"] == 3 and saved["run"]["task"] == "toy_regression"
     assert "eval toy.val at step 8" in (run_dir / "log.txt").read_text()
@@ -67,8 +68,7 @@ def test_run_directory_layout_and_metrics_jsonl(tmp_path):
         assert set(r) == {"epoch", "step", "split", "lr", "loss", "grad_norm", "data/num_skipped", *TIMING_KEYS}
         assert r["loss"] > 0 and r["data/num_skipped"] == 3
     evals = [r for r in records if r["split"] != "train"]
-    assert [(r["split"], r["step"], r["epoch"]) for r in evals] == [("val", 8, 0), ("val", 16, 1),
-                                                                  ("test", 16, 1)]
+    assert [(r["split"], r["step"], r["epoch"]) for r in evals] == [("val", 8, 0), ("val", 16, 1), ("test", 16, 1)]
     for r in evals:
         assert r["dataset"] == "toy" and r["n"] == 13 and r["agg_metrics"] == pytest.approx(-r["mse"])
     assert summary["test"]["test"]["toy"]["mse"] == evals[-1]["mse"]
@@ -105,8 +105,16 @@ def test_fp16_on_cpu_is_refused_and_bf16_on_cpu_trains(tmp_path):
 
 def test_best_checkpoint_follows_split_metric_and_direction(tmp_path):
     data = make_datasets()
-    runner, summary = train(tmp_path, datasets=data, max_epoch=3, valid_splits=["val", "test"], best_split="test",
-                            best_metric="mse", best_mode="min", test_splits=["test"])
+    runner, summary = train(
+        tmp_path,
+        datasets=data,
+        max_epoch=3,
+        valid_splits=["val", "test"],
+        best_split="test",
+        best_metric="mse",
+        best_mode="min",
+        test_splits=["test"],
+    )
     tests = [r for r in read_metrics(runner.paths.metrics) if r["split"] == "test"]
     best_record = min(tests[:-1], key=lambda r: r["mse"])
     assert summary["best"] == {"metric": pytest.approx(best_record["mse"]), "step": best_record["step"]}
@@ -172,8 +180,7 @@ def test_bad_run_values_are_reported_together(tmp_path):
 
 
 def test_tensorboard_and_offline_wandb_write_files_without_network(tmp_path):
-    runner, _ = train(tmp_path, max_epoch=1, tensorboard=True, wandb={"mode": "offline", "project": "t",
-                                                                        "name": None})
+    runner, _ = train(tmp_path, max_epoch=1, tensorboard=True, wandb={"mode": "offline", "project": "t", "name": None})
     assert list((runner.paths.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert list((runner.paths.run_dir / "wandb").glob("offline-run-*"))
 
@@ -212,8 +219,15 @@ def test_a_bug_in_task_evaluate_keeps_its_traceback_under_ddp(tmp_path, monkeypa
             raise ZeroDivisionError("bug in the metric")
 
     runner = build_runner(make_cfg(tmp_path), task=Buggy(None))
-    args = dict(task=runner.task, model=runner.model, dataset=make_datasets()["toy"]["val"], dataset_name="toy",
-                split="val", precision=runner.precision, batch_size=5)
+    args = dict(
+        task=runner.task,
+        model=runner.model,
+        dataset=make_datasets()["toy"]["val"],
+        dataset_name="toy",
+        split="val",
+        precision=runner.precision,
+        batch_size=5,
+    )
     # Rank 0 of 2 in this single process: the broadcast is a no-op, and rank 1's half of the records is missing.
     monkeypatch.setattr(dist, "check_coverage", lambda *a, **k: None)
     # Rank 0 re-raises the original exception, logged with its traceback.
@@ -240,8 +254,15 @@ def test_several_datasets_with_the_best_split_need_run_best_dataset(tmp_path):
 
 
 def test_run_best_dataset_chooses_whose_metric_picks_the_best_checkpoint(tmp_path):
-    runner, summary = train(tmp_path, datasets=two_datasets_with_val(), max_epoch=2, valid_splits=["val"],
-                            best_dataset="other", best_metric="mse", best_mode="min")
+    runner, summary = train(
+        tmp_path,
+        datasets=two_datasets_with_val(),
+        max_epoch=2,
+        valid_splits=["val"],
+        best_dataset="other",
+        best_metric="mse",
+        best_mode="min",
+    )
     other = [r for r in read_metrics(runner.paths.metrics) if r.get("dataset") == "other"]
     toy = [r for r in read_metrics(runner.paths.metrics) if r.get("dataset") == "toy"]
     best = min(other, key=lambda r: r["mse"])
@@ -265,12 +286,19 @@ def test_sequence_reduction_weighs_each_micro_batch_equally_and_token_reduction_
 
     logged = {}
     for reduction in ("token", "sequence"):
-        runner, _ = train(tmp_path / reduction, task=UnevenTask(None), max_epoch=1, max_steps=1,
-                          batch_size_train=2, accum_grad_iters=2, loss_reduction=reduction, max_grad_norm=None)
+        runner, _ = train(
+            tmp_path / reduction,
+            task=UnevenTask(None),
+            max_epoch=1,
+            max_steps=1,
+            batch_size_train=2,
+            accum_grad_iters=2,
+            loss_reduction=reduction,
+            max_grad_norm=None,
+        )
         logged[reduction] = read_metrics(runner.paths.metrics)[0]["loss"]
     # The same first step (the runner's order: seed 42, one process), with the untrained model.
-    stream = TrainStream(make_datasets()["toy"]["train"], collate, batch_size=2, accum=2, rank=0, world_size=1,
-                         seed=42)
+    stream = TrainStream(make_datasets()["toy"]["train"], collate, batch_size=2, accum=2, rank=0, world_size=1, seed=42)
     task, model = UnevenTask(None), ToyModel(dropout=0.0)
     with torch.no_grad():
         batches = stream.next_step()

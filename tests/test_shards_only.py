@@ -22,9 +22,28 @@ pytestmark = pytest.mark.slow
 
 def pack(builder: str, out: Path, options: list[str]) -> list[str]:
     """Run the packer; the --options it prints, as train.py arguments."""
-    proc = subprocess.run([sys.executable, "-m", "lavis.datasets.pack_shards", "--builder", builder, "--split",
-                           "train", "--out", str(out), "--samples-per-shard", "16", "--options", *options],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lavis.datasets.pack_shards",
+            "--builder",
+            builder,
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--samples-per-shard",
+            "16",
+            "--options",
+            *options,
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     check_ok(proc)
     assert "Warning" not in proc.stderr, proc.stderr
     (line,) = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("--options ")]
@@ -32,10 +51,21 @@ def pack(builder: str, out: Path, options: list[str]) -> list[str]:
 
 
 def train_from_shards(tmp_path: Path, datasets: dict, printed: list[str], env: dict):
-    cfg = write_config(tmp_path / "train.yaml", datasets=datasets,
-                       run={"task": "captioning", "device": "cpu", "batch_size_train": 8, "max_steps": 3,
-                            "valid_splits": [], "metrics": ["CIDEr"], "progress_bar": False,
-                            "output_dir": str(tmp_path / "out"), "run_name": "run"})
+    cfg = write_config(
+        tmp_path / "train.yaml",
+        datasets=datasets,
+        run={
+            "task": "captioning",
+            "device": "cpu",
+            "batch_size_train": 8,
+            "max_steps": 3,
+            "valid_splits": [],
+            "metrics": ["CIDEr"],
+            "progress_bar": False,
+            "output_dir": str(tmp_path / "out"),
+            "run_name": "run",
+        },
+    )
     proc = run_entry("train.py", cfg, options=[*printed, "run.log_freq=1"], env=env)
     check_ok(proc)
     assert "step 3: loss" in (tmp_path / "out" / "run" / "log.txt").read_text()
@@ -43,22 +73,36 @@ def train_from_shards(tmp_path: Path, datasets: dict, printed: list[str], env: d
 
 def test_coco_caption_from_shards_needs_no_raw_file(tmp_path, shapes_root):
     info = caption_build_info(shapes_root)
-    printed = pack("coco_caption", tmp_path / "wds", [
-        f"datasets.coco_caption.build_info.images={info['images']}",
-        f"datasets.coco_caption.build_info.karpathy_file={info['karpathy_file']}"])
+    printed = pack(
+        "coco_caption",
+        tmp_path / "wds",
+        [
+            f"datasets.coco_caption.build_info.images={info['images']}",
+            f"datasets.coco_caption.build_info.karpathy_file={info['karpathy_file']}",
+        ],
+    )
     assert printed[:2] == ["datasets.coco_caption.data_type=webdataset", "datasets.coco_caption.splits=[train]"]
     empty = tmp_path / "empty_data_root"  # the defaults' Karpathy file, images and annotations are not there
     empty.mkdir()
-    size = {"train": {"name": "clip_image_train", "image_size": 64}, "eval": {"name": "clip_image_eval",
-                                                                               "image_size": 64}}
-    train_from_shards(tmp_path, {"coco_caption": {"vis_processor": size}}, printed,
-                      subprocess_env(PETVLM_DATA=str(empty)))
+    size = {
+        "train": {"name": "clip_image_train", "image_size": 64},
+        "eval": {"name": "clip_image_eval", "image_size": 64},
+    }
+    train_from_shards(
+        tmp_path, {"coco_caption": {"vis_processor": size}}, printed, subprocess_env(PETVLM_DATA=str(empty))
+    )
     assert not any(empty.iterdir())
 
 
 def test_shapes_caption_from_shards_generates_nothing(tmp_path, shapes_root):
-    printed = pack("shapes_caption", tmp_path / "wds", [f"datasets.shapes_caption.shapes.root={shapes_root}",
-                                                         f"datasets.shapes_caption.shapes.num_images={SHAPES_IMAGES}"])
+    printed = pack(
+        "shapes_caption",
+        tmp_path / "wds",
+        [
+            f"datasets.shapes_caption.shapes.root={shapes_root}",
+            f"datasets.shapes_caption.shapes.num_images={SHAPES_IMAGES}",
+        ],
+    )
     absent = tmp_path / "no_shapes_here"
     train_from_shards(tmp_path, {"shapes_caption": {"shapes": {"root": str(absent)}}}, printed, subprocess_env())
     assert not absent.exists()

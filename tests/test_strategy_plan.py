@@ -16,8 +16,10 @@ def test_units_pair_each_decoder_layer_with_its_cross_attention_block_then_perce
     layers = decoder_layers(model.lang_encoder)
     units = shard_units(model)
     assert [[type(m).__name__ for m in u] for u in units] == [
-        ["LlamaDecoderLayer", "GatedCrossAttentionBlock"], ["LlamaDecoderLayer", "GatedCrossAttentionBlock"],
-        ["PerceiverResampler"]]
+        ["LlamaDecoderLayer", "GatedCrossAttentionBlock"],
+        ["LlamaDecoderLayer", "GatedCrossAttentionBlock"],
+        ["PerceiverResampler"],
+    ]
     assert units[0][0] is layers[0] and units[0][1] is model.gated_cross_attn_layers["0"]
     # The tiny vision tower is small and frozen: it stays with the root unless asked for.
     with_vision = shard_units(model, shard_vision=True)

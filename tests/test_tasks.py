@@ -30,14 +30,20 @@ def caption_item(image_id, caption, value=0.0):
 
 
 def vqa_item(question_id, question, answer, value=0.0):
-    return {"image": torch.full((3, 4, 4), value), "text_input": question, "answer": answer,
-            "answers": [answer] * 10, "question_id": question_id, "image_id": 1000 + question_id}
+    return {
+        "image": torch.full((3, 4, 4), value),
+        "text_input": question,
+        "answer": answer,
+        "answers": [answer] * 10,
+        "question_id": question_id,
+        "image_id": 1000 + question_id,
+    }
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ('A dog on a beach. Output: a cat', "A dog on a beach."),
+        ("A dog on a beach. Output: a cat", "A dog on a beach."),
         ('"A red circle."', "A red circle."),
         ("  two shapes ", "two shapes"),
     ],
@@ -61,8 +67,9 @@ def test_answer_postprocessing(raw, expected):
 
 
 def test_mixed_training_batch_pads_both_kinds_to_one_length(tokenizer):
-    collate = MixedCollator(CaptionCollator(tokenizer, "train"), VQACollator(tokenizer, "train"),
-                            tokenizer.pad_token_id)
+    collate = MixedCollator(
+        CaptionCollator(tokenizer, "train"), VQACollator(tokenizer, "train"), tokenizer.pad_token_id
+    )
     items = [caption_item(1, "a red circle in the center of the picture.", 1.0), vqa_item(7, "what color?", "red", 2.0)]
     batch = collate(items)
     alone = [CaptionCollator(tokenizer, "train")(items[:1]), VQACollator(tokenizer, "train")(items[1:])]
@@ -77,8 +84,7 @@ def test_mixed_training_batch_pads_both_kinds_to_one_length(tokenizer):
 
 
 def test_mixed_eval_batches_go_to_their_own_collator(tokenizer):
-    collate = MixedCollator(CaptionCollator(tokenizer, "eval"), VQACollator(tokenizer, "eval"),
-                            tokenizer.pad_token_id)
+    collate = MixedCollator(CaptionCollator(tokenizer, "eval"), VQACollator(tokenizer, "eval"), tokenizer.pad_token_id)
     assert collate([vqa_item(3, "what shape?", "circle")])["question_id"] == [3]
     assert collate([caption_item(5, "x")])["image_id"] == [5]
 
@@ -102,8 +108,9 @@ def test_in_context_training_adds_0_to_k_demos_reproducibly_never_the_sample_its
     again = [InContextTrainingDataset(data, 3, 5)[i] for i in range(len(wrapped))]
     counts = [len(item[DEMOS_KEY]) for item in first]
     assert set(counts) == {0, 1, 2, 3}
-    assert [[d["text_input"] for d in a[DEMOS_KEY]] for a in first] == [[d["text_input"] for d in b[DEMOS_KEY]]
-                                                                         for b in again]
+    assert [[d["text_input"] for d in a[DEMOS_KEY]] for a in first] == [
+        [d["text_input"] for d in b[DEMOS_KEY]] for b in again
+    ]
     for item in first:
         assert all(d["image_id"] != item["image_id"] for d in item[DEMOS_KEY])
     assert wrapped.num_skipped == 4  # the runner still sees the wrapped dataset's counters

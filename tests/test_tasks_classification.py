@@ -16,7 +16,10 @@ from lavis.tasks.classification import ClassificationTask
 from lavis.tasks.vqa import VQATask
 
 torch.set_num_threads(1)
-SMALL_VIS = {"train": {"name": "clip_image_eval", "image_size": 64}, "eval": {"name": "clip_image_eval", "image_size": 64}}
+SMALL_VIS = {
+    "train": {"name": "clip_image_eval", "image_size": 64},
+    "eval": {"name": "clip_image_eval", "image_size": 64},
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +35,22 @@ def suite_root(tmp_path_factory) -> Path:
 
 
 def task_and_data(suite_root: Path, name: str, split: str, **run):
-    cfg = OmegaConf.create({"run": {"classification_prompt_ensembling": False,
-                                    "compat_openflamingo_v2_zero_shot_classification": False,
-                                    "score_batch_size": 5, **run}})
+    cfg = OmegaConf.create(
+        {
+            "run": {
+                "classification_prompt_ensembling": False,
+                "compat_openflamingo_v2_zero_shot_classification": False,
+                "score_batch_size": 5,
+                **run,
+            }
+        }
+    )
     task = ClassificationTask(cfg)
-    section = {"splits": ["train", split], "vis_processor": SMALL_VIS, "suite": {"root": str(suite_root), "num_images": 60}}
+    section = {
+        "splits": ["train", split],
+        "vis_processor": SMALL_VIS,
+        "suite": {"root": str(suite_root), "num_images": 60},
+    }
     data = task.build_datasets({f"shapes_{name}": section})[f"shapes_{name}"]
     return task, data
 
@@ -65,16 +79,18 @@ def test_prompt_ensembling_averages_over_demo_orders(model, suite_root):
     assert len(prompts) == 6
     conts = task.class_token_ids(model.tokenizer, "shapes_hateful_memes")
     views = [batch, *batch["views"]]
-    want = torch.stack([from_scratch(model, v["vision_x"], v["lang_x"], v["attention_mask"], conts, True)
-                        for v in views]).mean(0)
+    want = torch.stack(
+        [from_scratch(model, v["vision_x"], v["lang_x"], v["attention_mask"], conts, True) for v in views]
+    ).mean(0)
     got = torch.tensor([r["class_logprobs"] for r in task.valid_step(model, batch)])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_zero_shot_compat_switch_gives_the_query_the_first_demos_image(model, suite_root):
     for compat in (False, True):
-        task, data = task_and_data(suite_root, "hateful_memes", "dev",
-                                   compat_openflamingo_v2_zero_shot_classification=compat)
+        task, data = task_and_data(
+            suite_root, "hateful_memes", "dev", compat_openflamingo_v2_zero_shot_classification=compat
+        )
         fewshot = FewShotDataset(data["dev"], data["train"], num_shots=0, seed=0, zero_shot_text_demos=True)
         item = fewshot[0]
         batch = task.collator(model, "eval")([item])

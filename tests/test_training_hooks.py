@@ -64,12 +64,17 @@ class CaptionLikeTask(BaseTask):
         tokenizer.padding_side = "right"
 
         def collate(items):
-            batch = tokenizer([f"<image>{it['text']}<|endofchunk|>" for it in items], return_tensors="pt",
-                              padding="longest")
+            batch = tokenizer(
+                [f"<image>{it['text']}<|endofchunk|>" for it in items], return_tensors="pt", padding="longest"
+            )
             labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-            return {"vision_x": torch.stack([it["image"] for it in items])[:, None, None],
-                    "lang_x": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels,
-                    "sample_id": [it["sample_id"] for it in items]}
+            return {
+                "vision_x": torch.stack([it["image"] for it in items])[:, None, None],
+                "lang_x": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                "labels": labels,
+                "sample_id": [it["sample_id"] for it in items],
+            }
 
         return collate
 
@@ -82,8 +87,18 @@ def train(tmp_path, model, n_train: int, **run):
     return runner, runner.train()
 
 
-ADALORA = {"method": "adalora", "r": 4, "target_r": 2, "alpha": 8, "dropout": 0.0, "total_step": 4, "tinit": 0,
-           "tfinal": 1, "deltaT": 1, "target_modules": ["q_proj", "v_proj"]}
+ADALORA = {
+    "method": "adalora",
+    "r": 4,
+    "target_r": 2,
+    "alpha": 8,
+    "dropout": 0.0,
+    "total_step": 4,
+    "tinit": 0,
+    "tfinal": 1,
+    "deltaT": 1,
+    "target_modules": ["q_proj", "v_proj"],
+}
 
 
 def test_runner_reallocates_the_adalora_budget_every_optimizer_step(tmp_path, monkeypatch):
@@ -143,9 +158,11 @@ def test_adalora_penalty_is_part_of_the_training_loss_only():
 
 
 def test_bf16_frozen_model_trains_float32_master_weights_under_bf16_autocast(tmp_path):
-    model = tiny_model(frozen_dtype="bfloat16", adapters={"method": "lora", "r": 4, "dropout": 0.0},
-                       trainable={"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": True,
-                                  "lm_embeddings": False})
+    model = tiny_model(
+        frozen_dtype="bfloat16",
+        adapters={"method": "lora", "r": 4, "dropout": 0.0},
+        trainable={"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": True, "lm_embeddings": False},
+    )
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     assert {params[n].dtype for n in trainable} == {torch.float32}
@@ -184,12 +201,15 @@ def test_bf16_frozen_model_trains_float32_master_weights_under_bf16_autocast(tmp
 def test_bf16_frozen_flamingo_parts_are_stored_in_bf16_and_trainable_ones_in_float32():
     # Perceiver frozen, cross-attention frozen but adapted by LoRA: the frozen weights are bfloat16 like the
     # LM's; the adapters train in float32. A forward and backward pass runs without autocast.
-    model = tiny_model(frozen_dtype="bfloat16",
-                       adapters={"method": "lora", "r": 4, "dropout": 0.0, "apply_to": ["gated_cross_attn_layers"]},
-                       trainable=FROZEN_PARTS)
+    model = tiny_model(
+        frozen_dtype="bfloat16",
+        adapters={"method": "lora", "r": 4, "dropout": 0.0, "apply_to": ["gated_cross_attn_layers"]},
+        trainable=FROZEN_PARTS,
+    )
     params = dict(model.named_parameters())
-    frozen_parts = [n for n in params if n.startswith(("perceiver.", "gated_cross_attn_layers."))
-                    and not params[n].requires_grad]
+    frozen_parts = [
+        n for n in params if n.startswith(("perceiver.", "gated_cross_attn_layers.")) and not params[n].requires_grad
+    ]
     assert any(n.startswith("perceiver.") for n in frozen_parts) and any("base_layer" in n for n in frozen_parts)
     assert {params[n].dtype for n in frozen_parts} == {torch.bfloat16}
     assert model.perceiver.latents.dtype == torch.bfloat16

@@ -125,16 +125,30 @@ def make_cfg(output_dir, **run) -> OmegaConf:
     """A validated-looking config: RunConfig defaults + the toy task + ``run`` overrides."""
     base = dataclasses.asdict(RunConfig())
     base.update(
-        task="toy_regression", output_dir=str(output_dir), run_name="toy", batch_size_train=4, batch_size_eval=5,
-        init_lr=0.05, warmup_steps=2, log_freq=1, progress_bar=False, max_epoch=2, toy_option=0,
+        task="toy_regression",
+        output_dir=str(output_dir),
+        run_name="toy",
+        batch_size_train=4,
+        batch_size_eval=5,
+        init_lr=0.05,
+        warmup_steps=2,
+        log_freq=1,
+        progress_bar=False,
+        max_epoch=2,
+        toy_option=0,
     )
     base.update(run)
     return OmegaConf.create({"model": {"arch": "toy"}, "datasets": {"toy": {}}, "run": base})
 
 
 def make_datasets(n_train: int = 32, n_val: int = 13, seed: int = 0) -> dict:
-    return {"toy": {"train": ToyRegressionDataset(n_train, seed), "val": ToyRegressionDataset(n_val, seed + 1, 1000),
-                    "test": ToyRegressionDataset(n_val, seed + 2, 2000)}}
+    return {
+        "toy": {
+            "train": ToyRegressionDataset(n_train, seed),
+            "val": ToyRegressionDataset(n_val, seed + 1, 1000),
+            "test": ToyRegressionDataset(n_val, seed + 2, 2000),
+        }
+    }
 
 
 def build_runner(cfg, model=None, datasets=None, task=None):
@@ -150,5 +164,12 @@ def trainable_params(model) -> dict:
 
 
 # The run of tests/scripts/ddp_toy_run.py: per-rank batch 4, 2 micro-batches per step, 2 epochs.
-DDP_RUN = dict(batch_size_train=4, accum_grad_iters=2, max_epoch=2, valid_splits=["val"], test_splits=["val"],
-               log_freq=1, max_grad_norm=1.0)
+DDP_RUN = dict(
+    batch_size_train=4,
+    accum_grad_iters=2,
+    max_epoch=2,
+    valid_splits=["val"],
+    test_splits=["val"],
+    log_freq=1,
+    max_grad_norm=1.0,
+)

@@ -68,8 +68,10 @@ def parse_options(options: list[str] | None) -> DictConfig:
             OmegaConf.from_dotlist([option])
         except (yaml.YAMLError, OmegaConfBaseException) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            problems.append(f"--options {key}: the value {value!r} is not valid YAML ({first}); quote a string "
-                            f"value, e.g. {key}='\"...\"'")
+            problems.append(
+                f"--options {key}: the value {value!r} is not valid YAML ({first}); quote a string "
+                f"value, e.g. {key}='\"...\"'"
+            )
     if problems:
         raise ConfigError("; ".join(problems))
     return OmegaConf.from_dotlist(options)
@@ -152,8 +154,7 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
     runner_name = run.get("runner", DEFAULT_RUNNER)
     runner_cls = _lookup("runner", runner_name, "run.runner", errors) if isinstance(runner_name, str) else None
     runner_cls = runner_cls or registry.get("runner", DEFAULT_RUNNER)
-    run_schema = merged_schema("RunSection", runner_cls.Config,
-                               *([task_cls.Config] if task_cls is not None else []))
+    run_schema = merged_schema("RunSection", runner_cls.Config, *([task_cls.Config] if task_cls is not None else []))
     out["run"], errs = check_mapping(run, run_schema, "run")
     errors += errs
     if isinstance(out["run"], dict):

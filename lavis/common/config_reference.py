@@ -105,8 +105,12 @@ def generate() -> str:
         )
     for name in _package_names("builder"):
         cls = registry.get("builder", name)
-        out += _section(f"datasets.{name}", f"Defaults in lavis/configs/datasets/{name}/defaults.yaml.", cls.Config,
-                        f"datasets.{name}")
+        out += _section(
+            f"datasets.{name}",
+            f"Defaults in lavis/configs/datasets/{name}/defaults.yaml.",
+            cls.Config,
+            f"datasets.{name}",
+        )
     out.append(END)
     return "\n".join(out) + "\n"
 

@@ -80,8 +80,15 @@ class MetricsLog:
     line incomplete; ``truncate(n)`` (used on resume) keeps exactly the first n lines.
     """
 
-    def __init__(self, path: str | os.PathLike, enabled: bool = True, wandb_cfg=None, tensorboard_dir=None,
-                 run_name: str = "", config: dict | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        enabled: bool = True,
+        wandb_cfg=None,
+        tensorboard_dir=None,
+        run_name: str = "",
+        config: dict | None = None,
+    ):
         self.path = Path(path)
         self.enabled = enabled
         self.lines = 0

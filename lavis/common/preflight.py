@@ -96,8 +96,10 @@ def _walk_build_info(node: dict, key_path: str, section: dict, raw, problems: li
             _walk_build_info(value, path, section, raw, problems)
         elif isinstance(value, str) and value and not Path(value).exists():
             variables = _env_names(_raw_value(raw, path))
-            origin = "".join(f" (built from {v}, which is {'unset' if v not in os.environ else repr(os.environ[v])})"
-                             for v in variables)
+            origin = "".join(
+                f" (built from {v}, which is {'unset' if v not in os.environ else repr(os.environ[v])})"
+                for v in variables
+            )
             how = "".join(f"set {v} to the data root or " for v in variables)
             problems.append(f"{path}: {value} does not exist{origin}; {how}give it with --options {path}=PATH")
 
@@ -123,5 +125,4 @@ def missing_files(cfg, raw: dict | None = None) -> tuple[list[str], list[str]]:
     from omegaconf import OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    return (_model_file_problems(plain.get("model") or {}, raw),
-            _data_file_problems(plain.get("datasets") or {}, raw))
+    return (_model_file_problems(plain.get("model") or {}, raw), _data_file_problems(plain.get("datasets") or {}, raw))

@@ -163,8 +163,9 @@ class ImageDataset(SampleSource, torch.utils.data.Dataset):
         annotation_file: str | None = None,
         question_file: str | None = None,
     ):
-        super().__init__(sample_format, vis_processor, text_processor, on_bad_sample, name, annotation_file,
-                         question_file)
+        super().__init__(
+            sample_format, vis_processor, text_processor, on_bad_sample, name, annotation_file, question_file
+        )
         self.records = records
 
     def __len__(self) -> int:

@@ -63,8 +63,16 @@ class ClassificationCollator(FlamingoCollator):
         fields["class_name"] = check_text_field(item["class_name"], "class_name", sample)
         return fields
 
-    def __init__(self, tokenizer, role="eval", *, templates: dict | None = None, compat_zero_shot: bool = False,
-                 permutations: int = 1, **kwargs):
+    def __init__(
+        self,
+        tokenizer,
+        role="eval",
+        *,
+        templates: dict | None = None,
+        compat_zero_shot: bool = False,
+        permutations: int = 1,
+        **kwargs,
+    ):
         super().__init__(tokenizer, role, **kwargs)
         self.templates = dict(templates or {})
         self.compat_zero_shot = compat_zero_shot
@@ -85,8 +93,13 @@ class ClassificationCollator(FlamingoCollator):
             orders = [demo_orders(len(item.get(DEMOS_KEY) or []), self.permutations, item["id"]) for item in items]
             batch["views"] = [
                 super(ClassificationCollator, self).__call__(
-                    [dict(item, **{DEMOS_KEY: [item[DEMOS_KEY][j] for j in order[v]]}) if item.get(DEMOS_KEY) else item
-                     for item, order in zip(items, orders)])
+                    [
+                        dict(item, **{DEMOS_KEY: [item[DEMOS_KEY][j] for j in order[v]]})
+                        if item.get(DEMOS_KEY)
+                        else item
+                        for item, order in zip(items, orders)
+                    ]
+                )
                 for v in range(1, min(len(o) for o in orders))
             ]
         return batch

@@ -66,8 +66,7 @@ def stack_images(rows: Sequence[Sequence[torch.Tensor]], samples: Sequence[str])
     shapes = {tuple(img.shape) for row in rows for img in row}
     if len(shapes) != 1:
         raise DataError(
-            f"images of one batch must share one (C, H, W) shape, got {sorted(shapes)} "
-            f"in samples {', '.join(samples)}"
+            f"images of one batch must share one (C, H, W) shape, got {sorted(shapes)} in samples {', '.join(samples)}"
         )
     (shape,) = shapes
     if len(shape) != 3:
@@ -262,7 +261,9 @@ class CaptionCollator(FlamingoCollator):
             # OpenFlamingo's evaluation shows each demo image with its first reference caption.
             return {"caption": check_text_field(item["captions"][0], "captions[0]", sample)}
         if "text_input" not in item:
-            raise DataError(f"{sample}: a caption item needs 'text_input' (the caption) to be used for training or as a demo")
+            raise DataError(
+                f"{sample}: a caption item needs 'text_input' (the caption) to be used for training or as a demo"
+            )
         return {"caption": check_text_field(item["text_input"], "text_input", sample)}
 
     def eval_fields(self, items):
@@ -284,7 +285,9 @@ class VQACollator(FlamingoCollator):
     default_template = VQA_TEMPLATE
     id_keys = ("question_id", "image_id")
 
-    def __init__(self, tokenizer, role: Role = "train", *, demo_answer: Literal["answer", "first"] = "answer", **kwargs):
+    def __init__(
+        self, tokenizer, role: Role = "train", *, demo_answer: Literal["answer", "first"] = "answer", **kwargs
+    ):
         if demo_answer not in ("answer", "first"):
             raise ConfigError(f"VQACollator demo_answer must be 'answer' or 'first', got {demo_answer!r}")
         self.demo_answer = demo_answer

@@ -200,7 +200,6 @@ class FewShotDataset(DatasetView):
         return query
 
 
-
 class InContextTrainingDataset(DatasetView):
     """Training samples preceded by 0..``max_shots`` demonstrations from the same split.
 
@@ -233,7 +232,8 @@ class InContextTrainingDataset(DatasetView):
             return loaded[j]
 
         ids = item_ids(item)
-        chosen = random_demo_indices(len(self.dataset), k, self.seed, 2, index,
-                                     lambda j: shares_sample(ids, item_ids(load(j))))
+        chosen = random_demo_indices(
+            len(self.dataset), k, self.seed, 2, index, lambda j: shares_sample(ids, item_ids(load(j)))
+        )
         item[DEMOS_KEY] = [load(j) for j in chosen]
         return item

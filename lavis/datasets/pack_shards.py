@@ -67,7 +67,7 @@ def pack_records(
     num_shards = math.ceil(len(groups) / samples_per_shard)
     for shard in range(num_shards):
         samples = []
-        for n, (image_path, recs) in enumerate(groups[shard * samples_per_shard:(shard + 1) * samples_per_shard]):
+        for n, (image_path, recs) in enumerate(groups[shard * samples_per_shard : (shard + 1) * samples_per_shard]):
             ext = Path(image_path).suffix.lstrip(".").lower() or "jpg"
             try:
                 image_bytes = Path(image_path).read_bytes()
@@ -92,8 +92,10 @@ def main(argv=None) -> int:
     from lavis.common.registry import registry
     from lavis.datasets.builders.base import check_image_files
 
-    parser = argparse.ArgumentParser(prog="python -m lavis.datasets.pack_shards",
-                                     description="Pack a COCO-caption or VQAv2 split into webdataset shards.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lavis.datasets.pack_shards",
+        description="Pack a COCO-caption or VQAv2 split into webdataset shards.",
+    )
     parser.add_argument("--builder", required=True, help="builder name, e.g. coco_caption or vqav2")
     parser.add_argument("--split", required=True)
     parser.add_argument("--out", required=True, help="output folder")
@@ -126,8 +128,10 @@ def main(argv=None) -> int:
     print("read the split from the shards with:")
     print("  --options " + " ".join(shlex.quote(o) for o in reading_options(builder, args.split, pattern)))
     if role != "train":
-        print(f"  (an evaluated split is scored with its ground truth: keep datasets.{args.builder}.build_info's "
-              f"scoring files of {args.split} on that node{', derived from shapes.root' if _derived(builder) else ''})")
+        print(
+            f"  (an evaluated split is scored with its ground truth: keep datasets.{args.builder}.build_info's "
+            f"scoring files of {args.split} on that node{', derived from shapes.root' if _derived(builder) else ''})"
+        )
     return 0
 
 

@@ -198,14 +198,9 @@ def answer_token_mask(
     raise ValueError(f"unknown label method {method!r}; use auto, offsets or prefix")
 
 
-def labels_from_mask(
-    input_ids: Sequence[int], answer_mask: Sequence[bool], never_label: set[int]
-) -> list[int]:
+def labels_from_mask(input_ids: Sequence[int], answer_mask: Sequence[bool], never_label: set[int]) -> list[int]:
     """Labels for one row: the id where ``answer_mask`` holds, ``IGNORE_INDEX`` elsewhere.
 
     Ids in ``never_label`` (BOS, ``<image>``, pad) are ignored even inside the answer span.
     """
-    return [
-        tok if (keep and tok not in never_label) else IGNORE_INDEX for tok, keep in zip(input_ids, answer_mask)
-    ]
-
+    return [tok if (keep and tok not in never_label) else IGNORE_INDEX for tok, keep in zip(input_ids, answer_mask)]

@@ -100,7 +100,8 @@ class RICES:
                 cached = torch.load(self.cache_path, map_location="cpu", weights_only=True)
             except Exception as err:  # any unreadable file gets the same advice
                 raise DataError(
-                    f"{self.cache_path}: not a readable RICES feature cache ({err}); delete it or pick another cache path"
+                    f"{self.cache_path}: not a readable RICES feature cache ({err}); "
+                    "delete it or pick another cache path"
                 ) from None
             if not isinstance(cached, dict) or cached.get("format") != CACHE_FORMAT:
                 raise DataError(f"{self.cache_path}: not a RICES feature cache; delete it or pick another cache path")

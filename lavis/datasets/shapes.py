@@ -86,8 +86,12 @@ def sample_scene(seed: int, index: int, size: int) -> dict:
             along = (lo, hi)[k]
             centre = (along, size / 2) if layout == "horizontal" else (size / 2, along)
             radius = size * rng.uniform(0.17, 0.21)
-            position = {("horizontal", 0): "left", ("horizontal", 1): "right",
-                        ("vertical", 0): "top", ("vertical", 1): "bottom"}[(layout, k)]
+            position = {
+                ("horizontal", 0): "left",
+                ("horizontal", 1): "right",
+                ("vertical", 0): "top",
+                ("vertical", 1): "bottom",
+            }[(layout, k)]
         centre = (float(centre[0] + jitter[0]), float(centre[1] + jitter[1]))
         shapes.append({"color": color, "shape": kind, "centre": centre, "radius": float(radius), "position": position})
     return {"layout": layout, "shapes": shapes}
@@ -217,33 +221,65 @@ def _generate(root: Path, num_images: int, seed: int, image_size: int, fractions
             refs = captions(scene)
             sentences = []
             for caption in refs:
-                sentences.append({"tokens": caption.rstrip(".").replace(",", "").replace(":", "").split(),
-                                  "raw": caption, "imgid": index, "sentid": sent_id})
+                sentences.append(
+                    {
+                        "tokens": caption.rstrip(".").replace(",", "").replace(":", "").split(),
+                        "raw": caption,
+                        "imgid": index,
+                        "sentid": sent_id,
+                    }
+                )
                 coco_anns.append({"image_id": image_id, "id": sent_id, "caption": caption})
                 sent_id += 1
-            karpathy.append({"filepath": subtype, "filename": filename, "imgid": index, "split": split,
-                             "sentences": sentences, "cocoid": image_id, "sentids": [s["sentid"] for s in sentences]})
+            karpathy.append(
+                {
+                    "filepath": subtype,
+                    "filename": filename,
+                    "imgid": index,
+                    "split": split,
+                    "sentences": sentences,
+                    "cocoid": image_id,
+                    "sentids": [s["sentid"] for s in sentences],
+                }
+            )
             coco_images.append({"id": image_id, "file_name": filename, "width": image_size, "height": image_size})
             for k, (question, answer, q_type, a_type) in enumerate(questions(scene, seed, index)):
                 question_id = image_id * 10 + k
                 vqa_questions.append({"image_id": image_id, "question": question, "question_id": question_id})
-                vqa_anns.append({
-                    "question_type": q_type, "multiple_choice_answer": answer, "image_id": image_id,
-                    "answer_type": a_type, "question_id": question_id,
-                    "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)],
-                })
+                vqa_anns.append(
+                    {
+                        "question_type": q_type,
+                        "multiple_choice_answer": answer,
+                        "image_id": image_id,
+                        "answer_type": a_type,
+                        "question_id": question_id,
+                        "answers": [
+                            {"answer": answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)
+                        ],
+                    }
+                )
         info = {"description": f"shapes synthetic set, split {split}", "version": str(VERSION), "year": 2024}
         licenses = [{"id": 1, "name": "CC0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}]
-        _write_json(root / "annotations" / f"captions_{subtype}.json",
-                    {"info": info, "licenses": licenses, "type": "captions", "images": coco_images,
-                     "annotations": coco_anns})
+        _write_json(
+            root / "annotations" / f"captions_{subtype}.json",
+            {"info": info, "licenses": licenses, "type": "captions", "images": coco_images, "annotations": coco_anns},
+        )
         common = {"info": info, "license": licenses[0], "data_type": "mscoco", "data_subtype": subtype}
-        _write_json(root / "vqa" / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
-                    {**common, "task_type": "Open-Ended", "questions": vqa_questions})
+        _write_json(
+            root / "vqa" / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
+            {**common, "task_type": "Open-Ended", "questions": vqa_questions},
+        )
         _write_json(root / "vqa" / f"v2_mscoco_{subtype}_annotations.json", {**common, "annotations": vqa_anns})
     _write_json(root / "annotations" / "dataset_coco.json", {"images": karpathy, "dataset": "coco"})
-    manifest = {"generator": "lavis.datasets.shapes", "version": VERSION, "seed": seed, "num_images": num_images,
-                "image_size": image_size, "fractions": list(fractions), "split_sizes": sizes}
+    manifest = {
+        "generator": "lavis.datasets.shapes",
+        "version": VERSION,
+        "seed": seed,
+        "num_images": num_images,
+        "image_size": image_size,
+        "fractions": list(fractions),
+        "split_sizes": sizes,
+    }
     _write_json(root / "shapes.json", manifest)
     return manifest
 

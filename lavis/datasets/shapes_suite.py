@@ -78,8 +78,9 @@ def _vqa_files(root: Path, name: str, scenes: list, seed: int, size: int) -> Non
             else:
                 image_id = f"VizWiz_{split}_{number:08d}.png"
                 _save(scene, size, root / split / image_id)
-            for k, (question, answer, q_type, a_type) in enumerate(_vqa_rows(scene, seed, index, image_id,
-                                                                             name == "vizwiz")):
+            for k, (question, answer, q_type, a_type) in enumerate(
+                _vqa_rows(scene, seed, index, image_id, name == "vizwiz")
+            ):
                 qid = number * 10 + k
                 questions.append({"image_id": image_id, "question": question, "question_id": qid})
                 if name == "vizwiz":
@@ -87,8 +88,12 @@ def _vqa_files(root: Path, name: str, scenes: list, seed: int, size: int) -> Non
                     ann = {"question_id": qid, "image_id": image_id, "question_type": a_type, "answers": answers}
                 else:
                     answers = [{"answer": answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]
-                    ann = {"question_id": qid, "image_id": image_id, "answers": answers,
-                           "question_type": q_type if name == "okvqa" else "none of the above"}
+                    ann = {
+                        "question_id": qid,
+                        "image_id": image_id,
+                        "answers": answers,
+                        "question_type": q_type if name == "okvqa" else "none of the above",
+                    }
                     if name == "okvqa":
                         ann["answer_type"] = "other"
                         ann["confidence"] = 3
@@ -97,8 +102,10 @@ def _vqa_files(root: Path, name: str, scenes: list, seed: int, size: int) -> Non
                 annotations.append(ann)
         if name == "okvqa":
             common = {"info": {}, "license": {}, "data_type": "mscoco", "data_subtype": f"{split}2014"}
-            _write_json(root / f"OpenEnded_mscoco_{split}2014_questions.json",
-                        {**common, "task_type": "Open-Ended", "questions": questions})
+            _write_json(
+                root / f"OpenEnded_mscoco_{split}2014_questions.json",
+                {**common, "task_type": "Open-Ended", "questions": questions},
+            )
             _write_json(root / f"mscoco_{split}2014_annotations.json", {**common, "annotations": annotations})
         else:
             _write_json(root / f"{split}_questions_vqa_format.json", {"questions": questions})
@@ -117,12 +124,21 @@ def _flickr30k(root: Path, scenes: list, size: int) -> None:
             coco_anns.append({"image_id": image_id, "id": sent_id, "caption": caption})
             sent_id += 1
         split = "test" if scene["split"] == "val" else "train"
-        images.append({"filename": filename, "imgid": index, "split": split, "sentences": sentences,
-                       "sentids": [s["sentid"] for s in sentences]})
+        images.append(
+            {
+                "filename": filename,
+                "imgid": index,
+                "split": split,
+                "sentences": sentences,
+                "sentids": [s["sentid"] for s in sentences],
+            }
+        )
         coco_images.append({"id": image_id, "file_name": filename})
     _write_json(root / "dataset_flickr30k.json", {"images": images, "dataset": "flickr30k"})
-    _write_json(root / "dataset_flickr30k_coco_style.json",
-                {"info": {}, "licenses": [], "type": "captions", "images": coco_images, "annotations": coco_anns})
+    _write_json(
+        root / "dataset_flickr30k_coco_style.json",
+        {"info": {}, "licenses": [], "type": "captions", "images": coco_images, "annotations": coco_anns},
+    )
 
 
 def _hateful_memes(root: Path, scenes: list, seed: int, size: int) -> None:
@@ -136,8 +152,9 @@ def _hateful_memes(root: Path, scenes: list, seed: int, size: int) -> None:
         color = shape["color"]
         if label:  # a false statement about the image
             color = [c for c in shapes.COLORS if c != color][int(rng.integers(len(shapes.COLORS) - 1))]
-        lines[scene["split"]].append({"id": meme_id, "img": f"img/{meme_id}.png", "label": label,
-                                      "text": f"the {shape['shape']} is {color}"})
+        lines[scene["split"]].append(
+            {"id": meme_id, "img": f"img/{meme_id}.png", "label": label, "text": f"the {shape['shape']} is {color}"}
+        )
     for split, name in (("train", "train"), ("val", "dev")):
         path = root / f"{name}.jsonl"
         path.write_text("".join(json.dumps(rec) + "\n" for rec in lines[split]), encoding="utf-8")
@@ -156,8 +173,9 @@ def _imagenet(root: Path, scenes: list, size: int) -> None:
     _write_json(root / "classnames.json", IMAGENET_CLASSES)
 
 
-def write_suite(out: str | Path, num_images: int, seed: int = 0, image_size: int = 64,
-                val_fraction: float = 0.2) -> dict:
+def write_suite(
+    out: str | Path, num_images: int, seed: int = 0, image_size: int = 64, val_fraction: float = 0.2
+) -> dict:
     """Generate every stand-in into ``out`` (which must not exist) atomically; returns the manifest."""
     if num_images < 2:
         raise ValueError(f"num_images must be >= 2, got {num_images}")
@@ -175,7 +193,13 @@ def write_suite(out: str | Path, num_images: int, seed: int = 0, image_size: int
             _vqa_files(tmp / name, name, scenes, seed, image_size)
         _hateful_memes(tmp / "hateful_memes", scenes, seed, image_size)
         _imagenet(tmp / "imagenet", scenes, image_size)
-        manifest = {"generator": "lavis.datasets.shapes_suite", "version": VERSION, "seed": seed,
-                    "num_images": num_images, "image_size": image_size, "val_fraction": val_fraction}
+        manifest = {
+            "generator": "lavis.datasets.shapes_suite",
+            "version": VERSION,
+            "seed": seed,
+            "num_images": num_images,
+            "image_size": image_size,
+            "val_fraction": val_fraction,
+        }
         _write_json(tmp / "suite.json", manifest)
     return manifest

@@ -35,8 +35,15 @@ from lavis.common.errors import DataError
 from lavis.datasets.base import BadSample, SampleFormat, SampleSource, decode_image, describe_record
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "REQUIRED_FIELDS", "Shard", "ShardDataset", "ShardSample", "current_rank_world",
-    "expand_pattern", "index_shard", "rank_range",
+    "IMAGE_EXTENSIONS",
+    "REQUIRED_FIELDS",
+    "Shard",
+    "ShardDataset",
+    "ShardSample",
+    "current_rank_world",
+    "expand_pattern",
+    "index_shard",
+    "rank_range",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,8 +162,9 @@ class ShardDataset(SampleSource, torch.utils.data.IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
     ):
-        super().__init__(sample_format, vis_processor, text_processor, on_bad_sample, name, annotation_file,
-                         question_file)
+        super().__init__(
+            sample_format, vis_processor, text_processor, on_bad_sample, name, annotation_file, question_file
+        )
         self.shards = shards
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
@@ -214,7 +222,11 @@ class ShardDataset(SampleSource, torch.utils.data.IterableDataset):
                 logger.warning(
                     "%s: %d records do not divide over %d ranks; rank %d repeats %d record(s) this epoch "
                     "(uneven: pad) so that all ranks run the same number of steps",
-                    self.name, self.num_records, world, rank, short,
+                    self.name,
+                    self.num_records,
+                    world,
+                    rank,
+                    short,
                 )
         return positions
 
@@ -260,9 +272,16 @@ class ShardDataset(SampleSource, torch.utils.data.IterableDataset):
                     item = self.sample_format.make_item(record, self.vis_processor(cached[2]), self.text_processor)
                 except BadSample as err:
                     if self.on_bad_sample == "error":
-                        raise DataError(f"{err} ({describe_record(record)}; set on_bad_sample: skip to replace)") from None
+                        raise DataError(
+                            f"{err} ({describe_record(record)}; set on_bad_sample: skip to replace)"
+                        ) from None
                     self._skipped.add()
-                    logger.warning("%s: skipped bad sample %s, replaced by a neighbour: %s", self.name, describe_record(record), err)
+                    logger.warning(
+                        "%s: skipped bad sample %s, replaced by a neighbour: %s",
+                        self.name,
+                        describe_record(record),
+                        err,
+                    )
                     if last_good is None:
                         owed += 1
                     else:
@@ -293,4 +312,3 @@ class ShardDataset(SampleSource, torch.utils.data.IterableDataset):
         if len(data) != sample.size:
             raise BadSample(f"{where}: the shard is truncated")
         return decode_image(data, where)
-

@@ -22,13 +22,15 @@ def record_field(rec: Any, name: str, types: type | tuple, label: str, index: in
     value = rec[name]
     # bool is an int subclass, but True is never a valid id.
     if not isinstance(value, types) or isinstance(value, bool):
-        raise DataError(f"{label}: record #{index} field '{name}' has the wrong type "
-                        f"({type(value).__name__}): {value!r:.120}")
+        raise DataError(
+            f"{label}: record #{index} field '{name}' has the wrong type ({type(value).__name__}): {value!r:.120}"
+        )
     return value
 
 
-def write_submission(records: list[dict], path: str | os.PathLike, id_field: str, id_types: type | tuple,
-                     text_field: str, what: str) -> None:
+def write_submission(
+    records: list[dict], path: str | os.PathLike, id_field: str, id_types: type | tuple, text_field: str, what: str
+) -> None:
     """Write ``[{id_field, text_field}]`` (an official results format) atomically; extra keys are dropped.
 
     A missing field, a wrong type or a repeated id raises DataError naming ``what``, the path and the record.

@@ -45,8 +45,15 @@ METRIC_KEYS = {
     "SPICE": ("SPICE",),
 }
 DEFAULT_METRICS = ("CIDEr", "BLEU", "METEOR", "ROUGE_L", "SPICE")
-_ALIASES = {"bleu": "BLEU", "meteor": "METEOR", "rouge_l": "ROUGE_L", "rouge": "ROUGE_L", "cider": "CIDEr",
-            "cider-d": "CIDEr", "spice": "SPICE"}
+_ALIASES = {
+    "bleu": "BLEU",
+    "meteor": "METEOR",
+    "rouge_l": "ROUGE_L",
+    "rouge": "ROUGE_L",
+    "cider": "CIDEr",
+    "cider-d": "CIDEr",
+    "spice": "SPICE",
+}
 # Characters Java's line reader treats as line ends; the official wrapper only replaces "\n".
 _LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\u2028\u2029"})
 
@@ -67,8 +74,10 @@ def spice_models_present() -> bool:
 def _java() -> str:
     java = shutil.which("java")
     if java is None:
-        raise UserError("caption metrics need Java (OpenJDK 17 works) on the PATH for the PTB tokenizer, "
-                        "METEOR and SPICE; install it (e.g. `conda install openjdk=17`)")
+        raise UserError(
+            "caption metrics need Java (OpenJDK 17 works) on the PATH for the PTB tokenizer, "
+            "METEOR and SPICE; install it (e.g. `conda install openjdk=17`)"
+        )
     return java
 
 
@@ -82,8 +91,20 @@ def ptb_tokenize(captions: list[str]) -> list[str]:
         path = os.path.join(tmp, "captions.txt")
         with open(path, "w", encoding="utf-8") as f:
             f.write("".join(c.translate(_LINE_BREAKS) + "\n" for c in captions))
-        proc = subprocess.run([_java(), "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-encoding", "utf-8",
-                               "-preserveLines", "-lowerCase", path], capture_output=True)
+        proc = subprocess.run(
+            [
+                _java(),
+                "-cp",
+                jar,
+                "edu.stanford.nlp.process.PTBTokenizer",
+                "-encoding",
+                "utf-8",
+                "-preserveLines",
+                "-lowerCase",
+                path,
+            ],
+            capture_output=True,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"PTBTokenizer failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
     lines = proc.stdout.decode("utf-8").split("\n")
@@ -184,8 +205,9 @@ def _score(name: str, gts: dict, res: dict) -> tuple[list[float], list[list[floa
         return [float(corpus)], [[float(v) for v in per_image]]
 
 
-def caption_metrics(annotations: Any, results: Any, metrics: Any = DEFAULT_METRICS, all_images: bool = False,
-                    per_image: bool = False) -> dict:
+def caption_metrics(
+    annotations: Any, results: Any, metrics: Any = DEFAULT_METRICS, all_images: bool = False, per_image: bool = False
+) -> dict:
     """COCO caption metrics of ``results`` on a 0-100 scale (keys Bleu_1..Bleu_4, METEOR, ROUGE_L, CIDEr, SPICE).
 
     ``annotations``: path to, or parsed dict of, an official ``captions_*.json``. ``results``: path or list of
@@ -201,8 +223,10 @@ def caption_metrics(annotations: Any, results: Any, metrics: Any = DEFAULT_METRI
     if all_images:
         missing = [i for i in refs if i not in cands]
         if missing:
-            raise DataError(f"{res_label}: no caption for {len(missing)} of the {len(refs)} images of {ref_label} "
-                            f"(all_images=True); first missing image_ids: {missing[:10]}")
+            raise DataError(
+                f"{res_label}: no caption for {len(missing)} of the {len(refs)} images of {ref_label} "
+                f"(all_images=True); first missing image_ids: {missing[:10]}"
+            )
     image_ids = [i for i in refs if i in cands]  # annotation-file order, as pycocotools gives it
     no_refs = [i for i in image_ids if not refs[i]]
     if no_refs:
@@ -210,8 +234,10 @@ def caption_metrics(annotations: Any, results: Any, metrics: Any = DEFAULT_METRI
 
     skipped: dict[str, str] = {}
     if "SPICE" in chosen and not spice_models_present():
-        skipped["SPICE"] = ("Stanford CoreNLP 3.6.0 models not found in pycocoevalcap/spice/lib; "
-                            "run coco-caption/get_stanford_models.sh to enable SPICE")
+        skipped["SPICE"] = (
+            "Stanford CoreNLP 3.6.0 models not found in pycocoevalcap/spice/lib; "
+            "run coco-caption/get_stanford_models.sh to enable SPICE"
+        )
         log.warning("SPICE skipped: %s", skipped["SPICE"])
         chosen.remove("SPICE")
 
@@ -261,12 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lavis.metrics.caption", description=main.__doc__)
     parser.add_argument("--annotations", required=True, help="official captions_*.json ground truth")
     parser.add_argument("--results", required=True, help="results JSON: [{image_id, caption}]")
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                        help=f"comma-separated subset of {','.join(METRIC_KEYS)} (default: all)")
-    parser.add_argument("--all-images", action="store_true",
-                        help="score every annotated image (the CLI's default; see --allow-partial)")
-    parser.add_argument("--allow-partial", action="store_true",
-                        help="score the images the results caption even when some are missing")
+    parser.add_argument(
+        "--metrics",
+        default=",".join(DEFAULT_METRICS),
+        help=f"comma-separated subset of {','.join(METRIC_KEYS)} (default: all)",
+    )
+    parser.add_argument(
+        "--all-images", action="store_true", help="score every annotated image (the CLI's default; see --allow-partial)"
+    )
+    parser.add_argument(
+        "--allow-partial", action="store_true", help="score the images the results caption even when some are missing"
+    )
     parser.add_argument("--per-image", action="store_true", help="add perImage values")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
@@ -278,8 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         from lavis.metrics.coverage import check_coverage
 
         scored = check_coverage(args.results, args.annotations, "image_id", args.allow_partial)
-        metrics = caption_metrics(args.annotations, args.results, metrics=args.metrics,
-                                  all_images=not args.allow_partial, per_image=args.per_image)
+        metrics = caption_metrics(
+            args.annotations,
+            args.results,
+            metrics=args.metrics,
+            all_images=not args.allow_partial,
+            per_image=args.per_image,
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -71,8 +71,12 @@ def hateful_memes_metrics(labels: Sequence[int], class_logprobs) -> dict:
     """``{"roc_auc", "accuracy", "p_yes", "pred"}`` (the last two per sample) for Hateful Memes."""
     p_yes, pred = hateful_memes_p_yes(class_logprobs)
     correct = sum(int(p) == int(y) for p, y in zip(pred.tolist(), labels))
-    return {"roc_auc": roc_auc(labels, p_yes), "accuracy": correct / len(labels),
-            "p_yes": p_yes.tolist(), "pred": pred.tolist()}
+    return {
+        "roc_auc": roc_auc(labels, p_yes),
+        "accuracy": correct / len(labels),
+        "p_yes": p_yes.tolist(),
+        "pred": pred.tolist(),
+    }
 
 
 def topk_classes(class_logprobs, k: int = 5, num_classes: int | None = None) -> torch.Tensor:
@@ -88,8 +92,13 @@ def imagenet_metrics(labels: Sequence[int], class_logprobs, classnames: Sequence
     names = list(classnames)
     top1_ok = [names[t[0]] == names[y] for t, y in zip(top5, labels)]
     top5_ok = [names[y] in {names[i] for i in t} for t, y in zip(top5, labels)]
-    return {"top1_accuracy": sum(top1_ok) / len(labels), "top5_accuracy": sum(top5_ok) / len(labels),
-            "top5": top5, "top1_correct": top1_ok, "top5_correct": top5_ok}
+    return {
+        "top1_accuracy": sum(top1_ok) / len(labels),
+        "top5_accuracy": sum(top5_ok) / len(labels),
+        "top5": top5,
+        "top1_correct": top1_ok,
+        "top5_correct": top5_ok,
+    }
 
 
 def read_scores(path: str, num_classes: int) -> tuple[list, list[int], list[list[float]]]:
@@ -128,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: print the classification metrics of a per-sample class-scores file as one JSON object."""
     parser = argparse.ArgumentParser(prog="python -m lavis.metrics.classification", description=main.__doc__)
     parser.add_argument("--task", required=True, choices=["hateful_memes", "imagenet"])
-    parser.add_argument("--scores", required=True,
-                        help='JSON lines {"id", "label": class index, "class_logprobs": [one per class]}')
+    parser.add_argument(
+        "--scores", required=True, help='JSON lines {"id", "label": class index, "class_logprobs": [one per class]}'
+    )
     parser.add_argument("--classnames", help="JSON list of class names (imagenet; default: the 1000 ImageNet names)")
     args = parser.parse_args(argv)
     try:
@@ -146,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                 names = imagenet_classnames()
             _, labels, scores = read_scores(args.scores, len(names))
             metrics = imagenet_metrics(labels, scores, names)
-            out = {"top1_accuracy": metrics["top1_accuracy"], "top5_accuracy": metrics["top5_accuracy"],
-                   "n": len(labels)}
+            out = {
+                "top1_accuracy": metrics["top1_accuracy"],
+                "top5_accuracy": metrics["top5_accuracy"],
+                "n": len(labels),
+            }
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,9 +42,13 @@ def check_coverage(results_path: str, annotations_path: str, key: str, allow_par
     extra = [i for i in dict.fromkeys(given) if i not in wanted_set]
     missing = [i for i in wanted if i not in given_set]
     if extra:
-        raise DataError(f"{results_path}: {len(extra)} {key}(s) are not in {annotations_path} (first: {extra[:5]}); "
-                        f"the results belong to another split or file")
+        raise DataError(
+            f"{results_path}: {len(extra)} {key}(s) are not in {annotations_path} (first: {extra[:5]}); "
+            f"the results belong to another split or file"
+        )
     if missing and not allow_partial:
-        raise DataError(f"{results_path}: answers {len(given_set)} of the {len(wanted)} {key}s of {annotations_path}; "
-                        f"{len(missing)} missing (first: {missing[:5]}); pass --allow-partial to score the subset")
+        raise DataError(
+            f"{results_path}: answers {len(given_set)} of the {len(wanted)} {key}s of {annotations_path}; "
+            f"{len(missing)} missing (first: {missing[:5]}); pass --allow-partial to score the subset"
+        )
     return f"scored {len(given_set)} of the {len(wanted)} {key}s of {annotations_path}"

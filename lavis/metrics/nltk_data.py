@@ -110,10 +110,12 @@ def _build(source: Path, root: Path) -> None:
         tmp = Path(tmp)
         shutil.copytree(source / "corpora" / "wordnet", tmp / "corpora" / "wordnet")
         shutil.copytree(source / "tokenizers" / "punkt", tmp / "tokenizers" / "punkt")
-        shutil.copytree(source / "taggers" / "averaged_perceptron_tagger",
-                        tmp / "taggers" / "averaged_perceptron_tagger")
-        _write_punkt_tab(source / "tokenizers" / "punkt" / "PY3" / "english.pickle",
-                         tmp / "tokenizers" / "punkt_tab" / "english")
+        shutil.copytree(
+            source / "taggers" / "averaged_perceptron_tagger", tmp / "taggers" / "averaged_perceptron_tagger"
+        )
+        _write_punkt_tab(
+            source / "tokenizers" / "punkt" / "PY3" / "english.pickle", tmp / "tokenizers" / "punkt_tab" / "english"
+        )
         _write_tagger_json(
             source / "taggers" / "averaged_perceptron_tagger" / "averaged_perceptron_tagger.pickle",
             tmp / "taggers" / "averaged_perceptron_tagger_eng",

@@ -139,7 +139,9 @@ def _contraction_patterns():
         from nltk.tokenize.destructive import NLTKWordTokenizer
     except ImportError:
         return None
-    patterns = list(getattr(NLTKWordTokenizer, "CONTRACTIONS2", [])) + list(getattr(NLTKWordTokenizer, "CONTRACTIONS3", []))
+    patterns = list(getattr(NLTKWordTokenizer, "CONTRACTIONS2", [])) + list(
+        getattr(NLTKWordTokenizer, "CONTRACTIONS3", [])
+    )
     return patterns or None
 
 

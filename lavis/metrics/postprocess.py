@@ -46,7 +46,9 @@ def postprocess_caption_v2(text: str) -> str:
 def vqa_postprocessor(postprocess: str = "openflamingo_v2", stemmer: str = "none") -> Callable[[list[str]], list[str]]:
     """A function from raw generations to answers for a protocol (``postprocess``) and ``stemmer``."""
     if postprocess not in VQA_POSTPROCESSORS:
-        raise ConfigError(f"VQA post-processing {postprocess!r} is unknown; choose one of {', '.join(VQA_POSTPROCESSORS)}")
+        raise ConfigError(
+            f"VQA post-processing {postprocess!r} is unknown; choose one of {', '.join(VQA_POSTPROCESSORS)}"
+        )
     if stemmer not in STEMMERS:
         raise ConfigError(f"VQA answer stemmer {stemmer!r} is unknown; choose one of {', '.join(STEMMERS)}")
     cut = postprocess_vqa_v2 if postprocess == "openflamingo_v2" else (lambda text: text)
@@ -71,7 +73,9 @@ def postprocess_results(results, postprocess: str = "openflamingo_v2", stemmer: 
     for i, rec in enumerate(records):
         text = rec.get("generation", rec.get("answer")) if isinstance(rec, dict) else None
         if not isinstance(text, str) or "question_id" not in rec:
-            raise DataError(f"{label}: record #{i} needs a question_id and a string generation (or answer): {rec!r:.120}")
+            raise DataError(
+                f"{label}: record #{i} needs a question_id and a string generation (or answer): {rec!r:.120}"
+            )
         texts.append(text)
     answers = vqa_postprocessor(postprocess, stemmer)(texts)
     return [{"question_id": rec["question_id"], "answer": a} for rec, a in zip(records, answers)]

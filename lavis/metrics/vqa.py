@@ -67,16 +67,19 @@ def _load_question_ids(questions: Any) -> tuple[set[int] | None, str]:
     return set(ids), label
 
 
-def _load_predictions(results: Any, ann_ids: set[int], ann_label: str,
-                      question_ids: set[int] | None, q_label: str) -> tuple[dict[int, str], str]:
+def _load_predictions(
+    results: Any, ann_ids: set[int], ann_label: str, question_ids: set[int] | None, q_label: str
+) -> tuple[dict[int, str], str]:
     records, label = _records(results, "", "VQA results")
     qids = _column(records, "question_id", (int,), label)
     answers = _column(records, "answer", (str,), label)
     dup = _first_duplicate(qids, label)
     if dup:
         raise dup
-    for known, where in ((question_ids, f"is not in the questions {q_label}"),
-                         (ann_ids, f"has no annotation in {ann_label}")):
+    for known, where in (
+        (question_ids, f"is not in the questions {q_label}"),
+        (ann_ids, f"has no annotation in {ann_label}"),
+    ):
         if known is not None and not known.issuperset(qids):
             i = next(i for i, qid in enumerate(qids) if qid not in known)
             raise DataError(f"{label}: record #{i} has question_id {qids[i]}, which {where}")
@@ -104,13 +107,19 @@ def _group_means(keys: list[str], acc: np.ndarray) -> dict[str, float]:
     bounds = np.searchsorted(group[order], np.arange(len(codes) + 1))
     out = {}
     for key, g in codes.items():
-        members = acc[order[bounds[g]:bounds[g + 1]]]
+        members = acc[order[bounds[g] : bounds[g + 1]]]
         out[key] = round_official(100 * _sequential_sum(members) / len(members))
     return out
 
 
-def vqa_accuracy(questions: Any, annotations: Any, results: Any, per_question: bool = False,
-                 always_normalize: bool = False, all_questions: bool = False) -> dict:
+def vqa_accuracy(
+    questions: Any,
+    annotations: Any,
+    results: Any,
+    per_question: bool = False,
+    always_normalize: bool = False,
+    all_questions: bool = False,
+) -> dict:
     """Official VQAv2 accuracy of ``results`` on a 0-100 scale.
 
     ``questions``: path to the official questions JSON, its parsed dict, or the list of question records
@@ -128,8 +137,10 @@ def vqa_accuracy(questions: Any, annotations: Any, results: Any, per_question: b
         raise DataError(f"{res_label}: no results to score")
     if all_questions and len(preds) != len(ann_qids):
         missing = [qid for qid in ann_qids if qid not in preds]
-        raise DataError(f"{res_label}: results cover {len(preds)} of the {len(ann_qids)} annotated questions "
-                        f"of {ann_label} (all_questions=True); missing question_ids, first ones: {missing[:10]}")
+        raise DataError(
+            f"{res_label}: results cover {len(preds)} of the {len(ann_qids)} annotated questions "
+            f"of {ann_label} (all_questions=True); missing question_ids, first ones: {missing[:10]}"
+        )
     # Official order: the annotation file's order, whatever the order of the results.
     anns = [ann for ann, qid in zip(ann_records, ann_qids) if qid in preds]
     acc = _question_accuracies(anns, [preds[ann["question_id"]] for ann in anns], always_normalize, ann_label)
@@ -139,13 +150,13 @@ def vqa_accuracy(questions: Any, annotations: Any, results: Any, per_question: b
         "perAnswerType": _group_means([ann["answer_type"] for ann in anns], acc),
     }
     if per_question:
-        out["perQuestion"] = {ann["question_id"]: round_official(v)
-                              for ann, v in zip(anns, (100 * acc).tolist())}
+        out["perQuestion"] = {ann["question_id"]: round_official(v) for ann, v in zip(anns, (100 * acc).tolist())}
     return out
 
 
-def vqa_sample_scores(questions: Any, annotations: Any, results: Any, always_normalize: bool = False,
-                      metric: str = "official") -> tuple[dict, dict]:
+def vqa_sample_scores(
+    questions: Any, annotations: Any, results: Any, always_normalize: bool = False, metric: str = "official"
+) -> tuple[dict, dict]:
     """``(accuracy, {question_id: fields})`` of ``results``: :func:`vqa_accuracy` and each question's record.
 
     A question's fields: ``vqa_accuracy`` (the official per-question accuracy, 0-100, as ``perQuestion``),
@@ -163,8 +174,7 @@ def vqa_sample_scores(questions: Any, annotations: Any, results: Any, always_nor
         accuracy = vqa_accuracy_v2(questions, annotations, results, per_question=True)
         accuracy.pop("scored_entries")
     else:
-        accuracy = vqa_accuracy(questions, annotations, results, per_question=True,
-                                always_normalize=always_normalize)
+        accuracy = vqa_accuracy(questions, annotations, results, per_question=True, always_normalize=always_normalize)
     per_question = accuracy.pop("perQuestion")
     text = {}
     if questions is not None:
@@ -175,8 +185,12 @@ def vqa_sample_scores(questions: Any, annotations: Any, results: Any, always_nor
     for ann in anns:
         qid = ann["question_id"]
         if qid in per_question:
-            fields[qid] = {"vqa_accuracy": per_question[qid], "target": [a["answer"] for a in ann["answers"]],
-                           "question_type": ann["question_type"], "answer_type": ann.get("answer_type", "other")}
+            fields[qid] = {
+                "vqa_accuracy": per_question[qid],
+                "target": [a["answer"] for a in ann["answers"]],
+                "question_type": ann["question_type"],
+                "answer_type": ann.get("answer_type", "other"),
+            }
             if qid in text:
                 fields[qid]["question"] = text[qid]
     return accuracy, fields
@@ -196,24 +210,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lavis.metrics.vqa", description=main.__doc__)
     parser.add_argument("--questions", help="official questions JSON (omit to skip the id check)")
     parser.add_argument("--annotations", required=True, help="official annotations JSON")
-    parser.add_argument("--results", required=True,
-                        help="results JSON: [{question_id, answer}] (with --postprocess, raw generations: "
-                             "[{question_id, generation}] or the raw text in answer)")
+    parser.add_argument(
+        "--results",
+        required=True,
+        help="results JSON: [{question_id, answer}] (with --postprocess, raw generations: "
+        "[{question_id, generation}] or the raw text in answer)",
+    )
     parser.add_argument("--per-question", action="store_true", help="add perQuestion accuracies")
-    parser.add_argument("--always-normalize", action="store_true",
-                        help="normalise even when all GT answers are identical (not official)")
-    parser.add_argument("--all-questions", action="store_true",
-                        help="require results for every annotated question (official loadRes; the CLI's default)")
-    parser.add_argument("--allow-partial", action="store_true",
-                        help="score the questions the results answer even when some are missing")
-    parser.add_argument("--postprocess", choices=["none", "openflamingo_v2"], default="none",
-                        help="turn raw generations into answers first (openflamingo_v2: cut at Question/Answer/"
-                             "Short, then at ', '); also makes openflamingo_v2 the default --metric")
-    parser.add_argument("--stemmer", choices=["none", "okvqa"], default="none",
-                        help="stem the post-processed answers (okvqa: OpenFlamingo's OK-VQA stemmer)")
-    parser.add_argument("--metric", choices=["official", "openflamingo_v2"],
-                        help="official VQAv2 rules, or OpenFlamingo v2's (always normalise, score every "
-                             "results entry); default: openflamingo_v2 with --postprocess openflamingo_v2")
+    parser.add_argument(
+        "--always-normalize",
+        action="store_true",
+        help="normalise even when all GT answers are identical (not official)",
+    )
+    parser.add_argument(
+        "--all-questions",
+        action="store_true",
+        help="require results for every annotated question (official loadRes; the CLI's default)",
+    )
+    parser.add_argument(
+        "--allow-partial", action="store_true", help="score the questions the results answer even when some are missing"
+    )
+    parser.add_argument(
+        "--postprocess",
+        choices=["none", "openflamingo_v2"],
+        default="none",
+        help="turn raw generations into answers first (openflamingo_v2: cut at Question/Answer/"
+        "Short, then at ', '); also makes openflamingo_v2 the default --metric",
+    )
+    parser.add_argument(
+        "--stemmer",
+        choices=["none", "okvqa"],
+        default="none",
+        help="stem the post-processed answers (okvqa: OpenFlamingo's OK-VQA stemmer)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=["official", "openflamingo_v2"],
+        help="official VQAv2 rules, or OpenFlamingo v2's (always normalise, score every "
+        "results entry); default: openflamingo_v2 with --postprocess openflamingo_v2",
+    )
     args = parser.parse_args(argv)
     metric = args.metric or ("openflamingo_v2" if args.postprocess == "openflamingo_v2" else "official")
     try:
@@ -230,8 +265,14 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = vqa_accuracy_v2(args.questions, args.annotations, results, per_question=args.per_question)
         else:
-            metrics = vqa_accuracy(args.questions, args.annotations, results, per_question=args.per_question,
-                                   always_normalize=args.always_normalize, all_questions=args.all_questions)
+            metrics = vqa_accuracy(
+                args.questions,
+                args.annotations,
+                results,
+                per_question=args.per_question,
+                always_normalize=args.always_normalize,
+                all_questions=args.all_questions,
+            )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,27 @@ import re
 # The official list, in its order; the order matters because the decision for each mark is made on the
 # original string but the replacements are applied cumulatively. "'", ":", "%", "#", "&", "$", "*" are not in it.
 PUNCTUATION = (
-    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
 )
 
 # A digit-comma-digit anywhere ("1,000") makes every punctuation mark be deleted rather than spaced.
@@ -32,8 +52,18 @@ _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?![0-9])")
 _MAX_PERIODS_DELETED = 32
 
 NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 ARTICLES = frozenset({"a", "an", "the"})
 

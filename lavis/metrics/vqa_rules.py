@@ -62,11 +62,11 @@ def _locate_bad_answer(anns: list[dict], label: str) -> DataError:
     for ann in anns:
         for j, a in enumerate(ann["answers"]):
             if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
-                return DataError(f"{label}: question_id {ann['question_id']} answer #{j} must be an object "
-                                 f"with a string 'answer': {a!r:.120}")
+                return DataError(
+                    f"{label}: question_id {ann['question_id']} answer #{j} must be an object "
+                    f"with a string 'answer': {a!r:.120}"
+                )
     return DataError(f"{label}: malformed GT answers")
-
-
 
 
 def _sequential_sum(values: np.ndarray) -> float:
@@ -97,7 +97,7 @@ def _repeated_dict_rows(anns: list[dict], lengths: np.ndarray) -> list[int]:
             return np.nonzero((mat[:, 1:] == mat[:, :-1]).any(axis=1))[0].tolist()
     rows, start = [], 0
     for r, n in enumerate(lengths.tolist()):
-        chunk = ids[start:start + n]
+        chunk = ids[start : start + n]
         start += n
         if None in chunk or len({repr(i) for i in chunk}) < n:
             rows.append(r)
@@ -142,8 +142,12 @@ def _question_accuracies(anns: list[dict], preds: list[str], always_normalize: b
     # The official gate: normalise only when the whitespace-cleaned GT answers are not all identical.
     all_same = ((gt_ws == gt_ws[:, :1]) | ~valid).all(axis=1)
     normalized = np.ones(n_q, dtype=bool) if always_normalize else ~all_same
-    match = np.where(normalized[:, None], gt_norm == raw_to_norm[pred_codes][:, None],
-                     gt_ws == raw_to_ws[pred_codes][:, None]) & valid
+    match = (
+        np.where(
+            normalized[:, None], gt_norm == raw_to_norm[pred_codes][:, None], gt_ws == raw_to_ws[pred_codes][:, None]
+        )
+        & valid
+    )
     count = match.sum(axis=1)
     # Leave-one-out: dropping a matching answer leaves count-1 matches, dropping another leaves count.
     per_subset = np.minimum(1.0, (count[:, None] - match) / 3.0)

@@ -39,8 +39,9 @@ def allocator_state(model: nn.Module) -> dict:
         allocator = getattr(wrapper.base_model, "rankallocator", None)
         if allocator is None:
             continue
-        stats = {key: {n: t.detach().cpu().clone() for n, t in getattr(allocator, key).items()}
-                 for key in _ALLOCATOR_STATS}
+        stats = {
+            key: {n: t.detach().cpu().clone() for n, t in getattr(allocator, key).items()} for key in _ALLOCATOR_STATS
+        }
         config = next(iter(wrapper.peft_config.values()))
         out[part] = {**stats, "rank_pattern": config.rank_pattern}
     return out

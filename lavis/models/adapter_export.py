@@ -35,8 +35,12 @@ def _lm_wrapper(model: nn.Module):
     return wrapper
 
 
-def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None,
-                 extra: Callable[[str], None] | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    directory: str,
+    base_model_name_or_path: str | None = None,
+    extra: Callable[[str], None] | None = None,
+) -> None:
     """Save the LM adapter in peft's format (adapter_config.json + adapter_model.safetensors), atomically.
 
     `peft.PeftModel.from_pretrained(plain_llama, directory)` reproduces our language model. When the
@@ -115,9 +119,7 @@ def merge_and_export(model: nn.Module, directory: str) -> None:
     net = unwrap_model(model)
     lang_encoder = net.lang_encoder
     if is_quantized(lang_encoder):
-        raise ConfigError(
-            "merge_and_export: cannot merge into a quantised language model; load it unquantised"
-        )
+        raise ConfigError("merge_and_export: cannot merge into a quantised language model; load it unquantised")
     state, _ = merged_state_dict(lang_encoder)
     with torch.device("meta"):  # the key set of a plain model, without allocating one
         expected = set(AutoModelForCausalLM.from_config(lang_encoder.config).state_dict())

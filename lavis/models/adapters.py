@@ -101,23 +101,17 @@ def validate_adapter_config(cfg: AdapterConfig) -> None:
     """Raise ConfigError (all problems in one message) when `cfg` cannot be applied."""
     problems = []
     if cfg.method is not None and cfg.method not in ADAPTER_METHODS:
-        problems.append(
-            f"adapters.method: unknown method {cfg.method!r}; known methods: {', '.join(ADAPTER_METHODS)}"
-        )
+        problems.append(f"adapters.method: unknown method {cfg.method!r}; known methods: {', '.join(ADAPTER_METHODS)}")
     bad_parts = [p for p in cfg.apply_to if p not in ADAPTABLE_PARTS]
     if bad_parts:
-        problems.append(
-            f"adapters.apply_to: unknown part(s) {bad_parts}; known parts: {', '.join(ADAPTABLE_PARTS)}"
-        )
+        problems.append(f"adapters.apply_to: unknown part(s) {bad_parts}; known parts: {', '.join(ADAPTABLE_PARTS)}")
     if cfg.r <= 0:
         problems.append(f"adapters.r: must be positive, got {cfg.r}")
     if not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"adapters.dropout: must be in [0, 1), got {cfg.dropout}")
     if cfg.method == "adalora":
         if cfg.total_step is None or cfg.total_step <= 0:
-            problems.append(
-                "adapters.total_step: AdaLoRA needs the total number of optimizer steps (a positive int)"
-            )
+            problems.append("adapters.total_step: AdaLoRA needs the total number of optimizer steps (a positive int)")
         elif cfg.tinit + cfg.tfinal >= cfg.total_step:
             problems.append(
                 f"adapters.tinit + adapters.tfinal ({cfg.tinit} + {cfg.tfinal}) must be below "
@@ -176,9 +170,7 @@ def build_peft_config(cfg: AdapterConfig, part: str, lm_default: tuple[str, ...]
             orth_reg_weight=cfg.orth_reg_weight,
             **common,
         )
-    raise ConfigError(
-        f"adapters.method: unknown method {cfg.method!r}; known methods: {', '.join(ADAPTER_METHODS)}"
-    )
+    raise ConfigError(f"adapters.method: unknown method {cfg.method!r}; known methods: {', '.join(ADAPTER_METHODS)}")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -218,9 +210,7 @@ def _inject(model: nn.Module, part: str, cfg: AdapterConfig):
 def _new_token_ids(model: nn.Module) -> list[int]:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        raise ConfigError(
-            "trainable.new_token_embeddings needs the model's tokenizer, but the model has none"
-        )
+        raise ConfigError("trainable.new_token_embeddings needs the model's tokenizer, but the model has none")
     ids = []
     for token in NEW_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)
@@ -276,8 +266,10 @@ def apply_trainable_policy(model: nn.Module, adapters_cfg=None, trainable_cfg=No
         )
 
     if trainable_cfg.lang_encoder and is_quantized(_part(model, "lang_encoder")):
-        raise ConfigError("trainable.lang_encoder: a quantised language model cannot be fully fine-tuned; "
-                          "set model.quantization to null or train adapters instead")
+        raise ConfigError(
+            "trainable.lang_encoder: a quantised language model cannot be fully fine-tuned; "
+            "set model.quantization to null or train adapters instead"
+        )
 
     model.requires_grad_(False)
     wrappers = {}

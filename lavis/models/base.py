@@ -38,15 +38,17 @@ class TrainableModel(nn.Module):
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         missing = sorted(set(params) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(params))
-        bad_shape = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(params[k].shape)}"
-                     for k in sorted(set(params) & set(state_dict)) if state_dict[k].shape != params[k].shape]
+        bad_shape = [
+            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(params[k].shape)}"
+            for k in sorted(set(params) & set(state_dict))
+            if state_dict[k].shape != params[k].shape
+        ]
         if missing or unexpected or bad_shape:
             parts = []
             if missing:
                 parts.append(f"missing {len(missing)} trainable parameters: {', '.join(missing[:10])}")
             if unexpected:
-                parts.append(f"unexpected {len(unexpected)} entries (not trainable here): "
-                             f"{', '.join(unexpected[:10])}")
+                parts.append(f"unexpected {len(unexpected)} entries (not trainable here): {', '.join(unexpected[:10])}")
             if bad_shape:
                 parts.append("shape mismatch: " + "; ".join(bad_shape[:10]))
             raise CheckpointError("trainable state dict does not fit the model: " + " | ".join(parts))
@@ -71,18 +73,31 @@ class TrainableModel(nn.Module):
     def load_training_state(self, state: dict) -> None:
         """Restore :meth:`training_state`; a model without such state refuses a non-empty one."""
         if state:
-            raise CheckpointError(f"the checkpoint holds model training state {sorted(state)} that this model "
-                                  f"does not have")
+            raise CheckpointError(
+                f"the checkpoint holds model training state {sorted(state)} that this model does not have"
+            )
 
     # --- evaluation ----------------------------------------------------------------------------------
 
-    def generate(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **generation_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        vision_x: torch.Tensor,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **generation_kwargs,
+    ) -> torch.Tensor:
         """The NEW token ids (B * num_return_sequences, N_new), padded with the pad id after eos."""
         raise NotImplementedError(f"{type(self).__name__} does not generate text")
 
-    def score(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None,
-              continuations, normalize_length: bool = True, batch_size: int = 16) -> torch.Tensor:
+    def score(
+        self,
+        vision_x: torch.Tensor,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        continuations,
+        normalize_length: bool = True,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
         """(B, C) log-likelihood of each continuation (token-id list) after each left-padded context row:
         the mean per token when ``normalize_length``, else the sum (lavis/models/flamingo/scoring.py)."""
         raise NotImplementedError(f"{type(self).__name__} does not score text")

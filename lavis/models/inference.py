@@ -38,7 +38,7 @@ def _open_image(image, where: str):
 
 
 class InferenceMixin:
-    """``caption``, ``answer`` and ``generate_interleaved`` for a Flamingo with ``tokenizer`` and ``image_processor``."""
+    """``caption``, ``answer`` and ``generate_interleaved`` for a Flamingo with a tokenizer and image processor."""
 
     def _pixels(self, image, where: str) -> torch.Tensor:
         return self.image_processor(_open_image(image, where).convert("RGB"))
@@ -51,8 +51,12 @@ class InferenceMixin:
 
         device = self._device()
         dtype = next(self.vision_encoder.parameters()).dtype
-        new = self.generate(batch["vision_x"].to(device=device, dtype=dtype), batch["lang_x"].to(device),
-                            attention_mask=batch["attention_mask"].to(device), **decoding)
+        new = self.generate(
+            batch["vision_x"].to(device=device, dtype=dtype),
+            batch["lang_x"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            **decoding,
+        )
         return decode_texts(self.tokenizer, new)
 
     def _items(self, images: Sequence, texts: Sequence[str] | None, demos, kind: str) -> list[dict]:
@@ -78,8 +82,9 @@ class InferenceMixin:
         return items
 
     @torch.no_grad()
-    def caption(self, images: Sequence, demos: Sequence[tuple] | None = None, batch_size: int = 8,
-                **decoding) -> list[str]:
+    def caption(
+        self, images: Sequence, demos: Sequence[tuple] | None = None, batch_size: int = 8, **decoding
+    ) -> list[str]:
         """A caption per image; ``demos`` are (image, caption) pairs shown first (in-context examples)."""
         from lavis.datasets.collators import CaptionCollator
         from lavis.metrics.postprocess import postprocess_caption
@@ -89,13 +94,19 @@ class InferenceMixin:
         settings = {**CAPTION_DECODING, **decoding}
         out: list[str] = []
         for start in range(0, len(images), batch_size):
-            batch = collate(self._items(images[start:start + batch_size], None, demos, "caption"))
+            batch = collate(self._items(images[start : start + batch_size], None, demos, "caption"))
             out += [postprocess_caption(t) for t in self._generate_batch(batch, settings)]
         return out
 
     @torch.no_grad()
-    def answer(self, images: Sequence, questions: Sequence[str] | str, demos: Sequence[tuple] | None = None,
-               batch_size: int = 8, **decoding) -> list[str]:
+    def answer(
+        self,
+        images: Sequence,
+        questions: Sequence[str] | str,
+        demos: Sequence[tuple] | None = None,
+        batch_size: int = 8,
+        **decoding,
+    ) -> list[str]:
         """A short answer per (image, question); ``demos`` are (image, question, answer) triples shown first."""
         from lavis.datasets.collators import VQACollator
         from lavis.metrics.postprocess import postprocess_answer
@@ -120,14 +131,19 @@ class InferenceMixin:
 
         images = list(images)
         if prompt.count(MEDIA_TOKEN) != len(images):
-            raise DataError(f"generate_interleaved: the prompt has {prompt.count(MEDIA_TOKEN)} {MEDIA_TOKEN} tag(s) "
-                            f"but {len(images)} image(s) were given")
+            raise DataError(
+                f"generate_interleaved: the prompt has {prompt.count(MEDIA_TOKEN)} {MEDIA_TOKEN} tag(s) "
+                f"but {len(images)} image(s) were given"
+            )
         if not images:
             raise DataError("generate_interleaved: give at least one image (and its <image> tag)")
         pixels = torch.stack([self._pixels(image, f"image {i}") for i, image in enumerate(images)])
         encoded = self.tokenizer([prompt], return_tensors="pt")
-        batch = {"vision_x": pixels[None, :, None], "lang_x": encoded["input_ids"],
-                 "attention_mask": encoded["attention_mask"]}
+        batch = {
+            "vision_x": pixels[None, :, None],
+            "lang_x": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+        }
         return self._generate_batch(batch, {**CAPTION_DECODING, **decoding})[0]
 
 
@@ -146,8 +162,9 @@ def model_config(name: str = "openflamingo", model_type: str | None = None, cfg=
     name = given.get("arch", name)
     model_type = given.get("model_type", model_type)
     if not model_type:
-        raise ConfigError("load_model_and_preprocess: give model_type (e.g. tiny, llama7b_vitl14), a cfg or a "
-                          "checkpoint")
+        raise ConfigError(
+            "load_model_and_preprocess: give model_type (e.g. tiny, llama7b_vitl14), a cfg or a checkpoint"
+        )
     path = model_default_path(name, model_type)
     if not path.is_file():
         from lavis.common.registry import registry
@@ -158,8 +175,14 @@ def model_config(name: str = "openflamingo", model_type: str | None = None, cfg=
     return OmegaConf.to_container(OmegaConf.merge(defaults, given), resolve=True)
 
 
-def load_model_and_preprocess(name: str = "openflamingo", model_type: str | None = None, is_eval: bool = True,
-                              device: str | torch.device = "cpu", checkpoint: str | Path | None = None, cfg=None):
+def load_model_and_preprocess(
+    name: str = "openflamingo",
+    model_type: str | None = None,
+    is_eval: bool = True,
+    device: str | torch.device = "cpu",
+    checkpoint: str | Path | None = None,
+    cfg=None,
+):
     """``(model, vis_processors, txt_processors)`` as LAVIS returns them, optionally with trained weights.
 
     ``checkpoint`` is anything :func:`lavis.models.trained.resolve_checkpoint` accepts (a step_*.pt, best.pt,
@@ -172,8 +195,9 @@ def load_model_and_preprocess(name: str = "openflamingo", model_type: str | None
 
     trained = resolve_checkpoint(checkpoint) if checkpoint is not None else None
     if trained is not None and trained.model_cfg is not None and cfg is None and model_type is None:
-        section = model_config(trained.model_cfg.get("arch", name), trained.model_cfg.get("model_type"),
-                               {"model": trained.model_cfg})
+        section = model_config(
+            trained.model_cfg.get("arch", name), trained.model_cfg.get("model_type"), {"model": trained.model_cfg}
+        )
     else:
         section = model_config(name, model_type, cfg)
     if trained is not None:
@@ -184,8 +208,12 @@ def load_model_and_preprocess(name: str = "openflamingo", model_type: str | None
     model = model.to(device)
     model.eval() if is_eval else model.train()
     size = int(model.image_size)
-    vis_processors = {"eval": model.image_processor,
-                      "train": build_processor({"name": "clip_image_train", "image_size": size}, "vis_processors")}
-    txt_processors = {"eval": build_processor({"name": "caption_text"}, "txt_processors"),
-                      "question": build_processor({"name": "question_text"}, "txt_processors")}
+    vis_processors = {
+        "eval": model.image_processor,
+        "train": build_processor({"name": "clip_image_train", "image_size": size}, "vis_processors"),
+    }
+    txt_processors = {
+        "eval": build_processor({"name": "caption_text"}, "txt_processors"),
+        "question": build_processor({"name": "question_text"}, "txt_processors"),
+    }
     return model, vis_processors, txt_processors

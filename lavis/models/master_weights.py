@@ -58,8 +58,12 @@ def upcast_trainable_parameters(model: nn.Module) -> list[str]:
         if owned:
             _compute_in_float32(module, owned[0])
     if names:
-        logger.info("%d trainable parameter tensor(s) kept in float32 (master weights): %s%s", len(names),
-                    ", ".join(names[:5]), "..." if len(names) > 5 else "")
+        logger.info(
+            "%d trainable parameter tensor(s) kept in float32 (master weights): %s%s",
+            len(names),
+            ", ".join(names[:5]),
+            "..." if len(names) > 5 else "",
+        )
     return names
 
 

@@ -54,9 +54,7 @@ def _devices_of(device_map) -> list[torch.device]:
     if isinstance(device_map, (str, torch.device, int)):
         if device_map == "auto":
             return [torch.device("cuda")] if torch.cuda.is_available() else [torch.device("cpu")]
-        return [
-            torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map)
-        ]
+        return [torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map)]
     if isinstance(device_map, dict):
         devices = []
         for value in device_map.values():
@@ -74,9 +72,7 @@ def check_dtype_supported(dtype: torch.dtype, device: Union[str, torch.device]) 
         # CPUs run bf16 (slowly but correctly); fp16/fp32 run everywhere we support.
         return
     if not torch.cuda.is_available():
-        raise ConfigError(
-            f"dtype bfloat16 was requested on {device}, but CUDA is not available on this machine"
-        )
+        raise ConfigError(f"dtype bfloat16 was requested on {device}, but CUDA is not available on this machine")
     # including_emulation=False: a V100 "supports" bf16 only through slow emulation, which is not what a user
     # asking for bf16 training wants; the reference hardware (V100) must use fp16.
     if not torch.cuda.is_bf16_supported(including_emulation=False):
@@ -138,9 +134,7 @@ def load_language_model(
     if not path or not os.path.isdir(path):
         raise ConfigError(f"language model path {path!r} is not a directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(
-            f"language model directory {path!r} has no config.json (expected a HF model directory)"
-        )
+        raise ConfigError(f"language model directory {path!r} has no config.json (expected a HF model directory)")
     dtype = resolve_dtype(torch_dtype)
     check_quantization_available(quantization)
     if quantization is not None and device_map is None:

@@ -44,8 +44,11 @@ class TrainedCheckpoint:
 
     def describe(self) -> str:
         """One line for logs and result tables."""
-        return {"training": "training checkpoint", "peft": "peft adapter",
-                "openflamingo": "OpenFlamingo checkpoint.pt"}[self.kind] + f" {self.path}"
+        return {
+            "training": "training checkpoint",
+            "peft": "peft adapter",
+            "openflamingo": "OpenFlamingo checkpoint.pt",
+        }[self.kind] + f" {self.path}"
 
 
 def _run_config(checkpoint: Path) -> dict | None:
@@ -64,8 +67,9 @@ def _from_run_dir(directory: Path) -> Path:
         return best
     steps = list_step_checkpoints(directory)
     if not steps:
-        raise CheckpointError(f"{directory}: a run directory without checkpoints (no {CHECKPOINT_DIR}/best.pt "
-                              f"or step_*.pt)")
+        raise CheckpointError(
+            f"{directory}: a run directory without checkpoints (no {CHECKPOINT_DIR}/best.pt or step_*.pt)"
+        )
     return steps[-1][1]
 
 
@@ -98,7 +102,8 @@ def _training(path: Path, state: dict) -> TrainedCheckpoint:
         raise CheckpointError(
             f"{path}: a training checkpoint that does not say which model it was trained as (no 'config' "
             f"in it and no config.yaml in its run directory); evaluate it with the training config "
-            f"(--cfg-path) instead")
+            f"(--cfg-path) instead"
+        )
     return TrainedCheckpoint("training", path, dict(config["model"]), dict(config))
 
 
@@ -119,16 +124,18 @@ def resolve_checkpoint(path: str | Path) -> TrainedCheckpoint:
             path = _from_run_dir(path)
         else:
             raise CheckpointError(
-                f"{path}: a directory that is neither a run directory (checkpoints/) nor a peft adapter "
-                f"({PEFT_CONFIG})")
+                f"{path}: a directory that is neither a run directory (checkpoints/) nor a peft adapter ({PEFT_CONFIG})"
+            )
     state = _peek(path)
     if isinstance(state.get("model"), dict):
         return _training(path, state)
     flat = state.get("model_state_dict", state)
     if isinstance(flat, dict) and flat and all(isinstance(v, torch.Tensor) for v in flat.values()):
         return TrainedCheckpoint("openflamingo", path, None)
-    raise CheckpointError(f"{path}: neither a training checkpoint of this framework (no 'model' entry) nor an "
-                          f"OpenFlamingo checkpoint.pt (a dict of tensors)")
+    raise CheckpointError(
+        f"{path}: neither a training checkpoint of this framework (no 'model' entry) nor an "
+        f"OpenFlamingo checkpoint.pt (a dict of tensors)"
+    )
 
 
 def model_section_for(trained: TrainedCheckpoint, configured: dict) -> dict:
@@ -157,11 +164,17 @@ def adapters_of_peft_dir(directory: Path) -> dict:
     if peft_cfg.get("peft_type") != "LORA":
         raise CheckpointError(
             f"{directory}: a {peft_cfg.get('peft_type')} adapter without {MODEL_SECTION}; only LoRA adapters can "
-            f"be rebuilt from adapter_config.json alone (export with python -m lavis.export to keep the config)")
+            f"be rebuilt from adapter_config.json alone (export with python -m lavis.export to keep the config)"
+        )
     targets = peft_cfg.get("target_modules") or []
-    return {"method": "lora", "r": int(peft_cfg["r"]), "alpha": int(peft_cfg["lora_alpha"]), "dropout": 0.0,
-            "target_modules": sorted(targets) if not isinstance(targets, str) else [targets],
-            "apply_to": ["lang_encoder"]}
+    return {
+        "method": "lora",
+        "r": int(peft_cfg["r"]),
+        "alpha": int(peft_cfg["lora_alpha"]),
+        "dropout": 0.0,
+        "target_modules": sorted(targets) if not isinstance(targets, str) else [targets],
+        "apply_to": ["lang_encoder"],
+    }
 
 
 def load_trained_weights(model: torch.nn.Module, trained: TrainedCheckpoint | str | Path) -> None:

@@ -16,8 +16,12 @@ from lavis.common.fileio import atomic_write_bytes, atomic_write_text
 __all__ = ["build_report", "report_after_run"]
 
 
-def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-                 compare: str | os.PathLike | None = None, status: str | None = None) -> Path:
+def build_report(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    compare: str | os.PathLike | None = None,
+    status: str | None = None,
+) -> Path:
     """Write the report of ``run_dir`` (default ``RUN_DIR/report.html``) and its plots; returns its path.
 
     ``compare``: another run directory shown beside this one (few-shot curves on one plot, and each
@@ -49,18 +53,26 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     title = f"{run.name}" + (f" vs {other.name}" if other else "")
     sections = [header(run, status, other)]
     if run.train_records:
-        sections.append(f'<section id="training"><h2>Training curves</h2>'
-                        f'{plot_img(figures["training_curves"], "training curves", "plot-training")}</section>')
+        sections.append(
+            f'<section id="training"><h2>Training curves</h2>'
+            f"{plot_img(figures['training_curves'], 'training curves', 'plot-training')}</section>"
+        )
     if figures["eval_over_steps"] is not None:
-        sections.append(f'<section id="evaluation"><h2>Evaluation over steps</h2>{eval_table(run)}'
-                        f'{plot_img(figures["eval_over_steps"], "evaluation over steps", "plot-eval")}</section>')
+        sections.append(
+            f'<section id="evaluation"><h2>Evaluation over steps</h2>{eval_table(run)}'
+            f"{plot_img(figures['eval_over_steps'], 'evaluation over steps', 'plot-eval')}</section>"
+        )
     if figures["fewshot_curve"] is not None:
-        note = (f'<p class="muted">Reference: {esc(reference["label"])}, {esc(reference["source"])}.</p>'
-                if reference else "")
-        sections.append(f'<section id="fewshot"><h2>Few-shot</h2>{fewshot_table_html(runs, reference)}{note}'
-                        f'{plot_img(figures["fewshot_curve"], "few-shot curve", "plot-fewshot")}</section>')
-    data = {"galleries": galleries, "texts": texts.strings, "images": images.uris,
-            "compare_default": other is not None}
+        note = (
+            f'<p class="muted">Reference: {esc(reference["label"])}, {esc(reference["source"])}.</p>'
+            if reference
+            else ""
+        )
+        sections.append(
+            f'<section id="fewshot"><h2>Few-shot</h2>{fewshot_table_html(runs, reference)}{note}'
+            f"{plot_img(figures['fewshot_curve'], 'few-shot curve', 'plot-fewshot')}</section>"
+        )
+    data = {"galleries": galleries, "texts": texts.strings, "images": images.uris, "compare_default": other is not None}
     target = Path(out) if out is not None else run.run_dir / "report.html"
     atomic_write_text(target, page(f"Run report: {title}", sections, data))
     return target

@@ -13,8 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lavis.report", description=main.__doc__)
     parser.add_argument("run_dir", help="a run directory (output_dir/run_name) of train.py or evaluate.py")
     parser.add_argument("--out", default=None, help="where to write the HTML (default: RUN_DIR/report.html)")
-    parser.add_argument("--compare", default=None, metavar="OTHER_RUN_DIR",
-                        help="another run shown beside this one, on the same samples")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="OTHER_RUN_DIR",
+        help="another run shown beside this one, on the same samples",
+    )
     args = parser.parse_args(argv)
     from lavis.report import build_report
 

@@ -26,8 +26,17 @@ MAX_DEMO_IMAGES = 2000
 # Per-sample fields shown as filters when the samples have them.
 FILTER_KEYS = ("answer_type", "question_type")
 # Sample fields that are not scores even when numeric.
-NOT_SCORES = {*LMMS_FIELDS, "image", "demo_ids", "demo_images", "image_id", "question_id", "demos_text_only", "id",
-              "label"}
+NOT_SCORES = {
+    *LMMS_FIELDS,
+    "image",
+    "demo_ids",
+    "demo_images",
+    "image_id",
+    "question_id",
+    "demos_text_only",
+    "id",
+    "label",
+}
 # The score a gallery sorts by when the run's agg metric is not a per-sample key (classification: correct).
 SCORE_PREFERENCE = ("vqa_accuracy", "CIDEr", "accuracy", "correct", "top1_correct", "exact_match")
 
@@ -92,8 +101,12 @@ def prompt_chunks(prompt: str) -> list[str]:
 
 def score_key(samples: Sequence[dict], preferred: str | None) -> str | None:
     """The per-sample score to sort by: ``preferred`` (the run's agg metric) when the samples have it."""
-    numeric = {k for s in samples for k, v in s.items()
-               if k not in NOT_SCORES and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {
+        k
+        for s in samples
+        for k, v in s.items()
+        if k not in NOT_SCORES and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     for key in (preferred, *SCORE_PREFERENCE):
         if key in numeric:
             return key
@@ -134,8 +147,11 @@ def gallery_rows(samples: Sequence[dict], key: str | None, images: Thumbnails, t
         for f in FILTER_KEYS:
             if f in s:
                 row[f] = s[f]
-        extra = {k: v for k, v in s.items() if k not in NOT_SCORES and k != key and k not in FILTER_KEYS
-                 and k != "question" and _score(v) is not None}
+        extra = {
+            k: v
+            for k, v in s.items()
+            if k not in NOT_SCORES and k != key and k not in FILTER_KEYS and k != "question" and _score(v) is not None
+        }
         if extra:
             row["scores"] = extra
         rows.append(row)
@@ -152,8 +168,9 @@ def build_galleries(runs: Sequence[RunData], images: Thumbnails, texts: TextTabl
     return galleries
 
 
-def _gallery(run: RunData, run_index: int, group: str, sample_file: SampleFile, images: Thumbnails,
-             texts: TextTable) -> dict:
+def _gallery(
+    run: RunData, run_index: int, group: str, sample_file: SampleFile, images: Thumbnails, texts: TextTable
+) -> dict:
     samples = read_samples(sample_file.path)
     key = score_key(samples, run.agg_metric_name())
     rows = gallery_rows(samples, key, images, texts)

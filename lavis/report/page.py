@@ -13,12 +13,42 @@ from lavis.report.plots import best_point, eval_series, fewshot_rows
 from lavis.report.run_data import RunData
 
 # The run keys the header shows, by kind of run (the others keep their defaults and would only add noise).
-_TRAIN_KEYS = ("task", "max_epoch", "max_steps", "batch_size_train", "accum_grad_iters", "init_lr", "lr_sched",
-               "weight_decay", "amp", "train_max_shots", "valid_splits", "test_splits", "metrics", "agg_metric",
-               "best_metric", "seed")
-_FEWSHOT_KEYS = ("task", "amp", "test_splits", "num_shots", "num_trials", "trial_seeds", "num_samples", "demo_split",
-                 "demo_method", "zero_shot_text_demos", "num_beams", "max_new_tokens", "length_penalty", "metrics",
-                 "agg_metric", "reference_results")
+_TRAIN_KEYS = (
+    "task",
+    "max_epoch",
+    "max_steps",
+    "batch_size_train",
+    "accum_grad_iters",
+    "init_lr",
+    "lr_sched",
+    "weight_decay",
+    "amp",
+    "train_max_shots",
+    "valid_splits",
+    "test_splits",
+    "metrics",
+    "agg_metric",
+    "best_metric",
+    "seed",
+)
+_FEWSHOT_KEYS = (
+    "task",
+    "amp",
+    "test_splits",
+    "num_shots",
+    "num_trials",
+    "trial_seeds",
+    "num_samples",
+    "demo_split",
+    "demo_method",
+    "zero_shot_text_demos",
+    "num_beams",
+    "max_new_tokens",
+    "length_penalty",
+    "metrics",
+    "agg_metric",
+    "reference_results",
+)
 
 
 def _asset(name: str) -> str:
@@ -94,28 +124,47 @@ def header(run: RunData, given_status: str | None, other: RunData | None = None)
     checkpoint = (run.fewshot_table or {}).get("model") or run_cfg.get("resume_ckpt_path")
     best = run.run_dir / "checkpoints" / "best.pt"
     summary = [
-        ("run", run.name), ("directory", run.run_dir), ("kind", kind(run)), ("status", status(run, given_status)),
+        ("run", run.name),
+        ("directory", run.run_dir),
+        ("kind", kind(run)),
+        ("status", status(run, given_status)),
         ("wall time", _duration(run.wall_time_s)),
         ("model", f"{model.get('arch', '?')} / {model.get('model_type', '?')}" if model else None),
-        ("adapters", adapter), ("trainable", ", ".join(k for k, v in trainable.items() if v) or None),
-        ("checkpoint", checkpoint), ("best checkpoint", best if best.is_file() else None),
-        ("datasets", ", ".join(
-            f"{name} ({', '.join(sec.get('splits') or []) or 'default splits'})" if isinstance(sec, dict) else name
-            for name, sec in (cfg.get("datasets") or {}).items()) or None),
+        ("adapters", adapter),
+        ("trainable", ", ".join(k for k, v in trainable.items() if v) or None),
+        ("checkpoint", checkpoint),
+        ("best checkpoint", best if best.is_file() else None),
+        (
+            "datasets",
+            ", ".join(
+                f"{name} ({', '.join(sec.get('splits') or []) or 'default splits'})" if isinstance(sec, dict) else name
+                for name, sec in (cfg.get("datasets") or {}).items()
+            )
+            or None,
+        ),
     ]
     if other is not None:
-        summary.append(("compared with", f"{other.name} ({other.run_dir}), checkpoint "
-                                         f"{(other.fewshot_table or {}).get('model', '?')}"))
+        summary.append(
+            (
+                "compared with",
+                f"{other.name} ({other.run_dir}), checkpoint {(other.fewshot_table or {}).get('model', '?')}",
+            )
+        )
     keys = _FEWSHOT_KEYS if kind(run) == "few-shot evaluation" else _TRAIN_KEYS
-    config = [(k, " ".join(map(str, run_cfg[k])) if isinstance(run_cfg.get(k), list) else run_cfg.get(k))
-              for k in keys if k in run_cfg]
+    config = [
+        (k, " ".join(map(str, run_cfg[k])) if isinstance(run_cfg.get(k), list) else run_cfg.get(k))
+        for k in keys
+        if k in run_cfg
+    ]
     if run.run_info is None:
         provenance = '<p class="muted">run_info.json not found (runs made before it existed have none).</p>'
     else:
         provenance = kv_table(_flatten(run.run_info)[:60])
-    return (f'<section id="summary"><div class="columns"><div><h2>Run</h2>{kv_table(summary)}</div>'
-            f'<div><h2>Config (run section)</h2>{kv_table(config)}</div>'
-            f'<div><h2>Provenance</h2>{provenance}</div></div></section>')
+    return (
+        f'<section id="summary"><div class="columns"><div><h2>Run</h2>{kv_table(summary)}</div>'
+        f"<div><h2>Config (run section)</h2>{kv_table(config)}</div>"
+        f"<div><h2>Provenance</h2>{provenance}</div></div></section>"
+    )
 
 
 def plot_img(png: bytes | None, alt: str, plot_id: str) -> str:
@@ -135,9 +184,12 @@ def eval_table(run: RunData) -> str:
     rows = "".join(
         f"<tr><td>{esc(label)}</td><td>{len(points)}</td><td>{points[-1][1]:.4f}</td>"
         f"<td>{best_point(points, mode)[1]:.4f}</td><td>{best_point(points, mode)[0]}</td></tr>"
-        for label, points in series.items())
-    return ('<table class="grid" id="eval-table"><tr><th>dataset/split</th><th>evaluations</th><th>last</th>'
-            f"<th>best</th><th>best step</th></tr>{rows}</table>")
+        for label, points in series.items()
+    )
+    return (
+        '<table class="grid" id="eval-table"><tr><th>dataset/split</th><th>evaluations</th><th>last</th>'
+        f"<th>best</th><th>best step</th></tr>{rows}</table>"
+    )
 
 
 def fewshot_table_html(runs: list[RunData], reference: dict | None) -> str:
@@ -155,13 +207,18 @@ def fewshot_table_html(runs: list[RunData], reference: dict | None) -> str:
             by_shot = {c[0]: c for c in cells}
             tds = "".join(
                 f'<td title="trials: {esc(", ".join(f"{t:.4g}" for t in by_shot[s][3]))}">'
-                f"{by_shot[s][1]:.2f} ± {by_shot[s][2]:.2f}</td>" if s in by_shot else "<td></td>" for s in shots)
+                f"{by_shot[s][1]:.2f} ± {by_shot[s][2]:.2f}</td>"
+                if s in by_shot
+                else "<td></td>"
+                for s in shots
+            )
             body.append(f"<tr><td>{esc(run.name)}: {esc(data)}</td>{tds}</tr>")
     for dataset, row in ((reference or {}).get("rows") or {}).items():
         if any(dataset == data.split("/")[0] for _, rows in per_run for data in rows):
             tds = "".join(f"<td>{row['shots'][s]:.1f}</td>" if s in row["shots"] else "<td></td>" for s in shots)
-            body.append(f'<tr class="muted"><td>{esc(reference["label"])}: {esc(dataset)} ({esc(row["metric"])})</td>'
-                        f"{tds}</tr>")
+            body.append(
+                f'<tr class="muted"><td>{esc(reference["label"])}: {esc(dataset)} ({esc(row["metric"])})</td>{tds}</tr>'
+            )
     head = "".join(f"<th>{s}-shot</th>" for s in shots)
     return f'<table class="grid" id="fewshot-table"><tr><th>run: data</th>{head}</tr>{"".join(body)}</table>'
 
@@ -175,7 +232,8 @@ worst first. Click a score heading to sort, choose a gallery (split, shots, tria
   <label>compare with <select id="gallery-compare"></select></label>
   <span id="gallery-filters"></span>
   <label>search <input id="gallery-search" type="search" placeholder="prediction, reference, question"></label>
-  <label>rows per page <select id="page-size"><option>50</option><option>100</option><option>250</option></select></label>
+  <label>rows per page <select id="page-size">
+    <option>50</option><option>100</option><option>250</option></select></label>
   <span class="pager"><button id="prev-page">previous</button><button id="next-page">next</button></span>
 </div>
 <div id="gallery-info"></div>
@@ -190,14 +248,17 @@ def page(title: str, sections: list[str], data: dict) -> str:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
         "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
         f"<title>{esc(title)}</title><style>{_asset('report.css')}</style></head><body>"
-        f"<h1>{esc(title)}</h1><p class=\"subtitle\">PET-VLM run report, generated {esc(generated)}</p>"
+        f'<h1>{esc(title)}</h1><p class="subtitle">PET-VLM run report, generated {esc(generated)}</p>'
         + "".join(sections)
-        + (GALLERY_HTML if data["galleries"] else '<section id="gallery"><h2>Gallery</h2>'
-           '<p class="muted">no samples_*.jsonl in this run</p></section>')
+        + (
+            GALLERY_HTML
+            if data["galleries"]
+            else '<section id="gallery"><h2>Gallery</h2><p class="muted">no samples_*.jsonl in this run</p></section>'
+        )
         + f'<script type="application/json" id="report-data">{payload}</script>'
         + f"<script>{_asset('report.js')}</script></body></html>\n"
     )

@@ -19,8 +19,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lavis.report.run_data import PLACE_KEYS, RunData  # noqa: E402
 
 # Training scalars drawn first, in this order; any other numeric key of the training lines follows.
-TRAIN_KEYS = ("loss", "lr", "grad_norm", "throughput/samples_per_s", "throughput/tokens_per_s", "time/step_s",
-              "memory/peak_mb")
+TRAIN_KEYS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "throughput/samples_per_s",
+    "throughput/tokens_per_s",
+    "time/step_s",
+    "memory/peak_mb",
+)
 DPI = 110
 
 
@@ -58,7 +65,7 @@ def training_curves(run: RunData) -> bytes | None:
         ax.grid(alpha=0.3)
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(f"training: {run.name}")
     fig.tight_layout()
@@ -90,11 +97,10 @@ def eval_curves(run: RunData) -> bytes | None:
     metric = run.agg_metric_name() or "agg_metrics"
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     for label, points in series.items():
-        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         step, value = best_point(points, mode)
         ax.scatter([step], [value], s=160, marker="*", color=line.get_color(), zorder=3, edgecolor="black")
-        ax.annotate(f"best {value:.4g} @ {step}", (step, value), textcoords="offset points", xytext=(6, 6),
-                    fontsize=8)
+        ax.annotate(f"best {value:.4g} @ {step}", (step, value), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel(f"agg_metrics ({metric})")
     ax.set_title("evaluation during training (best: star)")
@@ -109,8 +115,11 @@ def fewshot_rows(run: RunData) -> dict[str, list[tuple[int, float, float, list]]
     table = run.fewshot_table or {}
     rows = {}
     for data, row in (table.get("rows") or {}).items():
-        cells = [(int(s), c["mean"], c.get("std") or 0.0, c.get("trials") or []) for s, c in row.items()
-                 if isinstance(c, dict) and _numeric(c.get("mean"))]
+        cells = [
+            (int(s), c["mean"], c.get("std") or 0.0, c.get("trials") or [])
+            for s, c in row.items()
+            if isinstance(c, dict) and _numeric(c.get("mean"))
+        ]
         if cells:
             rows[data] = sorted(cells)
     return rows
@@ -128,13 +137,25 @@ def fewshot_curve(runs: Sequence[RunData], reference: dict | None = None) -> byt
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     for ax, (data, entries) in zip(axes.flat, panels.items()):
         for name, cells in entries:
-            ax.errorbar([c[0] for c in cells], [c[1] for c in cells], yerr=[c[2] for c in cells], marker="o",
-                        capsize=4, label=name)
+            ax.errorbar(
+                [c[0] for c in cells],
+                [c[1] for c in cells],
+                yerr=[c[2] for c in cells],
+                marker="o",
+                capsize=4,
+                label=name,
+            )
         ref = ((reference or {}).get("rows") or {}).get(data.split("/")[0])
         if ref:
             shots = sorted(ref["shots"])
-            ax.plot(shots, [ref["shots"][s] for s in shots], linestyle="--", marker="s", color="gray",
-                    label=reference.get("label", "reference"))
+            ax.plot(
+                shots,
+                [ref["shots"][s] for s in shots],
+                linestyle="--",
+                marker="s",
+                color="gray",
+                label=reference.get("label", "reference"),
+            )
         ax.set_xticks(sorted({c[0] for _, cells in entries for c in cells}))
         ax.set_title(data)
         ax.set_xlabel("shots")

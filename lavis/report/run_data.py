@@ -66,8 +66,9 @@ class RunData:
     @property
     def eval_records(self) -> list[dict]:
         """metrics.jsonl lines of evaluations during training (a split other than train, no shots)."""
-        return [m for m in self.metrics if m.get("split") not in (None, "train") and "shots" not in m
-                and "agg_metrics" in m]
+        return [
+            m for m in self.metrics if m.get("split") not in (None, "train") and "shots" not in m and "agg_metrics" in m
+        ]
 
     def galleries(self) -> dict[str, list[SampleFile]]:
         """``{group: [sample files]}``; a training run's groups hold only each split's last evaluation."""

@@ -65,8 +65,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle a file that passed the checks above is damage
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: a checkpoint must hold a dict, found {type(state).__name__}")
     check_digest(path, state)
@@ -126,12 +127,18 @@ def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             failures.append(str(err))
             continue
         if failures:
-            get_logger().warning("run.resume_ckpt_path=latest: skipped %d newer checkpoint(s) that fail their "
-                                 "checks, falling back to %s:\n  %s", len(failures), path, "\n  ".join(failures))
+            get_logger().warning(
+                "run.resume_ckpt_path=latest: skipped %d newer checkpoint(s) that fail their "
+                "checks, falling back to %s:\n  %s",
+                len(failures),
+                path,
+                "\n  ".join(failures),
+            )
         return path
     if failures:
-        raise CheckpointError("run.resume_ckpt_path=latest: no checkpoint of the run verifies:\n  - "
-                              + "\n  - ".join(failures))
+        raise CheckpointError(
+            "run.resume_ckpt_path=latest: no checkpoint of the run verifies:\n  - " + "\n  - ".join(failures)
+        )
     return None
 
 

@@ -62,8 +62,10 @@ def check_archive(path: Path) -> zipfile.ZipFile:
     except Exception as err:  # noqa: BLE001 - zlib and struct errors of damaged archives
         raise CheckpointError(f"{path}: not a readable checkpoint (damaged archive: {type(err).__name__})") from None
     if bad is not None:
-        raise CheckpointError(f"{path}: corrupt checkpoint: the CRC of its record {bad!r} does not match (the file "
-                              f"was damaged after it was written)")
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint: the CRC of its record {bad!r} does not match (the file "
+            f"was damaged after it was written)"
+        )
     if _pickle_record(archive) is None:
         raise CheckpointError(f"{path}: not a readable checkpoint (no data.pkl record: not written by torch.save)")
     return archive
@@ -148,5 +150,7 @@ def check_digest(path: Path, state: dict) -> None:
             raise CheckpointError(f"{path}: corrupt checkpoint: its content hash is missing")
         return  # written before checkpoints carried a hash
     if not isinstance(record, dict) or record.get("sha256") != content_digest(state):
-        raise CheckpointError(f"{path}: corrupt checkpoint: its content does not match the sha256 stored in it "
-                              f"(the file was damaged after it was written)")
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint: its content does not match the sha256 stored in it "
+            f"(the file was damaged after it was written)"
+        )

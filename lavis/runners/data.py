@@ -74,8 +74,18 @@ class TrainStream:
     number of samples. ``position`` counts micro-batches consumed in ``data_epoch``.
     """
 
-    def __init__(self, dataset: Dataset, collate_fn, batch_size: int, accum: int, rank: int, world_size: int,
-                 seed: int, num_workers: int = 0, pin_memory: bool = False):
+    def __init__(
+        self,
+        dataset: Dataset,
+        collate_fn,
+        batch_size: int,
+        accum: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
         self.dataset = dataset
         self.collate_fn = collate_fn
         self.batch_size = batch_size
@@ -167,8 +177,9 @@ class TrainStream:
         return {"data_epoch": self.data_epoch, "position": self.position}
 
 
-def eval_loader(dataset: Dataset, collate_fn, batch_size: int, rank: int, world_size: int,
-                num_workers: int = 0) -> DataLoader:
+def eval_loader(
+    dataset: Dataset, collate_fn, batch_size: int, rank: int, world_size: int, num_workers: int = 0
+) -> DataLoader:
     """A loader over this rank's shard of ``dataset`` in a fixed order.
 
     With several ranks the DistributedSampler pads the last shard with repeats;
@@ -182,8 +193,15 @@ def eval_loader(dataset: Dataset, collate_fn, batch_size: int, rank: int, world_
             dataset.set_epoch(0)  # evaluation reads every epoch's records in the unshuffled order
     elif world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate_fn,
-                      num_workers=num_workers, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        drop_last=False,
+    )
 
 
 def move_to_device(batch, device: torch.device):

@@ -46,12 +46,13 @@ class WindowCollator:
     def __call__(self, items: list) -> list[tuple[list[int], dict]]:
         lengths = [prompt_length(self.collate_fn([item])) for item in items]
         order = sorted(range(len(items)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
-        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return [(chunk, self.collate_fn([items[i] for i in chunk])) for chunk in chunks]
 
 
-def eval_batches(dataset, collate_fn, batch_size: int, rank: int, world_size: int, num_workers: int = 0,
-                 bucket: bool = True) -> Iterator[tuple[list[int], dict]]:
+def eval_batches(
+    dataset, collate_fn, batch_size: int, rank: int, world_size: int, num_workers: int = 0, bucket: bool = True
+) -> Iterator[tuple[list[int], dict]]:
     """(shard positions of the rows, batch) for this rank's shard of ``dataset``; see the module docstring."""
     if isinstance(dataset, IterableDataset) or not bucket:
         position = 0
@@ -65,8 +66,13 @@ def eval_batches(dataset, collate_fn, batch_size: int, rank: int, world_size: in
     else:
         shard = list(range(len(dataset)))
     window = batch_size * BUCKET_WINDOW
-    loader = DataLoader(Subset(dataset, shard), batch_size=window, shuffle=False, num_workers=num_workers,
-                        collate_fn=WindowCollator(collate_fn, batch_size))
+    loader = DataLoader(
+        Subset(dataset, shard),
+        batch_size=window,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=WindowCollator(collate_fn, batch_size),
+    )
     for start, batches in zip(range(0, len(shard), window), loader):
         for rows, batch in batches:
             yield [start + i for i in rows], batch
@@ -80,8 +86,20 @@ def shared_media_cache(model) -> MediaCache:
     return cache
 
 
-def predict_records(task, model, dataset, device, precision, batch_size: int, key: str, rank: int = 0,
-                    world_size: int = 1, num_workers: int = 0, bucket: bool = True, cache: bool = True) -> list[dict]:
+def predict_records(
+    task,
+    model,
+    dataset,
+    device,
+    precision,
+    batch_size: int,
+    key: str,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    bucket: bool = True,
+    cache: bool = True,
+) -> list[dict]:
     """``task.valid_step`` records of this rank's shard, in shard order, each annotated with its prompt
     and demonstrations for the per-sample log (``key`` is the dataset's sample id key).
 
@@ -107,7 +125,9 @@ def predict_records(task, model, dataset, device, precision, batch_size: int, ke
             with precision.autocast():
                 records = sample_log.annotate(task.valid_step(model, move_to_device(batch, device)), batch, key)
             if len(records) != len(rows):
-                raise RuntimeError(f"{type(task).__name__}.valid_step returned {len(records)} records for a batch "
-                                   f"of {len(rows)} samples; evaluation needs one record per sample")
+                raise RuntimeError(
+                    f"{type(task).__name__}.valid_step returned {len(records)} records for a batch "
+                    f"of {len(rows)} samples; evaluation needs one record per sample"
+                )
             placed.update(zip(rows, records))
     return [placed[i] for i in sorted(placed)]

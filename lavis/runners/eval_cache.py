@@ -30,9 +30,20 @@ from lavis.common import dist
 CACHE_DIR = "response_cache"
 SCHEMA_VERSION = 1
 # run keys that change what is evaluated or how the run is kept, not any single response.
-_BOOKKEEPING_KEYS = ("output_dir", "run_name", "num_shots", "num_trials", "trial_seeds", "num_samples",
-                     "num_workers", "dist_timeout_s", "resume_ckpt_path", "rices_cache_dir", "evaluate", "device")
-
+_BOOKKEEPING_KEYS = (
+    "output_dir",
+    "run_name",
+    "num_shots",
+    "num_trials",
+    "trial_seeds",
+    "num_samples",
+    "num_workers",
+    "dist_timeout_s",
+    "resume_ckpt_path",
+    "rices_cache_dir",
+    "evaluate",
+    "device",
+)
 
 
 class EvaluationInterrupted(Exception):
@@ -55,8 +66,14 @@ def task_config(cfg) -> dict:
 
 def evaluation_fingerprint(model_fingerprint: str, checkpoint_fingerprint: str | None, cfg) -> str:
     """What every cached response depends on besides its own sample and prompt."""
-    return sha256_json({"schema": SCHEMA_VERSION, "model": model_fingerprint, "checkpoint": checkpoint_fingerprint,
-                        "task": task_config(cfg)})
+    return sha256_json(
+        {
+            "schema": SCHEMA_VERSION,
+            "model": model_fingerprint,
+            "checkpoint": checkpoint_fingerprint,
+            "task": task_config(cfg),
+        }
+    )
 
 
 def row_key(fingerprint: str, dataset: str, tag: str, sample_id, prompt: str | None, demo_indices) -> str:
@@ -190,8 +207,7 @@ class CachedTask:
     computed only when one of its rows is missing.
     """
 
-    def __init__(self, task, cache: ResponseCache, fingerprint: str, dataset: str, tag: str, key: str,
-                 stop: StopFlag):
+    def __init__(self, task, cache: ResponseCache, fingerprint: str, dataset: str, tag: str, key: str, stop: StopFlag):
         self._task, self._cache, self._stop = task, cache, stop
         self._fingerprint, self._dataset, self._tag, self._key = fingerprint, dataset, tag, key
 
@@ -210,8 +226,10 @@ class CachedTask:
         ids = batch[self._key]
         prompts = batch.get("prompt") or [None] * len(ids)
         demos = batch.get("demo_indices") or [[]] * len(ids)
-        return {sample_id: row_key(self._fingerprint, self._dataset, self._tag, sample_id, prompt, demo)
-                for sample_id, prompt, demo in zip(ids, prompts, demos)}
+        return {
+            sample_id: row_key(self._fingerprint, self._dataset, self._tag, sample_id, prompt, demo)
+            for sample_id, prompt, demo in zip(ids, prompts, demos)
+        }
 
     def valid_step(self, model, batch) -> list[dict]:
         """The batch's records, from the cache when every row is there."""

@@ -70,8 +70,13 @@ def git_commit(repo: Path | None = None) -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -80,8 +85,18 @@ def git_commit(repo: Path | None = None) -> str | None:
 def versions() -> dict:
     """Python and the versions of the packages that decide the numbers."""
     out = {"python": platform.python_version()}
-    for name in ("pet-vlm", "torch", "transformers", "open_clip_torch", "peft", "pycocoevalcap", "nltk",
-                 "inflection", "scikit-learn", "numpy"):
+    for name in (
+        "pet-vlm",
+        "torch",
+        "transformers",
+        "open_clip_torch",
+        "peft",
+        "pycocoevalcap",
+        "nltk",
+        "inflection",
+        "scikit-learn",
+        "numpy",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -27,8 +27,20 @@ class _RemoteError(Exception):
 
 
 @torch.no_grad()
-def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info, precision, batch_size: int,
-                   num_workers: int = 0, samples_path=None, result_dir=None) -> dict:
+def evaluate_split(
+    *,
+    task,
+    model,
+    dataset,
+    dataset_name: str,
+    split: str,
+    info,
+    precision,
+    batch_size: int,
+    num_workers: int = 0,
+    samples_path=None,
+    result_dir=None,
+) -> dict:
     """The metrics of ``task.evaluate`` for one split, identical on every rank.
 
     With ``samples_path``, rank 0 also writes the per-sample log there (lavis/runners/sample_log.py).
@@ -38,8 +50,9 @@ def evaluate_split(*, task, model, dataset, dataset_name: str, split: str, info,
     was_training = model.training
     model.eval()
     try:
-        records = predict_records(task, model, dataset, info.device, precision, batch_size, key, info.rank,
-                                  info.world_size, num_workers)
+        records = predict_records(
+            task, model, dataset, info.device, precision, batch_size, key, info.rank, info.world_size, num_workers
+        )
     finally:
         model.train(was_training)
 
@@ -92,4 +105,3 @@ def _plain(value):
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
     return value
-

@@ -73,9 +73,7 @@ def query_subset(dataset, num_samples: int | None, seed: int):
 def check_run(run, datasets) -> list[str]:
     """The splits to evaluate, after checking the run section against the built datasets (ConfigError)."""
     if run.num_trials < 1 or len(run.trial_seeds) < run.num_trials:
-        raise ConfigError(
-            f"run.trial_seeds: {run.num_trials} trial(s) need as many seeds, got {list(run.trial_seeds)}"
-        )
+        raise ConfigError(f"run.trial_seeds: {run.num_trials} trial(s) need as many seeds, got {list(run.trial_seeds)}")
     splits = list(run.test_splits or run.valid_splits)
     if not splits:
         raise ConfigError("run.test_splits (or run.valid_splits): name the split(s) to evaluate")
@@ -124,8 +122,13 @@ def _rices_index(run, model, pool, name: str, run_dir: Path, device, model_label
         return rices_features(model, images, device)
 
     # The label keys the feature cache, so another model or checkpoint never reuses stale features.
-    return RICES(pool, features, cache_dir / f"{name}_{run.demo_split}.pt", batch_size=run.batch_size_eval,
-                 feature_name=model_label)
+    return RICES(
+        pool,
+        features,
+        cache_dir / f"{name}_{run.demo_split}.pt",
+        batch_size=run.batch_size_eval,
+        feature_name=model_label,
+    )
 
 
 def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=None) -> dict | None:
@@ -152,8 +155,11 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=None) -> dict 
     try:
         table, results_rows, n_samples = _evaluate_all(context, datasets, splits)
     except eval_cache.EvaluationInterrupted:
-        log.warning("SIGTERM: the finished batches and cells are saved in %s; re-run the same command (same "
-                    "run.run_name) to continue", paths.run_dir / eval_cache.CACHE_DIR)
+        log.warning(
+            "SIGTERM: the finished batches and cells are saved in %s; re-run the same command (same "
+            "run.run_name) to continue",
+            paths.run_dir / eval_cache.CACHE_DIR,
+        )
         return None
     finally:
         stop.uninstall()
@@ -175,8 +181,9 @@ def evaluation_fingerprints(cfg, checkpoint) -> tuple[dict, str]:
         "model_fingerprint": eval_cache.sha256_json(_plain_config(cfg.model)),
         "checkpoint_fingerprint": checkpoint_fingerprint(checkpoint) if checkpoint else None,
     }
-    return fingerprints, eval_cache.evaluation_fingerprint(fingerprints["model_fingerprint"],
-                                                           fingerprints["checkpoint_fingerprint"], cfg)
+    return fingerprints, eval_cache.evaluation_fingerprint(
+        fingerprints["model_fingerprint"], fingerprints["checkpoint_fingerprint"], cfg
+    )
 
 
 def _plain_config(section) -> dict:
@@ -200,9 +207,12 @@ def evaluation_run_dir(run, cfg, fingerprint: str) -> RunPaths:
 
             found = json.loads(stamp.read_text()).get("fingerprint")
             if found != fingerprint:
-                outcome = {"error": ConfigError(
-                    f"run.run_name: {run_dir} holds an evaluation of another model, checkpoint or task config "
-                    "(its response cache fingerprint differs); choose another run.run_name")}
+                outcome = {
+                    "error": ConfigError(
+                        f"run.run_name: {run_dir} holds an evaluation of another model, checkpoint or task config "
+                        "(its response cache fingerprint differs); choose another run.run_name"
+                    )
+                }
             else:
                 outcome = {"run_dir": str(run_dir)}
                 (run_dir / "FAILED").unlink(missing_ok=True)  # a crashed attempt, continued now
@@ -247,14 +257,29 @@ def _evaluate_all(ctx: _Context, datasets, splits) -> tuple[dict, dict, dict]:
                 trials, files = [], []
                 for trial in range(run.num_trials):
                     fewshot = FewShotDataset(
-                        queries, pool, num_shots=shots, seed=run.trial_seeds[trial], trial=trial,
-                        method=run.demo_method, zero_shot_text_demos=run.zero_shot_text_demos, rices=rices,
+                        queries,
+                        pool,
+                        num_shots=shots,
+                        seed=run.trial_seeds[trial],
+                        trial=trial,
+                        method=run.demo_method,
+                        zero_shot_text_demos=run.zero_shot_text_demos,
+                        rices=rices,
                     )
                     tag = fewshot_tag(split, shots, trial)
                     files.append(ctx.paths.run_dir / samples_filename(name, tag))
                     metrics = _evaluate_cell(ctx, name, tag, fewshot, files[-1])
-                    ctx.metrics_log.write({"dataset": name, "split": split, "shots": shots, "trial": trial,
-                                           "seed": run.trial_seeds[trial], "num_queries": len(queries), **metrics})
+                    ctx.metrics_log.write(
+                        {
+                            "dataset": name,
+                            "split": split,
+                            "shots": shots,
+                            "trial": trial,
+                            "seed": run.trial_seeds[trial],
+                            "num_queries": len(queries),
+                            **metrics,
+                        }
+                    )
                     trials.append({"trial": trial, "seed": run.trial_seeds[trial], **metrics})
                 row[str(shots)] = _table_cell(trials)
                 if ctx.info.is_main:
@@ -275,11 +300,21 @@ def _evaluate_cell(ctx: _Context, name: str, tag: str, fewshot, samples_path: Pa
         return done
     sample_key = getattr(fewshot, "sample_id_key", ctx.task.sample_id_key)
     cached = eval_cache.CachedTask(ctx.task, ctx.cache, ctx.fingerprint, name, tag, sample_key, ctx.stop)
-    metrics = eval_cache.as_json(evaluate_split(
-        task=cached, model=ctx.model, dataset=fewshot, dataset_name=name, split=tag, info=ctx.info,
-        precision=ctx.precision, batch_size=ctx.run.batch_size_eval, num_workers=ctx.run.num_workers,
-        samples_path=samples_path, result_dir=ctx.paths.results,
-    ))
+    metrics = eval_cache.as_json(
+        evaluate_split(
+            task=cached,
+            model=ctx.model,
+            dataset=fewshot,
+            dataset_name=name,
+            split=tag,
+            info=ctx.info,
+            precision=ctx.precision,
+            batch_size=ctx.run.batch_size_eval,
+            num_workers=ctx.run.num_workers,
+            samples_path=samples_path,
+            result_dir=ctx.paths.results,
+        )
+    )
     log.info("eval %s %s: %s", name, tag, format_metrics(metrics))
     if ctx.info.is_main:
         ctx.cache.put_cell(key, metrics)
@@ -290,8 +325,11 @@ def _table_cell(trials: list[dict]) -> dict:
     scores = [t["agg_metrics"] for t in trials]
     if None in scores:  # a split without ground truth (VQAv2 test-dev): results files only
         return {"mean": None, "std": None, "trials": scores}
-    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
-            "trials": scores}
+    return {
+        "mean": statistics.fmean(scores),
+        "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+        "trials": scores,
+    }
 
 
 def format_table(table: dict) -> str:

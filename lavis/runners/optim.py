@@ -59,8 +59,8 @@ def build_param_groups(model: torch.nn.Module, run_cfg) -> list[dict]:
             label += "_decay" if decays else "_no_decay"
         key = (lr_scale, float(weight_decay), label)
         group = groups.setdefault(
-            key, {"params": [], "param_names": [], "lr_scale": lr_scale, "weight_decay": float(weight_decay),
-                  "name": label}
+            key,
+            {"params": [], "param_names": [], "lr_scale": lr_scale, "weight_decay": float(weight_decay), "name": label},
         )
         group["params"].append(param)
         group["param_names"].append(name)
@@ -68,9 +68,7 @@ def build_param_groups(model: torch.nn.Module, run_cfg) -> list[dict]:
         raise ConfigError("the model has no trainable parameters (every parameter has requires_grad=False)")
     for i, was_used in enumerate(used):
         if not was_used:
-            raise ConfigError(
-                f"run.param_groups[{i}].match: {rules[i][1].match!r} matches no trainable parameter"
-            )
+            raise ConfigError(f"run.param_groups[{i}].match: {rules[i][1].match!r} matches no trainable parameter")
     return list(groups.values())
 
 
@@ -89,7 +87,10 @@ def build_optimizer(model: torch.nn.Module, run_cfg) -> torch.optim.AdamW:
 
     fused = fused and len({isinstance(p, DTensor) for p in params}) == 1
     return torch.optim.AdamW(
-        groups, lr=float(run_cfg.init_lr), betas=(float(run_cfg.beta1), float(run_cfg.beta2)), eps=float(run_cfg.eps),
+        groups,
+        lr=float(run_cfg.init_lr),
+        betas=(float(run_cfg.beta1), float(run_cfg.beta2)),
+        eps=float(run_cfg.eps),
         fused=fused or None,
     )
 

@@ -83,8 +83,11 @@ def without_timing(record: dict) -> dict:
 
 def bar_postfix(figures: dict) -> dict:
     """Short fields for the tqdm bar."""
-    return {"s/step": f"{figures['time/step_s']:.2f}", "samples/s": f"{figures['throughput/samples_per_s']:.1f}",
-            "ETA": format_eta(figures["eta_s"])}
+    return {
+        "s/step": f"{figures['time/step_s']:.2f}",
+        "samples/s": f"{figures['throughput/samples_per_s']:.1f}",
+        "ETA": format_eta(figures["eta_s"]),
+    }
 
 
 def train_line(record: dict, figures: dict) -> str:
@@ -92,7 +95,9 @@ def train_line(record: dict, figures: dict) -> str:
     parts = [f"epoch {record['epoch']} step {record['step']}: loss {record['loss']:.4f} lr {record['lr']:.3e}"]
     if record.get("grad_norm") is not None:
         parts.append(f"grad_norm {record['grad_norm']:.3g}")
-    parts.append(f"{figures['time/step_s']:.3f} s/step, {figures['throughput/samples_per_s']:.1f} samples/s, "
-                 f"{figures['throughput/tokens_per_s']:.0f} tokens/s, peak {figures['memory/peak_mb']:.0f} MiB, "
-                 f"ETA {format_eta(figures['eta_s'])}")
+    parts.append(
+        f"{figures['time/step_s']:.3f} s/step, {figures['throughput/samples_per_s']:.1f} samples/s, "
+        f"{figures['throughput/tokens_per_s']:.0f} tokens/s, peak {figures['memory/peak_mb']:.0f} MiB, "
+        f"ETA {format_eta(figures['eta_s'])}"
+    )
     return ", ".join(parts)

@@ -38,9 +38,11 @@ def _now() -> str:
 
 def git_state(directory: Path) -> dict | None:
     """``{"commit", "dirty"}`` of the git tree holding ``directory``; None outside one (or without git)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=directory, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -81,10 +83,17 @@ def invocation(info) -> dict:
     """This process's invocation record (see the module docstring)."""
     code = Path(__file__).resolve().parent.parent.parent
     return {
-        "argv": list(sys.argv), "cwd": os.getcwd(), "git": git_state(code) or git_state(Path.cwd()),
-        "versions": package_versions(), "devices": device_names(info.device), "device": str(info.device),
-        "world_size": info.world_size, "host": socket.gethostname(), "start_time": _now(),
-        "end_time": None, "status": "running",
+        "argv": list(sys.argv),
+        "cwd": os.getcwd(),
+        "git": git_state(code) or git_state(Path.cwd()),
+        "versions": package_versions(),
+        "devices": device_names(info.device),
+        "device": str(info.device),
+        "world_size": info.world_size,
+        "host": socket.gethostname(),
+        "start_time": _now(),
+        "end_time": None,
+        "status": "running",
     }
 
 
@@ -107,8 +116,9 @@ def start_invocation(paths, cfg, info, model=None) -> None:
     record = _read(run_dir)
     entry = invocation(info)
     number = len(record["invocations"]) + 1
-    text = OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else OmegaConf.to_yaml(
-        OmegaConf.create(cfg))
+    text = (
+        OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else OmegaConf.to_yaml(OmegaConf.create(cfg))
+    )
     history = run_dir / CONFIG_HISTORY / f"invocation_{number}.yaml"
     atomic_write_text(history, text)
     entry["config"] = str(history.relative_to(run_dir))
@@ -162,7 +172,7 @@ def keep_results(results_dir: Path, since: float, split: str, epoch: int | None,
     kept = []
     tag = f"{split}_epoch{epoch}_step{step}" if epoch is not None else f"{split}_step{step}"
     for path in sorted(Path(results_dir).glob(f"{split}_*results.json")):
-        rest = path.name[len(split):]
+        rest = path.name[len(split) :]
         if rest.startswith(("_epoch", "_step")) or path.stat().st_mtime < since:
             continue
         target = path.with_name(tag + rest)
@@ -185,22 +195,38 @@ def end_of_run_summary(runner, status: str, started: float) -> dict:
 
         metric = metric_name(runner.task, runner.datasets[runner.best_dataset][runner.best_split])
     return {
-        "status": status, "steps": runner.global_step, "total_steps": getattr(runner, "total_steps", None),
-        "best": {**best, "metric_name": metric, "split": runner.best_split,
-                 "checkpoint": str(best_path) if best_path.exists() else None},
+        "status": status,
+        "steps": runner.global_step,
+        "total_steps": getattr(runner, "total_steps", None),
+        "best": {
+            **best,
+            "metric_name": metric,
+            "split": runner.best_split,
+            "checkpoint": str(best_path) if best_path.exists() else None,
+        },
         "wall_time_s": round(time.time() - started, 1),
-        "paths": {"run_dir": str(run_dir), "latest_checkpoint": str(steps[-1][1]) if steps else None,
-                  "metrics": str(runner.paths.metrics), "log": str(runner.paths.log),
-                  "results": str(runner.paths.results), "config": str(run_dir / "config.yaml")},
+        "paths": {
+            "run_dir": str(run_dir),
+            "latest_checkpoint": str(steps[-1][1]) if steps else None,
+            "metrics": str(runner.paths.metrics),
+            "log": str(runner.paths.log),
+            "results": str(runner.paths.results),
+            "config": str(run_dir / "config.yaml"),
+        },
     }
 
 
 def format_summary(summary: dict) -> str:
     """The summary as the few lines printed at the end of a run."""
     best = summary["best"]
-    best_text = (f"{best['metric_name']} {best['metric']:.4g} on {best['split']} at step {best['step']}"
-                 if best.get("metric") is not None else "none (no validation)")
-    lines = [f"run {summary['status']}: {summary['steps']} step(s) in {summary['wall_time_s']:.0f} s",
-             f"  best: {best_text}" + (f" -> {best['checkpoint']}" if best.get("checkpoint") else "")]
+    best_text = (
+        f"{best['metric_name']} {best['metric']:.4g} on {best['split']} at step {best['step']}"
+        if best.get("metric") is not None
+        else "none (no validation)"
+    )
+    lines = [
+        f"run {summary['status']}: {summary['steps']} step(s) in {summary['wall_time_s']:.0f} s",
+        f"  best: {best_text}" + (f" -> {best['checkpoint']}" if best.get("checkpoint") else ""),
+    ]
     lines += [f"  {name}: {path}" for name, path in summary["paths"].items() if path]
     return "\n".join(lines)

@@ -73,7 +73,7 @@ class RunConfig:
     # Micro-batches per optimizer step; gradients are all-reduced only on the last one.
     accum_grad_iters: int = 1
 
-    # Registered lr schedule: linear_warmup_cosine_lr, linear_warmup_step_lr or constant_lr (stepped per optimizer step).
+    # Registered lr schedule, stepped per optimizer step: linear_warmup_cosine_lr, linear_warmup_step_lr or constant_lr.
     lr_sched: str = "linear_warmup_cosine_lr"
     # Peak learning rate (reached at the end of warmup).
     init_lr: float = 1e-4
@@ -177,11 +177,26 @@ def run_problems(run) -> list[str]:
         if value is not None and value < low:
             problems.append(f"run.{key}: must be >= {low}{' or null' if optional else ''}, got {value}")
 
-    for key in ("accum_grad_iters", "log_freq", "val_freq", "batch_size_train", "batch_size_eval", "keep_last",
-                "dist_timeout_s"):
+    for key in (
+        "accum_grad_iters",
+        "log_freq",
+        "val_freq",
+        "batch_size_train",
+        "batch_size_eval",
+        "keep_last",
+        "dist_timeout_s",
+    ):
         at_least(key, 1)
-    for key in ("save_freq_steps", "num_workers", "warmup_steps", "init_lr", "min_lr", "warmup_lr",
-                "weight_decay", "max_grad_norm"):
+    for key in (
+        "save_freq_steps",
+        "num_workers",
+        "warmup_steps",
+        "init_lr",
+        "min_lr",
+        "warmup_lr",
+        "weight_decay",
+        "max_grad_norm",
+    ):
         at_least(key, 0)
     for key in ("max_steps", "max_iters", "iters_per_inner_epoch", "lr_decay_steps"):
         at_least(key, 1, optional=True)
@@ -207,7 +222,11 @@ def run_problems(run) -> list[str]:
     if best_split is not None and best_split not in valid:
         problems.append(f"run.best_split: {best_split!r} is not one of run.valid_splits {valid}")
     output_dir = run.get("output_dir")
-    if isinstance(output_dir, str) and Path(output_dir).expanduser().exists() and not Path(output_dir).expanduser().is_dir():
+    if (
+        isinstance(output_dir, str)
+        and Path(output_dir).expanduser().exists()
+        and not Path(output_dir).expanduser().is_dir()
+    ):
         problems.append(f"run.output_dir: {output_dir} exists and is not a directory")
     return problems
 
@@ -222,8 +241,9 @@ def check_run_values(run) -> None:
 def check_warmup(run, total_steps: int) -> None:
     """``run.warmup_steps`` within the run, once its length in steps is known (before the first step)."""
     if int(run.warmup_steps) > total_steps:
-        raise ConfigError(f"run.warmup_steps: {run.warmup_steps} is longer than the run ({total_steps} optimizer "
-                          f"steps); lower it")
+        raise ConfigError(
+            f"run.warmup_steps: {run.warmup_steps} is longer than the run ({total_steps} optimizer steps); lower it"
+        )
 
 
 def available_splits(datasets: dict) -> list[str]:
@@ -235,8 +255,9 @@ def check_splits(run, datasets: dict) -> None:
     """Every split the run names exists somewhere: a typo fails at start-up, not after the first epoch."""
     present = {split for by_split in datasets.values() for split in by_split}
     keys = ("valid_splits", "test_splits") if run.evaluate else ("train_splits", "valid_splits", "test_splits")
-    problems = [f"run.{key}: no dataset has the split {split!r}"
-                for key in keys for split in run[key] if split not in present]
+    problems = [
+        f"run.{key}: no dataset has the split {split!r}" for key in keys for split in run[key] if split not in present
+    ]
     if problems:
         raise ConfigError(f"{'; '.join(problems)}; available: {available_splits(datasets)}")
 

@@ -58,8 +58,10 @@ def _decide(run_cfg) -> tuple[Path, Path | None]:
             # killed before its first save, or never started) the run starts from scratch in run_dir.
             latest = find_latest_checkpoint(run_dir)
             if latest is None:
-                get_logger().info("run.resume_ckpt_path=latest: no checkpoint in %s yet; starting the run from "
-                                  "scratch there", run_dir / CHECKPOINT_DIR)
+                get_logger().info(
+                    "run.resume_ckpt_path=latest: no checkpoint in %s yet; starting the run from scratch there",
+                    run_dir / CHECKPOINT_DIR,
+                )
             return run_dir, latest
         ckpt = Path(resume).expanduser().resolve()
         if not ckpt.is_file():
@@ -115,10 +117,12 @@ def prepare_run_dir(run_cfg, cfg) -> RunPaths:
             # Permission, full disk, a file in the way: the other ranks wait on the broadcast, so it must
             # become an error every rank raises rather than rank 0's traceback.
             where = err.filename or run_cfg.output_dir
-            outcome = {"error": ConfigError(
-                f"run.output_dir: cannot create the run directory under {run_cfg.output_dir!r}: "
-                f"{where}: {err.strerror or err}"
-            )}
+            outcome = {
+                "error": ConfigError(
+                    f"run.output_dir: cannot create the run directory under {run_cfg.output_dir!r}: "
+                    f"{where}: {err.strerror or err}"
+                )
+            }
     outcome = dist.broadcast_object(outcome)
     if "error" in outcome:
         raise outcome["error"]
@@ -128,6 +132,7 @@ def prepare_run_dir(run_cfg, cfg) -> RunPaths:
 
 def save_config(path: Path, cfg) -> None:
     """The resolved config as YAML, written atomically."""
-    text = OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else OmegaConf.to_yaml(
-        OmegaConf.create(cfg))
+    text = (
+        OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else OmegaConf.to_yaml(OmegaConf.create(cfg))
+    )
     atomic_write_text(path, text)

@@ -94,8 +94,13 @@ class RunnerBase:
         self._stop_requested = False
         self._failed = False
         self._closed = False
-        log.info("run directory: %s (%d process(es), %s, %s)", self.paths.run_dir, self.info.world_size,
-                 self.info.device, run.amp)
+        log.info(
+            "run directory: %s (%d process(es), %s, %s)",
+            self.paths.run_dir,
+            self.info.world_size,
+            self.info.device,
+            run.amp,
+        )
         self._started = time.time()
         self.progress = Progress(self.info.device)
         provenance.start_invocation(self.paths, cfg, self.info, self.model)  # run_info.json, config history
@@ -152,8 +157,12 @@ class RunnerBase:
 
         try:
             status = self._train_loop()
-            summary = {"status": status, "run_dir": str(self.paths.run_dir), "step": self.global_step,
-                       "best": dict(self.best)}
+            summary = {
+                "status": status,
+                "run_dir": str(self.paths.run_dir),
+                "step": self.global_step,
+                "best": dict(self.best),
+            }
             if status == "finished" and run.test_splits:
                 summary["test"] = self._final_test()
         except BaseException:
@@ -181,8 +190,14 @@ class RunnerBase:
             at_step = self.global_step if step is None else step
             since = time.time()
             metrics = evaluate_split(
-                task=self.task, model=self.model, dataset=by_split[split], dataset_name=name, split=split,
-                info=self.info, precision=self.precision, batch_size=self.run_cfg.batch_size_eval,
+                task=self.task,
+                model=self.model,
+                dataset=by_split[split],
+                dataset_name=name,
+                split=split,
+                info=self.info,
+                precision=self.precision,
+                batch_size=self.run_cfg.batch_size_eval,
                 num_workers=self.run_cfg.num_workers,
                 samples_path=self.paths.run_dir / samples_filename(name, step_tag(split, at_step)),
                 result_dir=self.paths.results,
@@ -251,8 +266,12 @@ class RunnerBase:
                 if preempted:
                     log.warning(
                         "SIGTERM: saved %s at step %d; resume with --options run.resume_ckpt_path=latest "
-                        "run.output_dir=%s run.run_name=%s", path, self.global_step, run.output_dir,
-                        self.paths.run_dir.name)
+                        "run.output_dir=%s run.run_name=%s",
+                        path,
+                        self.global_step,
+                        run.output_dir,
+                        self.paths.run_dir.name,
+                    )
                     return "preempted"
                 if reached_max and self.global_step < self.total_steps:
                     log.info("run.max_steps=%d reached; continue with run.resume_ckpt_path=%s", run.max_steps, path)
@@ -271,8 +290,9 @@ class RunnerBase:
         accum = len(micro_batches)
         world = self.info.world_size
         # Counted on the CPU batches, before they move to the device: the weights need no device sync.
-        weights = micro_batch_weights(self.run_cfg.loss_reduction, [self.task.loss_count(b) for b in micro_batches],
-                                      world)
+        weights = micro_batch_weights(
+            self.run_cfg.loss_reduction, [self.task.loss_count(b) for b in micro_batches], world
+        )
         loss_share = None
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             batch = move_to_device(batch, self.info.device)
@@ -348,8 +368,10 @@ class RunnerBase:
         self.best = {"metric": value, "step": self.global_step}
         weights = self.strategy.gather_trainable_state_dict(self.model)  # a collective under fsdp
         if self.info.is_main:
-            ckpt.save_checkpoint(self.paths.checkpoints / ckpt.BEST_NAME, weights_state(
-                weights, config_dict(self.cfg), self.global_step, dict(self.best, split=split, key=key)))
+            ckpt.save_checkpoint(
+                self.paths.checkpoints / ckpt.BEST_NAME,
+                weights_state(weights, config_dict(self.cfg), self.global_step, dict(self.best, split=split, key=key)),
+            )
         log.info("new best %s on %s: %.6g at step %d", key, split, value, self.global_step)
 
     # --- checkpoints ------------------------------------------------------------------------------------
@@ -360,18 +382,19 @@ class RunnerBase:
             return self._save_sharded(rng_states)
         if not self.info.is_main:
             return None
-        state = self._train_state(rng_states, model=ckpt.trainable_state_dict(self.model),
-                                  optimizer=self.optimizer.state_dict())
-        path = ckpt.save_checkpoint(ckpt.step_checkpoint_path(self.paths.run_dir, self.global_step),
-                                    state.state_dict())
+        state = self._train_state(
+            rng_states, model=ckpt.trainable_state_dict(self.model), optimizer=self.optimizer.state_dict()
+        )
+        path = ckpt.save_checkpoint(ckpt.step_checkpoint_path(self.paths.run_dir, self.global_step), state.state_dict())
         ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
         return path
 
     def _save_sharded(self, rng_states):
         # Every rank writes its shards of the weights and optimizer state; rank 0 the rest (run.strategy=fsdp).
         state = self._train_state(rng_states).state_dict() if self.info.is_main else None
-        path = sharded.save(sharded.step_checkpoint_dir(self.paths.run_dir, self.global_step), self.model,
-                            self.optimizer, state)
+        path = sharded.save(
+            sharded.step_checkpoint_dir(self.paths.run_dir, self.global_step), self.model, self.optimizer, state
+        )
         if self.info.is_main:
             ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
         dist.barrier()
@@ -380,18 +403,29 @@ class RunnerBase:
     def _train_state(self, rng_states, model=None, optimizer=None) -> TrainState:
         """The run's TrainState at this step boundary (weights and optimizer given for single-file checkpoints)."""
         return TrainState(
-            config=config_dict(self.cfg), global_step=self.global_step, **self.stream.state(),
-            metrics_lines=self.metrics.lines, scheduler=self.schedule.state_dict(), scaler=self.scaler.state_dict(),
-            rng=rng_states, world_size=self.info.world_size, best=dict(self.best),
-            model_state=self.model.training_state(), model=model, optimizer=optimizer,
+            config=config_dict(self.cfg),
+            global_step=self.global_step,
+            **self.stream.state(),
+            metrics_lines=self.metrics.lines,
+            scheduler=self.schedule.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=rng_states,
+            world_size=self.info.world_size,
+            best=dict(self.best),
+            model_state=self.model.training_state(),
+            model=model,
+            optimizer=optimizer,
         )
 
     def _read_resume_state(self, path) -> TrainState:
-        """The TrainState of the checkpoint to resume (a sharded one: its train-state file), checked against the config."""
+        """The TrainState of the checkpoint to resume (a sharded one: its train-state file), checked against
+        the config."""
         if path.is_dir():
             if not self.strategy.sharded_checkpoints:
-                raise CheckpointError(f"{path}: a sharded checkpoint (written with run.strategy=fsdp); resume it "
-                                      f"with run.strategy=fsdp, or convert it with lavis.export --format single")
+                raise CheckpointError(
+                    f"{path}: a sharded checkpoint (written with run.strategy=fsdp); resume it "
+                    f"with run.strategy=fsdp, or convert it with lavis.export --format single"
+                )
             state = TrainState().load_state_dict(ckpt.load_checkpoint(path / sharded.TRAIN_STATE), path, sharded=True)
         else:
             state = TrainState().load_state_dict(ckpt.load_checkpoint(path), path)
@@ -423,9 +457,14 @@ class RunnerBase:
         if state.world_size == self.info.world_size:
             ckpt.restore_rng_state(state.rng[self.info.rank])
         else:
-            log.warning("%s was written by %d process(es), resuming with %d: the data order and random streams "
-                        "differ from the original run%s", path, state.world_size, self.info.world_size,
-                        "; the sharded weights and optimizer state were re-sharded" if sharded_dir else "")
+            log.warning(
+                "%s was written by %d process(es), resuming with %d: the data order and random streams "
+                "differ from the original run%s",
+                path,
+                state.world_size,
+                self.info.world_size,
+                "; the sharded weights and optimizer state were re-sharded" if sharded_dir else "",
+            )
         log.info("resumed from %s at step %d", path, self.global_step)
         self._resume_state = None  # the weights and optimizer state it held now live in the model and optimizer
 
@@ -437,8 +476,9 @@ class RunnerBase:
             state = self._load_weights(best_path)
             log.info("testing the best checkpoint (step %s)", state.get("step"))
         last_period = (self.global_step - 1) // self.steps_per_period
-        return {split: self.evaluate(split, step=self.global_step, epoch=last_period)
-                for split in self.run_cfg.test_splits}
+        return {
+            split: self.evaluate(split, step=self.global_step, epoch=last_period) for split in self.run_cfg.test_splits
+        }
 
     def _evaluate_only(self) -> dict:
         run = self.run_cfg

@@ -10,7 +10,8 @@ Fields follow lmms-eval's ``--log_samples`` output where it has them:
 
 plus ``image`` (the query image's file, when the data set has files), ``demo_ids`` (the sample ids of the
 demonstrations, prompt order; pool indices when the pool has no files), ``demo_images`` (their files;
-absent and ``demos_text_only: true`` for OpenFlamingo's text-only 0-shot demonstrations) and the per-sample metric keys (``CIDEr``,
+absent and ``demos_text_only: true`` for OpenFlamingo's text-only 0-shot demonstrations) and the per-sample
+metric keys (``CIDEr``,
 ``vqa_accuracy``, ... as the task names them) and any other per-sample fields the task gives
 (``question_type``, ``answer_type``, ...).
 
@@ -83,17 +84,25 @@ def parse_samples_filename(name: str, datasets: Iterable[str]) -> dict | None:
     """
     if not (name.startswith("samples_") and name.endswith(".jsonl")):
         return None
-    stem = name[len("samples_"):-len(".jsonl")]
+    stem = name[len("samples_") : -len(".jsonl")]
     for dataset in sorted(datasets, key=len, reverse=True):
         if stem.startswith(dataset + "_"):
-            tag = stem[len(dataset) + 1:]
+            tag = stem[len(dataset) + 1 :]
             return {"dataset": dataset, "tag": tag, **parse_tag(tag)}
     return None
 
 
-def sample_record(doc_id: Any, *, input: str | None, target: Any, resps: str | None,
-                  filtered_resps: Any, image: str | None = None, demo_ids: list | None = None,
-                  **extra: Any) -> dict:
+def sample_record(
+    doc_id: Any,
+    *,
+    input: str | None,
+    target: Any,
+    resps: str | None,
+    filtered_resps: Any,
+    image: str | None = None,
+    demo_ids: list | None = None,
+    **extra: Any,
+) -> dict:
     """One line of a samples file, lmms-eval's fields first (see the module docstring).
 
     ``resps`` is the raw text (stored as ``[[resps]]``), ``filtered_resps`` the scored prediction (stored
@@ -231,7 +240,7 @@ class DemoIndexCollator:
         if any("demo_indices" in item for item in items):
             kept = batch.get("num_demos") or [len(item.get("demo_indices", [])) for item in items]
             batch["demo_indices"] = [
-                list(item.get("demo_indices", []))[len(item.get("demo_indices", [])) - n:] if n else []
+                list(item.get("demo_indices", []))[len(item.get("demo_indices", [])) - n :] if n else []
                 for item, n in zip(items, kept)
             ]
         return batch
@@ -270,8 +279,9 @@ def _pool_files(dataset) -> tuple[list | None, list | None]:
     return [str(f) if f is not None else None for f in files], [r[inner.sample_id_key] for r in inner.records]
 
 
-def build_samples(records: list[dict], key: str, per_sample: dict, dataset, prediction_keys=("caption", "answer")
-                  ) -> list[dict]:
+def build_samples(
+    records: list[dict], key: str, per_sample: dict, dataset, prediction_keys=("caption", "answer")
+) -> list[dict]:
     """lmms-eval records of one evaluated split from its (de-duplicated, annotated) task records, in the
     order of ``dataset.sample_ids()``.
 
@@ -302,14 +312,16 @@ def build_samples(records: list[dict], key: str, per_sample: dict, dataset, pred
         image = fields.pop("image", None) or (image_by_id.get(sample_id) if image_by_id else None)
         fields.pop("doc_id", None)
         fields.pop("demo_ids", None)
-        samples.append(sample_record(
-            sample_id,
-            input=context.get("input", prompt),
-            target=fields.pop("target", None),
-            resps=fields.pop("resps", None),
-            filtered_resps=filtered,
-            image=str(image) if image is not None else None,
-            demo_ids=[pool_ids[j] for j in demo_indices] if pool_ids is not None else demo_indices,
-            **fields,
-        ))
+        samples.append(
+            sample_record(
+                sample_id,
+                input=context.get("input", prompt),
+                target=fields.pop("target", None),
+                resps=fields.pop("resps", None),
+                filtered_resps=filtered,
+                image=str(image) if image is not None else None,
+                demo_ids=[pool_ids[j] for j in demo_indices] if pool_ids is not None else demo_indices,
+                **fields,
+            )
+        )
     return samples

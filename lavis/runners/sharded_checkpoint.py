@@ -54,8 +54,10 @@ def _distributed() -> bool:
 def save(directory: str | os.PathLike, model: nn.Module, optimizer, train_state: dict | None) -> Path:
     """Write a sharded checkpoint; every rank calls it, ``train_state`` is only read on rank 0."""
     directory = Path(directory)
-    state = {"model": _trainable_model_state(model),
-             "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS)}
+    state = {
+        "model": _trainable_model_state(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS),
+    }
     if not dist.is_main_process():
         tmp = dist.broadcast_object(None)
         dcp.save(state, checkpoint_id=tmp)
@@ -76,8 +78,10 @@ def load(directory: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     if not is_sharded_checkpoint(directory):
         raise CheckpointError(f"{directory}: not a complete sharded checkpoint (no {DCP_METADATA} or {TRAIN_STATE})")
     train_state = ckpt.load_checkpoint(directory / TRAIN_STATE)
-    state = {"model": _trainable_model_state(model),
-             "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS)}
+    state = {
+        "model": _trainable_model_state(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS),
+    }
     _check_keys(directory, state["model"])
     try:
         dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
@@ -100,8 +104,11 @@ def _stored_tensors(directory: Path, prefix: str) -> dict[str, object]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = dcp.FileSystemReader(str(directory)).read_metadata()
-    return {key[len(prefix):]: meta for key, meta in metadata.state_dict_metadata.items()
-            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    return {
+        key[len(prefix) :]: meta
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
 
 
 def _check_keys(directory: Path, model_sd: dict) -> None:
@@ -110,7 +117,8 @@ def _check_keys(directory: Path, model_sd: dict) -> None:
     if missing or unexpected:
         raise CheckpointError(
             f"{directory}: its weights do not fit the model's trainable parameters: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
 
 
 def load_full_tensors(directory: str | os.PathLike, prefix: str = "model.") -> dict[str, torch.Tensor]:
@@ -122,12 +130,14 @@ def load_full_tensors(directory: str | os.PathLike, prefix: str = "model.") -> d
     directory = Path(directory)
     if not is_sharded_checkpoint(directory):
         raise CheckpointError(f"{directory}: not a complete sharded checkpoint (no {DCP_METADATA} or {TRAIN_STATE})")
-    state = {prefix + name: torch.empty(meta.size, dtype=meta.properties.dtype)
-             for name, meta in _stored_tensors(directory, prefix).items()}
+    state = {
+        prefix + name: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in _stored_tensors(directory, prefix).items()
+    }
     with warnings.catch_warnings():  # DCP warns that it assumes one process, which is what is asked here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(directory), no_dist=True)
-    return {key[len(prefix):]: t for key, t in state.items()}
+    return {key[len(prefix) :]: t for key, t in state.items()}
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -156,6 +166,7 @@ def consolidate(sharded_dir: str | os.PathLike, out_path: str | os.PathLike | No
     out = Path(out_path) if out_path is not None else sharded_dir.with_name(sharded_dir.name + "-consolidated.pt")
     train_state = ckpt.load_checkpoint(sharded_dir / TRAIN_STATE)
     step = int(train_state["progress"]["global_step"])
-    state = weights_state(load_full_tensors(sharded_dir), train_state.get("config") or {}, step,
-                          dict(train_state.get("best") or {}))
+    state = weights_state(
+        load_full_tensors(sharded_dir), train_state.get("config") or {}, step, dict(train_state.get("best") or {})
+    )
     return ckpt.save_checkpoint(out, state)

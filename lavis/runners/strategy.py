@@ -26,6 +26,8 @@ from torch import nn
 
 from lavis.common import dist
 from lavis.common.errors import CheckpointError, ConfigError
+from lavis.models.base import TrainableModel
+from lavis.models.flamingo.flamingo import Flamingo
 from lavis.runners import checkpoint as ckpt
 from lavis.runners.precision import Precision
 
@@ -77,7 +79,7 @@ class TrainingStrategy:
         """The fp16 loss scaler (disabled, a pass-through, for fp32 and bf16)."""
         return self.precision.grad_scaler()
 
-    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def trainable_state_dict(self, model: TrainableModel) -> dict[str, torch.Tensor]:
         """Full CPU copies of the trainable weights. Under fsdp a collective: every rank must call it."""
         return ckpt.trainable_state_dict(model)
 
@@ -113,15 +115,18 @@ class FSDPStrategy(TrainingStrategy):
     def _check(self, model: nn.Module) -> None:
         from lavis.models.quantization import is_quantized
 
-        if hasattr(model, "lang_encoder") and is_quantized(model.lang_encoder):
-            raise ConfigError("run.strategy=fsdp cannot shard a bitsandbytes-quantised language model; use "
-                              "run.strategy=ddp (a 4/8-bit frozen LM with LoRA fits one GPU) or model.quantization=null")
+        if isinstance(model, Flamingo) and is_quantized(model.lang_encoder):
+            raise ConfigError(
+                "run.strategy=fsdp cannot shard a bitsandbytes-quantised language model; use "
+                "run.strategy=ddp (a 4/8-bit frozen LM with LoRA fits one GPU) or model.quantization=null"
+            )
         stored = {p.dtype for p in model.parameters() if p.is_floating_point()}
         if self.precision.dtype is None and len(stored) > 1:
             raise ConfigError(
                 f"run.strategy=fsdp with run.amp=fp32: the model stores parameters in {sorted(map(str, stored))}; "
                 "FSDP gathers a unit in one dtype, so use run.amp=bf16 (or fp16 on CUDA) with a half-precision "
-                "model.frozen_dtype, or model.frozen_dtype=float32")
+                "model.frozen_dtype, or model.frozen_dtype=float32"
+            )
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -150,21 +155,31 @@ class FSDPStrategy(TrainingStrategy):
         units = shard_units(model, self.run.fsdp_shard_vision)
         reshard = bool(self.run.fsdp_reshard_after_forward)
         for modules in units:
-            fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh, reshard_after_forward=reshard,
-                        mp_policy=mp_policy, ignored_params=ignored)
+            fully_shard(
+                modules if len(modules) > 1 else modules[0],
+                mesh=mesh,
+                reshard_after_forward=reshard,
+                mp_policy=mp_policy,
+                ignored_params=ignored,
+            )
         # The root's parameters (embeddings, head, final norm, rest of the vision tower) are gathered for the
         # whole forward; its reshard-after-forward saves nothing, as backward needs them at once.
         fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy, ignored_params=ignored)
         # generate() calls the LM many times outside forward(): it must gather the root's parameters too.
-        if hasattr(model, "generate"):
+        if isinstance(model, TrainableModel):
             register_fsdp_forward_method(model, "generate")
-        if hasattr(model, "lang_encoder"):
+        if isinstance(model, Flamingo):
             # HF generate() then keeps every rank stepping until all are done (synced_gpus), as each decoding
             # step gathers shards; this is the flag transformers' own FSDP2 setup sets.
             model.lang_encoder._is_fsdp_managed_module = True
-        log.info("fsdp: %d unit(s) + root over %d process(es), reshard_after_forward=%s, param dtype %s%s",
-                 len(units), self.info.world_size, reshard, mp_policy.param_dtype or "as stored",
-                 f", {len(self.replicated)} AdaLoRA tensor(s) replicated" if self.replicated else "")
+        log.info(
+            "fsdp: %d unit(s) + root over %d process(es), reshard_after_forward=%s, param dtype %s%s",
+            len(units),
+            self.info.world_size,
+            reshard,
+            mp_policy.param_dtype or "as stored",
+            f", {len(self.replicated)} AdaLoRA tensor(s) replicated" if self.replicated else "",
+        )
         return model
 
     def _mp_policy(self, model: nn.Module):
@@ -219,13 +234,14 @@ class FSDPStrategy(TrainingStrategy):
         # Agrees across ranks on an inf/NaN found in any rank's shard, so that all skip the same steps.
         return ShardedGradScaler(self.info.device.type)
 
-    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def trainable_state_dict(self, model: TrainableModel) -> dict[str, torch.Tensor]:
         from torch.distributed.tensor import DTensor
 
-        sd = model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else {
-            n: p for n, p in model.named_parameters() if p.requires_grad}
-        return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True)
-                for name, t in sd.items()}
+        sd = model.trainable_state_dict()
+        return {
+            name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True)
+            for name, t in sd.items()
+        }
 
     def load_trainable_state_dict(self, model: nn.Module, sd: dict, source: str) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
@@ -235,8 +251,10 @@ class FSDPStrategy(TrainingStrategy):
         missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
         bad = [n for n in set(params) & set(sd) if tuple(sd[n].shape) != tuple(params[n].shape)]
         if missing or unexpected or bad:
-            raise CheckpointError(f"{source}: the weights do not fit the model's trainable parameters: missing "
-                                  f"{missing[:5]}, unexpected {unexpected[:5]}, other shape {sorted(bad)[:5]}")
+            raise CheckpointError(
+                f"{source}: the weights do not fit the model's trainable parameters: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}, other shape {sorted(bad)[:5]}"
+            )
         with torch.no_grad():
             for name, p in params.items():
                 value = sd[name].to(device=p.device, dtype=p.dtype)
@@ -261,8 +279,8 @@ def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     from lavis.models.adapters import peft_models
 
     out = []
-    for wrapper in peft_models(model).values() if hasattr(model, "gated_cross_attn_layers") else ():
-        if hasattr(wrapper.base_model, "update_and_allocate"):
+    for wrapper in peft_models(model).values() if isinstance(model, Flamingo) else ():
+        if hasattr(wrapper.base_model, "update_and_allocate"):  # peft's AdaLoRA model (third-party)
             out += [p for n, p in wrapper.named_parameters() if p.requires_grad and "lora_" in n]
     return out
 
@@ -275,7 +293,7 @@ def shard_units(model: nn.Module, shard_vision: bool | None = None) -> list[list
     when it trains or is large (``shard_vision`` None), always (True) or never (False). Any other model: its
     direct children. Units that share a parameter (tied weights) are merged into one unit.
     """
-    if not hasattr(model, "gated_cross_attn_layers"):
+    if not isinstance(model, Flamingo):
         units = [[child] for child in model.children() if any(True for _ in child.parameters())]
         return merge_tied(units)
     from lavis.models.flamingo.flamingo import decoder_layers
@@ -324,5 +342,6 @@ def _ensure_process_group(info: dist.DistInfo) -> None:
     if info.world_size != 1:
         raise RuntimeError("run.strategy=fsdp: the process group was not initialised")
     backend = "nccl" if info.device.type == "cuda" else "gloo"
-    tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1,
-                             timeout=datetime.timedelta(seconds=600))
+    tdist.init_process_group(
+        backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=600)
+    )

@@ -38,8 +38,10 @@ def check_format(state: dict, source) -> None:
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{source}: not a checkpoint of this framework (no format_version)")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{source}: written in checkpoint format {version}, newer than this code reads "
-                              f"({FORMAT_VERSION}); update the code")
+        raise CheckpointError(
+            f"{source}: written in checkpoint format {version}, newer than this code reads "
+            f"({FORMAT_VERSION}); update the code"
+        )
 
 
 @dataclass
@@ -84,11 +86,15 @@ class TrainState:
     def load_state_dict(self, state: dict, source="checkpoint", sharded: bool = False) -> TrainState:
         """Fill this TrainState from a checkpoint's dict (``sharded``: weights and optimizer live elsewhere)."""
         check_format(state, source)
-        required = ["scheduler", "scaler", "rng", "progress", "world_size"] + ([] if sharded else ["model", "optimizer"])
+        required = ["scheduler", "scaler", "rng", "progress", "world_size"] + (
+            [] if sharded else ["model", "optimizer"]
+        )
         missing = [key for key in required if key not in state]
         if missing or state.get("kind", KIND_TRAINING) != KIND_TRAINING:
-            raise CheckpointError(f"{source}: not a training checkpoint (missing {missing}); a best.pt holds only "
-                                  f"weights: evaluate it (run.evaluate=true or evaluate.py --checkpoint)")
+            raise CheckpointError(
+                f"{source}: not a training checkpoint (missing {missing}); a best.pt holds only "
+                f"weights: evaluate it (run.evaluate=true or evaluate.py --checkpoint)"
+            )
         progress = state["progress"]
         lacking = [key for key in _PROGRESS_KEYS if key not in progress]
         if lacking:
@@ -110,5 +116,11 @@ class TrainState:
 
 def weights_state(model: dict, config: dict, step: int, best: dict) -> dict:
     """The dict of a best-weights file (``best.pt``): weights, the config, the step and the best metric."""
-    return {"format_version": FORMAT_VERSION, "kind": KIND_WEIGHTS, "model": model, "config": config,
-            "step": step, "best": best}
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": KIND_WEIGHTS,
+        "model": model,
+        "config": config,
+        "step": step,
+        "best": best,
+    }

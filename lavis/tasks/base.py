@@ -89,10 +89,19 @@ class BaseTask:
         valid = run.get("valid_splits") or []
         names = cls.metric_names(run)
         if valid and not run.get("evaluate") and run.get("best_metric") not in names:
-            problems.append(f"run.best_metric: {run.get('best_metric')!r} is not a metric of task "
-                            f"{run.get('task')!r}; choose one of {', '.join(names)}")
-        for key, low in (("num_beams", 1), ("max_new_tokens", 1), ("vqa_max_new_tokens", 1), ("min_new_tokens", 0),
-                         ("num_trials", 1), ("num_samples", 1), ("train_max_shots", 0)):
+            problems.append(
+                f"run.best_metric: {run.get('best_metric')!r} is not a metric of task "
+                f"{run.get('task')!r}; choose one of {', '.join(names)}"
+            )
+        for key, low in (
+            ("num_beams", 1),
+            ("max_new_tokens", 1),
+            ("vqa_max_new_tokens", 1),
+            ("min_new_tokens", 0),
+            ("num_trials", 1),
+            ("num_samples", 1),
+            ("train_max_shots", 0),
+        ):
             value = run.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value < low:
                 problems.append(f"run.{key}: must be >= {low}, got {value}")

@@ -40,10 +40,9 @@ def merge_batches(batches: list[dict], pad_token_id: int) -> dict:
 
     merged = {key: torch.cat([padded(b, key) for b in batches]) for key in fill}
     # Rows with fewer images get zero images at the end, which no <image> token refers to.
-    merged["vision_x"] = torch.cat([
-        torch.nn.functional.pad(b["vision_x"], (0, 0) * 4 + (0, num_images - b["vision_x"].shape[1]))
-        for b in batches
-    ])
+    merged["vision_x"] = torch.cat(
+        [torch.nn.functional.pad(b["vision_x"], (0, 0) * 4 + (0, num_images - b["vision_x"].shape[1])) for b in batches]
+    )
     return merged
 
 

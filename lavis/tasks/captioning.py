@@ -82,7 +82,9 @@ class CaptioningTask(BaseTask):
                 f"split {split!r} has no caption ground truth to score against (a demo pool needs none); set "
                 f"datasets.<name>.build_info.annotations.{split} to the official captions_*.json"
             )
-        metrics, per_image = caption_sample_scores(dataset.annotation_file, records, metrics=tuple(self.run_cfg.metrics))
+        metrics, per_image = caption_sample_scores(
+            dataset.annotation_file, records, metrics=tuple(self.run_cfg.metrics)
+        )
         metrics["agg_metrics"] = metrics[self.run_cfg.agg_metric]
         metrics[SAMPLES_KEY] = per_image
         return metrics

@@ -60,8 +60,10 @@ class ClassificationTask(BaseTask):
         for name, section in datasets_cfg.items():
             builder = registry.get("builder", name)(section)
             if not hasattr(builder, "classification_kind"):
-                raise ConfigError(f"datasets.{name}: the classification task needs a classification data set "
-                                  "(hateful_memes, imagenet or their shapes_ stand-ins)")
+                raise ConfigError(
+                    f"datasets.{name}: the classification task needs a classification data set "
+                    "(hateful_memes, imagenet or their shapes_ stand-ins)"
+                )
             self.class_sets[name] = ClassSet(builder.class_names(), builder.classification_kind)
         return super().build_datasets(datasets_cfg)
 
@@ -75,7 +77,9 @@ class ClassificationTask(BaseTask):
         templates = {"hateful_memes": HATEFUL_MEMES_TEMPLATE, "imagenet": IMAGENET_TEMPLATE}
         run = self.run_cfg
         return ClassificationCollator(
-            model.tokenizer, role=role, templates={n: templates[c.kind] for n, c in self.class_sets.items()},
+            model.tokenizer,
+            role=role,
+            templates={n: templates[c.kind] for n, c in self.class_sets.items()},
             compat_zero_shot=bool(run.compat_openflamingo_v2_zero_shot_classification),
             permutations=PROMPT_ENSEMBLE_SIZE if run.classification_prompt_ensembling else 1,
         )
@@ -98,13 +102,23 @@ class ClassificationTask(BaseTask):
         class_set = batch["class_set"][0]
         continuations = self.class_token_ids(model.tokenizer, class_set)
         views = [batch, *batch.get("views", [])]
-        scores = torch.stack([
-            model.score(v["vision_x"], v["lang_x"], v["attention_mask"], continuations, normalize_length=True,
-                        batch_size=self.run_cfg.score_batch_size).float()
-            for v in views
-        ]).mean(dim=0)
-        return [{"id": sample_id, "label": int(label), "class_set": class_set, "class_logprobs": row}
-                for sample_id, label, row in zip(batch["id"], batch["label"], scores.cpu().tolist())]
+        scores = torch.stack(
+            [
+                model.score(
+                    v["vision_x"],
+                    v["lang_x"],
+                    v["attention_mask"],
+                    continuations,
+                    normalize_length=True,
+                    batch_size=self.run_cfg.score_batch_size,
+                ).float()
+                for v in views
+            ]
+        ).mean(dim=0)
+        return [
+            {"id": sample_id, "label": int(label), "class_set": class_set, "class_logprobs": row}
+            for sample_id, label, row in zip(batch["id"], batch["label"], scores.cpu().tolist())
+        ]
 
     def metric_names(self) -> list[str]:
         """Hateful Memes: roc_auc, accuracy; ImageNet: top1_accuracy, top5_accuracy; agg_metrics = the first."""
@@ -126,21 +140,32 @@ class ClassificationTask(BaseTask):
             out = hateful_memes_metrics(labels, scores)
             metrics = {"roc_auc": out["roc_auc"], "accuracy": out["accuracy"], "agg_metrics": out["roc_auc"]}
             for r, p_yes, pred in zip(records, out["p_yes"], out["pred"]):
-                samples[r["id"]] = {"target": class_set.names[r["label"]], "filtered_resps": class_set.names[pred],
-                                    "p_yes": p_yes, "correct": int(pred == r["label"])}
+                samples[r["id"]] = {
+                    "target": class_set.names[r["label"]],
+                    "filtered_resps": class_set.names[pred],
+                    "p_yes": p_yes,
+                    "correct": int(pred == r["label"]),
+                }
         else:
             out = imagenet_metrics(labels, scores, class_set.names)
-            metrics = {"top1_accuracy": out["top1_accuracy"], "top5_accuracy": out["top5_accuracy"],
-                       "agg_metrics": out["top1_accuracy"]}
+            metrics = {
+                "top1_accuracy": out["top1_accuracy"],
+                "top5_accuracy": out["top5_accuracy"],
+                "agg_metrics": out["top1_accuracy"],
+            }
             for r, top5, ok1, ok5 in zip(records, out["top5"], out["top1_correct"], out["top5_correct"]):
-                samples[r["id"]] = {"target": class_set.names[r["label"]],
-                                    "filtered_resps": class_set.names[top5[0]],
-                                    "top5": [class_set.names[i] for i in top5],
-                                    "top1_correct": int(ok1), "top5_correct": int(ok5)}
+                samples[r["id"]] = {
+                    "target": class_set.names[r["label"]],
+                    "filtered_resps": class_set.names[top5[0]],
+                    "top5": [class_set.names[i] for i in top5],
+                    "top1_correct": int(ok1),
+                    "top5_correct": int(ok5),
+                }
         path = self.result_path(result_dir, split, "_classification")
         if path is not None:
-            atomic_write_json(path, [{"id": r["id"], "label": r["label"], "class_logprobs": r["class_logprobs"]}
-                                     for r in records])
+            atomic_write_json(
+                path, [{"id": r["id"], "label": r["label"], "class_logprobs": r["class_logprobs"]} for r in records]
+            )
         metrics[SAMPLES_KEY] = samples
         return metrics
 

@@ -85,8 +85,15 @@ summary = runner.train()
 torch.save(
     {name: p.detach() for name, p in runner.model.named_parameters() if p.requires_grad}, out_dir / f"rank{rank}.pt"
 )
-(out_dir / f"rank{rank}.json").write_text(json.dumps({
-    "status": summary["status"], "step": summary["step"], "allreduces": allreduces["n"],
-    "val": summary.get("test", {}).get("val", {}).get("toy"), "run_dir": summary["run_dir"],
-}))
+(out_dir / f"rank{rank}.json").write_text(
+    json.dumps(
+        {
+            "status": summary["status"],
+            "step": summary["step"],
+            "allreduces": allreduces["n"],
+            "val": summary.get("test", {}).get("val", {}).get("toy"),
+            "run_dir": summary["run_dir"],
+        }
+    )
+)
 runner.close()

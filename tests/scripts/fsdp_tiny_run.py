@@ -32,17 +32,43 @@ from lavis.runners.runner import RunnerBase  # noqa: E402
 out_dir, plan = Path(sys.argv[1]), sys.argv[2]
 rank = int(os.environ.get("RANK", "0"))
 LORA = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-ADALORA = {"method": "adalora", "r": 4, "target_r": 2, "alpha": 8, "dropout": 0.0, "total_step": 10, "tinit": 2,
-           "tfinal": 2, "deltaT": 1, "target_modules": ["q_proj", "v_proj"]}
+ADALORA = {
+    "method": "adalora",
+    "r": 4,
+    "target_r": 2,
+    "alpha": 8,
+    "dropout": 0.0,
+    "total_step": 10,
+    "tinit": 2,
+    "tfinal": 2,
+    "deltaT": 1,
+    "target_modules": ["q_proj", "v_proj"],
+}
 TRAINABLE = {
     "lora": {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False, "lm_embeddings": False},
     "full": {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False, "lang_encoder": True},
 }
 TRAINABLE["adalora"] = TRAINABLE["lora"]
 # Per-process batch 2, 2 micro-batches per step, 2 processes: 8 samples a step, 10 steps.
-RUN = dict(batch_size_train=2, accum_grad_iters=2, max_epoch=1, warmup_steps=2, init_lr=2e-3, max_grad_norm=0.5,
-           weight_decay=0.01, save_freq_steps=4, save_epoch_end=False, keep_last=3, valid_splits=["val"],
-           best_metric="n", batch_size_eval=3, max_new_tokens=4, num_beams=1, min_new_tokens=0, length_penalty=1.0)
+RUN = dict(
+    batch_size_train=2,
+    accum_grad_iters=2,
+    max_epoch=1,
+    warmup_steps=2,
+    init_lr=2e-3,
+    max_grad_norm=0.5,
+    weight_decay=0.01,
+    save_freq_steps=4,
+    save_epoch_end=False,
+    keep_last=3,
+    valid_splits=["val"],
+    best_metric="n",
+    batch_size_eval=3,
+    max_new_tokens=4,
+    num_beams=1,
+    min_new_tokens=0,
+    length_penalty=1.0,
+)
 N_TRAIN = 80
 
 
@@ -63,8 +89,7 @@ class ValidatingTask(CaptionLikeTask):
         return [{"sample_id": i, "text": t} for i, t in zip(batch["sample_id"], texts)]
 
     def evaluate(self, records, split, dataset, result_dir):
-        return {"agg_metrics": float(len(records)), "n": len(records),
-                "chars": sum(len(r["text"]) for r in records)}
+        return {"agg_metrics": float(len(records)), "n": len(records), "chars": sum(len(r["text"]) for r in records)}
 
 
 def frozen_report(runner, reference: dict) -> dict:
@@ -101,8 +126,11 @@ def checkpointing_gradients(runner) -> list[str]:
         dataset = CaptionLikeDataset(4, model.image_size, seed=2)
         batch = runner.task.collator(model, "train")([dataset[2 * rank], dataset[2 * rank + 1]])
         runner.task.train_step(model, batch).backward()
-        grads[checkpointing] = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-                                for n, p in model.named_parameters() if p.grad is not None}
+        grads[checkpointing] = {
+            n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+            for n, p in model.named_parameters()
+            if p.grad is not None
+        }
     if rank == 0:
         torch.save(grads, out_dir / "ac_grads.pt")
     return sorted(grads[True])
@@ -115,15 +143,21 @@ def train(strategy: str, trainable: str, run_name: str, kill_in_call=None, **run
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     task = ValidatingTask(cfg)
     task.kill_in_call = kill_in_call
-    datasets = {"lm": {"train": CaptionLikeDataset(N_TRAIN, model.image_size),
-                       "val": CaptionLikeDataset(5, model.image_size, seed=1)}}
+    datasets = {
+        "lm": {
+            "train": CaptionLikeDataset(N_TRAIN, model.image_size),
+            "val": CaptionLikeDataset(5, model.image_size, seed=1),
+        }
+    }
     runner = registry.get("runner", cfg.run.runner)(cfg, task, model, datasets)
     summary = runner.train()
     weights = runner.strategy.gather_trainable_state_dict(runner.model)
     report = frozen_report(runner, frozen)
     from lavis.models.adapters import peft_models
 
-    report["rank_pattern"] = [next(iter(w.peft_config.values())).rank_pattern for w in peft_models(runner.model).values()]
+    report["rank_pattern"] = [
+        next(iter(w.peft_config.values())).rank_pattern for w in peft_models(runner.model).values()
+    ]
     return runner, summary, weights, report
 
 

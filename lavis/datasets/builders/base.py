@@ -29,7 +29,10 @@ logger = logging.getLogger(__name__)
 
 
 def _vis_defaults() -> dict[str, dict[str, Any]]:
-    return {"train": {"name": "clip_image_train", "image_size": 224}, "eval": {"name": "clip_image_eval", "image_size": 224}}
+    return {
+        "train": {"name": "clip_image_train", "image_size": 224},
+        "eval": {"name": "clip_image_eval", "image_size": 224},
+    }
 
 
 @dataclass

@@ -39,6 +39,7 @@ from lavis.datasets.builders.base import (
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class CaptionBuildInfo:
     images: Optional[str] = None  # folder holding the Karpathy file's <filepath>/<filename> images
@@ -104,7 +105,9 @@ class CocoCaptionBuilder(BaseBuilder):
             raise ConfigError(f"{self.key_path}.splits: unknown split {split!r}; Karpathy splits are train, val, test")
         chosen = []
         for i, image in enumerate(images):
-            where = f"images[{i}]" + (f" (cocoid {image['cocoid']})" if isinstance(image, dict) and "cocoid" in image else "")
+            where = f"images[{i}]" + (
+                f" (cocoid {image['cocoid']})" if isinstance(image, dict) and "cocoid" in image else ""
+            )
             require(image, ("filepath", "filename", "cocoid", "split", "sentences"), path, where)
             if image["split"] not in known:
                 raise DataError(f"{path}: {where} has split {image['split']!r}, not one of {sorted(known)}")
@@ -129,8 +132,13 @@ class CocoCaptionBuilder(BaseBuilder):
         """
         path = self.cfg.build_info.annotations.get(split)
         if not path:
-            logger.info("%s/%s: no build_info.annotations.%s, so the split can serve few-shot demonstrations "
-                        "(Karpathy captions) but cannot be scored", self.name, split, split)
+            logger.info(
+                "%s/%s: no build_info.annotations.%s, so the split can serve few-shot demonstrations "
+                "(Karpathy captions) but cannot be scored",
+                self.name,
+                split,
+                split,
+            )
             return None
         return str(path)
 
@@ -158,8 +166,10 @@ class CocoCaptionBuilder(BaseBuilder):
                     f"{karpathy}: image cocoid {image['cocoid']} of split {split!r} has no caption in the "
                     f"ground-truth file {gt_file}"
                 )
-            captions = [require(s, ("raw",), karpathy, f"image cocoid {image['cocoid']} sentences")["raw"]
-                        for s in image["sentences"]]
+            captions = [
+                require(s, ("raw",), karpathy, f"image cocoid {image['cocoid']} sentences")["raw"]
+                for s in image["sentences"]
+            ]
             if counts is None and not captions:
                 # Without a ground-truth file the Karpathy sentences are the only references a demo can show.
                 raise DataError(f"{karpathy}: image cocoid {image['cocoid']} of split {split!r} has no sentences")

@@ -86,7 +86,15 @@ class HatefulMemesBuilder(BaseBuilder):
             if sample_id in seen:
                 raise DataError(f"{path}: {where} repeats id {rec['id']}")
             seen.add(sample_id)
-            records.append({"image_path": str(Path(images) / rec["img"]), "image_id": sample_id, "id": sample_id,
-                            "label": rec["label"], "class_name": CLASS_NAMES[rec["label"]], "text": rec["text"],
-                            "class_set": self.name})
+            records.append(
+                {
+                    "image_path": str(Path(images) / rec["img"]),
+                    "image_id": sample_id,
+                    "id": sample_id,
+                    "label": rec["label"],
+                    "class_name": CLASS_NAMES[rec["label"]],
+                    "text": rec["text"],
+                    "class_set": self.name,
+                }
+            )
         return records, CLASSIFICATION, {"annotation_file": path}

@@ -30,8 +30,9 @@ class ImageNetConfig(BuilderConfig):
     classnames: Optional[list[str]] = None
     classnames_file: Optional[str] = None  # JSON list of class names, used when classnames is null
     # Prompts show no text for ImageNet; the text processor is unused but kept for the shared schema.
-    text_processor: dict = field(default_factory=lambda: {"train": {"name": "caption_text"},
-                                                          "eval": {"name": "caption_text"}})
+    text_processor: dict = field(
+        default_factory=lambda: {"train": {"name": "caption_text"}, "eval": {"name": "caption_text"}}
+    )
 
 
 @registry.register_builder("imagenet")
@@ -63,14 +64,23 @@ class ImageNetBuilder(BaseBuilder):
         folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
         names = self.class_names()
         if len(folders) != len(names):
-            raise DataError(f"{root}: {len(folders)} class folders but {len(names)} class names "
-                            f"({self.key_path}.classnames); they must correspond one to one in sorted folder order")
+            raise DataError(
+                f"{root}: {len(folders)} class folders but {len(names)} class names "
+                f"({self.key_path}.classnames); they must correspond one to one in sorted folder order"
+            )
         records = []
         for label, folder in enumerate(folders):
             files = sorted(f for f in os.listdir(root / folder) if f.lower().endswith(IMG_EXTENSIONS))
             for filename in files:
-                records.append({"image_path": str(root / folder / filename), "label": label,
-                                "class_name": names[label], "text": "", "class_set": self.name})
+                records.append(
+                    {
+                        "image_path": str(root / folder / filename),
+                        "label": label,
+                        "class_name": names[label],
+                        "text": "",
+                        "class_set": self.name,
+                    }
+                )
         for i, rec in enumerate(records):
             rec["id"] = rec["image_id"] = i
         if not records:

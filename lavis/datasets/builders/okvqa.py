@@ -1,4 +1,5 @@
-"""OK-VQA v1.1: the official files ``OpenEnded_mscoco_{train,val}2014_questions.json`` and ``mscoco_{train,val}2014_annotations.json``
+"""OK-VQA v1.1: the official files ``OpenEnded_mscoco_{train,val}2014_questions.json`` and
+``mscoco_{train,val}2014_annotations.json``
 over COCO 2014 images (``COCO_{data_subtype}_{image_id:012d}.jpg``). Its GT ``answer`` fields are already
 stemmed; the task stems the prediction (``run.vqa_stemmer: okvqa``); OpenFlamingo evaluates val2014.
 

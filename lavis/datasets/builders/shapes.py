@@ -40,8 +40,13 @@ class ShapesOptions:
 def ensure_shapes(opts) -> Path:
     """The folder of the shapes set described by ``opts``, generated there if absent."""
     root = Path(opts.root)
-    wanted = {"version": shapes.VERSION, "seed": opts.seed, "num_images": opts.num_images,
-              "image_size": opts.image_size, "fractions": [float(f) for f in opts.fractions]}
+    wanted = {
+        "version": shapes.VERSION,
+        "seed": opts.seed,
+        "num_images": opts.num_images,
+        "image_size": opts.image_size,
+        "fractions": [float(f) for f in opts.fractions],
+    }
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -119,8 +124,9 @@ class _GenerateFirst:
         if self.cfg.data_type == "webdataset":
             # Read from shards (python -m lavis.datasets.pack_shards): nothing is generated, so a node that
             # holds only the shards can train; the derived paths serve only to score eval-role splits.
-            self.cfg.build_info = OmegaConf.create(_with_shards(make_info(Path(self.cfg.shapes.root)),
-                                                                OmegaConf.to_container(self.cfg.build_info)))
+            self.cfg.build_info = OmegaConf.create(
+                _with_shards(make_info(Path(self.cfg.shapes.root)), OmegaConf.to_container(self.cfg.build_info))
+            )
             return
         root = ensure_shapes(self.cfg.shapes)
         self.cfg.build_info = OmegaConf.create(make_info(root))

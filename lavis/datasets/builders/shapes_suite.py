@@ -42,8 +42,13 @@ class SuiteOptions:
 def ensure_suite(opts) -> Path:
     """The folder of the stand-ins described by ``opts``, generated there if absent."""
     root = Path(opts.root)
-    wanted = {"version": shapes_suite.VERSION, "seed": opts.seed, "num_images": opts.num_images,
-              "image_size": opts.image_size, "val_fraction": float(opts.val_fraction)}
+    wanted = {
+        "version": shapes_suite.VERSION,
+        "seed": opts.seed,
+        "num_images": opts.num_images,
+        "image_size": opts.image_size,
+        "val_fraction": float(opts.val_fraction),
+    }
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -59,8 +64,10 @@ def ensure_suite(opts) -> Path:
     manifest = json.loads(manifest_path.read_text())
     found = {k: manifest.get(k) for k in wanted}
     if found != wanted:
-        raise ConfigError(f"suite.root {root} holds stand-ins generated with {found}, but the config asks for "
-                          f"{wanted}; use another root or delete the folder")
+        raise ConfigError(
+            f"suite.root {root} holds stand-ins generated with {found}, but the config asks for "
+            f"{wanted}; use another root or delete the folder"
+        )
     return root
 
 
@@ -68,23 +75,39 @@ def _vqa_info(name: str):
     def make(root: Path) -> dict:
         base = root / name
         if name == "okvqa":
-            return {s: {"questions": str(base / f"OpenEnded_mscoco_{s}2014_questions.json"),
-                        "annotations": str(base / f"mscoco_{s}2014_annotations.json"),
-                        "images": str(base / "images" / f"{s}2014"),
-                        "image_name_format": "COCO_{data_subtype}_{image_id:012d}.png", "shards": None}
-                    for s in shapes_suite.SPLITS}
+            return {
+                s: {
+                    "questions": str(base / f"OpenEnded_mscoco_{s}2014_questions.json"),
+                    "annotations": str(base / f"mscoco_{s}2014_annotations.json"),
+                    "images": str(base / "images" / f"{s}2014"),
+                    "image_name_format": "COCO_{data_subtype}_{image_id:012d}.png",
+                    "shards": None,
+                }
+                for s in shapes_suite.SPLITS
+            }
         images = {"textvqa": lambda s: base / "train_images", "vizwiz": lambda s: base / s}[name]
-        return {s: {"questions": str(base / f"{s}_questions_vqa_format.json"),
-                    "annotations": str(base / f"{s}_annotations_vqa_format.json"), "images": str(images(s)),
-                    "image_name_format": "{image_id}.png" if name == "textvqa" else "{image_id}", "shards": None}
-                for s in shapes_suite.SPLITS}
+        return {
+            s: {
+                "questions": str(base / f"{s}_questions_vqa_format.json"),
+                "annotations": str(base / f"{s}_annotations_vqa_format.json"),
+                "images": str(images(s)),
+                "image_name_format": "{image_id}.png" if name == "textvqa" else "{image_id}",
+                "shards": None,
+            }
+            for s in shapes_suite.SPLITS
+        }
+
     return make
 
 
 def _flickr_info(root: Path) -> dict:
     base = root / "flickr30k"
-    return {"images": str(base / "flickr30k-images"), "karpathy_file": str(base / "dataset_flickr30k.json"),
-            "annotations": {"test": str(base / "dataset_flickr30k_coco_style.json")}, "shards": {}}
+    return {
+        "images": str(base / "flickr30k-images"),
+        "karpathy_file": str(base / "dataset_flickr30k.json"),
+        "annotations": {"test": str(base / "dataset_flickr30k_coco_style.json")},
+        "shards": {},
+    }
 
 
 def _hateful_memes_info(root: Path) -> dict:
@@ -131,9 +154,17 @@ class ShapesImageNetConfig(ImageNetConfig):
 
 
 def _register(name: str, base, config_cls, info_factory, **attrs):
-    cls = type(f"Shapes{base.__name__}", (_GenerateSuiteFirst, base), {
-        "name": f"shapes_{name}", "Config": config_cls, "info_factory": staticmethod(info_factory),
-        "__doc__": f"The synthetic stand-in of {name}, in its official format.", **attrs})
+    cls = type(
+        f"Shapes{base.__name__}",
+        (_GenerateSuiteFirst, base),
+        {
+            "name": f"shapes_{name}",
+            "Config": config_cls,
+            "info_factory": staticmethod(info_factory),
+            "__doc__": f"The synthetic stand-in of {name}, in its official format.",
+            **attrs,
+        },
+    )
     registry.register_builder(f"shapes_{name}")(cls)
     return cls
 
@@ -142,7 +173,9 @@ ShapesFlickr30kBuilder = _register("flickr30k", Flickr30kBuilder, ShapesFlickr30
 ShapesOKVQABuilder = _register("okvqa", OKVQABuilder, ShapesVQASuiteConfig, _vqa_info("okvqa"))
 ShapesTextVQABuilder = _register("textvqa", TextVQABuilder, ShapesVQASuiteConfig, _vqa_info("textvqa"))
 ShapesVizWizBuilder = _register("vizwiz", VizWizBuilder, ShapesVQASuiteConfig, _vqa_info("vizwiz"))
-ShapesHatefulMemesBuilder = _register("hateful_memes", HatefulMemesBuilder, ShapesHatefulMemesConfig, _hateful_memes_info)
+ShapesHatefulMemesBuilder = _register(
+    "hateful_memes", HatefulMemesBuilder, ShapesHatefulMemesConfig, _hateful_memes_info
+)
 
 
 def _imagenet_point_at(self, root: Path) -> None:

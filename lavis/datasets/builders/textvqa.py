@@ -1,4 +1,5 @@
-"""TextVQA in the VQA format OpenFlamingo ships (``eval/data/textvqa/{train,val}_{questions,annotations}_vqa_format.json``):
+"""TextVQA in the VQA format OpenFlamingo ships
+(``eval/data/textvqa/{train,val}_{questions,annotations}_vqa_format.json``):
 ``image_id`` is TextVQA's image id and the file ``train_images/{image_id}.jpg`` (val images are in train_images
 too); answers carry ``answer_id``, there is no ``answer_type`` and ``question_type`` is "none of the above".
 

@@ -1,4 +1,5 @@
-"""VizWiz in the VQA format OpenFlamingo ships (``eval/data/vizwiz/{train,val}_{questions,annotations}_vqa_format.json``):
+"""VizWiz in the VQA format OpenFlamingo ships
+(``eval/data/vizwiz/{train,val}_{questions,annotations}_vqa_format.json``):
 ``image_id`` is the image's file name (``VizWiz_val_00000002.jpg``), the answers ``{answer, answer_confidence}`` carry
 no ``answer_id`` and may be "unanswerable", and ``question_type`` is VizWiz's answer type.
 

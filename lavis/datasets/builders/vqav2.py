@@ -80,7 +80,9 @@ def read_annotations(path: str) -> dict[int, dict]:
     doc = read_json(path, "VQA annotations file")
     out = {}
     for i, ann in enumerate(require_list(doc, "annotations", path)):
-        where = f"annotations[{i}]" + (f" (question_id {ann['question_id']})" if isinstance(ann, dict) and "question_id" in ann else "")
+        where = f"annotations[{i}]" + (
+            f" (question_id {ann['question_id']})" if isinstance(ann, dict) and "question_id" in ann else ""
+        )
         require(ann, ("question_id", "image_id", "answers"), path, where)
         if not isinstance(ann["answers"], list):
             raise DataError(f"{path}: {where}: 'answers' is not a list")
@@ -101,7 +103,9 @@ class VQAv2Builder(BaseBuilder):
         """The ``build_info`` entry of a split; ConfigError listing the configured splits otherwise."""
         if split not in self.cfg.build_info:
             known = ", ".join(self.cfg.build_info) or "(none)"
-            raise ConfigError(f"{self.key_path}.build_info.{split}: split {split!r} is not described; described: {known}")
+            raise ConfigError(
+                f"{self.key_path}.build_info.{split}: split {split!r} is not described; described: {known}"
+            )
         return self.cfg.build_info[split]
 
     def scoring_files(self, split: str) -> dict:
@@ -158,8 +162,14 @@ class VQAv2Builder(BaseBuilder):
         if role == "train":
             # The shards hold the questions and answers: training reads no raw file (the paths are passed on
             # unread, for a run that also scores this split).
-            return pattern, VQA, {"question_file": str(info.questions) if info.questions else None,
-                                  "annotation_file": str(info.annotations) if info.annotations else None}
+            return (
+                pattern,
+                VQA,
+                {
+                    "question_file": str(info.questions) if info.questions else None,
+                    "annotation_file": str(info.annotations) if info.annotations else None,
+                },
+            )
         files = self.scoring_files(split)
         read_questions(files["question_file"])  # checked up front, like the image path
         return pattern, VQA, files

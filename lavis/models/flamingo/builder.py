@@ -112,22 +112,56 @@ def tiny_language_model(tiny: TinyConfig, vocab_size: int, pad_token_id: int | N
     """
     d, layers, heads = tiny.lm_hidden_size, tiny.lm_layers, tiny.lm_heads
     if tiny.lm_family == "llama":
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab_size, hidden_size=d, intermediate_size=tiny.lm_intermediate_size,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-            max_position_embeddings=tiny.max_position_embeddings, rms_norm_eps=1e-6, bos_token_id=1,
-            eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=True))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab_size,
+                hidden_size=d,
+                intermediate_size=tiny.lm_intermediate_size,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=heads,
+                max_position_embeddings=tiny.max_position_embeddings,
+                rms_norm_eps=1e-6,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=pad_token_id,
+                tie_word_embeddings=True,
+            )
+        )
     if tiny.lm_family == "gpt_neox":
-        return GPTNeoXForCausalLM(GPTNeoXConfig(
-            vocab_size=vocab_size, hidden_size=d, intermediate_size=tiny.lm_intermediate_size,
-            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=tiny.max_position_embeddings,
-            rotary_pct=1.0, use_parallel_residual=False, hidden_act="gelu", bos_token_id=1, eos_token_id=2,
-            pad_token_id=pad_token_id, tie_word_embeddings=True))
-    config_cls, model_cls = ((MptConfig, MptForCausalLM) if tiny.lm_family == "mpt"
-                             else (MosaicGPTConfig, MosaicGPTForCausalLM))
-    return model_cls(config_cls(vocab_size=vocab_size, d_model=d, n_heads=heads, n_layers=layers,
-                                max_seq_len=tiny.max_position_embeddings, expansion_ratio=4, use_cache=True,
-                                pad_token_id=pad_token_id, tie_word_embeddings=True))
+        return GPTNeoXForCausalLM(
+            GPTNeoXConfig(
+                vocab_size=vocab_size,
+                hidden_size=d,
+                intermediate_size=tiny.lm_intermediate_size,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                max_position_embeddings=tiny.max_position_embeddings,
+                rotary_pct=1.0,
+                use_parallel_residual=False,
+                hidden_act="gelu",
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=pad_token_id,
+                tie_word_embeddings=True,
+            )
+        )
+    config_cls, model_cls = (
+        (MptConfig, MptForCausalLM) if tiny.lm_family == "mpt" else (MosaicGPTConfig, MosaicGPTForCausalLM)
+    )
+    return model_cls(
+        config_cls(
+            vocab_size=vocab_size,
+            d_model=d,
+            n_heads=heads,
+            n_layers=layers,
+            max_seq_len=tiny.max_position_embeddings,
+            expansion_ratio=4,
+            use_cache=True,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 @registry.register_model("openflamingo")
@@ -193,17 +227,20 @@ class OpenFlamingo(InferenceMixin, Flamingo):
 
             def divides(part: str, whole: str, section: dict, prefix: str, what: str) -> None:
                 if section[part] < 1 or section[whole] % section[part]:
-                    errors.append(f"{prefix}.{part}: {section[part]} does not divide {prefix}.{whole} "
-                                  f"{section[whole]} ({what})")
+                    errors.append(
+                        f"{prefix}.{part}: {section[part]} does not divide {prefix}.{whole} {section[whole]} ({what})"
+                    )
 
             tiny, prefix = values["tiny"], f"{path}.tiny"
             divides("lm_heads", "lm_hidden_size", tiny, prefix, "the LM's attention heads split its width")
             divides("vision_head_width", "vision_width", tiny, prefix, "the ViT's heads split its width")
-            divides("patch_size", "image_size", tiny, prefix, "the vision tower only accepts images made of "
-                    "whole patches")
+            divides(
+                "patch_size", "image_size", tiny, prefix, "the vision tower only accepts images made of whole patches"
+            )
             if values["cross_attn_every_n_layers"] < 1:
-                errors.append(f"{path}.cross_attn_every_n_layers: must be >= 1, got "
-                              f"{values['cross_attn_every_n_layers']}")
+                errors.append(
+                    f"{path}.cross_attn_every_n_layers: must be >= 1, got {values['cross_attn_every_n_layers']}"
+                )
             for section in ("perceiver", "cross_attention"):
                 for key, value in values[section].items():
                     if value < (0 if key == "depth" else 1):
@@ -215,8 +252,7 @@ class OpenFlamingo(InferenceMixin, Flamingo):
         """The section as a plain dict with every default filled; ConfigError listing all problems."""
         if isinstance(model_cfg, DictConfig):
             model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-        values, errors = check_mapping(dict(model_cfg or {}), cls.Config, "model",
-                                       extra_allowed=("arch", "model_type"))
+        values, errors = check_mapping(dict(model_cfg or {}), cls.Config, "model", extra_allowed=("arch", "model_type"))
         if errors:
             raise ConfigError("invalid model config:\n  " + "\n  ".join(errors))
         return values
@@ -253,16 +289,18 @@ class OpenFlamingo(InferenceMixin, Flamingo):
         quantization = cfg["quantization"]
         env = cfg["lang_encoder_env"]
         tok_path = _path_key(cfg["tokenizer_path"], "tokenizer_path", "tokenizer directory", env)
-        tokenizer = (build_tiny_tokenizer(tiny.tokenizer_vocab_size) if tok_path == TINY
-                     else load_tokenizer(tok_path))
+        tokenizer = build_tiny_tokenizer(tiny.tokenizer_vocab_size) if tok_path == TINY else load_tokenizer(tok_path)
 
         vision_path = cfg["clip_vision_encoder_path"]  # a name or a JSON path: build_vision_tower checks it
         if vision_path is None:
-            raise ConfigError("model.clip_vision_encoder_path is not set: give an open_clip model name "
-                              "(ViT-L-14), a model-config JSON path, or tiny (--options model.clip_vision_encoder_path=...)")
+            raise ConfigError(
+                "model.clip_vision_encoder_path is not set: give an open_clip model name "
+                "(ViT-L-14), a model-config JSON path, or tiny (--options model.clip_vision_encoder_path=...)"
+            )
         if vision_path == TINY:
-            vision = tiny_vision_tower(tiny.image_size, tiny.patch_size, tiny.vision_width, tiny.vision_layers,
-                                       tiny.vision_head_width)
+            vision = tiny_vision_tower(
+                tiny.image_size, tiny.patch_size, tiny.vision_width, tiny.vision_layers, tiny.vision_head_width
+            )
         else:
             vision = build_vision_tower(vision_path, cfg["clip_vision_encoder_pretrained"])
         vision.visual.to(dtype)
@@ -274,25 +312,39 @@ class OpenFlamingo(InferenceMixin, Flamingo):
             lang_encoder = tiny_language_model(tiny, len(tokenizer), tokenizer.pad_token_id).to(dtype)
         else:
             if quantization is not None and not torch.cuda.is_available():
-                raise ConfigError(f"model.quantization={quantization!r} needs a CUDA GPU (bitsandbytes); none is "
-                                  "available. Set model.quantization=null to run on the CPU.")
+                raise ConfigError(
+                    f"model.quantization={quantization!r} needs a CUDA GPU (bitsandbytes); none is "
+                    "available. Set model.quantization=null to run on the CPU."
+                )
             lang_encoder = family_of_directory(lm_path).load(lm_path, dtype, quantization)
         # v1 (LLaMA) grows the matrices by the 3 added tokens; v2 shrinks 50432 rows to len(tokenizer).
         family_of_model(lang_encoder).resize_embeddings(lang_encoder, len(tokenizer), cfg["embedding_init_seed"])
 
-        model = cls(vision.visual, lang_encoder, vis_dim=vision.vis_dim,
-                    media_token_id=tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
-                    eoc_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK),
-                    pad_token_id=tokenizer.pad_token_id,
-                    cross_attn_every_n_layers=cfg["cross_attn_every_n_layers"], perceiver=cfg["perceiver"],
-                    cross_attention=cfg["cross_attention"], xattn_semantics=cfg["xattn_semantics"])
+        model = cls(
+            vision.visual,
+            lang_encoder,
+            vis_dim=vision.vis_dim,
+            media_token_id=tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
+            eoc_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK),
+            pad_token_id=tokenizer.pad_token_id,
+            cross_attn_every_n_layers=cfg["cross_attn_every_n_layers"],
+            perceiver=cfg["perceiver"],
+            cross_attention=cfg["cross_attention"],
+            xattn_semantics=cfg["xattn_semantics"],
+        )
         model.tokenizer = tokenizer
         model.image_processor = vision.image_processor
         model.image_size = vision.image_size
         return model
 
-    def forward(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **lm_kwargs):
+    def forward(
+        self,
+        vision_x: torch.Tensor,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **lm_kwargs,
+    ):
         """Flamingo's forward; in training mode with ``labels``, ``.loss`` also holds ``training_loss_extras()``.
 
         The extras belong in the forward (not in the task or the runner) so that every task gets them and
@@ -305,14 +357,28 @@ class OpenFlamingo(InferenceMixin, Flamingo):
                 output.loss = output.loss + extras
         return output
 
-    def score(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None,
-              continuations, normalize_length: bool = True, batch_size: int = 16) -> torch.Tensor:
+    def score(
+        self,
+        vision_x: torch.Tensor,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        continuations,
+        normalize_length: bool = True,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
         """(B, C) log-likelihood of each continuation after each context, context encoded once.
 
         See :func:`lavis.models.flamingo.scoring.score_continuations`.
         """
-        return score_continuations(self, vision_x, lang_x, attention_mask, continuations,
-                                   normalize_length=normalize_length, batch_size=batch_size)
+        return score_continuations(
+            self,
+            vision_x,
+            lang_x,
+            attention_mask,
+            continuations,
+            normalize_length=normalize_length,
+            batch_size=batch_size,
+        )
 
     # --- training hooks the runner calls, model-agnostically (hasattr), for what adapters need ----------
 

@@ -53,9 +53,9 @@ def key_mapper(model: nn.Module):
         if m := decoder.match(key) or _OLD_DECODER.match(key):
             return f"lang_encoder.{family.layers_path}.{m.group(1)}.{m.group(2)}"
         if key.startswith("vision_encoder.visual."):  # v1 kept the whole CLIP model
-            return "vision_encoder." + key[len("vision_encoder.visual."):]
+            return "vision_encoder." + key[len("vision_encoder.visual.") :]
         if key.startswith("lang_encoder."):
-            name = "lang_encoder." + family.checkpoint_name(key[len("lang_encoder."):])
+            name = "lang_encoder." + family.checkpoint_name(key[len("lang_encoder.") :])
             if name == "lang_encoder.lm_head.weight" and head_alias is not None:
                 return head_alias
             return name
@@ -123,12 +123,15 @@ def load_openflamingo_checkpoint(model: nn.Module, path: str | Path, require_fla
     if conflicts:
         problems.append("; ".join(conflicts[:8]))
     if problems:
-        raise CheckpointError(f"{path}: does not fit the model (built for a different LM / vision tower / "
-                              f"cross_attn_every_n_layers?): " + " | ".join(problems))
+        raise CheckpointError(
+            f"{path}: does not fit the model (built for a different LM / vision tower / "
+            f"cross_attn_every_n_layers?): " + " | ".join(problems)
+        )
     with torch.no_grad():
         for name, tensor in mapped.items():
             params[name].copy_(tensor)
     groups = Counter(name.split(".")[0] for name in mapped)
-    logger.info("loaded %d tensors from %s (%s)", len(mapped), path,
-                ", ".join(f"{k}: {v}" for k, v in sorted(groups.items())))
+    logger.info(
+        "loaded %d tensors from %s (%s)", len(mapped), path, ", ".join(f"{k}: {v}" for k, v in sorted(groups.items()))
+    )
     return sorted(mapped)

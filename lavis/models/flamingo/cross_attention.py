@@ -43,8 +43,9 @@ def media_index_v1(input_ids: torch.Tensor, media_token_id: int) -> torch.Tensor
     return torch.where(index > num_media, torch.zeros_like(index), index)
 
 
-def media_index_v2(input_ids: torch.Tensor, media_token_id: int,
-                   past_media_count: torch.Tensor | None = None) -> torch.Tensor:
+def media_index_v2(
+    input_ids: torch.Tensor, media_token_id: int, past_media_count: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token media index of the paper/v2 ("most recent image at or before") for ids (B, L).
 
     ``past_media_count`` (B,) is the number of ``<image>`` tokens already in the KV cache.
@@ -55,8 +56,9 @@ def media_index_v2(input_ids: torch.Tensor, media_token_id: int,
     return index
 
 
-def media_index(input_ids: torch.Tensor, media_token_id: int, semantics: str,
-                past_media_count: torch.Tensor | None = None) -> torch.Tensor:
+def media_index(
+    input_ids: torch.Tensor, media_token_id: int, semantics: str, past_media_count: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dispatch on ``semantics`` ("v1" or "v2"); see the module docstring."""
     if semantics == "v1":
         return media_index_v1(input_ids, media_token_id)

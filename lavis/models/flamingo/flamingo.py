@@ -62,10 +62,20 @@ class Flamingo(TrainableModel):
     "v2" = the Flamingo paper); see :mod:`lavis.models.flamingo.cross_attention`.
     """
 
-    def __init__(self, vision_encoder: nn.Module, lang_encoder: nn.Module, *, vis_dim: int,
-                 media_token_id: int, eoc_token_id: int, pad_token_id: int | None,
-                 cross_attn_every_n_layers: int = 4, perceiver: dict | None = None,
-                 cross_attention: dict | None = None, xattn_semantics: str = "v2"):
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        lang_encoder: nn.Module,
+        *,
+        vis_dim: int,
+        media_token_id: int,
+        eoc_token_id: int,
+        pad_token_id: int | None,
+        cross_attn_every_n_layers: int = 4,
+        perceiver: dict | None = None,
+        cross_attention: dict | None = None,
+        xattn_semantics: str = "v2",
+    ):
         super().__init__()
         if xattn_semantics not in ("v1", "v2"):
             raise ValueError(f"xattn_semantics must be 'v1' or 'v2', got {xattn_semantics!r}")
@@ -80,10 +90,13 @@ class Flamingo(TrainableModel):
         layers = decoder_layers(lang_encoder)
         lm_dim = lang_encoder.config.hidden_size
         every = int(cross_attn_every_n_layers)
-        self.gated_cross_attn_layers = nn.ModuleDict({
-            str(i): GatedCrossAttentionBlock(lm_dim, vis_dim, **(cross_attention or {}))
-            for i in range(len(layers)) if (i + 1) % every == 0
-        })
+        self.gated_cross_attn_layers = nn.ModuleDict(
+            {
+                str(i): GatedCrossAttentionBlock(lm_dim, vis_dim, **(cross_attention or {}))
+                for i in range(len(layers))
+                if (i + 1) % every == 0
+            }
+        )
         self._cond = _Conditioning()
         self.media_cache = None  # a MediaCache while media_cache_enabled(...) is active
         # Hooks are on the HF modules themselves, so they survive peft wrapping of lang_encoder.
@@ -128,8 +141,10 @@ class Flamingo(TrainableModel):
         too_many = (counts > vision_x.shape[1]).nonzero().flatten().tolist()
         if too_many:
             row = too_many[0]
-            raise DataError(f"row {row} of lang_x has {int(counts[row])} <image> tokens but vision_x holds only "
-                            f"{vision_x.shape[1]} images per row")
+            raise DataError(
+                f"row {row} of lang_x has {int(counts[row])} <image> tokens but vision_x holds only "
+                f"{vision_x.shape[1]} images per row"
+            )
 
     @contextlib.contextmanager
     def conditioned_on(self, media: torch.Tensor):
@@ -161,7 +176,7 @@ class Flamingo(TrainableModel):
         if cond.prompt_index is not None:
             # The prompt is split into a once-per-sample prefix and its last token (first decoding call):
             # both parts get the media index of the whole prompt, as when it is run in one call.
-            part = cond.prompt_index[:, past_len:past_len + input_ids.shape[1]]
+            part = cond.prompt_index[:, past_len : past_len + input_ids.shape[1]]
             cond.index = part.repeat_interleave(rows // part.shape[0], dim=0)
             if past_len + input_ids.shape[1] >= cond.prompt_index.shape[1]:
                 cond.prompt_index = None
@@ -184,8 +199,7 @@ class Flamingo(TrainableModel):
             if kv is None:
                 kv = cond.kv[name] = block.attn.media_kv(cond.media.to(dtype))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(block, hidden.to(dtype), kv, cond.index,
-                                                        use_reentrant=False)
+                out = torch.utils.checkpoint.checkpoint(block, hidden.to(dtype), kv, cond.index, use_reentrant=False)
             else:
                 out = block(hidden.to(dtype), kv, cond.index)
             out = out.to(hidden.dtype)
@@ -196,8 +210,14 @@ class Flamingo(TrainableModel):
         return hook
 
     # ------------------------------------------------------------------ public API
-    def forward(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **lm_kwargs):
+    def forward(
+        self,
+        vision_x: torch.Tensor,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **lm_kwargs,
+    ):
         """Logits (and ``.loss`` when ``labels``, -100 = ignored) of ``lang_x`` conditioned on ``vision_x``.
 
         Like the release, no position ids are passed: the LM uses ``arange(L)`` for every row.
@@ -208,8 +228,13 @@ class Flamingo(TrainableModel):
             return self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 
     @torch.no_grad()
-    def generate(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **generation_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        vision_x: torch.Tensor,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **generation_kwargs,
+    ) -> torch.Tensor:
         """HF generation with the KV cache; returns only the NEW tokens, (B * num_return_sequences, N_new).
 
         Media are encoded once per call and shared by all decoding steps and beams. Defaults are the
@@ -220,9 +245,17 @@ class Flamingo(TrainableModel):
         """
         self._check_media_tokens(vision_x, lang_x)
         # use_cache explicit: an LM config with use_cache false (MPT-7B's) must not turn the cache off here.
-        settings = {"max_new_tokens": 20, "num_beams": 1, "do_sample": False, "early_stopping": False, "use_cache": True,
-                    "length_penalty": 1.0, "eos_token_id": self.eoc_token_id,
-                    "pad_token_id": self.pad_token_id, "bos_token_id": None}
+        settings = {
+            "max_new_tokens": 20,
+            "num_beams": 1,
+            "do_sample": False,
+            "early_stopping": False,
+            "use_cache": True,
+            "length_penalty": 1.0,
+            "eos_token_id": self.eoc_token_id,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": None,
+        }
         settings.update(generation_kwargs)
         if not settings.get("do_sample"):
             # Sampling knobs the LM's own generation config may carry would only raise warnings.
@@ -234,9 +267,10 @@ class Flamingo(TrainableModel):
             expand = max(config.num_beams or 1, config.num_return_sequences or 1)
             if expand > 1 and config.use_cache is not False and lang_x.shape[1] > 1:
                 extra["cache"] = self._prefill_once(lang_x, attention_mask, expand)
-            out = self.lang_encoder.generate(input_ids=lang_x, attention_mask=attention_mask,
-                                             generation_config=config, **extra)
-        return pad_after_eos(out[:, lang_x.shape[1]:], config.eos_token_id, config.pad_token_id)
+            out = self.lang_encoder.generate(
+                input_ids=lang_x, attention_mask=attention_mask, generation_config=config, **extra
+            )
+        return pad_after_eos(out[:, lang_x.shape[1] :], config.eos_token_id, config.pad_token_id)
 
     def _prefill_once(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, expand: int):
         """The KV cache of every prompt but its last token, computed once per sample, repeated per beam.
@@ -249,8 +283,14 @@ class Flamingo(TrainableModel):
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         self._cond.prompt_index = media_index(lang_x, self.media_token_id, self.xattn_semantics)
         cache = DynamicCache(config=self.lang_encoder.config)
-        self.lang_encoder(input_ids=lang_x[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                          cache=cache, use_cache=True, logits_to_keep=1)
+        self.lang_encoder(
+            input_ids=lang_x[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache.batch_repeat_interleave(expand)
         return cache
 

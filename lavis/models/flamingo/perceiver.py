@@ -66,13 +66,13 @@ class PerceiverResampler(nn.Module):
     No media-time or frame embeddings: OpenFlamingo-9B was trained without them.
     """
 
-    def __init__(self, dim: int, depth: int = 6, dim_head: int = 64, heads: int = 8, num_latents: int = 64,
-                 ff_mult: int = 4):
+    def __init__(
+        self, dim: int, depth: int = 6, dim_head: int = 64, heads: int = 8, num_latents: int = 64, ff_mult: int = 4
+    ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)])
-            for _ in range(depth)
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)]) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
 

@@ -22,8 +22,9 @@ import torch
 from lavis.common.errors import DataError
 
 
-def _check(model, lang_x: torch.Tensor, attention_mask: torch.Tensor | None,
-           continuations: Sequence[Sequence[int]]) -> None:
+def _check(
+    model, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, continuations: Sequence[Sequence[int]]
+) -> None:
     if not continuations:
         raise DataError("score: no continuations given")
     for i, cont in enumerate(continuations):
@@ -32,8 +33,10 @@ def _check(model, lang_x: torch.Tensor, attention_mask: torch.Tensor | None,
         if model.media_token_id in cont:
             raise DataError(f"score: continuation {i} contains <image>; media belong in the context")
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
-        raise DataError("score: the context must be left-padded (its last position is padding in some row), "
-                        "so that every row's last token predicts the first continuation token")
+        raise DataError(
+            "score: the context must be left-padded (its last position is padding in some row), "
+            "so that every row's last token predicts the first continuation token"
+        )
 
 
 def _padded(continuations: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,14 +44,20 @@ def _padded(continuations: Sequence[Sequence[int]], pad_id: int, device) -> tupl
     lengths = torch.tensor([len(c) for c in continuations], device=device)
     ids = torch.full((len(continuations), int(lengths.max())), pad_id, dtype=torch.long, device=device)
     for i, cont in enumerate(continuations):
-        ids[i, :len(cont)] = torch.as_tensor(list(cont), dtype=torch.long, device=device)
+        ids[i, : len(cont)] = torch.as_tensor(list(cont), dtype=torch.long, device=device)
     return ids, lengths
 
 
 @torch.no_grad()
-def score_continuations(model, vision_x: torch.Tensor, lang_x: torch.Tensor,
-                        attention_mask: torch.Tensor | None, continuations: Sequence[Sequence[int]],
-                        normalize_length: bool = True, batch_size: int = 16) -> torch.Tensor:
+def score_continuations(
+    model,
+    vision_x: torch.Tensor,
+    lang_x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    continuations: Sequence[Sequence[int]],
+    normalize_length: bool = True,
+    batch_size: int = 16,
+) -> torch.Tensor:
     """Log-likelihood of each continuation after each row's context: a float32 tensor (B, C).
 
     ``continuations`` are token-id lists appended after every row of ``lang_x`` (left-padded contexts,
@@ -82,13 +91,14 @@ def score_continuations(model, vision_x: torch.Tensor, lang_x: torch.Tensor,
         cache.batch_repeat_interleave(per_batch)
         context_mask = attention_mask.repeat_interleave(per_batch, dim=0)
         for start in range(0, n_batches * per_batch, per_batch):
-            ids = cont_ids[start:start + per_batch]  # (c, K)
-            lens = lengths[start:start + per_batch]
+            ids = cont_ids[start : start + per_batch]  # (c, K)
+            lens = lengths[start : start + per_batch]
             k = ids.shape[1]
             rows = ids.repeat(b, 1)  # row b * c + j = continuation j after context b
             cont_mask = (torch.arange(k, device=ids.device)[None, :] < lens[:, None]).long().repeat(b, 1)
-            step = model.lang_encoder(input_ids=rows, attention_mask=torch.cat([context_mask, cont_mask], 1),
-                                      cache=cache, use_cache=True)
+            step = model.lang_encoder(
+                input_ids=rows, attention_mask=torch.cat([context_mask, cont_mask], 1), cache=cache, use_cache=True
+            )
             cache.crop(-k)  # back to the context alone for the next batch
             logp = step.logits[:, :-1].float().log_softmax(-1)  # position j predicts token j + 1
             later = logp.gather(-1, rows[:, 1:, None]).squeeze(-1) * cont_mask[:, 1:]

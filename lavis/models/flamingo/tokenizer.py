@@ -59,7 +59,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     if not tokenizer_file.is_file():
         raise ConfigError(
             f"model.tokenizer_path: {path!r} has no tokenizer.json (a local Hugging Face tokenizer directory "
-            "is needed; set it with --options model.tokenizer_path=DIR or the model type's environment variable)")
+            "is needed; set it with --options model.tokenizer_path=DIR or the model type's environment variable)"
+        )
     config: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (directory / name).is_file():
@@ -82,14 +83,20 @@ def _tiny_tokenizer_json(vocab_size: int) -> str:
     # Train on whitespace-delimited words so that every merge stays inside a word, as in sentencepiece.
     trainer_tok = tokenizers.Tokenizer(BPE(unk_token="<unk>"))
     trainer_tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
-        pre_tokenizers.Punctuation("isolated"),  # "answer:" -> "answer" ":" so words stay whole tokens
-    ])
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+            pre_tokenizers.Punctuation("isolated"),  # "answer:" -> "answer" ":" so words stay whole tokens
+        ]
+    )
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     base = ["<unk>", "<s>", "</s>"]
-    trainer = BpeTrainer(vocab_size=max(vocab_size - len(byte_tokens), 64), special_tokens=base,
-                         show_progress=False, initial_alphabet=list("▁.,?:!'0123456789"))
+    trainer = BpeTrainer(
+        vocab_size=max(vocab_size - len(byte_tokens), 64),
+        special_tokens=base,
+        show_progress=False,
+        initial_alphabet=list("▁.,?:!'0123456789"),
+    )
     trainer_tok.train([str(TINY_CORPUS)], trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
 
@@ -100,10 +107,10 @@ def _tiny_tokenizer_json(vocab_size: int) -> str:
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
     tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in base])
     return tok.to_str()
 
@@ -115,7 +122,8 @@ def build_tiny_tokenizer(vocab_size: int = 640) -> PreTrainedTokenizerFast:
     encodes through the byte-fallback tokens. Flamingo special tokens are added.
     """
     tok = tokenizers.Tokenizer.from_str(_tiny_tokenizer_json(vocab_size))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", clean_up_tokenization_spaces=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", clean_up_tokenization_spaces=False
+    )
     add_flamingo_tokens(tokenizer)
     return tokenizer

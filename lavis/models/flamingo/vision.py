@@ -59,7 +59,8 @@ def _model_config(name_or_path: str) -> tuple[str, dict]:
             raise ConfigError(
                 f"model.clip_vision_encoder_path: open_clip model-config file {name_or_path!r} does not exist; "
                 "give an open_clip model name (e.g. ViT-L-14) or the path of its JSON config "
-                "(--options model.clip_vision_encoder_path=...)")
+                "(--options model.clip_vision_encoder_path=...)"
+            )
         try:
             return path.stem, json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -69,7 +70,8 @@ def _model_config(name_or_path: str) -> tuple[str, dict]:
         known = ", ".join(sorted(open_clip.list_models())[:20])
         raise ConfigError(
             f"model.clip_vision_encoder_path: unknown open_clip model {name_or_path!r} and no such file; "
-            f"known names include {known}, ...")
+            f"known names include {known}, ..."
+        )
     return name_or_path, cfg
 
 
@@ -80,34 +82,39 @@ def _load_visual_weights(visual: nn.Module, weights_path: str) -> None:
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("visual.") for k in state):
-        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     result = visual.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         from lavis.common.errors import CheckpointError
 
         raise CheckpointError(
             f"{weights_path}: vision weights do not fit the tower: missing {result.missing_keys[:10]}, "
-            f"unexpected {result.unexpected_keys[:10]}")
+            f"unexpected {result.unexpected_keys[:10]}"
+        )
     logger.info("vision tower weights: %d tensors from %s", len(state), weights_path)
 
 
 def build_vision_tower(name_or_path: str, pretrained: str | None) -> VisionTower:
     """The open_clip visual tower for a model name or JSON config; ``pretrained`` = tag, weights file or None."""
     if not name_or_path:
-        raise ConfigError("model.clip_vision_encoder_path is not set; give an open_clip model name (ViT-L-14) "
-                          "or a model-config JSON path (--options model.clip_vision_encoder_path=...)")
+        raise ConfigError(
+            "model.clip_vision_encoder_path is not set; give an open_clip model name (ViT-L-14) "
+            "or a model-config JSON path (--options model.clip_vision_encoder_path=...)"
+        )
     name, cfg = _model_config(name_or_path)
     vision_cfg = dict(cfg["vision_cfg"])
     quick_gelu = bool(cfg.get("quick_gelu", False))
-    is_file = pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".pth",
-                                                                                       ".safetensors")))
+    is_file = pretrained is not None and (
+        os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".pth", ".safetensors"))
+    )
     if pretrained is None or is_file:
         visual = _build_vision_tower(cfg.get("embed_dim", vision_cfg["width"]), vision_cfg, quick_gelu)
         if is_file:
             if not Path(pretrained).is_file():
                 raise ConfigError(
                     f"model.clip_vision_encoder_pretrained: weights file {pretrained!r} does not exist; set it "
-                    "with --options model.clip_vision_encoder_pretrained=PATH (or null for random init)")
+                    "with --options model.clip_vision_encoder_pretrained=PATH (or null for random init)"
+                )
             _load_visual_weights(visual, pretrained)
         else:
             logger.info("vision tower %s: random initialisation (clip_vision_encoder_pretrained is null)", name)
@@ -115,20 +122,29 @@ def build_vision_tower(name_or_path: str, pretrained: str | None) -> VisionTower
         try:
             clip = open_clip.create_model(name, pretrained=pretrained)
         except RuntimeError as err:  # open_clip raises RuntimeError for unknown tags / failed downloads
-            raise ConfigError(f"model.clip_vision_encoder_pretrained: cannot load {name} weights {pretrained!r}: "
-                              f"{err}. Give a local weights file instead.") from err
+            raise ConfigError(
+                f"model.clip_vision_encoder_pretrained: cannot load {name} weights {pretrained!r}: "
+                f"{err}. Give a local weights file instead."
+            ) from err
         visual = clip.visual
         logger.info("vision tower weights: open_clip %s pretrained=%s", name, pretrained)
     size = _image_size(vision_cfg)
-    processor = image_transform(size, is_train=False, mean=getattr(visual, "image_mean", None),
-                                std=getattr(visual, "image_std", None))
+    processor = image_transform(
+        size, is_train=False, mean=getattr(visual, "image_mean", None), std=getattr(visual, "image_std", None)
+    )
     return VisionTower(visual, processor, int(vision_cfg["width"]), size)
 
 
-def tiny_vision_tower(image_size: int = 64, patch_size: int = 16, width: int = 64, layers: int = 2,
-                      head_width: int = 32) -> VisionTower:
+def tiny_vision_tower(
+    image_size: int = 64, patch_size: int = 16, width: int = 64, layers: int = 2, head_width: int = 32
+) -> VisionTower:
     """A random-initialised open_clip ViT for tests and the CPU demo (QuickGELU, like OpenAI CLIP)."""
-    vision_cfg = {"image_size": image_size, "patch_size": patch_size, "width": width, "layers": layers,
-                  "head_width": head_width}
+    vision_cfg = {
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "width": width,
+        "layers": layers,
+        "head_width": head_width,
+    }
     visual = _build_vision_tower(width, vision_cfg, quick_gelu=True)
     return VisionTower(visual, image_transform(image_size, is_train=False), width, image_size)

@@ -27,15 +27,18 @@ def family_of_directory(path: str) -> LanguageModelFamily:
     """The family named by ``path/config.json``'s ``model_type``; ConfigError naming the known families."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise ConfigError(f"model.lang_encoder_path: {path!r} has no config.json (a Hugging Face LM directory "
-                          "is expected)")
+        raise ConfigError(
+            f"model.lang_encoder_path: {path!r} has no config.json (a Hugging Face LM directory is expected)"
+        )
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
         raise ConfigError(f"model.lang_encoder_path: {config_file} is not valid JSON: {err}") from err
     if model_type not in FAMILIES:
-        raise ConfigError(f"model.lang_encoder_path: {path} has model_type {model_type!r}, which is no supported "
-                          f"family (remote code is never run); expected one of: {_known()}")
+        raise ConfigError(
+            f"model.lang_encoder_path: {path} has model_type {model_type!r}, which is no supported "
+            f"family (remote code is never run); expected one of: {_known()}"
+        )
     return FAMILIES[model_type]
 
 
@@ -43,6 +46,7 @@ def family_of_model(lm: nn.Module) -> LanguageModelFamily:
     """The family of a built causal LM (by ``config.model_type``)."""
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
     if model_type not in FAMILIES:
-        raise TypeError(f"{type(lm).__name__} (model_type {model_type!r}) is no supported LM family; "
-                        f"expected one of: {_known()}")
+        raise TypeError(
+            f"{type(lm).__name__} (model_type {model_type!r}) is no supported LM family; expected one of: {_known()}"
+        )
     return FAMILIES[model_type]

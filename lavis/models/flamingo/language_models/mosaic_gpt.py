@@ -25,8 +25,12 @@ from lavis.common.errors import CheckpointError, ConfigError
 from lavis.models.flamingo.language_models.base import LanguageModelFamily
 from lavis.models.flamingo.language_models.mpt import check_mpt_config
 
-_RENAMES = ((re.compile(r"\.ln_1\."), ".norm_1."), (re.compile(r"\.ln_2\."), ".norm_2."),
-            (re.compile(r"\.mlp\.mlp_up\."), ".ffn.up_proj."), (re.compile(r"\.mlp\.mlp_down\."), ".ffn.down_proj."))
+_RENAMES = (
+    (re.compile(r"\.ln_1\."), ".norm_1."),
+    (re.compile(r"\.ln_2\."), ".norm_2."),
+    (re.compile(r"\.mlp\.mlp_up\."), ".ffn.up_proj."),
+    (re.compile(r"\.mlp\.mlp_down\."), ".ffn.down_proj."),
+)
 
 
 class MosaicGPTConfig(MptConfig):
@@ -48,14 +52,13 @@ class MosaicGPTAttention(MptAttention):
         b, n = hidden_states.shape[:2]
         query, key, value = self.Wqkv(hidden_states).chunk(3, dim=2)
         query, key = self.q_ln(query).to(value.dtype), self.k_ln(key).to(value.dtype)
-        query, key, value = (t.reshape(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-                             for t in (query, key, value))
+        query, key, value = (t.reshape(b, n, self.n_heads, self.head_dim).transpose(1, 2) for t in (query, key, value))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         scores = (query @ key.transpose(-1, -2)) * self.softmax_scale
         if position_bias is not None:
             # ALiBi bias (heads, 1, max_len): slope * (key position - last position), the last keys.
-            scores = scores + position_bias[:, :, position_bias.shape[-1] - key.shape[-2]:]
+            scores = scores + position_bias[:, :, position_bias.shape[-1] - key.shape[-2] :]
         if attention_mask is not None:
             scores = scores.masked_fill(attention_mask, torch.finfo(query.dtype).min)
         weights = scores.float().softmax(dim=-1).to(value.dtype)
@@ -79,21 +82,31 @@ def mosaic_gpt_config(config: dict, path: str = "") -> MosaicGPTConfig:
     """Our config from a MosaicGPT config.json (d_model, n_heads, n_layers, ...); refuses what we do not port."""
     check_mpt_config(config, path, "mosaic_gpt")
     if config.get("attn_qk_ln") is not True:
-        raise ConfigError(f"model.lang_encoder_path: {path}/config.json is mosaic_gpt without attn_qk_ln; "
-                          "only MPT-1B's QK-LayerNorm variant is ported")
+        raise ConfigError(
+            f"model.lang_encoder_path: {path}/config.json is mosaic_gpt without attn_qk_ln; "
+            "only MPT-1B's QK-LayerNorm variant is ported"
+        )
     if config.get("attn_clip_qkv") is not None:
         raise ConfigError(f"model.lang_encoder_path: {path}/config.json sets attn_clip_qkv (not ported)")
-    return MosaicGPTConfig(d_model=config["d_model"], n_heads=config["n_heads"], n_layers=config["n_layers"],
-                           max_seq_len=config["max_seq_len"], vocab_size=config["vocab_size"],
-                           expansion_ratio=4, layer_norm_epsilon=1e-5, use_cache=True,
-                           attn_config={"alibi": True, "alibi_bias_max": 8,
-                                        "softmax_scale": config.get("softmax_scale")})
+    return MosaicGPTConfig(
+        d_model=config["d_model"],
+        n_heads=config["n_heads"],
+        n_layers=config["n_layers"],
+        max_seq_len=config["max_seq_len"],
+        vocab_size=config["vocab_size"],
+        expansion_ratio=4,
+        layer_norm_epsilon=1e-5,
+        use_cache=True,
+        attn_config={"alibi": True, "alibi_bias_max": 8, "softmax_scale": config.get("softmax_scale")},
+    )
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF directory: model.safetensors, pytorch_model.bin, or their sharded index."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         if (path / index_name).is_file():
             files = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
         elif (path / single).is_file():
@@ -124,8 +137,10 @@ class MosaicGPTFamily(LanguageModelFamily):
 
     def load(self, path, dtype, quantization, device_map=None):
         if quantization is not None:
-            raise ConfigError("model.quantization: the MosaicGPT port (MPT-1B) loads unquantised only; set it "
-                              "to null (the LM is 1.3B parameters)")
+            raise ConfigError(
+                "model.quantization: the MosaicGPT port (MPT-1B) loads unquantised only; set it "
+                "to null (the LM is 1.3B parameters)"
+            )
         directory = Path(path)
         config = mosaic_gpt_config(json.loads((directory / "config.json").read_text()), path)
         lm = MosaicGPTForCausalLM(config)
@@ -134,11 +149,16 @@ class MosaicGPTFamily(LanguageModelFamily):
         state.pop("lm_head.weight", None)  # tied: the same matrix as transformer.wte
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        bad = [f"{k}: file {tuple(state[k].shape)} vs port {tuple(own[k].shape)}"
-               for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+        bad = [
+            f"{k}: file {tuple(state[k].shape)} vs port {tuple(own[k].shape)}"
+            for k in sorted(set(own) & set(state))
+            if state[k].shape != own[k].shape
+        ]
         if missing or unexpected or bad:
-            raise CheckpointError(f"{path}: MosaicGPT weights do not fit the port: missing {missing[:8]}, "
-                                  f"unexpected {unexpected[:8]}, shapes {bad[:4]}")
+            raise CheckpointError(
+                f"{path}: MosaicGPT weights do not fit the port: missing {missing[:8]}, "
+                f"unexpected {unexpected[:8]}, shapes {bad[:4]}"
+            )
         with torch.no_grad():
             for name, tensor in state.items():
                 own[name].copy_(tensor)

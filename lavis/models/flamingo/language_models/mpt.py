@@ -37,8 +37,10 @@ def check_mpt_config(config: dict, path: str, family: str) -> None:
     if attn.get("prefix_lm") or config.get("prefix_lm"):
         problems.append("prefix_lm: true")
     if problems:
-        raise ConfigError(f"model.lang_encoder_path: {path}/config.json ({family}) uses settings the native "
-                          f"port does not implement: {', '.join(problems)}")
+        raise ConfigError(
+            f"model.lang_encoder_path: {path}/config.json ({family}) uses settings the native "
+            f"port does not implement: {', '.join(problems)}"
+        )
 
 
 class MptFamily(LanguageModelFamily):
