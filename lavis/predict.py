@@ -60,16 +60,11 @@ def expand_images(specs: list[str]) -> list[Path]:
 def read_demos(path: str, vqa: bool) -> list[tuple]:
     """(image, caption) or (image, question, answer) tuples of a JSON-lines file, checked line by line."""
     from lavis.common.errors import DataError
+    from lavis.common.fileio import read_json_lines
 
     fields = ("image", "question", "answer") if vqa else ("image", "caption")
     demos = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON: {err}") from None
+    for number, record in read_json_lines(path, "demonstrations file"):
         missing = [f for f in fields if not isinstance(record, dict) or f not in record]
         if missing:
             raise DataError(f"{path}:{number}: a demonstration needs {', '.join(fields)}; missing {', '.join(missing)}")

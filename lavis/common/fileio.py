@@ -144,6 +144,25 @@ def atomic_directory(directory: str | os.PathLike, replace: bool = True) -> Iter
         raise
 
 
+def read_json_lines(path: str | os.PathLike, what: str = "JSON-lines file") -> list[tuple[int, Any]]:
+    """``[(line number, value)]`` of a JSON-lines file (blank lines skipped); a DataError naming ``what``, the
+    file and the line when missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    out = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    out.append((number, json.loads(line)))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number}: not valid JSON ({what}): {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read {what}: {err}") from None
+    return out
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Parse a JSON file; a DataError naming ``what``, the file (and line / column) when missing or malformed."""
     path = Path(path)

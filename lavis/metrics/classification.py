@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from lavis.common.errors import DataError, UserError
+from lavis.common.fileio import read_json_lines
 
 HATEFUL_MEMES_CLASSES = ("no", "yes")
 
@@ -104,30 +105,19 @@ def imagenet_metrics(labels: Sequence[int], class_logprobs, classnames: Sequence
 def read_scores(path: str, num_classes: int) -> tuple[list, list[int], list[list[float]]]:
     """``(ids, labels, class_logprobs)`` from a JSONL scores file; DataError naming the line when malformed."""
     ids, labels, scores = [], [], []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as err:
-        raise DataError(f"cannot read class scores file {path}: {err}") from None
-    with handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {err.msg}") from None
-            if isinstance(rec, dict) and "id" not in rec and "doc_id" in rec:  # a samples_*.jsonl line
-                rec["id"] = rec["doc_id"]
-            if not isinstance(rec, dict) or not {"id", "label", "class_logprobs"} <= set(rec):
-                raise DataError(f"{path}:{lineno}: expected an object with id, label, class_logprobs: {line[:120]}")
-            label, row = rec["label"], rec["class_logprobs"]
-            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
-                raise DataError(f"{path}:{lineno}: label must be a class index in [0, {num_classes}), got {label!r}")
-            if not isinstance(row, list) or len(row) != num_classes:
-                raise DataError(f"{path}:{lineno}: class_logprobs must be a list of {num_classes} numbers")
-            ids.append(rec["id"])
-            labels.append(label)
-            scores.append(row)
+    for lineno, rec in read_json_lines(path, "class scores file"):
+        if isinstance(rec, dict) and "id" not in rec and "doc_id" in rec:  # a samples_*.jsonl line
+            rec["id"] = rec["doc_id"]
+        if not isinstance(rec, dict) or not {"id", "label", "class_logprobs"} <= set(rec):
+            raise DataError(f"{path}:{lineno}: expected an object with id, label, class_logprobs: {rec!r:.120}")
+        label, row = rec["label"], rec["class_logprobs"]
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_classes:
+            raise DataError(f"{path}:{lineno}: label must be a class index in [0, {num_classes}), got {label!r}")
+        if not isinstance(row, list) or len(row) != num_classes:
+            raise DataError(f"{path}:{lineno}: class_logprobs must be a list of {num_classes} numbers")
+        ids.append(rec["id"])
+        labels.append(label)
+        scores.append(row)
     if not ids:
         raise DataError(f"{path}: no samples to score")
     return ids, labels, scores

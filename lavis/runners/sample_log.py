@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lavis.common.errors import DataError
-from lavis.common.fileio import atomic_write_text
+from lavis.common.fileio import atomic_write_text, read_json_lines
 
 # The key of task.evaluate's output that holds per-sample fields (never logged as a metric).
 SAMPLES_KEY = "samples"
@@ -173,21 +173,11 @@ def write_samples(path: str | os.PathLike, samples: Iterable[dict]) -> Path:
 
 def read_samples(path: str | os.PathLike) -> list[dict]:
     """The records of a samples file; DataError naming the file and line when one is not a JSON object."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"sample log not found: {path}")
     samples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON: {err.msg}") from None
-            if not isinstance(sample, dict) or "doc_id" not in sample:
-                raise DataError(f"{path}:{number}: expected an object with a 'doc_id'")
-            samples.append(sample)
+    for number, sample in read_json_lines(path, "sample log"):
+        if not isinstance(sample, dict) or "doc_id" not in sample:
+            raise DataError(f"{path}:{number}: expected an object with a 'doc_id'")
+        samples.append(sample)
     return samples
 
 

@@ -7,12 +7,12 @@ Labels are 0 (not hateful, class "no") and 1 (hateful, class "yes"); ``text`` is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from lavis.common.errors import ConfigError, DataError
+from lavis.common.fileio import read_json_lines
 from lavis.common.registry import registry
 from lavis.datasets.builders.base import BaseBuilder, BuilderConfig, path_or_error, require
 from lavis.datasets.classification import CLASSIFICATION
@@ -39,22 +39,6 @@ class HatefulMemesConfig(BuilderConfig):
     build_info: HatefulMemesBuildInfo = field(default_factory=HatefulMemesBuildInfo)
 
 
-def read_jsonl(path: str, what: str) -> list[dict]:
-    """The records of a JSON-lines file; DataError naming the file and line when missing or malformed."""
-    if not Path(path).is_file():
-        raise DataError(f"{what} not found: {path}")
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({what}): {err.msg}") from None
-    return records
-
-
 @registry.register_builder("hateful_memes")
 class HatefulMemesBuilder(BaseBuilder):
     """Hateful Memes memes with their OCR text and label (see the module docstring)."""
@@ -75,7 +59,7 @@ class HatefulMemesBuilder(BaseBuilder):
         path = str(info.annotations[split])
         images = path_or_error(info.images, f"{self.key_path}.build_info.images")
         records, seen = [], set()
-        for i, rec in enumerate(read_jsonl(path, "Hateful Memes annotation file")):
+        for i, rec in enumerate((v for _, v in read_json_lines(path, "Hateful Memes annotation file"))):
             where = f"line {i + 1}"
             require(rec, ("id", "img", "label", "text"), path, where)
             if rec["label"] not in (0, 1) or isinstance(rec["label"], bool):
