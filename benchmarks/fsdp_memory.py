@@ -70,7 +70,7 @@ def worker(strategy: str, out: Path) -> None:
     phases["built"] = rss_mb()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     strategy_obj = build_strategy(cfg.run, resolve_precision("fp32", info.device), info)
-    train_model = strategy_obj.wrap(model)
+    wrapped_model = strategy_obj.wrap(model)
     phases["wrapped"] = rss_mb()
     optimizer = build_optimizer(model, cfg.run)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -80,7 +80,7 @@ def worker(strategy: str, out: Path) -> None:
     losses = []
     for step in range(STEPS):
         base = 4 * step + 2 * info.rank
-        loss = task.train_step(train_model, collate([dataset[base], dataset[base + 1]]))
+        loss = task.train_step(wrapped_model, collate([dataset[base], dataset[base + 1]]))
         loss.backward()
         strategy_obj.finish_gradients(params)
         strategy_obj.clip_grad_norm_(params, 1.0)

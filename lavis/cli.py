@@ -67,7 +67,7 @@ def prepare_process() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
-def structure_from_checkpoint(cfg, checkpoint: str):
+def adopt_checkpoint_structure(cfg, checkpoint: str):
     """Give ``cfg.model`` what ``checkpoint`` was trained as; returns the resolved checkpoint.
 
     A training checkpoint holds only the trainable weights, named after the adapters that produced them; an
@@ -279,12 +279,12 @@ def evaluate_main(argv=None) -> None:
         trained = None
         if args.print_config:
             if args.checkpoint:
-                structure_from_checkpoint(cfg, args.checkpoint)
+                adopt_checkpoint_structure(cfg, args.checkpoint)
             print_config(cfg)
             return
         prepare_process()
         if args.checkpoint:
-            trained = structure_from_checkpoint(cfg, args.checkpoint)
+            trained = adopt_checkpoint_structure(cfg, args.checkpoint)
         task, model, datasets = build_components(cfg, raw_config(args.cfg_path, args.options))
         from lavis.common import dist
 

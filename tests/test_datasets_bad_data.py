@@ -11,7 +11,7 @@ from test_datasets_builders import EVAL_VIS, write_coco, write_vqa
 from lavis.common.errors import DataError
 from lavis.common.registry import registry
 from lavis.datasets import pack_shards, shards
-from lavis.datasets.base import CAPTION_EVAL, CAPTION_TRAIN
+from lavis.datasets.samples import CAPTION_EVAL, CAPTION_TRAIN
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from lavis.common.config import load_config, read_yaml
 from lavis.common.errors import ConfigError, DataError
 from lavis.common.registry import registry
 from lavis.datasets.builders.vqav2 import most_frequent_answer
-from lavis.runners.fewshot_eval import check_run
+from lavis.runners.fewshot_eval import splits_to_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -197,7 +197,7 @@ def test_shipped_fewshot_caption_config_builds_its_demo_pool_and_refuses_to_scor
     datasets = {"coco_caption": registry.get("builder", "coco_caption")(section).build_datasets()}
     assert datasets["coco_caption"]["train"].annotation_file is None
     assert datasets["coco_caption"]["train"].sample_ids() == [1, 2, 3]
-    assert check_run(cfg.run, datasets) == ["test"]  # the scored split has its ground truth
+    assert splits_to_evaluate(cfg.run, datasets) == ["test"]  # the scored split has its ground truth
     # Scoring a split that has none is refused before any generation, naming the key to set.
     run = OmegaConf.merge(cfg.run, {"test_splits": ["train"]})
     with pytest.raises(
@@ -205,7 +205,7 @@ def test_shipped_fewshot_caption_config_builds_its_demo_pool_and_refuses_to_scor
         match=r"datasets\.coco_caption\.build_info\.annotations\.train: split 'train' "
         r"is evaluated .* no ground-truth captions file",
     ):
-        check_run(run, datasets)
+        splits_to_evaluate(run, datasets)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "lavis" / "configs" / "datasets"

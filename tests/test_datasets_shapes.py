@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from lavis.common.errors import ConfigError
 from lavis.common.registry import registry
-from lavis.datasets import shapes
+from lavis.datasets import synthetic_shapes
 from lavis.datasets.builders.shapes import caption_build_info, ensure_shapes, vqa_build_info
 
 torch.set_num_threads(1)
@@ -28,9 +28,9 @@ def _digest(root: Path) -> dict:
 
 
 def test_generation_is_deterministic_per_seed(tmp_path):
-    a = shapes.write_shapes(tmp_path / "a", 12, seed=3)
-    shapes.write_shapes(tmp_path / "b", 12, seed=3)
-    shapes.write_shapes(tmp_path / "c", 12, seed=4)
+    a = synthetic_shapes.write_shapes(tmp_path / "a", 12, seed=3)
+    synthetic_shapes.write_shapes(tmp_path / "b", 12, seed=3)
+    synthetic_shapes.write_shapes(tmp_path / "c", 12, seed=4)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
     assert a["split_sizes"] == {"train": 10, "val": 1, "test": 1}
@@ -39,28 +39,30 @@ def test_generation_is_deterministic_per_seed(tmp_path):
 
 def test_content_of_an_id_does_not_depend_on_the_number_of_images():
     for index in range(5):
-        assert shapes.sample_scene(1, index, 64) == shapes.sample_scene(1, index, 64)
-        assert shapes.captions(shapes.sample_scene(1, index, 64)) == shapes.captions(shapes.sample_scene(1, index, 64))
-    scenes = [shapes.sample_scene(1, i, 64) for i in range(30)]
+        assert synthetic_shapes.sample_scene(1, index, 64) == synthetic_shapes.sample_scene(1, index, 64)
+        assert synthetic_shapes.captions(synthetic_shapes.sample_scene(1, index, 64)) == synthetic_shapes.captions(
+            synthetic_shapes.sample_scene(1, index, 64)
+        )
+    scenes = [synthetic_shapes.sample_scene(1, i, 64) for i in range(30)]
     assert len({s["layout"] for s in scenes}) == 3 and len({x["color"] for s in scenes for x in s["shapes"]}) == 6
 
 
 def test_words_come_from_the_fixed_vocabulary():
     words = set()
     for index in range(200):
-        scene = shapes.sample_scene(0, index, 64)
-        for text in shapes.captions(scene):
+        scene = synthetic_shapes.sample_scene(0, index, 64)
+        for text in synthetic_shapes.captions(scene):
             words |= set(re.findall(r"[a-z0-9]+|[.,?:]", text))
-        for question, answer, _, _ in shapes.questions(scene, 0, index):
+        for question, answer, _, _ in synthetic_shapes.questions(scene, 0, index):
             words |= set(re.findall(r"[a-z0-9]+|[.,?:]", question))
             assert " " not in answer
             words.add(answer)
-    assert words <= shapes.VOCABULARY, words - shapes.VOCABULARY
+    assert words <= synthetic_shapes.VOCABULARY, words - synthetic_shapes.VOCABULARY
 
 
 def test_real_readers_read_the_generated_files(tmp_path):
     root = tmp_path / "shapes"
-    shapes.write_shapes(root, 10, seed=0)
+    synthetic_shapes.write_shapes(root, 10, seed=0)
     caps = registry.get("builder", "coco_caption")(
         {"build_info": caption_build_info(root), "vis_processor": VIS}
     ).build_datasets()
@@ -85,8 +87,8 @@ def test_oracle_captions_score_high_cider_and_wrong_colours_do_not():
     def tokens(text):
         return " ".join(re.findall(r"[a-z0-9]+", text))
 
-    scenes = [shapes.sample_scene(0, i, 64) for i in range(60)]
-    refs = {i: [tokens(c) for c in shapes.captions(s)] for i, s in enumerate(scenes)}
+    scenes = [synthetic_shapes.sample_scene(0, i, 64) for i in range(60)]
+    refs = {i: [tokens(c) for c in synthetic_shapes.captions(s)] for i, s in enumerate(scenes)}
     oracle = {i: [refs[i][3]] for i in refs}
     swapped = {i: [refs[(i + 1) % len(refs)][3]] for i in refs}  # another image's content
     good, _ = Cider().compute_score(refs, oracle)
@@ -121,8 +123,8 @@ def test_existing_root_with_other_settings_is_not_overwritten(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    assert shapes.main(["--out", str(tmp_path / "cli"), "--num-images", "4", "--seed", "2"]) == 0
+    assert synthetic_shapes.main(["--out", str(tmp_path / "cli"), "--num-images", "4", "--seed", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 2
     assert (tmp_path / "cli" / "annotations" / "dataset_coco.json").is_file()
     with pytest.raises(SystemExit):
-        shapes.main(["--out", str(tmp_path / "cli"), "--num-images", "4"])
+        synthetic_shapes.main(["--out", str(tmp_path / "cli"), "--num-images", "4"])

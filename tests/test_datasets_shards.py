@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lavis.common.registry import registry
-from lavis.datasets import pack_shards, shapes, shards
-from lavis.datasets.base import CAPTION_TRAIN, VQA
+from lavis.datasets import pack_shards, shards, synthetic_shapes
 from lavis.datasets.builders.shapes import caption_build_info, vqa_build_info
+from lavis.datasets.samples import CAPTION_TRAIN, VQA
 
 torch.set_num_threads(1)
 VIS = {"train": {"name": "clip_image_eval", "image_size": 16}, "eval": {"name": "clip_image_eval", "image_size": 16}}
@@ -17,7 +17,7 @@ VIS = {"train": {"name": "clip_image_eval", "image_size": 16}, "eval": {"name": 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("wds") / "shapes"
-    shapes.write_shapes(root, 13, seed=5)
+    synthetic_shapes.write_shapes(root, 13, seed=5)
     return root
 
 

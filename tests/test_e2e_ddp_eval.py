@@ -96,7 +96,7 @@ class ClaimsAnExtraId(ToyRegressionDataset):
 
 def test_evaluation_records_missing_an_id_fail_with_the_split_and_the_id(tmp_path):
     cfg = make_cfg(tmp_path)
-    info = dist.init_distributed("cpu")
+    dist_info = dist.init_distributed("cpu")
     with pytest.raises(DataError) as err:
         evaluate_split(
             task=ToyRegressionTask(cfg),
@@ -104,7 +104,7 @@ def test_evaluation_records_missing_an_id_fail_with_the_split_and_the_id(tmp_pat
             dataset=ClaimsAnExtraId(7),
             dataset_name="toy",
             split="val",
-            info=info,
+            dist_info=dist_info,
             precision=resolve_precision("fp32", torch.device("cpu")),
             batch_size=3,
         )

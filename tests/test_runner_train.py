@@ -232,12 +232,12 @@ def test_a_bug_in_task_evaluate_keeps_its_traceback_under_ddp(tmp_path, monkeypa
     monkeypatch.setattr(dist, "check_coverage", lambda *a, **k: None)
     # Rank 0 re-raises the original exception, logged with its traceback.
     with caplog.at_level("ERROR", logger="lavis"), pytest.raises(ZeroDivisionError, match="bug in the metric"):
-        evaluate_split(info=DistInfo(0, 2, 0, torch.device("cpu")), **args)
+        evaluate_split(dist_info=DistInfo(0, 2, 0, torch.device("cpu")), **args)
     assert "rank 0 failed to score toy.val" in caplog.text and "Traceback" in caplog.text
     # Another rank receives rank 0's summary.
     monkeypatch.setattr(dist, "broadcast_object", lambda obj: {"error": _RemoteError("rank 0 failed: boom")})
     with pytest.raises(_RemoteError, match="rank 0 failed"):
-        evaluate_split(info=DistInfo(1, 2, 1, torch.device("cpu")), **args)
+        evaluate_split(dist_info=DistInfo(1, 2, 1, torch.device("cpu")), **args)
 
 
 def two_datasets_with_val() -> dict:

@@ -53,9 +53,9 @@ def test_fsdp_refuses_mixed_stored_dtypes_in_fp32_at_start_up():
     from lavis.runners.precision import resolve_precision
 
     run = OmegaConf.create({"strategy": "fsdp", "evaluate": False})
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    dist_info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).to(torch.bfloat16))
     with pytest.raises(ConfigError, match="run.amp=bf16"):
-        build_strategy(run, resolve_precision("fp32", info.device), info).place(model)
+        build_strategy(run, resolve_precision("fp32", dist_info.device), dist_info).place(model)
     # With bf16 compute the unit is gathered in bf16: accepted.
-    assert build_strategy(run, resolve_precision("bf16", info.device), info).place(model) is model
+    assert build_strategy(run, resolve_precision("bf16", dist_info.device), dist_info).place(model) is model

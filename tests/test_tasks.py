@@ -150,7 +150,7 @@ def test_agg_metric_must_be_a_score_of_the_chosen_metrics():
 
 
 def test_evaluating_a_checkpoint_builds_the_adapters_it_was_trained_with(tmp_path):
-    from lavis.cli import structure_from_checkpoint
+    from lavis.cli import adopt_checkpoint_structure
     from lavis.common.config import load_config
     from lavis.runners.checkpoint import save_checkpoint
 
@@ -159,7 +159,7 @@ def test_evaluating_a_checkpoint_builds_the_adapters_it_was_trained_with(tmp_pat
     path = save_checkpoint(tmp_path / "step.pt", {"model": {}, "config": OmegaConf.to_container(trained)})
     cfg = load_config(repo / "configs/demo/shapes_eval.yaml")
     assert cfg.model.adapters.method is None  # the eval config describes the plain pretrained model
-    structure_from_checkpoint(cfg, str(path))
+    adopt_checkpoint_structure(cfg, str(path))
     assert cfg.model.adapters == trained.model.adapters and cfg.model.trainable == trained.model.trainable
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from lavis.common.errors import DataError
-from lavis.datasets.base import SampleFormat
 from lavis.datasets.collators import FlamingoCollator
 from lavis.datasets.prompts import DEMOS_KEY, PromptTemplate, check_text_field
+from lavis.datasets.samples import SampleFormat
 
 
 def _classification_item(record: dict, image: torch.Tensor, text) -> dict:

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from lavis.common.errors import ConfigError, DataError
-from lavis.datasets.base import DatasetView
 from lavis.datasets.prompts import DEMOS_KEY, TEXT_ONLY_DEMOS_KEY
 from lavis.datasets.rices import RICES, item_ids
+from lavis.datasets.samples import DatasetView
 
 logger = logging.getLogger(__name__)
 

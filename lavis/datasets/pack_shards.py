@@ -31,7 +31,7 @@ from pathlib import Path
 
 from lavis.common.errors import DataError, UserError
 from lavis.common.fileio import atomic_writer
-from lavis.datasets.base import SampleFormat, describe_record
+from lavis.datasets.samples import SampleFormat, describe_record
 
 
 def group_by_image(records: list[dict]) -> list[tuple[str, list[dict]]]:

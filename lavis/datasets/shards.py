@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lavis.common.errors import DataError
-from lavis.datasets.base import BadSample, SampleFormat, SampleSource, decode_image, describe_record
+from lavis.datasets.samples import BadSample, SampleFormat, SampleSource, decode_image, describe_record
 
 __all__ = [
     "IMAGE_EXTENSIONS",

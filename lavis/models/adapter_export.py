@@ -22,7 +22,7 @@ from torch import nn
 from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_directory
 from lavis.models.adapters import peft_models, unwrap_model
-from lavis.models.quantization import is_quantized
+from lavis.models.language_model import is_quantized
 
 
 def _lm_wrapper(model: nn.Module):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lavis.common.errors import ConfigError
-from lavis.models.quantization import is_quantized
+from lavis.models.language_model import is_quantized
 
 logger = logging.getLogger(__name__)
 

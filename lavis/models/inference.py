@@ -28,7 +28,7 @@ ANSWER_DECODING = {"num_beams": 3, "max_new_tokens": 5, "length_penalty": -2.0}
 
 
 def _open_image(image, where: str):
-    from lavis.datasets.base import decode_image
+    from lavis.datasets.samples import decode_image
 
     if isinstance(image, (str, Path)):
         return decode_image(str(image), where)

@@ -34,7 +34,7 @@ def evaluate_split(
     dataset,
     dataset_name: str,
     split: str,
-    info,
+    dist_info,
     precision,
     batch_size: int,
     num_workers: int = 0,
@@ -51,7 +51,16 @@ def evaluate_split(
     model.eval()
     try:
         records = predict_records(
-            task, model, dataset, info.device, precision, batch_size, key, info.rank, info.world_size, num_workers
+            task,
+            model,
+            dataset,
+            dist_info.device,
+            precision,
+            batch_size,
+            key,
+            dist_info.rank,
+            dist_info.world_size,
+            num_workers,
         )
     finally:
         model.train(was_training)
@@ -59,7 +68,7 @@ def evaluate_split(
     gathered = dist.gather_records(records)
     outcome: dict
     local_error: Exception | None = None
-    if info.is_main:
+    if dist_info.is_main:
         try:
             unique = dist.dedup_records(gathered, key)
             if hasattr(dataset, "sample_ids"):
@@ -74,7 +83,7 @@ def evaluate_split(
         except UserError as err:
             outcome = {"error": err}
         except Exception as err:  # noqa: BLE001 - re-raised below, on rank 0 as itself
-            if not info.distributed:
+            if not dist_info.distributed:
                 raise
             # The other ranks wait on the broadcast, so they get a summary; rank 0 logs the traceback
             # and re-raises the original exception (its traceback intact) once they have it.

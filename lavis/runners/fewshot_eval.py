@@ -27,8 +27,8 @@ from lavis.common import dist
 from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
-from lavis.datasets.base import DatasetView
 from lavis.datasets.fewshot import RICES, FewShotDataset
+from lavis.datasets.samples import DatasetView
 from lavis.models.trained import checkpoint_fingerprint, load_trained_weights, model_label
 from lavis.report import report_after_run
 from lavis.runners import eval_cache
@@ -70,7 +70,7 @@ def query_subset(dataset, num_samples: int | None, seed: int):
     return QuerySubset(dataset, sorted(int(i) for i in chosen))
 
 
-def check_run(run, datasets) -> list[str]:
+def splits_to_evaluate(run, datasets) -> list[str]:
     """The splits to evaluate, after checking the run section against the built datasets (ConfigError)."""
     if run.num_trials < 1 or len(run.trial_seeds) < run.num_trials:
         raise ConfigError(f"run.trial_seeds: {run.num_trials} trial(s) need as many seeds, got {list(run.trial_seeds)}")
@@ -137,21 +137,21 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=None) -> dict 
     Returns the table, or None when SIGTERM stopped the evaluation (finished work is in the cache).
     """
     run = cfg.run
-    splits = check_run(run, datasets)
-    info = dist.init_distributed(run.device, run.dist_timeout_s)
-    precision = resolve_precision(run.amp, info.device)
+    splits = splits_to_evaluate(run, datasets)
+    dist_info = dist.init_distributed(run.device, run.dist_timeout_s)
+    precision = resolve_precision(run.amp, dist_info.device)
     fingerprints, fingerprint = evaluation_fingerprints(cfg, checkpoint)
     paths = evaluation_run_dir(run, cfg, fingerprint)
-    setup_logging(info.rank, paths.log)
+    setup_logging(dist_info.rank, paths.log)
     if checkpoint:
         load_trained_weights(model, checkpoint)  # any checkpoint kind: lavis/models/trained.py
-    model.to(info.device).eval()
+    model.to(dist_info.device).eval()
     label = model_label(cfg, checkpoint)
     started = time.time()
-    metrics_log = MetricsLog(paths.metrics, enabled=info.is_main)
-    cache = eval_cache.ResponseCache(paths.run_dir, info.rank).load()
+    metrics_log = MetricsLog(paths.metrics, enabled=dist_info.is_main)
+    cache = eval_cache.ResponseCache(paths.run_dir, dist_info.rank).load()
     stop = eval_cache.StopFlag().install()
-    context = _Context(run, task, model, info, precision, paths, label, metrics_log, cache, stop, fingerprint)
+    context = _Context(run, task, model, dist_info, precision, paths, label, metrics_log, cache, stop, fingerprint)
     try:
         table, results_rows, n_samples = _evaluate_all(context, datasets, splits)
     except eval_cache.EvaluationInterrupted:
@@ -165,7 +165,7 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=None) -> dict 
         stop.uninstall()
         cache.close()
         metrics_log.close()
-    if info.is_main:
+    if dist_info.is_main:
         write_table(table, paths.run_dir)
         results = build_results(table["model"], results_rows, n_samples, _plain_config(cfg), fingerprints, started)
         atomic_write_json(paths.run_dir / "results.json", results, indent=2)
@@ -233,8 +233,8 @@ def evaluation_run_dir(run, cfg, fingerprint: str) -> RunPaths:
 class _Context:
     """What every cell of one evaluation shares."""
 
-    def __init__(self, run, task, model, info, precision, paths, label, metrics_log, cache, stop, fingerprint):
-        self.run, self.task, self.model, self.info, self.precision = run, task, model, info, precision
+    def __init__(self, run, task, model, dist_info, precision, paths, label, metrics_log, cache, stop, fingerprint):
+        self.run, self.task, self.model, self.dist_info, self.precision = run, task, model, dist_info, precision
         self.paths, self.label, self.metrics_log = paths, label, metrics_log
         self.cache, self.stop, self.fingerprint = cache, stop, fingerprint
 
@@ -248,7 +248,7 @@ def _evaluate_all(ctx: _Context, datasets, splits) -> tuple[dict, dict, dict]:
     n_samples: dict = {}
     for name, by_split in datasets.items():
         pool = by_split[run.demo_split]
-        rices = _rices_index(run, ctx.model, pool, name, ctx.paths.run_dir, ctx.info.device, ctx.label)
+        rices = _rices_index(run, ctx.model, pool, name, ctx.paths.run_dir, ctx.dist_info.device, ctx.label)
         for split in splits:
             queries = query_subset(by_split[split], run.num_samples, run.trial_seeds[0])
             n_samples[f"{name}/{split}"] = {"original": len(by_split[split]), "effective": len(queries)}
@@ -282,7 +282,7 @@ def _evaluate_all(ctx: _Context, datasets, splits) -> tuple[dict, dict, dict]:
                     )
                     trials.append({"trial": trial, "seed": run.trial_seeds[trial], **metrics})
                 row[str(shots)] = _table_cell(trials)
-                if ctx.info.is_main:
+                if ctx.dist_info.is_main:
                     detail[str(shots)] = cell_summary(trials, files)
             table["rows"][f"{name}/{split}"] = row
             table["metrics"][f"{name}/{split}"] = metric_name(ctx.task, by_split[split])
@@ -293,7 +293,7 @@ def _evaluate_all(ctx: _Context, datasets, splits) -> tuple[dict, dict, dict]:
 def _evaluate_cell(ctx: _Context, name: str, tag: str, fewshot, samples_path: Path) -> dict:
     """The metrics of one (dataset, split, shots, trial) cell: from the cache when it finished before."""
     key = eval_cache.cell_key(ctx.fingerprint, name, tag, list(fewshot.sample_ids()))
-    done = ctx.cache.cell(key) if ctx.info.is_main and samples_path.is_file() else None
+    done = ctx.cache.cell(key) if ctx.dist_info.is_main and samples_path.is_file() else None
     done = dist.broadcast_object(done)  # rank 0 decides, so every rank skips or runs the same cells
     if done is not None:
         log.info("%s %s: finished in a previous run (response cache)", name, tag)
@@ -307,7 +307,7 @@ def _evaluate_cell(ctx: _Context, name: str, tag: str, fewshot, samples_path: Pa
             dataset=fewshot,
             dataset_name=name,
             split=tag,
-            info=ctx.info,
+            dist_info=ctx.dist_info,
             precision=ctx.precision,
             batch_size=ctx.run.batch_size_eval,
             num_workers=ctx.run.num_workers,
@@ -316,7 +316,7 @@ def _evaluate_cell(ctx: _Context, name: str, tag: str, fewshot, samples_path: Pa
         )
     )
     log.info("eval %s %s: %s", name, tag, format_metrics(metrics))
-    if ctx.info.is_main:
+    if ctx.dist_info.is_main:
         ctx.cache.put_cell(key, metrics)
     return metrics
 

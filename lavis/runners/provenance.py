@@ -79,7 +79,7 @@ def device_names(device: torch.device) -> list[str]:
     return [platform.processor() or platform.machine() or "cpu"]
 
 
-def invocation(info) -> dict:
+def invocation(dist_info) -> dict:
     """This process's invocation record (see the module docstring)."""
     code = Path(__file__).resolve().parent.parent.parent
     return {
@@ -87,9 +87,9 @@ def invocation(info) -> dict:
         "cwd": os.getcwd(),
         "git": git_state(code) or git_state(Path.cwd()),
         "versions": package_versions(),
-        "devices": device_names(info.device),
-        "device": str(info.device),
-        "world_size": info.world_size,
+        "devices": device_names(dist_info.device),
+        "device": str(dist_info.device),
+        "world_size": dist_info.world_size,
         "host": socket.gethostname(),
         "start_time": _now(),
         "end_time": None,
@@ -107,14 +107,14 @@ def _read(run_dir: Path) -> dict:
     return {"invocations": []}
 
 
-def start_invocation(paths, cfg, info, model=None) -> None:
+def start_invocation(paths, cfg, dist_info, model=None) -> None:
     """Record this invocation in run_info.json, its config in the history (and as config.yaml on resume),
     and the trainable-parameter summary in log.txt. Rank 0 only."""
-    if not info.is_main:
+    if not dist_info.is_main:
         return
     run_dir = paths.run_dir
     record = _read(run_dir)
-    entry = invocation(info)
+    entry = invocation(dist_info)
     number = len(record["invocations"]) + 1
     text = (
         OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else OmegaConf.to_yaml(OmegaConf.create(cfg))
@@ -140,9 +140,9 @@ def start_invocation(paths, cfg, info, model=None) -> None:
         log_trainable_parameters(model)
 
 
-def finish_invocation(paths, info, status: str, summary: dict | None = None) -> None:
+def finish_invocation(paths, dist_info, status: str, summary: dict | None = None) -> None:
     """Close this invocation's record: end time, status and the summary. Rank 0 only."""
-    if not info.is_main or not (paths.run_dir / RUN_INFO).is_file():
+    if not dist_info.is_main or not (paths.run_dir / RUN_INFO).is_file():
         return
     record = _read(paths.run_dir)
     if record["invocations"]:

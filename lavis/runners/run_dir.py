@@ -46,7 +46,7 @@ class RunPaths:
         return self.run_dir / "log.txt"
 
 
-def _decide(run_cfg) -> tuple[Path, Path | None]:
+def _run_dir_and_resume_checkpoint(run_cfg) -> tuple[Path, Path | None]:
     output_dir = Path(run_cfg.output_dir).expanduser().resolve()
     resume = run_cfg.resume_ckpt_path
     if resume and not run_cfg.evaluate:
@@ -102,7 +102,7 @@ def prepare_run_dir(run_cfg, cfg) -> RunPaths:
     outcome = None
     if dist.is_main_process():
         try:
-            run_dir, resume_from = _decide(run_cfg)
+            run_dir, resume_from = _run_dir_and_resume_checkpoint(run_cfg)
             for sub in (run_dir, run_dir / CHECKPOINT_DIR, run_dir / RESULTS_DIR):
                 sub.mkdir(parents=True, exist_ok=True)
             # Left by writes that a kill interrupted (for the 9B model each is gigabytes); nothing writes now.

@@ -68,10 +68,10 @@ class RunnerBase:
         check_splits(run, datasets)
         self.best_split = run.best_split or (run.valid_splits[0] if run.valid_splits else None)
         self.best_dataset = None if run.evaluate else resolve_best_dataset(run, datasets, self.best_split)
-        self.info = dist.init_distributed(run.device, run.dist_timeout_s)
-        self.precision = resolve_precision(run.amp, self.info.device)
-        self.strategy = build_strategy(run, self.precision, self.info)
-        ckpt.set_seed(run.seed + self.info.rank)
+        self.dist_info = dist.init_distributed(run.device, run.dist_timeout_s)
+        self.precision = resolve_precision(run.amp, self.dist_info.device)
+        self.strategy = build_strategy(run, self.precision, self.dist_info)
+        ckpt.set_seed(run.seed + self.dist_info.rank)
         self.model = self.strategy.place(model)
         self.paths = prepare_run_dir(run, cfg)
         # A checkpoint to resume is read and checked against the config now, before anything is logged
@@ -79,10 +79,10 @@ class RunnerBase:
         self._resume_state = None
         if self.paths.resume_from is not None and not run.evaluate:
             self._resume_state = self._read_resume_state(self.paths.resume_from)
-        setup_logging(self.info.rank, self.paths.log if self.info.is_main else None)
+        setup_logging(self.dist_info.rank, self.paths.log if self.dist_info.is_main else None)
         self.metrics = MetricsLog(
             self.paths.metrics,
-            enabled=self.info.is_main,
+            enabled=self.dist_info.is_main,
             wandb_cfg=run.wandb,
             tensorboard_dir=self.paths.run_dir / "tensorboard" if run.tensorboard else None,
             run_name=self.paths.run_dir.name,
@@ -97,13 +97,13 @@ class RunnerBase:
         log.info(
             "run directory: %s (%d process(es), %s, %s)",
             self.paths.run_dir,
-            self.info.world_size,
-            self.info.device,
+            self.dist_info.world_size,
+            self.dist_info.device,
             run.amp,
         )
         self._started = time.time()
-        self.progress = Progress(self.info.device)
-        provenance.start_invocation(self.paths, cfg, self.info, self.model)  # run_info.json, config history
+        self.progress = Progress(self.dist_info.device)
+        provenance.start_invocation(self.paths, cfg, self.dist_info, self.model)  # run_info.json, config history
 
     # --- planning ---------------------------------------------------------------------------------------
 
@@ -131,17 +131,17 @@ class RunnerBase:
             self.task.collator(self.model, "train"),
             batch_size=run.batch_size_train,
             accum=run.accum_grad_iters,
-            rank=self.info.rank,
-            world_size=self.info.world_size,
+            rank=self.dist_info.rank,
+            world_size=self.dist_info.world_size,
             seed=run.seed,
             num_workers=run.num_workers,
-            pin_memory=self.info.device.type == "cuda",
+            pin_memory=self.dist_info.device.type == "cuda",
         )
         self.stream = stream
         self.steps_per_period, self.total_steps = self.plan(stream)
         check_warmup(run, self.total_steps)
         # Wrapped first: FSDP replaces the parameters by their shards, which the optimizer must hold.
-        self.train_model = self._wrap_ddp(self.model)
+        self.wrapped_model = self._wrap_ddp(self.model)
         self.optimizer = build_optimizer(self.model, run)
         self.schedule = build_lr_schedule(self.optimizer, run, self.total_steps, self.steps_per_period)
         self.scaler = self.strategy.grad_scaler()
@@ -167,7 +167,7 @@ class RunnerBase:
                 summary["test"] = self._final_test()
         except BaseException:
             self._failed = True  # close() then leaves the process group without waiting for the peers
-            provenance.finish_invocation(self.paths, self.info, "failed")
+            provenance.finish_invocation(self.paths, self.dist_info, "failed")
             raise
         finally:
             self.metrics.close()
@@ -175,7 +175,7 @@ class RunnerBase:
         # which train.py calls in a finally; a process that exits without it may still cut a peer's receive.
         dist.barrier()
         summary["summary"] = provenance.end_of_run_summary(self, status, self._started)
-        provenance.finish_invocation(self.paths, self.info, status, summary["summary"])
+        provenance.finish_invocation(self.paths, self.dist_info, status, summary["summary"])
         log.info("%s", provenance.format_summary(summary["summary"]))
         return summary
 
@@ -195,7 +195,7 @@ class RunnerBase:
                 dataset=by_split[split],
                 dataset_name=name,
                 split=split,
-                info=self.info,
+                dist_info=self.dist_info,
                 precision=self.precision,
                 batch_size=self.run_cfg.batch_size_eval,
                 num_workers=self.run_cfg.num_workers,
@@ -207,7 +207,7 @@ class RunnerBase:
             if self.schedule is not None:
                 record["lr"] = self.schedule.base_lr(max(0, self.global_step - 1))
             self.metrics.write({**record, **metrics})
-            if self.info.is_main:  # one results file per evaluation, beside the latest
+            if self.dist_info.is_main:  # one results file per evaluation, beside the latest
                 provenance.keep_results(self.paths.results, since, split, epoch, at_step)
             log.info("eval %s.%s at step %s: %s", name, split, record["step"], format_metrics(metrics))
         if not found:
@@ -225,7 +225,7 @@ class RunnerBase:
         self._closed = True
         self.metrics.close()
         # The DDP reducer holds the process group: drop it before the group is destroyed.
-        self.train_model = self.model
+        self.wrapped_model = self.model
         gc.collect()
         dist.destroy(wait=not self._failed)
 
@@ -233,7 +233,7 @@ class RunnerBase:
 
     def _train_loop(self) -> str:
         run = self.run_cfg
-        bar = progress_bar(self.total_steps, self.global_step, self.info.is_main and run.progress_bar)
+        bar = progress_bar(self.total_steps, self.global_step, self.dist_info.is_main and run.progress_bar)
         restore_signal = self._install_sigterm()
         self.model.train()  # a model may arrive in eval mode (HF from_pretrained); evaluation restores the mode
         status = "finished"
@@ -288,19 +288,19 @@ class RunnerBase:
         see objective.py), the gradient norm and the lr.
         """
         accum = len(micro_batches)
-        world = self.info.world_size
+        world = self.dist_info.world_size
         # Counted on the CPU batches, before they move to the device: the weights need no device sync.
         weights = micro_batch_weights(
             self.run_cfg.loss_reduction, [self.task.loss_count(b) for b in micro_batches], world
         )
         loss_share = None
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
-            batch = move_to_device(batch, self.info.device)
+            batch = move_to_device(batch, self.dist_info.device)
             last = i == accum - 1
             # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once, on the last micro-batch.
-            with self.strategy.gradient_sync(self.train_model, last):
+            with self.strategy.gradient_sync(self.wrapped_model, last):
                 with self.precision.autocast():
-                    loss = self.task.train_step(self.train_model, batch) * weight
+                    loss = self.task.train_step(self.wrapped_model, batch) * weight
                 # DDP and FSDP average the gradients over ranks: x world makes their sum the objective's gradient.
                 self.scaler.scale(loss * world).backward()
             loss_share = loss.detach() if loss_share is None else loss_share + loss.detach()
@@ -333,7 +333,7 @@ class RunnerBase:
 
     def _log_train(self, period: int, loss: torch.Tensor, grad_norm, lr: float, bar) -> None:
         # The only host sync of the loop: once per log_freq steps. The shares of the ranks sum to the loss.
-        loss = (dist.all_reduce_mean(loss.float()) * self.info.world_size).item()
+        loss = (dist.all_reduce_mean(loss.float()) * self.dist_info.world_size).item()
         record = {"epoch": period, "step": self.global_step, "split": "train", "lr": lr, "loss": loss}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -367,7 +367,7 @@ class RunnerBase:
             return
         self.best = {"metric": value, "step": self.global_step}
         weights = self.strategy.gather_trainable_state_dict(self.model)  # a collective under fsdp
-        if self.info.is_main:
+        if self.dist_info.is_main:
             ckpt.save_checkpoint(
                 self.paths.checkpoints / ckpt.BEST_NAME,
                 weights_state(weights, config_dict(self.cfg), self.global_step, dict(self.best, split=split, key=key)),
@@ -380,7 +380,7 @@ class RunnerBase:
         rng_states = dist.gather_objects(ckpt.capture_rng_state())
         if self.strategy.sharded_checkpoints:
             return self._save_sharded(rng_states)
-        if not self.info.is_main:
+        if not self.dist_info.is_main:
             return None
         state = self._train_state(
             rng_states, model=ckpt.trainable_state_dict(self.model), optimizer=self.optimizer.state_dict()
@@ -391,11 +391,11 @@ class RunnerBase:
 
     def _save_sharded(self, rng_states):
         # Every rank writes its shards of the weights and optimizer state; rank 0 the rest (run.strategy=fsdp).
-        state = self._train_state(rng_states).state_dict() if self.info.is_main else None
+        state = self._train_state(rng_states).state_dict() if self.dist_info.is_main else None
         path = sharded.save(
             sharded.step_checkpoint_dir(self.paths.run_dir, self.global_step), self.model, self.optimizer, state
         )
-        if self.info.is_main:
+        if self.dist_info.is_main:
             ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
         dist.barrier()
         return path
@@ -410,7 +410,7 @@ class RunnerBase:
             scheduler=self.schedule.state_dict(),
             scaler=self.scaler.state_dict(),
             rng=rng_states,
-            world_size=self.info.world_size,
+            world_size=self.dist_info.world_size,
             best=dict(self.best),
             model_state=self.model.training_state(),
             model=model,
@@ -454,15 +454,15 @@ class RunnerBase:
         self.stream.seek(state.data_epoch, state.position)
         self.best = state.best
         self.metrics.truncate(state.metrics_lines)
-        if state.world_size == self.info.world_size:
-            ckpt.restore_rng_state(state.rng[self.info.rank])
+        if state.world_size == self.dist_info.world_size:
+            ckpt.restore_rng_state(state.rng[self.dist_info.rank])
         else:
             log.warning(
                 "%s was written by %d process(es), resuming with %d: the data order and random streams "
                 "differ from the original run%s",
                 path,
                 state.world_size,
-                self.info.world_size,
+                self.dist_info.world_size,
                 "; the sharded weights and optimizer state were re-sharded" if sharded_dir else "",
             )
         log.info("resumed from %s at step %d", path, self.global_step)

@@ -244,7 +244,7 @@ def pop_samples(metrics: dict) -> dict:
 
 def _image_files(dataset) -> tuple[Any, dict | None, list | None]:
     """``(image dataset, {sample_id: image file}, [image file per index])`` of a (wrapped) dataset."""
-    from lavis.datasets.base import ImageDataset
+    from lavis.datasets.samples import ImageDataset
 
     # Unwrap FewShotDataset (query_ds), QuerySubset and InContextTrainingDataset (dataset); a data set that
     # is not built from image files (webdataset shards) has no files to name.

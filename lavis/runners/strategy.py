@@ -45,28 +45,28 @@ class TrainingStrategy:
     # Whether step checkpoints are DCP directories written by every rank (sharded_checkpoint.py).
     sharded_checkpoints = False
 
-    def __init__(self, run, precision: Precision, info: dist.DistInfo):
+    def __init__(self, run, precision: Precision, dist_info: dist.DistInfo):
         self.run = run
         self.precision = precision
-        self.info = info
+        self.dist_info = dist_info
 
     def place(self, model: nn.Module) -> nn.Module:
         """Put the freshly built model on this rank's device (before ``wrap``)."""
-        return model.to(self.info.device)
+        return model.to(self.dist_info.device)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to train through (``model`` itself when there is nothing to wrap)."""
-        if not self.info.distributed:
+        if not self.dist_info.distributed:
             return model
-        return dist.wrap_ddp(model, self.info.device, self.run.find_unused_parameters)
+        return dist.wrap_ddp(model, self.dist_info.device, self.run.find_unused_parameters)
 
-    def gradient_sync(self, train_model: nn.Module, enabled: bool):
+    def gradient_sync(self, wrapped_model: nn.Module, enabled: bool):
         """Context for one micro-batch's forward/backward: with ``enabled`` False no gradient is communicated."""
         from torch.nn.parallel import DistributedDataParallel
 
-        if enabled or not isinstance(train_model, DistributedDataParallel):
+        if enabled or not isinstance(wrapped_model, DistributedDataParallel):
             return contextlib.nullcontext()
-        return train_model.no_sync()
+        return wrapped_model.no_sync()
 
     def finish_gradients(self, params: list[torch.Tensor]) -> None:
         """Called once per step after the last backward (the reduction already happened under DDP)."""
@@ -87,8 +87,8 @@ class TrainingStrategy:
         """``trainable_state_dict`` on rank 0, None elsewhere; every rank calls it (a collective under fsdp)."""
         if self.sharded_checkpoints:
             sd = self.trainable_state_dict(model)
-            return sd if self.info.is_main else None
-        return self.trainable_state_dict(model) if self.info.is_main else None
+            return sd if self.dist_info.is_main else None
+        return self.trainable_state_dict(model) if self.dist_info.is_main else None
 
     def load_trainable_state_dict(self, model: nn.Module, sd: dict, source: str) -> None:
         """Load full trainable weights (a best.pt or single-file checkpoint) into the (wrapped) model."""
@@ -101,8 +101,8 @@ class FSDPStrategy(TrainingStrategy):
     name = "fsdp"
     sharded_checkpoints = True
 
-    def __init__(self, run, precision: Precision, info: dist.DistInfo):
-        super().__init__(run, precision, info)
+    def __init__(self, run, precision: Precision, dist_info: dist.DistInfo):
+        super().__init__(run, precision, dist_info)
         self.replicated: list[nn.Parameter] = []  # trainable parameters kept out of sharding (AdaLoRA)
 
     def place(self, model: nn.Module) -> nn.Module:
@@ -110,10 +110,10 @@ class FSDPStrategy(TrainingStrategy):
         # it, so the device never holds more than one unit in full (full fine-tuning of a 9B model would not
         # fit a V100 whole). Evaluation-only runs are not sharded (see the README).
         self._check(model)  # at start-up, before any work
-        return model.to(self.info.device) if self.run.evaluate else model
+        return model.to(self.dist_info.device) if self.run.evaluate else model
 
     def _check(self, model: nn.Module) -> None:
-        from lavis.models.quantization import is_quantized
+        from lavis.models.language_model import is_quantized
 
         if isinstance(model, Flamingo) and is_quantized(model.lang_encoder):
             raise ConfigError(
@@ -133,15 +133,15 @@ class FSDPStrategy(TrainingStrategy):
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         self._check(model)
-        _ensure_process_group(self.info)
-        mesh = init_device_mesh(self.info.device.type, (self.info.world_size,))
+        _ensure_process_group(self.dist_info)
+        mesh = init_device_mesh(self.dist_info.device.type, (self.dist_info.world_size,))
         mp_policy = self._mp_policy(model)
         # As DDP does: every rank starts from rank 0's trainable weights (randomly initialised adapters and
         # Flamingo parts may differ between processes); frozen weights are loaded identically everywhere.
         # The model is still where it was built (see place); nccl broadcasts from the device, one tensor at a time.
-        if self.info.world_size > 1:
+        if self.dist_info.world_size > 1:
             for p in (p for p in model.parameters() if p.requires_grad):
-                on_device = p.data.to(self.info.device)
+                on_device = p.data.to(self.dist_info.device)
                 tdist.broadcast(on_device, src=0)
                 if on_device is not p.data:
                     p.data.copy_(on_device)
@@ -150,7 +150,7 @@ class FSDPStrategy(TrainingStrategy):
         # fully_shard moves what it manages to the device; these it leaves alone, so they are moved here.
         self.replicated = replicated_parameters(model)
         for p in self.replicated:
-            p.data = p.data.to(self.info.device)
+            p.data = p.data.to(self.dist_info.device)
         ignored = set(self.replicated) or None
         units = shard_units(model, self.run.fsdp_shard_vision)
         reshard = bool(self.run.fsdp_reshard_after_forward)
@@ -175,7 +175,7 @@ class FSDPStrategy(TrainingStrategy):
         log.info(
             "fsdp: %d unit(s) + root over %d process(es), reshard_after_forward=%s, param dtype %s%s",
             len(units),
-            self.info.world_size,
+            self.dist_info.world_size,
             reshard,
             mp_policy.param_dtype or "as stored",
             f", {len(self.replicated)} AdaLoRA tensor(s) replicated" if self.replicated else "",
@@ -192,18 +192,18 @@ class FSDPStrategy(TrainingStrategy):
         # float32 shards (master weights).
         return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
-    def gradient_sync(self, train_model: nn.Module, enabled: bool):
+    def gradient_sync(self, wrapped_model: nn.Module, enabled: bool):
         # Without sync the unsharded gradients accumulate locally; the reduce-scatter runs on the last micro-batch.
-        train_model.set_requires_gradient_sync(enabled)
+        wrapped_model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
     def finish_gradients(self, params: list[torch.Tensor]) -> None:
-        if not self.replicated or self.info.world_size == 1:
+        if not self.replicated or self.dist_info.world_size == 1:
             return
         for p in self.replicated:  # the mean over ranks, as DDP and FSDP's reduce-scatter (gloo has no AVG)
             if p.grad is not None:
                 tdist.all_reduce(p.grad)
-                p.grad.div_(self.info.world_size)
+                p.grad.div_(self.dist_info.world_size)
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
@@ -218,7 +218,7 @@ class FSDPStrategy(TrainingStrategy):
         if whole:
             squares.append(torch.nn.utils.get_total_norm(whole, 2.0) ** 2)
         if not squares:
-            return torch.zeros((), device=self.info.device)
+            return torch.zeros((), device=self.dist_info.device)
         total = torch.stack(squares).sum().sqrt()
         for group in (sharded, whole):
             if group:
@@ -232,7 +232,7 @@ class FSDPStrategy(TrainingStrategy):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         # Agrees across ranks on an inf/NaN found in any rank's shard, so that all skip the same steps.
-        return ShardedGradScaler(self.info.device.type)
+        return ShardedGradScaler(self.dist_info.device.type)
 
     def trainable_state_dict(self, model: TrainableModel) -> dict[str, torch.Tensor]:
         from torch.distributed.tensor import DTensor
@@ -264,11 +264,15 @@ class FSDPStrategy(TrainingStrategy):
                 p.copy_(value)
 
 
-def build_strategy(run, precision: Precision, info: dist.DistInfo) -> TrainingStrategy:
+def build_strategy(run, precision: Precision, dist_info: dist.DistInfo) -> TrainingStrategy:
     """The strategy ``run.strategy`` names."""
     if run.strategy not in STRATEGIES:
         raise ConfigError(f"run.strategy: expected one of {list(STRATEGIES)}, got {run.strategy!r}")
-    return FSDPStrategy(run, precision, info) if run.strategy == "fsdp" else TrainingStrategy(run, precision, info)
+    return (
+        FSDPStrategy(run, precision, dist_info)
+        if run.strategy == "fsdp"
+        else TrainingStrategy(run, precision, dist_info)
+    )
 
 
 # --- the sharding plan -----------------------------------------------------------------------------------
@@ -334,14 +338,14 @@ def merge_tied(units: list[list[nn.Module]]) -> list[list[nn.Module]]:
     return list(groups.values())
 
 
-def _ensure_process_group(info: dist.DistInfo) -> None:
+def _ensure_process_group(dist_info: dist.DistInfo) -> None:
     # FSDP needs a process group even in a single process (torchrun with 1 process, or plain python):
     # a group of one keeps the code path and the DTensor state the same as with several processes.
     if tdist.is_initialized():
         return
-    if info.world_size != 1:
+    if dist_info.world_size != 1:
         raise RuntimeError("run.strategy=fsdp: the process group was not initialised")
-    backend = "nccl" if info.device.type == "cuda" else "gloo"
+    backend = "nccl" if dist_info.device.type == "cuda" else "gloo"
     tdist.init_process_group(
         backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=600)
     )

@@ -121,7 +121,7 @@ def checkpointing_gradients(runner) -> list[str]:
         torch.manual_seed(0)
         model = tiny_model(adapters=LORA, trainable=TRAINABLE["full"])
         model.set_gradient_checkpointing(checkpointing)
-        model = FSDPStrategy(runner.run_cfg, runner.precision, runner.info).wrap(model)
+        model = FSDPStrategy(runner.run_cfg, runner.precision, runner.dist_info).wrap(model)
         model.train()
         dataset = CaptionLikeDataset(4, model.image_size, seed=2)
         batch = runner.task.collator(model, "train")([dataset[2 * rank], dataset[2 * rank + 1]])

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lavis.common.errors import ConfigError, DataError
 from lavis.common.schema import check_mapping
-from lavis.datasets.base import ImageDataset, SampleFormat
 from lavis.datasets.processors import build_processor
+from lavis.datasets.samples import ImageDataset, SampleFormat
 
 logger = logging.getLogger(__name__)
 

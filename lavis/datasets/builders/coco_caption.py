@@ -28,7 +28,6 @@ from typing import Any, Optional
 from lavis.common.errors import ConfigError, DataError
 from lavis.common.fileio import read_json
 from lavis.common.registry import registry
-from lavis.datasets.base import CAPTION_EVAL, CAPTION_TRAIN
 from lavis.datasets.builders.base import (
     BaseBuilder,
     BuilderConfig,
@@ -36,6 +35,7 @@ from lavis.datasets.builders.base import (
     require,
     require_list,
 )
+from lavis.datasets.samples import CAPTION_EVAL, CAPTION_TRAIN
 
 logger = logging.getLogger(__name__)
 

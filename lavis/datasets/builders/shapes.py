@@ -2,7 +2,7 @@
 
 ``shapes_caption`` is ``coco_caption`` and ``shapes_vqa`` is ``vqav2`` with their
 ``build_info`` derived from ``root``. When ``root`` does not hold the set yet it is
-generated there (lavis.datasets.shapes). Under DDP every rank builds its
+generated there (lavis.datasets.synthetic_shapes). Under DDP every rank builds its
 datasets: a file lock serialises them and the generator renames a finished
 temporary folder into place, so no rank ever reads a half-written set. An
 existing ``root`` generated with other settings is an error, never overwritten.
@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from lavis.common.errors import ConfigError, DataError
 from lavis.common.registry import registry
-from lavis.datasets import shapes
+from lavis.datasets import synthetic_shapes
 from lavis.datasets.builders.coco_caption import CaptionConfig, CocoCaptionBuilder
 from lavis.datasets.builders.vqav2 import VQAConfig, VQAv2Builder
 
@@ -41,7 +41,7 @@ def ensure_shapes(opts) -> Path:
     """The folder of the shapes set described by ``opts``, generated there if absent."""
     root = Path(opts.root)
     wanted = {
-        "version": shapes.VERSION,
+        "version": synthetic_shapes.VERSION,
         "seed": opts.seed,
         "num_images": opts.num_images,
         "image_size": opts.image_size,
@@ -53,7 +53,9 @@ def ensure_shapes(opts) -> Path:
         if not root.exists():
             logger.info("generating the shapes set into %s (%d images, seed %d)", root, opts.num_images, opts.seed)
             try:
-                shapes.write_shapes(root, opts.num_images, opts.seed, opts.image_size, tuple(wanted["fractions"]))
+                synthetic_shapes.write_shapes(
+                    root, opts.num_images, opts.seed, opts.image_size, tuple(wanted["fractions"])
+                )
             except ValueError as err:
                 raise ConfigError(f"shapes: {err}") from None
     manifest_path = root / "shapes.json"
@@ -75,7 +77,7 @@ def caption_build_info(root: Path) -> dict:
     return {
         "images": str(root / "images"),
         "karpathy_file": str(ann / "dataset_coco.json"),
-        "annotations": {s: str(ann / f"captions_shapes_{s}.json") for s in shapes.SPLITS},
+        "annotations": {s: str(ann / f"captions_shapes_{s}.json") for s in synthetic_shapes.SPLITS},
         "shards": {},
     }
 
@@ -90,7 +92,7 @@ def vqa_build_info(root: Path) -> dict:
             "image_name_format": "COCO_{data_subtype}_{image_id:012d}.png",
             "shards": None,
         }
-        for s in shapes.SPLITS
+        for s in synthetic_shapes.SPLITS
     }
 
 

@@ -1,7 +1,7 @@
 """Builders of the suite's synthetic stand-ins: generate on first use, then read with the real readers.
 
 ``shapes_<name>`` is builder ``<name>`` (flickr30k, okvqa, textvqa, vizwiz, hateful_memes, imagenet) with its
-files derived from ``suite.root`` (lavis.datasets.shapes_suite writes them there, in each data set's own
+files derived from ``suite.root`` (lavis.datasets.synthetic_suite writes them there, in each data set's own
 format). Generation is serialised by a file lock and published by one rename, as for the shapes set; an
 existing root generated with other settings is an error, never overwritten.
 """
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from lavis.common.errors import ConfigError, DataError
 from lavis.common.registry import registry
-from lavis.datasets import shapes_suite
+from lavis.datasets import synthetic_suite
 from lavis.datasets.builders.flickr30k import Flickr30kBuilder, Flickr30kConfig
 from lavis.datasets.builders.hateful_memes import HatefulMemesBuilder, HatefulMemesConfig
 from lavis.datasets.builders.imagenet import ImageNetBuilder, ImageNetConfig
@@ -43,7 +43,7 @@ def ensure_suite(opts) -> Path:
     """The folder of the stand-ins described by ``opts``, generated there if absent."""
     root = Path(opts.root)
     wanted = {
-        "version": shapes_suite.VERSION,
+        "version": synthetic_suite.VERSION,
         "seed": opts.seed,
         "num_images": opts.num_images,
         "image_size": opts.image_size,
@@ -55,7 +55,7 @@ def ensure_suite(opts) -> Path:
         if not root.exists():
             logger.info("generating the suite stand-ins into %s (%d scenes, seed %d)", root, opts.num_images, opts.seed)
             try:
-                shapes_suite.write_suite(root, opts.num_images, opts.seed, opts.image_size, wanted["val_fraction"])
+                synthetic_suite.write_suite(root, opts.num_images, opts.seed, opts.image_size, wanted["val_fraction"])
             except ValueError as err:
                 raise ConfigError(f"suite: {err}") from None
     manifest_path = root / "suite.json"
@@ -83,7 +83,7 @@ def _vqa_info(name: str):
                     "image_name_format": "COCO_{data_subtype}_{image_id:012d}.png",
                     "shards": None,
                 }
-                for s in shapes_suite.SPLITS
+                for s in synthetic_suite.SPLITS
             }
         images = {"textvqa": lambda s: base / "train_images", "vizwiz": lambda s: base / s}[name]
         return {
@@ -94,7 +94,7 @@ def _vqa_info(name: str):
                 "image_name_format": "{image_id}.png" if name == "textvqa" else "{image_id}",
                 "shards": None,
             }
-            for s in shapes_suite.SPLITS
+            for s in synthetic_suite.SPLITS
         }
 
     return make
@@ -180,7 +180,7 @@ ShapesHatefulMemesBuilder = _register(
 
 def _imagenet_point_at(self, root: Path) -> None:
     self.cfg.root = str(root / "imagenet")
-    self.cfg.classnames = list(shapes_suite.IMAGENET_CLASSES)
+    self.cfg.classnames = list(synthetic_suite.IMAGENET_CLASSES)
 
 
 ShapesImageNetBuilder = _register("imagenet", ImageNetBuilder, ShapesImageNetConfig, None, point_at=_imagenet_point_at)

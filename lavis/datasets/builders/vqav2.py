@@ -25,7 +25,6 @@ from typing import Any, Optional
 from lavis.common.errors import ConfigError, DataError
 from lavis.common.fileio import read_json
 from lavis.common.registry import registry
-from lavis.datasets.base import VQA
 from lavis.datasets.builders.base import (
     BaseBuilder,
     BuilderConfig,
@@ -33,6 +32,7 @@ from lavis.datasets.builders.base import (
     require,
     require_list,
 )
+from lavis.datasets.samples import VQA
 
 
 @dataclass

@@ -55,8 +55,8 @@ class LanguageModelFamily:
         return self.checkpoint_renames.get(key, key)
 
     def load(self, path: str, dtype: torch.dtype, quantization, device_map=None) -> nn.Module:
-        """The causal LM of a local directory, natively (see lavis.models.quantization.load_language_model)."""
-        from lavis.models.quantization import load_language_model
+        """The causal LM of a local directory, natively (see lavis.models.language_model.load_language_model)."""
+        from lavis.models.language_model import load_language_model
 
         return load_language_model(path, dtype, quantization, device_map)
 

@@ -21,7 +21,7 @@ Image ``i`` (id ``i + 1``) depends only on ``(seed, i)``, so ids and content are
 stable for a seed whatever the number of images. Splits take the first
 ``train``, then ``val``, then ``test`` fractions of the ids.
 
-CLI: ``python -m lavis.datasets.shapes --out DIR --num-images N [--seed S]``.
+CLI: ``python -m lavis.datasets.synthetic_shapes --out DIR --num-images N [--seed S]``.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def _generate(root: Path, num_images: int, seed: int, image_size: int, fractions
         _write_json(root / "vqa" / f"v2_mscoco_{subtype}_annotations.json", {**common, "annotations": vqa_anns})
     _write_json(root / "annotations" / "dataset_coco.json", {"images": karpathy, "dataset": "coco"})
     manifest = {
-        "generator": "lavis.datasets.shapes",
+        "generator": "lavis.datasets.synthetic_shapes",
         "version": VERSION,
         "seed": seed,
         "num_images": num_images,

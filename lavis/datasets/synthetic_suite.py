@@ -1,6 +1,6 @@
 """Synthetic stand-ins of OpenFlamingo's evaluation suite, in each data set's own file format.
 
-From the shapes scenes (lavis.datasets.shapes: same drawings, captions and questions) this writes, under
+From the shapes scenes (lavis.datasets.synthetic_shapes: same drawings, captions and questions) this writes, under
 one folder::
 
     flickr30k/dataset_flickr30k.json, dataset_flickr30k_coco_style.json, flickr30k-images/<id>.png
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from lavis.common.fileio import atomic_directory
-from lavis.datasets import shapes
+from lavis.datasets import synthetic_shapes
 
 VERSION = 1
 SPLITS = ("train", "val")
 DATASETS = ("flickr30k", "okvqa", "textvqa", "vizwiz", "hateful_memes", "imagenet")
-IMAGENET_CLASSES = [f"{c} {s}" for c in shapes.COLORS for s in shapes.SHAPES]
+IMAGENET_CLASSES = [f"{c} {s}" for c in synthetic_shapes.COLORS for s in synthetic_shapes.SHAPES]
 
 
 def _write_json(path: Path, obj) -> None:
@@ -42,7 +42,7 @@ def _write_json(path: Path, obj) -> None:
 
 def _save(scene: dict, size: int, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    shapes.draw_scene(scene, size).save(path)
+    synthetic_shapes.draw_scene(scene, size).save(path)
 
 
 def _split_of(index: int, num_images: int, val_fraction: float) -> str:
@@ -51,11 +51,11 @@ def _split_of(index: int, num_images: int, val_fraction: float) -> str:
 
 def _vqa_rows(scene: dict, seed: int, index: int, image_id, vizwiz: bool):
     """(question record, annotation answers, question_type, answer_type) of each shapes question."""
-    rows = shapes.questions(scene, seed, index)
+    rows = synthetic_shapes.questions(scene, seed, index)
     if vizwiz:
         rng = np.random.default_rng([seed, index, 2])
         taken = {(s["color"], s["shape"]) for s in scene["shapes"]}
-        absent = [k for k in shapes.SHAPES if all(k != t[1] for t in taken)]
+        absent = [k for k in synthetic_shapes.SHAPES if all(k != t[1] for t in taken)]
         if absent and rng.random() < 0.5:
             rows = rows[:4] + [(f"what color is the {absent[0]}?", "unanswerable", "unanswerable", "unanswerable")]
     return rows
@@ -119,7 +119,7 @@ def _flickr30k(root: Path, scenes: list, size: int) -> None:
         filename = f"{image_id}.png"
         _save(scene, size, root / "flickr30k-images" / filename)
         sentences = []
-        for caption in shapes.captions(scene):
+        for caption in synthetic_shapes.captions(scene):
             sentences.append({"tokens": caption.rstrip(".").split(), "raw": caption, "imgid": index, "sentid": sent_id})
             coco_anns.append({"image_id": image_id, "id": sent_id, "caption": caption})
             sent_id += 1
@@ -151,7 +151,9 @@ def _hateful_memes(root: Path, scenes: list, seed: int, size: int) -> None:
         label = int(rng.random() < 0.5)
         color = shape["color"]
         if label:  # a false statement about the image
-            color = [c for c in shapes.COLORS if c != color][int(rng.integers(len(shapes.COLORS) - 1))]
+            color = [c for c in synthetic_shapes.COLORS if c != color][
+                int(rng.integers(len(synthetic_shapes.COLORS) - 1))
+            ]
         lines[scene["split"]].append(
             {"id": meme_id, "img": f"img/{meme_id}.png", "label": label, "text": f"the {shape['shape']} is {color}"}
         )
@@ -183,7 +185,7 @@ def write_suite(
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     scenes = []
     for index in range(num_images):
-        scene = shapes.sample_scene(seed, index, image_size)
+        scene = synthetic_shapes.sample_scene(seed, index, image_size)
         scene["split"] = _split_of(index, num_images, val_fraction)
         scenes.append((index, scene))
     with atomic_directory(out, replace=False) as tmp:
@@ -194,7 +196,7 @@ def write_suite(
         _hateful_memes(tmp / "hateful_memes", scenes, seed, image_size)
         _imagenet(tmp / "imagenet", scenes, image_size)
         manifest = {
-            "generator": "lavis.datasets.shapes_suite",
+            "generator": "lavis.datasets.synthetic_suite",
             "version": VERSION,
             "seed": seed,
             "num_images": num_images,

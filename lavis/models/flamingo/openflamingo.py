@@ -40,8 +40,8 @@ from lavis.models.flamingo.tokenizer import (
 )
 from lavis.models.flamingo.vision import build_vision_tower, tiny_vision_tower
 from lavis.models.inference import InferenceMixin
+from lavis.models.language_model import resolve_dtype
 from lavis.models.master_weights import cast_frozen_parameters, upcast_trainable_parameters
-from lavis.models.quantization import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
