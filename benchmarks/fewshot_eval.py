@@ -15,7 +15,9 @@ Same model weights, same queries, same demonstrations (``FewShotDataset``, rando
 - **project**: ``lavis.runners.eval_batches.predict_records``, the pass ``evaluate.py`` runs for every
   shot count and trial: length-bucketed batches, each distinct image encoded once (media cache, cleared
   before every timed run so that no run profits from an earlier one), media keys/values once per
-  generate call shared by the beams, no attention where no token attends an image, SDPA.
+  generate call shared by the beams, no attention where no token attends an image, SDPA, and a KV cache
+  reserved once per call (tokens written in place, beams reordered without allocation) instead of HF's
+  concatenating ``DynamicCache``.
 
 Both sides must produce the same caption for every query (asserted), and the images must steer the
 output (asserted: blank images give other tokens). Runs alternate (reference, project, reference, ...);
@@ -47,6 +49,7 @@ from lavis.datasets.builders.shapes import ShapesCaptionBuilder
 from lavis.datasets.fewshot import FewShotDataset
 from lavis.metrics.postprocess import postprocess_caption
 from lavis.models import build_model
+from lavis.models.flamingo import flamingo as flamingo_network
 from lavis.models.flamingo.perceiver import merge_heads, split_heads
 from lavis.runners.eval_batches import predict_records, shared_media_cache
 from lavis.runners.precision import resolve_precision
@@ -126,8 +129,8 @@ def reference_computation(model, beams: int):
     encode = model.encode_vision
     patched = [
         (model, "encode_vision", lambda vision_x: encode(vision_x.repeat_interleave(beams, dim=0))),
-        # HF's own prompt pass, on every beam row: an empty cache instead of the once-per-sample prefix.
-        (model, "_prefill_once", lambda *args: DynamicCache()),
+        # HF's own prompt pass, on every beam row, instead of the once-per-sample prefix.
+        (model, "_prefill_once", lambda *args: None),
     ]
     for block in model.gated_cross_attn_layers.values():
         attn = block.attn
@@ -141,9 +144,13 @@ def reference_computation(model, beams: int):
         )
     for obj, name, fn in patched:
         setattr(obj, name, fn)
+    # HF's own growing cache (concatenation per token, index_select per beam reorder).
+    reserved = flamingo_network.reserved_cache
+    flamingo_network.reserved_cache = lambda config, capacity: DynamicCache(config=config)
     try:
         yield
     finally:
+        flamingo_network.reserved_cache = reserved
         for obj, name, _ in patched:
             delattr(obj, name)
 

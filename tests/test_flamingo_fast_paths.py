@@ -134,3 +134,46 @@ def test_prompt_run_once_per_sample_generates_what_the_per_beam_prompt_does(sema
     assert torch.equal(once, plain)
     # The prefix ran on the 4 samples, then every call fed one token per beam row.
     assert calls[0] == (4, ids.shape[1] - 1) and all(shape == (12, 1) for shape in calls[1:])
+
+
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_reserved_kv_cache_generates_what_hf_dynamic_cache_does(monkeypatch, semantics, num_beams):
+    """The cache reserved per generate call (in-place writes, beam reorder by gather into a spare buffer)
+    gives the tokens of HF's concatenating DynamicCache, on the tiny OpenFlamingo with left padding."""
+    from transformers import DynamicCache
+
+    from lavis.models.flamingo import flamingo as network
+
+    model = build_model(tiny_cfg(xattn_semantics=semantics)).eval()
+    open_gates(model, 1.5)
+    vision_x, ids, mask = prompts_batch(model, PROMPTS)
+    settings = {"num_beams": num_beams, "max_new_tokens": 12, "min_new_tokens": 4, "length_penalty": -1.0}
+    reserve = network.reserved_cache
+    # Capacity 1: the buffers must also grow correctly when a call outlives its reservation.
+    for tight in (False, True):
+        if tight:
+            monkeypatch.setattr(network, "reserved_cache", lambda config, _: reserve(config, 1))
+        reserved = model.generate(vision_x, ids, mask, **settings)
+        with monkeypatch.context() as m:
+            m.setattr(network, "reserved_cache", lambda config, _: DynamicCache(config=config))
+            dynamic = model.generate(vision_x, ids, mask, **settings)
+        assert torch.equal(reserved, dynamic)
+
+
+def test_reserved_layer_reorders_beams_like_index_select():
+    from lavis.models.flamingo.kv_cache import ReservedLayer
+
+    torch.manual_seed(0)
+    layer = ReservedLayer(capacity=3)
+    k, v = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
+    layer.update(k[:, :, :2], v[:, :, :2])
+    layer.update(k[:, :, 2:], v[:, :, 2:])  # past the capacity: the buffers grow
+    order = torch.tensor([2, 2, 0, 1])
+    layer.reorder_cache(order)
+    assert torch.equal(layer.keys, k[order]) and torch.equal(layer.values, v[order])
+    before = layer.keys.data_ptr()
+    layer.reorder_cache(torch.arange(4))  # every beam continues itself: nothing moves
+    assert layer.keys.data_ptr() == before and torch.equal(layer.keys, k[order])
+    layer.update(k[:, :, :1], v[:, :, :1])
+    assert layer.get_seq_length() == 6 and torch.equal(layer.keys[:, :, 5], k[:, :, 0])

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from transformers import DynamicCache, GenerationConfig
+from transformers import GenerationConfig
 
 from lavis.common.errors import DataError
 from lavis.models.base import TrainableModel
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
+from lavis.models.flamingo.kv_cache import reserved_cache
 from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.perceiver import PerceiverResampler
 from lavis.models.flamingo.vision import patch_tokens
@@ -265,15 +266,18 @@ class Flamingo(TrainableModel):
         with self.conditioned_on(media):
             extra = {}
             expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+            capacity = lang_x.shape[1] + (config.max_new_tokens or 0)
+            if config.use_cache is not False:
+                extra["cache"] = reserved_cache(self.lang_encoder.config, capacity)
             if expand > 1 and config.use_cache is not False and lang_x.shape[1] > 1:
-                extra["cache"] = self._prefill_once(lang_x, attention_mask, expand)
+                self._prefill_once(lang_x, attention_mask, expand, extra["cache"])
             out = self.lang_encoder.generate(
                 input_ids=lang_x, attention_mask=attention_mask, generation_config=config, **extra
             )
         return pad_after_eos(out[:, lang_x.shape[1] :], config.eos_token_id, config.pad_token_id)
 
-    def _prefill_once(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, expand: int):
-        """The KV cache of every prompt but its last token, computed once per sample, repeated per beam.
+    def _prefill_once(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, expand: int, cache) -> None:
+        """Fill ``cache`` with every prompt token but the last, computed once per sample, repeated per beam.
 
         HF generation would run the prompt once per beam row (identical rows); here the prefix runs on
         the B samples, its cache is repeated ``expand`` times, and generation feeds only the last prompt
@@ -282,7 +286,6 @@ class Flamingo(TrainableModel):
         mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         self._cond.prompt_index = media_index(lang_x, self.media_token_id, self.xattn_semantics)
-        cache = DynamicCache(config=self.lang_encoder.config)
         self.lang_encoder(
             input_ids=lang_x[:, :-1],
             attention_mask=mask[:, :-1],
@@ -292,7 +295,6 @@ class Flamingo(TrainableModel):
             logits_to_keep=1,
         )
         cache.batch_repeat_interleave(expand)
-        return cache
 
     # ------------------------------------------------------------------ training helpers
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:

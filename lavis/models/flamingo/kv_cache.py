@@ -1,0 +1,103 @@
+"""A KV cache for one ``generate`` call whose storage is reserved once for the prompt and every new token.
+
+HF's ``DynamicCache`` concatenates each new token onto the whole cache (a full copy per layer and step)
+and reorders beams with ``index_select`` into fresh tensors. Here every layer owns two buffers sized for
+the whole call: a token is written in place, a beam reorder gathers into the other buffer (one copy, no
+allocation) and is skipped when every beam continues itself. The values are exactly the same as with
+``DynamicCache``; only where they are stored differs.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class ReservedLayer(DynamicLayer):
+    """One layer's keys/values in buffers of ``capacity`` positions (grown by doubling if ever exceeded)."""
+
+    is_croppable = False
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self._buffers: list[torch.Tensor] = []  # [keys, values], then the spare pair for reordering
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._buffers = [self._empty(key_states, self.capacity), self._empty(value_states, self.capacity)]
+        self.length = 0
+        self._publish()
+        self.is_initialized = True
+
+    @staticmethod
+    def _empty(like: torch.Tensor, capacity: int) -> torch.Tensor:
+        b, h, _, d = like.shape
+        return like.new_empty((b, h, capacity, d))
+
+    def _publish(self) -> None:
+        # What attention reads: views of the filled part (SDPA takes strided keys/values).
+        self.keys = self._buffers[0][:, :, : self.length]
+        self.values = self._buffers[1][:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._buffers[0].shape[2]:
+            self._resize(max(end, 2 * self._buffers[0].shape[2]))
+        self._buffers[0][:, :, self.length : end] = key_states
+        self._buffers[1][:, :, self.length : end] = value_states
+        self.length = end
+        self._publish()
+        return self.keys, self.values
+
+    def _resize(self, capacity: int) -> None:
+        old = self._buffers[:2]
+        self._buffers = [self._empty(t, capacity) for t in old]
+        for new, t in zip(self._buffers, old):
+            new[:, :, : self.length] = t[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.length == 0:
+            return
+        beam_idx = beam_idx.to(self.device)
+        if torch.equal(beam_idx, torch.arange(beam_idx.shape[0], device=self.device)):
+            return  # every beam continued itself
+        if len(self._buffers) == 2:
+            self._buffers += [torch.empty_like(t) for t in self._buffers]
+        keys, values, spare_k, spare_v = self._buffers
+        torch.index_select(keys[:, :, : self.length], 0, beam_idx, out=spare_k[:, :, : self.length])
+        torch.index_select(values[:, :, : self.length], 0, beam_idx, out=spare_v[:, :, : self.length])
+        self._buffers = [spare_k, spare_v, keys, values]
+        self._publish()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._buffers = [t.repeat_interleave(repeats, dim=0) for t in self._buffers[:2]]
+            self._publish()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._buffers = [t[indices] for t in self._buffers[:2]]
+            self._publish()
+
+
+def reserved_cache(config, capacity: int) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` whose full-attention layers reserve ``capacity`` positions.
+
+    Layers of another kind (sliding windows) keep HF's own implementation.
+    """
+    cache = DynamicCache(config=config)
+    if cache.layers:
+        cache.layers = [ReservedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    else:  # the config did not list its layers: HF would append DynamicLayers on first use
+        cache.layer_class_to_replicate = None
+        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        cache.layers = [ReservedLayer(capacity) for _ in range(num_layers)]
+    return cache
