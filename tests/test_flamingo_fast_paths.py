@@ -177,3 +177,22 @@ def test_reserved_layer_reorders_beams_like_index_select():
     assert layer.keys.data_ptr() == before and torch.equal(layer.keys, k[order])
     layer.update(k[:, :, :1], v[:, :, :1])
     assert layer.get_seq_length() == 6 and torch.equal(layer.keys[:, :, 5], k[:, :, 0])
+
+
+def test_reserved_layer_after_repeat_moves_only_the_generated_positions_and_stays_exact():
+    from lavis.models.flamingo.kv_cache import ReservedLayer
+
+    torch.manual_seed(0)
+    layer = ReservedLayer(capacity=8)
+    prefix_k, prefix_v = torch.randn(2, 2, 4, 3), torch.randn(2, 2, 4, 3)
+    layer.update(prefix_k, prefix_v)
+    layer.batch_repeat_interleave(3)  # 2 samples x 3 beams
+    k = torch.cat((prefix_k.repeat_interleave(3, dim=0), torch.randn(6, 2, 2, 3)), dim=2)
+    v = torch.cat((prefix_v.repeat_interleave(3, dim=0), torch.randn(6, 2, 2, 3)), dim=2)
+    layer.update(k[:, :, 4:], v[:, :, 4:])
+    within = torch.tensor([1, 1, 0, 5, 3, 3])  # each sample's beams permuted among themselves
+    layer.reorder_cache(within)
+    assert torch.equal(layer.keys, k[within]) and torch.equal(layer.values, v[within])
+    across = torch.tensor([3, 0, 0, 5, 1, 2])  # not something beam search does: the full gather handles it
+    layer.reorder_cache(across)
+    assert torch.equal(layer.keys, k[within][across]) and torch.equal(layer.values, v[within][across])

@@ -3,7 +3,10 @@
 HF's ``DynamicCache`` concatenates each new token onto the whole cache (a full copy per layer and step)
 and reorders beams with ``index_select`` into fresh tensors. Here every layer owns two buffers sized for
 the whole call: a token is written in place, a beam reorder gathers into the other buffer (one copy, no
-allocation) and is skipped when every beam continues itself. The values are exactly the same as with
+allocation) and is skipped when every beam continues itself. When the prompt's prefix was computed once
+per sample and repeated per beam (``batch_repeat_interleave``), those positions hold identical copies in
+the rows of a sample, and beam search only ever permutes the rows of one sample: a reorder then moves
+only the positions after the prefix (the generated tokens). The values are exactly the same as with
 ``DynamicCache``; only where they are stored differs.
 """
 
@@ -24,6 +27,9 @@ class ReservedLayer(DynamicLayer):
         self.capacity = capacity
         self.length = 0
         self._buffers: list[torch.Tensor] = []  # [keys, values], then the spare pair for reordering
+        # Positions [0, shared) are identical in each group of `group` adjacent rows (one sample's beams).
+        self.shared = 0
+        self.group = 1
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -67,8 +73,16 @@ class ReservedLayer(DynamicLayer):
         if self.length == 0:
             return
         beam_idx = beam_idx.to(self.device)
-        if torch.equal(beam_idx, torch.arange(beam_idx.shape[0], device=self.device)):
+        rows = torch.arange(beam_idx.shape[0], device=self.device)
+        if torch.equal(beam_idx, rows):
             return  # every beam continued itself
+        if self.shared and torch.equal(beam_idx // self.group, rows // self.group):
+            # Within-sample permutation: the shared prefix is the same in every row it could come from.
+            keys, values = self._buffers[:2]
+            span = slice(self.shared, self.length)
+            keys[:, :, span] = keys[:, :, span].index_select(0, beam_idx)
+            values[:, :, span] = values[:, :, span].index_select(0, beam_idx)
+            return
         if len(self._buffers) == 2:
             self._buffers += [torch.empty_like(t) for t in self._buffers]
         keys, values, spare_k, spare_v = self._buffers
@@ -80,11 +94,16 @@ class ReservedLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             self._buffers = [t.repeat_interleave(repeats, dim=0) for t in self._buffers[:2]]
+            if self.group == 1:
+                self.shared, self.group = self.length, repeats
+            else:  # repeated twice: keep no claim rather than a wrong one
+                self.shared, self.group = 0, 1
             self._publish()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self._buffers = [t[indices] for t in self._buffers[:2]]
+            self.shared, self.group = 0, 1
             self._publish()
 
 
