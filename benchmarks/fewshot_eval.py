@@ -15,7 +15,7 @@ Same model weights, same queries, same demonstrations (``FewShotDataset``, rando
 - **project**: ``lavis.runners.eval_batches.predict_records``, the pass ``evaluate.py`` runs for every
   shot count and trial: length-bucketed batches, each distinct image encoded once (media cache, cleared
   before every timed run so that no run profits from an earlier one), media keys/values once per
-  generate call shared by the beams, no attention where no token attends an image, SDPA, and a KV cache
+  generate call shared by the beams, no attention where no token attends an image, and a KV cache
   reserved once per call (tokens written in place, beams reordered without allocation) instead of HF's
   concatenating ``DynamicCache``.
 

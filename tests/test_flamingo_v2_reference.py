@@ -26,13 +26,17 @@ REF = Path(__file__).parent / "fixtures" / "openflamingo_v2_reference"
 FAMILIES = ["mpt", "gptneox"]
 GEN_CASES = ["interleaved_leftpad", "vqa_fewshot"]
 EOC = 500
-# Logit tolerance of the README (atol = rtol = 1e-4), except for GPT-NeoX: there our logits differ from the
-# reference by up to 1.35e-4 (vqa_fewshot; 1.22e-4 interleaved_leftpad, 8.0e-5 cached_scoring), from
-# transformers 5.24's GPT-NeoX arithmetic vs the reference's 4.36 on this deliberately sharp-attention model
-# (the README measured 1.6e-5 between the two versions on the bare LM; with 5.24's eager attention instead
-# of SDPA we are further off, 4.2e-4). MPT stays below 6e-5. Every generated id still matches exactly and
-# the cached-scoring log-likelihoods are within 4e-5 for both families.
-LOGIT_TOL = {"mpt": 1e-4, "gptneox": 2.5e-4}
+# Logit tolerance: atol = rtol = 1e-4 (fixture README §6) for every family and case but one. Our forward is
+# bit-identical, layer by layer, to the reference code (open_flamingo 2.0.1, transformers 4.36.2, open_clip
+# 2.16.0, torch 2.14.1, fp32 CPU) run on the same machine, so what is left is the machine that made the
+# fixtures: run on this project's machines (2-core x86, AVX2) the reference itself differs from its own
+# fixtures by max |d logit| 6.7e-5 / 3.2e-5 / 4.3e-5 (MPT interleaved_leftpad / vqa_fewshot / cached_scoring)
+# and 7.1e-5 / 1.5e-4 / 3.8e-5 (GPT-NeoX), with bit-identical vision tokens but a Perceiver output already
+# 2.0e-6 apart; the GPT-NeoX model's deliberately sharp attention amplifies such rounding ~100x. Only GPT-NeoX
+# vqa_fewshot exceeds 1e-4 (|d| - 1e-4 |x| up to 1.29e-4), for the reference as for us. Greedy and beam ids
+# match exactly and the log-likelihoods within 1e-4 everywhere.
+LOGIT_TOL = {("gptneox", "vqa_fewshot"): 2e-4}
+DEFAULT_LOGIT_TOL = 1e-4
 
 
 def v2_config(family: str, **overrides) -> dict:
@@ -126,7 +130,7 @@ def test_logits_all_columns(family, name):
     expected = np.load(REF / family / "cases" / name / file)
     valid = mask.bool().numpy()  # pad query rows are implementation-defined
     assert logits.shape[-1] == 503
-    assert_close(logits.numpy()[valid], expected[valid], LOGIT_TOL[family])
+    assert_close(logits.numpy()[valid], expected[valid], LOGIT_TOL.get((family, name), DEFAULT_LOGIT_TOL))
 
 
 def expected_new(path: Path, prompt_len: int) -> np.ndarray:
@@ -161,7 +165,7 @@ def test_eos_variant(family):
     with torch.no_grad():
         logits = model(vision_x, ids, mask).logits
     valid = mask.bool().numpy()
-    assert_close(logits.numpy()[valid], np.load(d / "logits.npy")[valid], LOGIT_TOL[family])
+    assert_close(logits.numpy()[valid], np.load(d / "logits.npy")[valid], DEFAULT_LOGIT_TOL)
     outs = {}
     for kind, kwargs in (
         ("greedy", {"num_beams": 1}),

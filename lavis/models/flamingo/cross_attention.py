@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lavis.models.flamingo.perceiver import feed_forward, merge_heads, split_heads
+from lavis.models.flamingo.perceiver import feed_forward, merge_heads, scaled_attention, split_heads
 
 XATTN_SEMANTICS = ("v1", "v2")
 
@@ -114,9 +114,8 @@ class MaskedCrossAttention(nn.Module):
         span, span_attends = index[:, first:last], attends[:, first:last]
         media_time = torch.arange(1, kv.num_media + 1, device=x.device).repeat_interleave(kv.num_latents)
         allowed = span.reshape(b, group * length, 1) == media_time
-        # A token that attends nothing may look anywhere (a fully masked row is NaN); it is zeroed below.
-        allowed |= ~span_attends.reshape(b, group * length, 1)
-        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=allowed[:, None], scale=self.scale)
+        # A token that attends nothing gets a finite (uniform) row here; its output is zeroed below.
+        out = scaled_attention(q, kv.k, kv.v, self.scale, disallowed=~allowed[:, None])
         out = out.reshape(b, self.heads, group, length, -1).transpose(1, 2).reshape(rows, self.heads, length, -1)
         out = self.to_out(merge_heads(out)).masked_fill(~span_attends[..., None], 0.0)
         return F.pad(out, (0, 0, first, x.shape[1] - last))

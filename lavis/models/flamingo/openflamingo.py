@@ -318,7 +318,9 @@ class OpenFlamingo(InferenceMixin, Flamingo):
                 )
             lang_encoder = family_of_directory(lm_path).load(lm_path, dtype, quantization)
         # v1 (LLaMA) grows the matrices by the 3 added tokens; v2 shrinks 50432 rows to len(tokenizer).
-        family_of_model(lang_encoder).resize_embeddings(lang_encoder, len(tokenizer), cfg["embedding_init_seed"])
+        family = family_of_model(lang_encoder)
+        family.resize_embeddings(lang_encoder, len(tokenizer), cfg["embedding_init_seed"])
+        family.prepare(lang_encoder)
 
         model = cls(
             vision.visual,

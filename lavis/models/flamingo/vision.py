@@ -16,6 +16,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.model import _build_vision_tower
 from open_clip.transform import image_transform
 from torch import nn
@@ -35,15 +36,37 @@ class VisionTower:
     image_size: int
 
 
+def _sequence_first_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One open_clip residual attention block on x (L, N, D), computed as open_clip 2.16-2.22 ran it.
+
+    Those releases ran the blocks sequence-first with ``nn.MultiheadAttention(batch_first=False)``; open_clip
+    >= 2.23 runs them batch-first, where torch's fused inference fast path takes over and rounds differently
+    (vision tokens 5e-7 apart, enough to move the sharp tiny v2 fixtures' logits by 1e-5..1e-4).
+    """
+    attn = block.attn
+    h = block.ln_1(x)
+    out, _ = F.multi_head_attention_forward(
+        h, h, h, attn.embed_dim, attn.num_heads, attn.in_proj_weight, attn.in_proj_bias, attn.bias_k, attn.bias_v,
+        attn.add_zero_attn, attn.dropout, attn.out_proj.weight, attn.out_proj.bias,
+        training=attn.training, need_weights=False,
+    )  # fmt: skip
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 def patch_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Patch tokens of the last block, after ``ln_pre``, without CLS / ``ln_post`` / ``proj``: (N, P, width)."""
     x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (N, width, g, g)
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat((cls, x), dim=1) + visual.positional_embedding.to(x.dtype)
-    x = visual.ln_pre(x)
-    x = visual.transformer(x)
-    return x[:, 1:]
+    x = visual.ln_pre(x).permute(1, 0, 2)  # (L, N, D), as the open_clip releases of OpenFlamingo
+    for block in visual.transformer.resblocks:
+        if isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+            x = _sequence_first_block(block, x)
+        else:  # a custom block type: its own (batch-first) forward
+            x = block(x.permute(1, 0, 2)).permute(1, 0, 2)
+    return x.permute(1, 0, 2)[:, 1:]
 
 
 def _image_size(vision_cfg: dict) -> int:

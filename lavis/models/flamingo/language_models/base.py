@@ -27,6 +27,9 @@ class LanguageModelFamily:
     # Whether a release checkpoint carries the (untied) output head: v2 GPT-NeoX keeps embed_out by its
     # "embed" rule; the v1 LLaMA release does not (its head rows of the added tokens are random).
     checkpoint_carries_head: bool = False
+    # A transformers attention implementation the family's LMs run with (None = transformers' default):
+    # GPT-NeoX's computes in the order of the transformers release the v2 checkpoints were made with.
+    attention_implementation: str | None = None
     description: str = ""  # for error messages: which releases use the family
 
     def decoder_layers(self, lm: nn.Module) -> nn.ModuleList:
@@ -53,6 +56,11 @@ class LanguageModelFamily:
     def checkpoint_name(self, key: str) -> str:
         """Our name (relative to lang_encoder.) for a release key relative to lang_encoder."""
         return self.checkpoint_renames.get(key, key)
+
+    def prepare(self, lm: nn.Module) -> None:
+        """Family settings on a built LM (loaded or tiny): its attention implementation."""
+        if self.attention_implementation is not None:
+            lm.set_attn_implementation(self.attention_implementation)
 
     def load(self, path: str, dtype: torch.dtype, quantization, device_map=None) -> nn.Module:
         """The causal LM of a local directory, natively (see lavis.models.language_model.load_language_model)."""
