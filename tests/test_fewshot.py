@@ -259,3 +259,29 @@ def test_rices_features_feed_a_half_precision_tower_its_dtype_and_return_float32
         item["image"] = torch.randn(3, model.image_size, model.image_size)
     rices = RICES(pool, lambda batch: rices_features(model, batch, "cpu"), batch_size=2)
     assert len(rices) == 4
+
+
+def test_demo_pool_size_restricts_random_demos_to_a_seeded_subset_per_trial():
+    queries, pool = caption_dataset(num_images=4), caption_dataset(num_images=40)
+    chosen = {}
+    for trial in (0, 1):
+        fewshot = FewShotDataset(queries, pool, num_shots=3, seed=7, trial=trial, pool_size=8)
+        subset = fewshot.pool_subset
+        assert len(subset) == len(set(subset)) == 8
+        again = FewShotDataset(queries, pool, num_shots=3, seed=7, trial=trial, pool_size=8)
+        assert again.pool_subset == subset  # depends on (seed, trial) only
+        for i in range(len(queries)):
+            demos = fewshot.demo_indices(i)
+            assert len(demos) == 3 and set(demos) <= set(subset)
+            # the query's own image is still never shown
+            assert all(pool.items[j]["image_id"] != queries.items[i]["image_id"] for j in demos)
+        chosen[trial] = subset
+    assert chosen[0] != chosen[1]
+    whole = FewShotDataset(queries, pool, num_shots=3, seed=7, pool_size=len(pool) + 5)
+    assert whole.pool_subset is None  # a size beyond the pool keeps every item
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, True])
+def test_bad_demo_pool_size_is_a_config_error(size):
+    with pytest.raises(ConfigError, match="demo pool size"):
+        FewShotDataset(caption_dataset(), caption_dataset(), num_shots=1, seed=0, pool_size=size)

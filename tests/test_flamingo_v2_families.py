@@ -320,6 +320,7 @@ def test_tiny_family_trains_with_lora_and_evaluates_fewshot(family, target, tmp_
 
 # ---------------------------------------------------------------- shipped v2 configs
 V2_PROJECTS = Path("configs/projects/openflamingo_v2")
+REF = Path(__file__).parent / "fixtures" / "openflamingo_v2_reference"
 
 
 @pytest.mark.parametrize("name,task,max_new", [("caption_coco_fewshot", "captioning", 20), ("vqav2_fewshot", "vqa", 5)])
@@ -341,6 +342,50 @@ def test_v2_eval_configs_carry_the_v2_protocol(name, task, max_new):
     assert run.zero_shot_text_demos and run.num_samples is None
     if task == "vqa":
         assert run.always_normalize
+    assert run.demo_pool_size == 2048 and run.demo_separator == "\n" and run.demo_method == "random"
+
+
+def _two_shot_prompt(name: str, demos: list[dict], query: dict) -> str:
+    """The eval prompt the shipped v2 config's task builds for one query with these two demonstrations."""
+    from types import SimpleNamespace
+
+    from lavis.common.config import load_config
+    from lavis.common.registry import registry
+    from lavis.models.flamingo.tokenizer import load_tokenizer
+
+    cfg = load_config(V2_PROJECTS / "eval" / f"{name}.yaml")
+    task = registry.get("task", cfg.run.task).setup_task(cfg)
+    model = SimpleNamespace(tokenizer=load_tokenizer(str(REF / "mpt" / "lm")))
+    image = torch.zeros(3, 32, 32)
+    item = {**query, "image": image, "demos": [{**d, "image": image} for d in demos]}
+    return task.collator(model, "eval")([item])["prompt"][0]
+
+
+def test_v2_vqav2_config_builds_the_reference_prompt():
+    # The reference fixture's vqa_fewshot prompt is v2's VQA prompt with two demonstrations.
+    expected = json.loads((REF / "mpt" / "cases" / "vqa_fewshot" / "case.json").read_text())["prompts"][0]
+    demos = [
+        # answer differs from answers[0]: v2 shows answers[0]
+        {"text_input": "What color is the bus?", "answer": "blue", "answers": ["red", "blue", "blue"]},
+        {"text_input": "How many dogs are there?", "answer": "two", "answers": ["2", "two", "two"]},
+    ]
+    demos = [{**d, "question_id": i, "image_id": i} for i, d in enumerate(demos)]
+    query = {"text_input": "What is the cat doing?", "question_id": 9, "image_id": 9}
+    assert _two_shot_prompt("vqav2_fewshot", demos, query) == expected
+
+
+def test_v2_coco_config_builds_the_v2_caption_prompt_and_postprocessing():
+    from lavis.common.config import load_config
+    from lavis.common.registry import registry
+
+    demos = [{"text_input": "A red bus.", "image_id": 1}, {"text_input": "Two dogs.", "image_id": 2}]
+    prompt = _two_shot_prompt("caption_coco_fewshot", demos, {"image_id": 9})
+    assert prompt == "<image>Output:A red bus.<|endofchunk|>\n<image>Output:Two dogs.<|endofchunk|>\n<image>Output:"
+    cfg = load_config(V2_PROJECTS / "eval" / "caption_coco_fewshot.yaml")
+    task = registry.get("task", "captioning").setup_task(cfg)
+    # v2's clean-up: cut at "Output", drop quotes, no strip
+    (record,) = task.records({"image_id": [9]}, [' A "cat" on a mat. Output: more'])
+    assert record["caption"] == " A cat on a mat. "
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,7 @@ class FlamingoCollator:
         max_length: int | None = None,
         padding_side: Literal["left", "right"] | None = None,
         label_method: LabelMethod = "auto",
+        demo_separator: str = "",
     ):
         if role not in ("train", "eval"):
             raise ConfigError(f"collator role must be 'train' or 'eval', got {role!r}")
@@ -118,6 +119,8 @@ class FlamingoCollator:
         self.max_length = max_length
         self.padding_side = padding_side or ("right" if role == "train" else "left")
         self.label_method = label_method
+        # Text after each demonstration (OpenFlamingo v2's captioning and VQA prompts: "\n").
+        self.demo_separator = demo_separator
         if tokenizer.pad_token_id is None:
             raise ConfigError(f"the tokenizer has no pad token; add {PAD_HINT}")
         self.media_token_id = special_token_id(tokenizer, MEDIA_TOKEN)
@@ -150,7 +153,7 @@ class FlamingoCollator:
         texts = []
         for demo in demos:
             text, _ = self.template.training(**self.template_fields(demo, f"demo {self.describe(demo)}", True))
-            texts.append(strip_media(text) if text_only else text)
+            texts.append((strip_media(text) if text_only else text) + self.demo_separator)
         return texts, text_only
 
     def row_images(self, item: dict, text_only: bool, sample: str) -> list[torch.Tensor]:

@@ -111,6 +111,9 @@ class FewShotDataset(DatasetView):
             rendered without ``<image>`` and without their images (items get ``demos_text_only``).
         rices: a :class:`RICES` index over ``pool_ds``. Query features are computed here, once, in
             the constructing process (before DataLoader workers start).
+        pool_size: random demonstrations come only from this many pool items, a subset drawn once from
+            ``(seed, trial)`` (OpenFlamingo v2's 2048-sample query set); None = the whole pool. RICES
+            ignores it (v2's RICES searches the whole training split).
 
     The dataset contract (``sample_id_key``, ``sample_ids()``, ``annotation_file``...) is the query
     dataset's (:class:`DatasetView`).
@@ -126,10 +129,13 @@ class FewShotDataset(DatasetView):
         method: Literal["random", "rices"] = "random",
         zero_shot_text_demos: bool = False,
         rices: RICES | None = None,
+        pool_size: int | None = None,
     ):
         for name, value in (("num_shots", num_shots), ("seed", seed), ("trial", trial)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"few-shot {name} must be a non-negative integer, got {value!r}")
+        if pool_size is not None and (not isinstance(pool_size, int) or isinstance(pool_size, bool) or pool_size < 1):
+            raise ConfigError(f"few-shot demo pool size must be a positive integer or null, got {pool_size!r}")
         if method not in ("random", "rices"):
             raise ConfigError(f"few-shot method must be 'random' or 'rices', got {method!r}")
         super().__init__(query_ds)
@@ -142,6 +148,11 @@ class FewShotDataset(DatasetView):
         self.text_only = num_shots == 0 and zero_shot_text_demos
         self.num_demos = ZERO_SHOT_TEXT_DEMOS if self.text_only else num_shots
         self._rices_choice: list[list[int]] | None = None
+        # Pool indices random demonstrations may come from (None = all); a separate stream from the draws.
+        self.pool_subset: list[int] | None = None
+        if pool_size is not None and pool_size < len(pool_ds):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, trial, len(pool_ds), pool_size]))
+            self.pool_subset = sorted(int(j) for j in rng.choice(len(pool_ds), size=pool_size, replace=False))
         if method == "rices" and self.num_demos > 0:
             if rices is None:
                 raise ConfigError("few-shot method 'rices' needs a RICES index over the demo pool (rices=...)")
@@ -180,14 +191,17 @@ class FewShotDataset(DatasetView):
             return loaded[j]
 
         query_ids = item_ids(query)
-        return random_demo_indices(
-            len(self.pool_ds),
+        subset = self.pool_subset
+        to_pool = (lambda j: j) if subset is None else subset.__getitem__
+        chosen = random_demo_indices(
+            len(self.pool_ds) if subset is None else len(subset),
             self.num_demos,
             self.seed,
             self.trial,
             index,
-            lambda j: shares_sample(query_ids, item_ids(load(j))),
+            lambda j: shares_sample(query_ids, item_ids(load(to_pool(j)))),
         )
+        return [to_pool(j) for j in chosen]
 
     def __getitem__(self, index: int) -> dict:
         query = dict(self.query_ds[index])

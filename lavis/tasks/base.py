@@ -50,6 +50,11 @@ class FewShotConfig:
     num_samples: Optional[int] = None
     # Split of each dataset that demonstrations come from (never the query's own image or question).
     demo_split: str = "train"
+    # Random demonstrations come from a seeded subset of this many demo_split samples, drawn once per trial
+    # (OpenFlamingo v2's query set: 2048); null = the whole split. RICES always searches the whole split.
+    demo_pool_size: Optional[int] = None
+    # Text put after each demonstration in the prompt: OpenFlamingo v2's captioning and VQA use "\n".
+    demo_separator: str = ""
     # random: seeded random demonstrations; rices: the most similar demo_split images (CLIP embedding).
     demo_method: Literal["random", "rices"] = "random"
     # Where RICES caches the demo_split image features; null = <run dir>/rices.

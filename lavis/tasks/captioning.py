@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lavis.common.registry import registry
-from lavis.metrics.postprocess import postprocess_caption
+from lavis.metrics.postprocess import postprocess_caption, postprocess_caption_v2
 from lavis.tasks.base import BaseTask, FewShotConfig, GenerationConfig, InContextTrainingConfig
 
 
@@ -24,6 +25,9 @@ class CaptioningTask(BaseTask):
         # Score reported as agg_metrics (best checkpoint, few-shot table): a key of metrics' output,
         # e.g. CIDEr, Bleu_4, METEOR, ROUGE_L, SPICE.
         agg_metric: str = "CIDEr"
+        # Generation -> caption: default = cut at "Output", drop '"', strip; openflamingo_v2 = the same
+        # without the strip, exactly v2's (lavis/metrics/postprocess.py).
+        caption_postprocess: Literal["default", "openflamingo_v2"] = "default"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -55,16 +59,21 @@ class CaptioningTask(BaseTask):
     def collator(self, model, role: str):
         from lavis.datasets.collators import CaptionCollator
 
-        return CaptionCollator(model.tokenizer, role=role)
+        return CaptionCollator(model.tokenizer, role=role, demo_separator=self.run_cfg.get("demo_separator", ""))
 
     def valid_step(self, model, batch) -> list[dict]:
         return self.records(batch, self.generate_text(model, batch))
 
     def records(self, batch, texts: list[str]) -> list[dict]:
         """Result records of a batch from its generated texts."""
+        clean = (
+            postprocess_caption_v2
+            if self.run_cfg.get("caption_postprocess") == "openflamingo_v2"
+            else postprocess_caption
+        )
         return [
             # resps: the raw generation, for the per-sample log (lavis/runners/sample_log.py)
-            {"image_id": int(image_id), "caption": postprocess_caption(text), "resps": text}
+            {"image_id": int(image_id), "caption": clean(text), "resps": text}
             for image_id, text in zip(batch["image_id"], texts)
         ]
 

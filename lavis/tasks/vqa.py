@@ -44,7 +44,12 @@ class VQATask(BaseTask):
     def collator(self, model, role: str):
         from lavis.datasets.collators import VQACollator
 
-        return VQACollator(model.tokenizer, role=role, demo_answer=self.run_cfg.get("vqa_demo_answer", "answer"))
+        return VQACollator(
+            model.tokenizer,
+            role=role,
+            demo_answer=self.run_cfg.get("vqa_demo_answer", "answer"),
+            demo_separator=self.run_cfg.get("demo_separator", ""),
+        )
 
     def postprocess(self, texts: list[str]) -> list[str]:
         """Answers from raw generations, per ``run.vqa_postprocess`` and ``run.vqa_stemmer``."""
