@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from lavis.common.errors import ConfigError
+from lavis.datasets.shards import ShardDataset
 
 
 class SkipSampler(Sampler):
@@ -99,7 +100,7 @@ class TrainStream:
         self.position = 0
         self._iter = None
         self.streamed = isinstance(dataset, IterableDataset)
-        if self.streamed and world_size > 1 and getattr(dataset, "uneven", "pad") != "pad":
+        if isinstance(dataset, ShardDataset) and world_size > 1 and dataset.uneven != "pad":
             # Ranks with different epoch lengths would stop at different steps and hang in a collective.
             raise ConfigError(
                 "datasets.<name>.webdataset.uneven: training on shards under DDP needs 'pad' (every rank "
@@ -147,8 +148,7 @@ class TrainStream:
 
     def _open_stream(self, generator: torch.Generator) -> Iterator:
         # The stream orders and partitions itself; DataLoader refuses a sampler for an IterableDataset.
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.data_epoch)
+        self.dataset.set_epoch(self.data_epoch)
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -189,8 +189,7 @@ def eval_loader(
     """
     sampler = None
     if isinstance(dataset, IterableDataset):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(0)  # evaluation reads every epoch's records in the unshuffled order
+        dataset.set_epoch(0)  # evaluation reads every epoch's records in the unshuffled order
     elif world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
     return DataLoader(

@@ -197,7 +197,7 @@ def end_of_run_summary(runner, status: str, started: float) -> dict:
     return {
         "status": status,
         "steps": runner.global_step,
-        "total_steps": getattr(runner, "total_steps", None),
+        "total_steps": runner.total_steps,
         "best": {
             **best,
             "metric_name": metric,
