@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from lavis.common.errors import ConfigError
+from lavis.common.special_tokens import END_OF_CHUNK, MEDIA_TOKEN
 from lavis.models.language_model import is_quantized
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_METHODS = ("lora", "ia3", "loha", "lokr", "adalora")
 ADAPTABLE_PARTS = ("lang_encoder", "gated_cross_attn_layers", "perceiver")
-NEW_TOKENS = ("<|endofchunk|>", "<image>")  # the added tokens whose embedding rows learn; <PAD> never does
+NEW_TOKENS = (END_OF_CHUNK, MEDIA_TOKEN)  # the added tokens whose embedding rows learn; PAD_TOKEN never does
 
 _PEFT_MODELS_ATTR = "_pet_peft_models"  # {part name: peft.PeftModel}, a plain dict on the Flamingo module
 _ROWS_ATTR = "_pet_trainable_rows"  # on the nn.Embedding: the row ids its gradient mask lets through

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lavis.common.errors import ConfigError, DataError
+from lavis.common.special_tokens import MEDIA_TOKEN
 
 # OpenFlamingo's evaluation decoding (captions: 3 beams, length penalty -2, 20 tokens; VQA: 5 tokens).
 CAPTION_DECODING = {"num_beams": 3, "max_new_tokens": 20, "length_penalty": -2.0}
@@ -127,7 +128,6 @@ class InferenceMixin:
     @torch.no_grad()
     def generate_interleaved(self, prompt: str, images: Sequence, **decoding) -> str:
         """The text generated after ``prompt``, whose ``<image>`` tags stand for ``images`` in order."""
-        from lavis.datasets.prompts import MEDIA_TOKEN
 
         images = list(images)
         if prompt.count(MEDIA_TOKEN) != len(images):

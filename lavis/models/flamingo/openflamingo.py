@@ -24,6 +24,7 @@ from transformers import (
 from lavis.common.errors import ConfigError
 from lavis.common.registry import registry
 from lavis.common.schema import check_mapping
+from lavis.common.special_tokens import END_OF_CHUNK, MEDIA_TOKEN
 from lavis.models import adalora, adapters
 from lavis.models.adapter_export import save_adapter
 from lavis.models.adapters import AdapterConfig, TrainableConfig
@@ -32,12 +33,7 @@ from lavis.models.flamingo.flamingo import Flamingo
 from lavis.models.flamingo.language_models import family_of_directory, family_of_model
 from lavis.models.flamingo.language_models.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM
 from lavis.models.flamingo.scoring import score_continuations
-from lavis.models.flamingo.tokenizer import (
-    END_OF_CHUNK,
-    MEDIA_TOKEN,
-    build_tiny_tokenizer,
-    load_tokenizer,
-)
+from lavis.models.flamingo.tokenizer import build_tiny_tokenizer, load_tokenizer
 from lavis.models.flamingo.vision import build_vision_tower, tiny_vision_tower
 from lavis.models.inference import InferenceMixin
 from lavis.models.language_model import resolve_dtype
