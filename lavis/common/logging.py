@@ -62,7 +62,7 @@ def close_logging() -> None:
 
 def _jsonable(value):
     """Plain JSON values; NaN/inf become strings so the file stays valid JSON."""
-    if hasattr(value, "item") and callable(value.item):
+    if hasattr(value, "item") and callable(value.item):  # a torch or numpy scalar (third-party)
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)

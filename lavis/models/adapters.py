@@ -321,6 +321,7 @@ def trainable_parameter_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     model = unwrap_model(model)
     masked = {}
     for module in model.modules():
+        # _ROWS_ATTR is our own tag on a torch nn.Embedding (set with its gradient mask); torch declares no slot.
         if isinstance(module, nn.Embedding) and hasattr(module, _ROWS_ATTR):
             masked[id(module.weight)] = len(getattr(module, _ROWS_ATTR)) * module.weight.shape[1]
     summary: dict[str, dict[str, int]] = {}

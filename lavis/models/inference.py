@@ -33,7 +33,7 @@ def _open_image(image, where: str):
 
     if isinstance(image, (str, Path)):
         return decode_image(str(image), where)
-    if hasattr(image, "convert"):
+    if hasattr(image, "convert"):  # a PIL image (any Image subclass, third-party)
         return image
     raise DataError(f"{where}: expected a PIL image or an image path, got {type(image).__name__}")
 
@@ -90,6 +90,7 @@ class InferenceMixin:
         from lavis.datasets.collators import CaptionCollator
         from lavis.metrics.postprocess import postprocess_caption
 
+        # One image (a path, or a PIL image: third-party, has .convert) or a list of them.
         images = [images] if isinstance(images, (str, Path)) or hasattr(images, "convert") else list(images)
         collate = CaptionCollator(self.tokenizer, role="eval")
         settings = {**CAPTION_DECODING, **decoding}
@@ -112,6 +113,7 @@ class InferenceMixin:
         from lavis.datasets.collators import VQACollator
         from lavis.metrics.postprocess import postprocess_answer
 
+        # One image (a path, or a PIL image: third-party, has .convert) or a list of them.
         images = [images] if isinstance(images, (str, Path)) or hasattr(images, "convert") else list(images)
         questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
         if len(questions) != len(images):

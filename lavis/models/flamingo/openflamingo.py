@@ -388,7 +388,7 @@ class OpenFlamingo(InferenceMixin, Flamingo):
         AdaLoRA re-allocates its ranks from that step's gradients. None for the other methods, so the
         runner need not read the fp16 grad scale (a device sync) to tell whether a step was taken.
         """
-        if not any(hasattr(w.base_model, "update_and_allocate") for w in adapters.peft_models(self).values()):
+        if not any(adalora.is_adalora(w) for w in adapters.peft_models(self).values()):
             return None
         return lambda global_step: adalora.update_adapter_budget(self, global_step)
 
