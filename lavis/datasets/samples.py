@@ -129,6 +129,9 @@ class SplitDataset(torch.utils.data.Dataset):
     question_file: str | None = None
     #: Items served by a replacement because they could not be read (summed over ranks, logged).
     num_skipped: int = 0
+    #: How a stream's records split over ranks: "pad" (equal lengths) or "exact" (ShardDataset's
+    #: webdataset.uneven); a map-style dataset is split by the runner's sampler.
+    uneven: str = "pad"
     #: How records become items, for datasets built from records (None for any other dataset).
     sample_format: SampleFormat | None = None
 

@@ -25,7 +25,6 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from lavis.common.errors import ConfigError
-from lavis.datasets.shards import ShardDataset
 
 
 class SkipSampler(Sampler):
@@ -100,7 +99,7 @@ class TrainStream:
         self.position = 0
         self._iter = None
         self.streamed = isinstance(dataset, IterableDataset)
-        if isinstance(dataset, ShardDataset) and world_size > 1 and dataset.uneven != "pad":
+        if self.streamed and world_size > 1 and dataset.uneven != "pad":
             # Ranks with different epoch lengths would stop at different steps and hang in a collective.
             raise ConfigError(
                 "datasets.<name>.webdataset.uneven: training on shards under DDP needs 'pad' (every rank "
