@@ -77,6 +77,8 @@ def adopt_checkpoint_structure(cfg, checkpoint: str):
     from omegaconf import OmegaConf
 
     from lavis.common.logging import get_logger
+    from lavis.common.registry import registry
+    from lavis.common.schema import config_instance
     from lavis.models.trained import describe_structure, model_section_for, resolve_checkpoint
 
     trained = resolve_checkpoint(checkpoint)
@@ -91,9 +93,11 @@ def adopt_checkpoint_structure(cfg, checkpoint: str):
             trained.path,
         )
     changed = [key for key in section if section[key] != configured.get(key)]
-    for key in changed:
-        cfg.model[key] = section[key]
     if changed:
+        # The section is rebuilt through the model Config (a structured node): the checkpoint's keys replace
+        # the configured ones whole, and are validated like the loader's.
+        schema = registry.get("model", configured["arch"], key_path="model.arch").Config
+        cfg.model = OmegaConf.structured(config_instance(schema, {**configured, **section}, "model"))
         log.info("model from the checkpoint %s: %s", trained.path, describe_structure(section))
     return trained
 

@@ -19,7 +19,7 @@ from standin_flamingo import (
 from lavis.common.errors import ConfigError
 from lavis.models import adalora
 from lavis.models import adapters as A
-from lavis.models import quantization as Q
+from lavis.models import language_model as Q
 
 torch.set_num_threads(1)
 
@@ -165,7 +165,7 @@ def test_missing_new_tokens_is_a_config_error():
 def test_load_language_model_in_fp16(tmp_path):
     lm = make_llama(40)
     lm.save_pretrained(str(tmp_path / "llama"))
-    loaded = Q.load_language_model(str(tmp_path / "llama"), "fp16")
+    loaded = Q.load_language_model(str(tmp_path / "llama"), "float16")
     assert {p.dtype for p in loaded.parameters()} == {torch.float16}
     torch.testing.assert_close(loaded.model.embed_tokens.weight, lm.model.embed_tokens.weight.half(), rtol=0, atol=0)
 
@@ -174,7 +174,7 @@ def test_load_language_model_in_fp16(tmp_path):
 def test_quantization_on_cpu_is_a_clear_error(tmp_path, mode):
     make_llama(40).save_pretrained(str(tmp_path / "llama"))
     with pytest.raises(ConfigError, match=f"quantization='{mode}' needs a CUDA GPU"):
-        Q.load_language_model(str(tmp_path / "llama"), "fp16", quantization=mode)
+        Q.load_language_model(str(tmp_path / "llama"), "float16", quantization=mode)
 
 
 def test_quantization_without_bitsandbytes_is_a_clear_error(monkeypatch):
@@ -205,10 +205,12 @@ def test_bf16_on_a_gpu_without_bf16_is_a_clear_error(monkeypatch):
 
 def test_bad_paths_and_dtypes_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="is not a directory"):
-        Q.load_language_model(str(tmp_path / "missing"), "fp16")
+        Q.load_language_model(str(tmp_path / "missing"), "float16")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no config.json"):
-        Q.load_language_model(str(tmp_path / "empty"), "fp16")
+        Q.load_language_model(str(tmp_path / "empty"), "float16")
     with pytest.raises(ConfigError, match="unknown dtype 'fp8'"):
         Q.resolve_dtype("fp8")
-    assert Q.resolve_dtype("bf16") is torch.bfloat16
+    assert Q.resolve_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ConfigError, match="known names: bfloat16, float16, float32"):
+        Q.resolve_dtype("bf16")  # run.amp's names are not dtype names

@@ -93,6 +93,46 @@ def test_all_problems_are_reported_together_with_paths_and_hints(tmp_path):
     assert "4 problem(s)" in text
 
 
+def test_values_that_used_to_fail_late_fail_at_load_time_together_naming_each_key(tmp_path):
+    # Each of these used to pass the loader and fail later: in the schedule, at the first evaluation, at the
+    # first generation, at the first batch (an image the tiny ViT cannot take), or when the model was built.
+    path = write(tmp_path, MINIMAL + "  valid_splits: [val]\n")
+    bad = [
+        "run.min_lr=-1e-5",
+        "run.best_metric=Bleu4",
+        "run.num_beams=0",
+        "datasets.shapes_caption.vis_processor.eval.image_size=224",
+        "model.tiny.lm_heads=3",
+        "model.adapters.method=lora",
+        "model.adapters.r=0",
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, bad)
+    text = str(err.value)
+    expected = [
+        "run.min_lr: must be >= 0, got -1e-05",
+        "run.best_metric: 'Bleu4' is not a metric of task 'captioning'",
+        "run.num_beams: must be >= 1, got 0",
+        "datasets.shapes_caption.vis_processor.eval.image_size: 224, but the model's vision tower takes 64 x 64",
+        "model.tiny.lm_heads: 3 does not divide model.tiny.lm_hidden_size 128",
+        "model.adapters.r: must be positive, got 0",
+    ]
+    missing = [line for line in expected if line not in text]
+    assert not missing, f"not reported: {missing}\nmessage:\n{text}"
+    assert f"{len(expected)} problem(s)" in text
+
+
+def test_the_model_receives_its_config_instance(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lavis.models.flamingo.openflamingo import OpenFlamingo
+
+    cfg = load_config(write(tmp_path, MINIMAL), ["model.adapters.method=lora"])
+    instance = OmegaConf.to_object(cfg.model)
+    assert isinstance(instance, OpenFlamingo.Config) and instance.adapters.method == "lora"
+    assert instance.tiny.image_size == 64 and instance.arch == "openflamingo"
+
+
 @pytest.mark.parametrize(
     ("replace", "by", "expected"),
     [

@@ -9,11 +9,12 @@ from torch.utils.data import DataLoader
 
 from lavis.common.errors import ConfigError, DataError
 from lavis.datasets.fewshot import RICES, FewShotDataset, rices_demo_indices
+from lavis.datasets.samples import SplitDataset
 
 torch.set_num_threads(1)
 
 
-class ListDataset(torch.utils.data.Dataset):
+class ListDataset(SplitDataset):
     """A map-style dataset over ready-made items, with the contract's ``sample_id_key``/``sample_ids``."""
 
     def __init__(self, items, sample_id_key):
@@ -169,9 +170,10 @@ def angle_pool(angles=ANGLES, norms=NORMS):
 def test_rices_finds_true_nearest_neighbours_most_similar_last():
     rices = RICES(angle_pool(), CountingFeatures(), cache_path=None, batch_size=4)
     queries = torch.stack([vector_image(12.0, 7.0), vector_image(-40.0), vector_image(175.0)])
-    found = rices.find(queries, k=3)
+    query_ids = [(100 + i, None) for i in range(len(queries))]  # images the pool does not hold
+    found = rices_demo_indices(rices.similarities(rices.encode(queries)), 3, query_ids, rices.pool_ids)
     # 12 deg: 10 (2 away), 0 (12), 30 (18; norm 100) -> most similar last. -40: -45, 0, 10. 175: 170, 80, -45.
-    assert found.tolist() == [[2, 0, 1], [1, 0, 5], [5, 3, 4]]
+    assert found == [[2, 0, 1], [1, 0, 5], [5, 3, 4]]
     assert torch.allclose(rices.features.norm(dim=1), torch.ones(len(ANGLES)))
 
 

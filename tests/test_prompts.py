@@ -21,6 +21,7 @@ from lavis.datasets.prompts import (
     answer_token_mask,
     resolve_template,
 )
+from lavis.datasets.samples import SplitDataset
 from lavis.models.flamingo.tokenizer import load_llama_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llama_tokenizer"
@@ -205,7 +206,7 @@ def test_vqa_demo_answer_option(tokenizer):
         VQACollator(tokenizer, role="eval", demo_answer="last")
 
 
-class ListDataset(torch.utils.data.Dataset):
+class ListDataset(SplitDataset):
     def __init__(self, items, sample_id_key="image_id"):
         self.items, self.sample_id_key = items, sample_id_key
 

@@ -10,10 +10,11 @@ from torch.utils.data import IterableDataset
 from toy_components import ToyModel, ToyRegressionDataset, build_runner, make_cfg, trainable_params
 
 from lavis.common.logging import read_metrics
+from lavis.datasets.samples import SplitDataset
 from lavis.runners.progress import without_timing
 
 
-class ToyStream(IterableDataset):
+class ToyStream(SplitDataset, IterableDataset):
     """The samples of a ToyRegressionDataset, in an order shuffled by the epoch set with ``set_epoch``."""
 
     sample_id_key = "sample_id"

@@ -87,7 +87,7 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
 
 
 def test_bf16_is_refused_on_a_device_without_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(precision, "_bf16_supported", lambda device: False)
+    monkeypatch.setattr(precision.dist, "bf16_supported", lambda device: False)
     with pytest.raises(ConfigError, match="run.amp: bf16 is not supported on cpu .* use run.amp=fp16"):
         build_runner(make_cfg(tmp_path, amp="bf16"))
     assert not (tmp_path / "toy").exists()

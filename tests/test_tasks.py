@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from lavis.datasets.collators import CaptionCollator, VQACollator
 from lavis.datasets.fewshot import InContextTrainingDataset
 from lavis.datasets.prompts import DEMOS_KEY, IGNORE_INDEX
+from lavis.datasets.samples import SplitDataset
 from lavis.metrics.postprocess import postprocess_answer, postprocess_caption
 from lavis.models.flamingo.tokenizer import load_llama_tokenizer
 from lavis.tasks.caption_vqa import MixedCollator
@@ -89,7 +90,9 @@ def test_mixed_eval_batches_go_to_their_own_collator(tokenizer):
     assert collate([caption_item(5, "x")])["image_id"] == [5]
 
 
-class Items(torch.utils.data.Dataset):
+class Items(SplitDataset):
+    sample_id_key = "image_id"
+
     def __init__(self, items):
         self.items = items
         self.num_skipped = 4

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 from toy_components import make_cfg
 
 from lavis.common.config import read_yaml
 from lavis.common.registry import registry
+from lavis.datasets.samples import SplitDataset
 from lavis.models import adalora, build_model
 from lavis.models import adapters as A
 from lavis.tasks.base import BaseTask
@@ -33,7 +33,7 @@ def tiny_model(**overrides):
     return build_model(cfg)
 
 
-class CaptionLikeDataset(Dataset):
+class CaptionLikeDataset(SplitDataset):
     """``n`` random images with a short random caption each."""
 
     sample_id_key = "sample_id"

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import Dataset
 
 from lavis.common.registry import registry
+from lavis.datasets.samples import SplitDataset
 from lavis.models.base import TrainableModel
 from lavis.runners.run_config import RunConfig
 from lavis.tasks.base import BaseTask
@@ -23,7 +23,7 @@ from lavis.tasks.base import BaseTask
 DIM = 8
 
 
-class ToyRegressionDataset(Dataset):
+class ToyRegressionDataset(SplitDataset):
     """``n`` samples ``{"x", "y", "sample_id"}`` with y a fixed noisy linear function of x."""
 
     sample_id_key = "sample_id"

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lavis.common.errors import ConfigError
 from lavis.common.registry import nearest, registry
-from lavis.common.schema import check_mapping, merged_schema
+from lavis.common.schema import check_mapping, instantiate, merged_schema, well_typed
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = ("model", "datasets", "run")
@@ -136,9 +136,11 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
 
     model = plain.get("model") or {}
     model_cls = _lookup("model", model.get("arch"), "model.arch", errors)
+    model_config = None
     if model_cls is not None:
-        out["model"], errs = check_mapping(model, model_cls.Config, "model", extra_allowed=("arch", "model_type"))
+        out["model"], errs = check_mapping(model, model_cls.Config, "model")
         errors += errs
+        model_config = instantiate(model_cls.Config, out["model"]) if well_typed(errs) else None
 
     out["datasets"] = {}
     for name, section in (plain.get("datasets") or {}).items():
@@ -146,6 +148,8 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         if builder_cls is not None:
             out["datasets"][name], errs = check_mapping(section, builder_cls.Config, f"datasets.{name}")
             errors += errs
+    if model_config is not None:
+        errors += _image_size_problems(model_config.input_image_size(), out["datasets"])
 
     run = plain.get("run") or {}
     task_cls = _lookup("task", run.get("task"), "run.task", errors)
@@ -168,7 +172,27 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
     if errors:
         listing = "\n  - ".join(dict.fromkeys(errors))
         raise ConfigError(f"{source}: {len(errors)} problem(s) in the config:\n  - {listing}")
-    return OmegaConf.create(out)
+    cfg = OmegaConf.create(out)
+    # The model section is a structured node of its Config: build_model hands the class its instance
+    # (OmegaConf.to_object), and a later assignment (evaluate --checkpoint) is type-checked.
+    cfg.model = OmegaConf.structured(model_config)
+    return cfg
+
+
+def _image_size_problems(size: int | None, datasets: dict) -> list[str]:
+    """Each dataset image transform whose output side is not ``size``, the side the vision tower takes."""
+    if size is None:
+        return []
+    problems = []
+    for name, section in datasets.items():
+        for role, processor in (section.get("vis_processor") or {}).items():
+            given = processor.get("image_size") if isinstance(processor, dict) else None
+            if isinstance(given, int) and given != size:
+                problems.append(
+                    f"datasets.{name}.vis_processor.{role}.image_size: {given}, but the model's vision tower "
+                    f"takes {size} x {size} images"
+                )
+    return problems
 
 
 def _lookup(kind: str, name, key_path: str, errors: list[str]):

@@ -56,6 +56,16 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: the CPU does (slowly, correctly); a GPU from compute
+    capability 8.0 (A100, H100). The one answer for ``run.amp: bf16`` and ``model.frozen_dtype: bfloat16``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        # including_emulation=False: a V100 "supports" bf16 only through slow emulation.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu"
+
+
 def init_distributed(requested_device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the process group started by torchrun (gloo on CPU, nccl on CUDA), or run alone.
 

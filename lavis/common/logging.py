@@ -62,7 +62,7 @@ def close_logging() -> None:
 
 def _jsonable(value):
     """Plain JSON values; NaN/inf become strings so the file stays valid JSON."""
-    if hasattr(value, "item") and callable(value.item):
+    if hasattr(value, "item") and callable(value.item):  # a torch or numpy scalar (third-party)
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -166,7 +166,7 @@ def format_metrics(metrics: dict) -> str:
 
 def metric_name(task, dataset) -> str:
     """What a split's ``agg_metrics`` is, for tables: "VQA accuracy" for VQA data, else the task's agg_metric."""
-    if getattr(dataset, "sample_id_key", None) == "question_id":
+    if dataset.sample_id_key == "question_id":
         return "VQA accuracy"
     run_cfg = getattr(task, "run_cfg", None)
     return str(run_cfg.get("agg_metric", "agg_metrics")) if run_cfg is not None else "agg_metrics"

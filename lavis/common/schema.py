@@ -4,7 +4,10 @@ Each registered component declares its options as a nested ``Config`` dataclass.
 ``check(value, schema, path)`` walks a plain YAML value against such a type and
 returns the value with defaults filled in, plus every problem it found (it does
 not stop at the first), each naming the dotted key path and, for unknown keys,
-the nearest valid names.
+the nearest valid names. A Config that subclasses :class:`Validated` adds its range
+and cross-field checks (``validate``), run on the typed instance once every value
+has its type and reported with the schema errors. ``config_instance`` turns a section
+into its Config instance (what a component receives), or raises one ConfigError.
 """
 
 from __future__ import annotations
@@ -14,9 +17,68 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from lavis.common.errors import ConfigError
 from lavis.common.registry import nearest
 
 _SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+class ValueProblem(str):
+    """A problem found by ``Validated.validate`` (the values have their types), as opposed to a schema error."""
+
+
+def well_typed(errors: list[str]) -> bool:
+    """True when ``errors`` hold only value problems: the section can be instantiated and checked further."""
+    return all(isinstance(e, ValueProblem) for e in errors)
+
+
+class Validated:
+    """Base of a Config dataclass whose values have relations the types cannot express."""
+
+    def validate(self, path: str) -> list[str]:
+        """Range and cross-field problems, each ``<dotted key under path>: <what is wrong>``; [] when fine."""
+        return []
+
+
+def instantiate(schema: type, values: dict):
+    """The ``schema`` instance of a mapping ``check_mapping`` accepted (nested dataclasses built too)."""
+    hints = field_types(schema)
+    return schema(
+        **{f.name: _build(hints[f.name], values[f.name]) for f in dataclasses.fields(schema) if f.name in values}
+    )
+
+
+def _build(tp, value):
+    if dataclasses.is_dataclass(tp):
+        return instantiate(tp, value) if isinstance(value, dict) else value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType) and value is not None:
+        arms = [a for a in args if dataclasses.is_dataclass(a)]
+        return instantiate(arms[0], value) if arms and isinstance(value, dict) else value
+    if origin is list and args:
+        return [_build(args[0], v) for v in value]
+    if origin is dict and len(args) == 2:
+        return {k: _build(args[1], v) for k, v in value.items()}
+    return value
+
+
+def config_instance(schema: type, section, path: str):
+    """``section`` (a mapping, a DictConfig, or already a ``schema`` instance) as a checked ``schema`` instance.
+
+    The one place a section is validated: the config loader and code that builds a component from a plain
+    dict both come here. Every problem is reported in one ConfigError with dotted keys under ``path``.
+    """
+    if isinstance(section, schema):
+        return section
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(section):
+        section = OmegaConf.to_container(section, resolve=True)
+    values, errors = check_mapping(section, schema, path)
+    if errors:
+        listing = "\n  - ".join(dict.fromkeys(errors))
+        raise ConfigError(f"{path}: {len(errors)} problem(s):\n  - {listing}")
+    return instantiate(schema, values)
 
 
 def field_types(schema: type) -> dict[str, Any]:
@@ -147,10 +209,10 @@ def check_mapping(value, schema: type, path: str, extra_allowed: tuple[str, ...]
             default = dataclasses.asdict(default)
         out[name], errs = check(default, hints[name], f"{path}.{name}")
         errors += errs
-    # A schema may check relations between its values (a width its heads must divide, ...); it reports them
-    # with dotted keys under `path`. Only once every value has the right type.
-    if not errors and callable(getattr(schema, "value_errors", None)):
-        errors += schema.value_errors(out, path)
+    # A Validated schema checks relations between its values (a width its heads must divide, ...) on its typed
+    # instance, with dotted keys under `path`; only once every value has the right type.
+    if well_typed(errors) and issubclass(schema, Validated):
+        errors += [ValueProblem(e) for e in instantiate(schema, out).validate(path)]
     return out, errors
 
 

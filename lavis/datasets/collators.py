@@ -25,12 +25,11 @@ from typing import Literal
 import torch
 
 from lavis.common.errors import ConfigError, DataError
+from lavis.common.special_tokens import END_OF_CHUNK, MEDIA_TOKEN
 from lavis.datasets.prompts import (
     CAPTION_TEMPLATE,
     DEMOS_KEY,
-    END_OF_CHUNK,
     IGNORE_INDEX,
-    MEDIA_TOKEN,
     TEXT_ONLY_DEMOS_KEY,
     VQA_TEMPLATE,
     LabelMethod,

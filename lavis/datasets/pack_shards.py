@@ -116,8 +116,7 @@ def main(argv=None) -> int:
     section = OmegaConf.to_container(merged, resolve=True).get("datasets", {}).get(args.builder, {})
     section["data_type"] = "images"
     builder = cls(section)
-    if hasattr(builder, "_derive_build_info"):
-        builder._derive_build_info(builder.info_factory)  # the shapes builders generate first
+    builder.prepare()  # a synthetic set generates itself first
     role = builder.role(args.split)
     records, sample_format, _ = builder.read_records(args.split, role)
     records = builder.capped(records, args.split)
@@ -128,15 +127,13 @@ def main(argv=None) -> int:
     print("read the split from the shards with:")
     print("  --options " + " ".join(shlex.quote(o) for o in reading_options(builder, args.split, pattern)))
     if role != "train":
+        source = builder.build_info_derived_from
+        derived = f", derived from {source}" if source else ""
         print(
             f"  (an evaluated split is scored with its ground truth: keep datasets.{args.builder}.build_info's "
-            f"scoring files of {args.split} on that node{', derived from shapes.root' if _derived(builder) else ''})"
+            f"scoring files of {args.split} on that node{derived})"
         )
     return 0
-
-
-def _derived(builder) -> bool:
-    return hasattr(builder, "info_factory")  # the shapes builders derive build_info from shapes.root
 
 
 def reading_options(builder, split: str, pattern: str) -> list[str]:

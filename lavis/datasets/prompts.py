@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lavis.common.errors import ConfigError, DataError
+from lavis.common.special_tokens import END_OF_CHUNK, MEDIA_TOKEN
 
-MEDIA_TOKEN = "<image>"
-END_OF_CHUNK = "<|endofchunk|>"
-PAD_TOKEN = "<PAD>"
 IGNORE_INDEX = -100
 # Item keys set by lavis.datasets.fewshot.FewShotDataset and read by the collators.
 DEMOS_KEY = "demos"

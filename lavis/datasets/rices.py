@@ -82,14 +82,11 @@ class RICES:
 
     def cache_key(self) -> str:
         """Hash of what the pool features depend on: pool ids, pool size and feature function."""
-        sample_ids = getattr(self.pool_ds, "sample_ids", None)
-        if sample_ids is None:
-            raise TypeError(f"{type(self.pool_ds).__name__} has no sample_ids(); RICES keys its cache on it")
         content = {
             "format": CACHE_FORMAT,
             "feature": self.feature_name,
             "num_items": len(self.pool_ds),
-            "sample_ids": [str(i) for i in sample_ids()],
+            "sample_ids": [str(i) for i in self.pool_ds.sample_ids()],
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -157,10 +154,3 @@ class RICES:
     def similarities(self, query_features: torch.Tensor) -> torch.Tensor:
         """Cosine similarities (B, N) of normalised query features to every pool item."""
         return query_features.to(self.features.dtype) @ self.features.T
-
-    def find(self, query_images: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices (B, k) of the ``k`` pool items most similar to each query image, most similar LAST."""
-        if not 0 < k <= len(self):
-            raise ValueError(f"RICES.find: k must be in 1..{len(self)}, got {k}")
-        top = self.similarities(self.encode(query_images)).topk(k, dim=1).indices
-        return top.flip(1)

@@ -107,7 +107,6 @@ def _vqa_item(record: dict, image: torch.Tensor, text: Callable[[str], str]) -> 
 CAPTION_TRAIN = SampleFormat("caption_train", "image_id", _caption_train_item)
 CAPTION_EVAL = SampleFormat("caption_eval", "image_id", _caption_eval_item)
 VQA = SampleFormat("vqa", "question_id", _vqa_item)
-SAMPLE_FORMATS = {f.name: f for f in (CAPTION_TRAIN, CAPTION_EVAL, VQA)}
 
 
 def describe_record(record: dict) -> str:
@@ -116,7 +115,47 @@ def describe_record(record: dict) -> str:
     return " ".join(f"{k}={record[k]}" for k in keys if k in record)
 
 
-class SampleSource:
+class SplitDataset(torch.utils.data.Dataset):
+    """The dataset contract: what the runner, evaluation and the tasks read from the dataset of one split.
+
+    Every dataset handed to the runner is one (the runner checks at start-up, ``check_split_datasets``);
+    a subclass sets ``sample_id_key`` and implements ``sample_ids()`` and the torch Dataset protocol.
+    """
+
+    #: The item key that identifies a sample ("image_id", "question_id", "id"); records are keyed by it.
+    sample_id_key: str
+    #: Ground-truth files used for scoring (caption: COCO-style captions; vqa: annotations and questions).
+    annotation_file: str | None = None
+    question_file: str | None = None
+    #: Items served by a replacement because they could not be read (summed over ranks, logged).
+    num_skipped: int = 0
+    #: How a stream's records split over ranks: "pad" (equal lengths) or "exact" (ShardDataset's
+    #: webdataset.uneven); a map-style dataset is split by the runner's sampler.
+    uneven: str = "pad"
+    #: How records become items, for datasets built from records (None for any other dataset).
+    sample_format: SampleFormat | None = None
+
+    def sample_ids(self) -> list:
+        """Every sample id of the split, in index order (the coverage check of evaluation)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample_ids()")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch; a stream orders itself by it, a map-style dataset (ordered by the
+        runner's sampler) ignores it."""
+
+
+def check_split_datasets(datasets: dict) -> None:
+    """Every ``datasets[name][split]`` is a :class:`SplitDataset`; TypeError naming the first that is not."""
+    for name, by_split in datasets.items():
+        for split, dataset in by_split.items():
+            if not isinstance(dataset, SplitDataset):
+                raise TypeError(
+                    f"datasets.{name}.{split}: {type(dataset).__name__} is not a lavis.datasets.samples.SplitDataset "
+                    "(the dataset contract: sample_id_key, sample_ids(), annotation_file, num_skipped)"
+                )
+
+
+class SampleSource(SplitDataset):
     """What the image-file and the shard datasets share: the sample format, processors, bad-sample
     policy, the files used for scoring and the count of skipped samples."""
 
@@ -149,7 +188,7 @@ class SampleSource:
         return self._skipped.value
 
 
-class ImageDataset(SampleSource, torch.utils.data.Dataset):
+class ImageDataset(SampleSource):
     """A map-style dataset over records that point at image files (``record["image_path"]``)."""
 
     def __init__(
@@ -206,12 +245,14 @@ class ImageDataset(SampleSource, torch.utils.data.Dataset):
         )
 
 
-class DatasetView(torch.utils.data.Dataset):
+class DatasetView(SplitDataset):
     """A map-style dataset derived from ``base`` (a subset, or items with demonstrations) that keeps the
     dataset contract: ``sample_id_key``, ``sample_ids()``, ``sample_format``, ``annotation_file``,
     ``question_file`` and ``num_skipped`` are the base's. Nothing else is forwarded."""
 
-    def __init__(self, base):
+    def __init__(self, base: SplitDataset):
+        if not isinstance(base, SplitDataset):
+            raise TypeError(f"{type(self).__name__} wraps a SplitDataset, got {type(base).__name__}")
         self.base = base
 
     @property

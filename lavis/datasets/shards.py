@@ -142,7 +142,7 @@ def current_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-class ShardDataset(SampleSource, torch.utils.data.IterableDataset):
+class ShardDataset(SampleSource, torch.utils.data.IterableDataset):  # SplitDataset via SampleSource
     """Records stored in webdataset shards, streamed with an exact per-rank partition (module docstring)."""
 
     def __init__(

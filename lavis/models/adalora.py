@@ -15,13 +15,20 @@ from torch import nn
 from lavis.models.adapters import peft_models
 
 
+def is_adalora(wrapper) -> bool:
+    """Whether a peft wrapper (``peft_models``) holds an AdaLoRA model, whose ranks re-allocate in training."""
+    from peft import AdaLoraModel
+
+    return isinstance(wrapper.base_model, AdaLoraModel)
+
+
 def update_adapter_budget(model: nn.Module, global_step: int) -> None:
     """AdaLoRA's rank re-allocation; call after backward and before zero_grad on each optimizer step.
 
     A no-op for the other methods, so the runner may call it unconditionally.
     """
     for wrapper in peft_models(model).values():
-        if hasattr(wrapper.base_model, "update_and_allocate"):
+        if is_adalora(wrapper):
             wrapper.base_model.update_and_allocate(global_step)
 
 

@@ -179,7 +179,7 @@ def _rotary_inv_freq(lm: nn.Module) -> torch.Tensor:
         if name.endswith("rotary_emb.inv_freq"):
             return buffer
     rotary = getattr(lm.get_decoder(), "rotary_emb", None)
-    if rotary is not None and hasattr(rotary, "inv_freq"):
+    if rotary is not None and hasattr(rotary, "inv_freq"):  # transformers' rotary module (varies by version)
         return rotary.inv_freq
     config = lm.config
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -11,9 +11,7 @@ peft's own format and what drives AdaLoRA's rank allocation. The export (`save_a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,13 +19,15 @@ import torch
 from torch import nn
 
 from lavis.common.errors import ConfigError
+from lavis.common.schema import Validated, config_instance
+from lavis.common.special_tokens import END_OF_CHUNK, MEDIA_TOKEN
 from lavis.models.language_model import is_quantized
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_METHODS = ("lora", "ia3", "loha", "lokr", "adalora")
 ADAPTABLE_PARTS = ("lang_encoder", "gated_cross_attn_layers", "perceiver")
-NEW_TOKENS = ("<|endofchunk|>", "<image>")  # the added tokens whose embedding rows learn; <PAD> never does
+NEW_TOKENS = (END_OF_CHUNK, MEDIA_TOKEN)  # the added tokens whose embedding rows learn; PAD_TOKEN never does
 
 _PEFT_MODELS_ATTR = "_pet_peft_models"  # {part name: peft.PeftModel}, a plain dict on the Flamingo module
 _ROWS_ATTR = "_pet_trainable_rows"  # on the nn.Embedding: the row ids its gradient mask lets through
@@ -35,7 +35,7 @@ _HOOK_ATTR = "_pet_row_mask_hook"
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(Validated):
     """Which peft method to inject, with which hyper-parameters, into which parts of Flamingo."""
 
     method: Optional[str] = None  # lora | ia3 | loha | lokr | adalora; None = no adapter
@@ -62,6 +62,37 @@ class AdapterConfig:
     deltaT: int = 1  # adalora: optimizer steps between two rank re-allocations
     orth_reg_weight: float = 0.5  # adalora: weight of the orthogonality penalty added to the loss (0 = none)
 
+    def validate(self, path: str) -> list[str]:
+        """What peft would refuse, or what would train the wrong thing, as dotted-key problems."""
+        problems = []
+        if self.method is not None and self.method not in ADAPTER_METHODS:
+            problems.append(
+                f"{path}.method: unknown method {self.method!r}; known methods: {', '.join(ADAPTER_METHODS)}"
+            )
+        bad_parts = [p for p in self.apply_to if p not in ADAPTABLE_PARTS]
+        if bad_parts:
+            problems.append(f"{path}.apply_to: unknown part(s) {bad_parts}; known parts: {', '.join(ADAPTABLE_PARTS)}")
+        if self.r <= 0:
+            problems.append(f"{path}.r: must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"{path}.dropout: must be in [0, 1), got {self.dropout}")
+        if self.method == "adalora":
+            if self.total_step is None or self.total_step <= 0:
+                problems.append(f"{path}.total_step: AdaLoRA needs the total number of optimizer steps (positive)")
+            elif self.tinit + self.tfinal >= self.total_step:
+                problems.append(
+                    f"{path}.tinit + {path}.tfinal ({self.tinit} + {self.tfinal}) must be below "
+                    f"{path}.total_step ({self.total_step})"
+                )
+            if not 0 < self.target_r <= self.r:
+                problems.append(f"{path}.target_r: must be in [1, r={self.r}], got {self.target_r}")
+        if self.method == "ia3":
+            targets = {*(self.target_modules or ()), *self.xattn_target_modules, *self.perceiver_target_modules}
+            stray = [m for m in self.feedforward_modules if m not in targets]
+            if stray:
+                problems.append(f"{path}.feedforward_modules: {stray} are not in any part's target modules")
+        return problems
+
 
 @dataclass
 class TrainableConfig:
@@ -73,59 +104,6 @@ class TrainableConfig:
     lm_embeddings: bool = False  # every row of the LM's input embedding
     # Full fine-tuning: every weight of the language model trains (its memory calls for run.strategy=fsdp).
     lang_encoder: bool = False
-
-
-def _coerce(cls, value, key: str):
-    """Accept the dataclass itself, a dict or an OmegaConf DictConfig (what the config loader hands over)."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(value, DictConfig):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # omegaconf is a dependency; this only keeps the module importable without it
-        pass
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**value)
-
-
-def validate_adapter_config(cfg: AdapterConfig) -> None:
-    """Raise ConfigError (all problems in one message) when `cfg` cannot be applied."""
-    problems = []
-    if cfg.method is not None and cfg.method not in ADAPTER_METHODS:
-        problems.append(f"adapters.method: unknown method {cfg.method!r}; known methods: {', '.join(ADAPTER_METHODS)}")
-    bad_parts = [p for p in cfg.apply_to if p not in ADAPTABLE_PARTS]
-    if bad_parts:
-        problems.append(f"adapters.apply_to: unknown part(s) {bad_parts}; known parts: {', '.join(ADAPTABLE_PARTS)}")
-    if cfg.r <= 0:
-        problems.append(f"adapters.r: must be positive, got {cfg.r}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        problems.append(f"adapters.dropout: must be in [0, 1), got {cfg.dropout}")
-    if cfg.method == "adalora":
-        if cfg.total_step is None or cfg.total_step <= 0:
-            problems.append("adapters.total_step: AdaLoRA needs the total number of optimizer steps (a positive int)")
-        elif cfg.tinit + cfg.tfinal >= cfg.total_step:
-            problems.append(
-                f"adapters.tinit + adapters.tfinal ({cfg.tinit} + {cfg.tfinal}) must be below "
-                f"adapters.total_step ({cfg.total_step})"
-            )
-        if not 0 < cfg.target_r <= cfg.r:
-            problems.append(f"adapters.target_r: must be in [1, r={cfg.r}], got {cfg.target_r}")
-    if cfg.method == "ia3":
-        targets = set(cfg.target_modules or ()) | set(cfg.xattn_target_modules) | set(cfg.perceiver_target_modules)
-        stray = [m for m in cfg.feedforward_modules if m not in targets]
-        if stray:
-            problems.append(f"adapters.feedforward_modules: {stray} are not in any part's target modules")
-    if problems:
-        raise ConfigError("invalid adapter config:\n  " + "\n  ".join(problems))
 
 
 def _targets_of(cfg: AdapterConfig, part: str, lm_default: tuple[str, ...] = ()) -> list[str]:
@@ -247,12 +225,12 @@ def apply_trainable_policy(model: nn.Module, adapters_cfg=None, trainable_cfg=No
     """Freeze `model`, inject the adapters of `adapters_cfg`, unfreeze per `trainable_cfg`; return `model`.
 
     `model` is the Flamingo network (attributes vision_encoder, perceiver, lang_encoder,
-    gated_cross_attn_layers, tokenizer). Both configs may be dataclasses, dicts or DictConfigs.
-    Logs the trainable parameter count of each part.
+    gated_cross_attn_layers, tokenizer). The configs are the model Config's instances (a plain mapping from
+    code goes through the one validation, ``schema.config_instance``). Logs the trainable parameter count
+    of each part.
     """
-    adapters_cfg = _coerce(AdapterConfig, adapters_cfg, "adapters")
-    trainable_cfg = _coerce(TrainableConfig, trainable_cfg, "trainable")
-    validate_adapter_config(adapters_cfg)
+    adapters_cfg = config_instance(AdapterConfig, adapters_cfg or {}, "model.adapters")
+    trainable_cfg = config_instance(TrainableConfig, trainable_cfg or {}, "model.trainable")
     model = unwrap_model(model)
     if peft_models(model):
         raise RuntimeError("apply_trainable_policy was already applied to this model (adapters are injected)")
@@ -320,6 +298,7 @@ def trainable_parameter_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     model = unwrap_model(model)
     masked = {}
     for module in model.modules():
+        # _ROWS_ATTR is our own tag on a torch nn.Embedding (set with its gradient mask); torch declares no slot.
         if isinstance(module, nn.Embedding) and hasattr(module, _ROWS_ATTR):
             masked[id(module.weight)] = len(getattr(module, _ROWS_ATTR)) * module.weight.shape[1]
     summary: dict[str, dict[str, int]] = {}

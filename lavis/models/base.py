@@ -11,12 +11,26 @@ with ``.logits`` and, with labels, ``.loss`` (the mean over the targets, or the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from lavis.common.errors import CheckpointError
+from lavis.common.schema import Validated
+
+
+@dataclass
+class ModelConfig(Validated):
+    """The keys every ``model`` section has; a model class's ``Config`` subclasses it with its own options."""
+
+    arch: Optional[str] = None  # the registered model class (e.g. openflamingo)
+    model_type: Optional[str] = None  # the default YAML lavis/configs/models/<arch>/<model_type>.yaml
+
+    def input_image_size(self) -> Optional[int]:
+        """The image side in pixels the model takes, when its config tells (checked against the datasets)."""
+        return None
 
 
 class TrainableModel(nn.Module):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lavis.common.errors import ConfigError, DataError
+from lavis.common.special_tokens import MEDIA_TOKEN
 
 # OpenFlamingo's evaluation decoding (captions: 3 beams, length penalty -2, 20 tokens; VQA: 5 tokens).
 CAPTION_DECODING = {"num_beams": 3, "max_new_tokens": 20, "length_penalty": -2.0}
@@ -32,7 +33,7 @@ def _open_image(image, where: str):
 
     if isinstance(image, (str, Path)):
         return decode_image(str(image), where)
-    if hasattr(image, "convert"):
+    if hasattr(image, "convert"):  # a PIL image (any Image subclass, third-party)
         return image
     raise DataError(f"{where}: expected a PIL image or an image path, got {type(image).__name__}")
 
@@ -89,6 +90,7 @@ class InferenceMixin:
         from lavis.datasets.collators import CaptionCollator
         from lavis.metrics.postprocess import postprocess_caption
 
+        # One image (a path, or a PIL image: third-party, has .convert) or a list of them.
         images = [images] if isinstance(images, (str, Path)) or hasattr(images, "convert") else list(images)
         collate = CaptionCollator(self.tokenizer, role="eval")
         settings = {**CAPTION_DECODING, **decoding}
@@ -111,6 +113,7 @@ class InferenceMixin:
         from lavis.datasets.collators import VQACollator
         from lavis.metrics.postprocess import postprocess_answer
 
+        # One image (a path, or a PIL image: third-party, has .convert) or a list of them.
         images = [images] if isinstance(images, (str, Path)) or hasattr(images, "convert") else list(images)
         questions = [questions] * len(images) if isinstance(questions, str) else list(questions)
         if len(questions) != len(images):
@@ -127,7 +130,6 @@ class InferenceMixin:
     @torch.no_grad()
     def generate_interleaved(self, prompt: str, images: Sequence, **decoding) -> str:
         """The text generated after ``prompt``, whose ``<image>`` tags stand for ``images`` in order."""
-        from lavis.datasets.prompts import MEDIA_TOKEN
 
         images = list(images)
         if prompt.count(MEDIA_TOKEN) != len(images):

@@ -13,26 +13,19 @@ from typing import Optional, Union
 
 import torch
 
+from lavis.common.dist import bf16_supported
 from lavis.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_MODES = ("8bit", "4bit")
 
-_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+# The names model.frozen_dtype documents (the Config's Literal); torch.dtype values are accepted as well.
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
-    """Turn a config value ("fp16", "bfloat16", torch.float32, None = float32) into a torch.dtype."""
+    """Turn a config value ("float16", "bfloat16", torch.float32, None = float32) into a torch.dtype."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -47,24 +40,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
     return _DTYPE_NAMES[name]
 
 
-def _devices_of(device_map) -> list[torch.device]:
-    """The devices a device_map places weights on; None means the model stays on the CPU."""
-    if device_map is None:
-        return [torch.device("cpu")]
-    if isinstance(device_map, (str, torch.device, int)):
-        if device_map == "auto":
-            return [torch.device("cuda")] if torch.cuda.is_available() else [torch.device("cpu")]
-        return [torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map)]
-    if isinstance(device_map, dict):
-        devices = []
-        for value in device_map.values():
-            if value in ("disk",):
-                continue
-            devices.append(torch.device("cuda", value) if isinstance(value, int) else torch.device(value))
-        return devices or [torch.device("cpu")]
-    raise ConfigError(f"device_map must be None, 'auto', a device string or a dict; got {device_map!r}")
-
-
 def check_dtype_supported(dtype: torch.dtype, device: Union[str, torch.device]) -> None:
     """Raise ConfigError when `device` cannot compute in `dtype` natively (bf16 on a V100, say)."""
     device = torch.device(device)
@@ -73,9 +48,7 @@ def check_dtype_supported(dtype: torch.dtype, device: Union[str, torch.device]) 
         return
     if not torch.cuda.is_available():
         raise ConfigError(f"dtype bfloat16 was requested on {device}, but CUDA is not available on this machine")
-    # including_emulation=False: a V100 "supports" bf16 only through slow emulation, which is not what a user
-    # asking for bf16 training wants; the reference hardware (V100) must use fp16.
-    if not torch.cuda.is_bf16_supported(including_emulation=False):
+    if not bf16_supported(device):
         name = torch.cuda.get_device_name(device)
         raise ConfigError(
             f"dtype bfloat16 was requested but the GPU ({name}) has no native bfloat16 support; "
@@ -121,13 +94,12 @@ def load_language_model(
     path: str,
     torch_dtype: Union[str, torch.dtype, None] = None,
     quantization: Optional[str] = None,
-    device_map=None,
 ):
     """Load a causal LM from the local directory `path` (never the network) in `torch_dtype`.
 
-    `quantization` is None, "8bit" or "4bit" (bitsandbytes; needs CUDA). `device_map` is passed to
-    transformers (None keeps the model on the CPU; quantisation without a device_map puts it on the
-    current GPU). Every problem the user can fix is raised as ConfigError before any weight is read.
+    `quantization` is None, "8bit" or "4bit" (bitsandbytes; needs CUDA). The model loads on the CPU, or
+    quantised on the current GPU. Every problem the user can fix is raised as ConfigError before any weight
+    is read.
     """
     from transformers import AutoModelForCausalLM
 
@@ -137,15 +109,13 @@ def load_language_model(
         raise ConfigError(f"language model directory {path!r} has no config.json (expected a HF model directory)")
     dtype = resolve_dtype(torch_dtype)
     check_quantization_available(quantization)
-    if quantization is not None and device_map is None:
-        device_map = {"": torch.cuda.current_device()}
-    for device in _devices_of(device_map):
-        check_dtype_supported(dtype, device)
-
     kwargs = {"dtype": dtype, "local_files_only": True}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if quantization is not None:
+    if quantization is None:
+        check_dtype_supported(dtype, torch.device("cpu"))
+    else:
+        device = torch.cuda.current_device()  # bitsandbytes weights live on the GPU from the start
+        check_dtype_supported(dtype, torch.device("cuda", device))
+        kwargs["device_map"] = {"": device}
         kwargs["quantization_config"] = _bnb_config(quantization, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

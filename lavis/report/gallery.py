@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lavis.datasets.prompts import END_OF_CHUNK
+from lavis.common.special_tokens import END_OF_CHUNK
 from lavis.report.run_data import RunData, SampleFile
 from lavis.runners.sample_log import LMMS_FIELDS, prediction, raw_response, read_samples
 

@@ -99,7 +99,7 @@ class TrainStream:
         self.position = 0
         self._iter = None
         self.streamed = isinstance(dataset, IterableDataset)
-        if self.streamed and world_size > 1 and getattr(dataset, "uneven", "pad") != "pad":
+        if self.streamed and world_size > 1 and dataset.uneven != "pad":
             # Ranks with different epoch lengths would stop at different steps and hang in a collective.
             raise ConfigError(
                 "datasets.<name>.webdataset.uneven: training on shards under DDP needs 'pad' (every rank "
@@ -147,8 +147,7 @@ class TrainStream:
 
     def _open_stream(self, generator: torch.Generator) -> Iterator:
         # The stream orders and partitions itself; DataLoader refuses a sampler for an IterableDataset.
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.data_epoch)
+        self.dataset.set_epoch(self.data_epoch)
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -189,8 +188,7 @@ def eval_loader(
     """
     sampler = None
     if isinstance(dataset, IterableDataset):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(0)  # evaluation reads every epoch's records in the unshuffled order
+        dataset.set_epoch(0)  # evaluation reads every epoch's records in the unshuffled order
     elif world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
     return DataLoader(

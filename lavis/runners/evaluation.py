@@ -46,7 +46,7 @@ def evaluate_split(
     With ``samples_path``, rank 0 also writes the per-sample log there (lavis/runners/sample_log.py).
     """
     # A joint task evaluates datasets of several kinds; each dataset knows its own sample id.
-    key = getattr(dataset, "sample_id_key", task.sample_id_key)
+    key = dataset.sample_id_key
     was_training = model.training
     model.eval()
     try:
@@ -71,8 +71,7 @@ def evaluate_split(
     if dist_info.is_main:
         try:
             unique = dist.dedup_records(gathered, key)
-            if hasattr(dataset, "sample_ids"):
-                dist.check_coverage(unique, key, dataset.sample_ids(), where=f"{dataset_name}.{split}")
+            dist.check_coverage(unique, key, dataset.sample_ids(), where=f"{dataset_name}.{split}")
             metrics = task.evaluate(unique, split, dataset, result_dir)
             if not isinstance(metrics, dict) or "agg_metrics" not in metrics:
                 raise TypeError(

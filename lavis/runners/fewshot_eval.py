@@ -28,7 +28,7 @@ from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
 from lavis.datasets.fewshot import RICES, FewShotDataset
-from lavis.datasets.samples import DatasetView
+from lavis.datasets.samples import DatasetView, check_split_datasets
 from lavis.models.trained import checkpoint_fingerprint, load_trained_weights, model_label
 from lavis.report import report_after_run
 from lavis.runners import eval_cache
@@ -94,8 +94,8 @@ def _check_scorable(dataset, name: str, split: str) -> None:
 
     (A VQA split without answers, test-dev, is legitimately unscored: its results file is the submission.)
     """
-    sample_format = getattr(dataset, "sample_format", None)
-    if getattr(sample_format, "name", None) == "caption_eval" and dataset.annotation_file is None:
+    sample_format = dataset.sample_format
+    if sample_format is not None and sample_format.name == "caption_eval" and dataset.annotation_file is None:
         raise ConfigError(
             f"datasets.{name}.build_info.annotations.{split}: split {split!r} is evaluated (run.test_splits / "
             f"run.valid_splits) but has no ground-truth captions file to score it (e.g. captions_val2014.json); "
@@ -137,6 +137,7 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=None) -> dict 
     Returns the table, or None when SIGTERM stopped the evaluation (finished work is in the cache).
     """
     run = cfg.run
+    check_split_datasets(datasets)
     splits = splits_to_evaluate(run, datasets)
     dist_info = dist.init_distributed(run.device, run.dist_timeout_s)
     precision = resolve_precision(run.amp, dist_info.device)
@@ -299,7 +300,7 @@ def _evaluate_cell(ctx: _Context, name: str, tag: str, fewshot, samples_path: Pa
     if done is not None:
         log.info("%s %s: finished in a previous run (response cache)", name, tag)
         return done
-    sample_key = getattr(fewshot, "sample_id_key", ctx.task.sample_id_key)
+    sample_key = fewshot.sample_id_key
     cached = eval_cache.CachedTask(ctx.task, ctx.cache, ctx.fingerprint, name, tag, sample_key, ctx.stop)
     metrics = eval_cache.as_json(
         evaluate_split(

@@ -17,14 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lavis.common import dist
 from lavis.common.errors import ConfigError
-
-
-def _bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        # including_emulation=False: a V100 "supports" bf16 only through slow emulation.
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu"
 
 
 @dataclass(frozen=True)
@@ -53,7 +47,7 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     """Check that ``run.amp`` is usable on ``device``; a ConfigError saying what to use otherwise."""
     if amp not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"run.amp: expected fp32, fp16 or bf16, got {amp!r}")
-    if amp == "bf16" and not _bf16_supported(device):
+    if amp == "bf16" and not dist.bf16_supported(device):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
         raise ConfigError(
             f"run.amp: bf16 is not supported on {name} (bf16 needs compute capability 8.0+, e.g. A100/H100); "

@@ -130,7 +130,7 @@ def start_invocation(paths, cfg, dist_info, model=None) -> None:
     record.setdefault("start_time", entry["start_time"])
     record["end_time"] = None
     atomic_write_json(run_dir / RUN_INFO, record, indent=2)
-    model_cfg = cfg.get("model") if hasattr(cfg, "get") else None
+    model_cfg = cfg.get("model")  # a DictConfig or a plain dict; toy runs have no model section
     if model_cfg is not None and "arch" in model_cfg:
         from lavis.models.trained import describe_structure
 
@@ -197,7 +197,7 @@ def end_of_run_summary(runner, status: str, started: float) -> dict:
     return {
         "status": status,
         "steps": runner.global_step,
-        "total_steps": getattr(runner, "total_steps", None),
+        "total_steps": runner.total_steps,
         "best": {
             **best,
             "metric_name": metric,

@@ -21,6 +21,7 @@ from lavis.common import dist
 from lavis.common.errors import CheckpointError, ConfigError
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, progress_bar, setup_logging
 from lavis.common.registry import registry
+from lavis.datasets.samples import check_split_datasets
 from lavis.runners import checkpoint as ckpt
 from lavis.runners import provenance
 from lavis.runners import sharded_checkpoint as sharded
@@ -65,6 +66,7 @@ class RunnerBase:
         self.task = task
         self.datasets = datasets
         check_run_values(run)
+        check_split_datasets(datasets)
         check_splits(run, datasets)
         self.best_split = run.best_split or (run.valid_splits[0] if run.valid_splits else None)
         self.best_dataset = None if run.evaluate else resolve_best_dataset(run, datasets, self.best_split)
@@ -90,6 +92,7 @@ class RunnerBase:
         )
         self.best: dict = {"metric": None, "step": None}
         self.schedule = None  # built by train()
+        self.total_steps: int | None = None  # planned by train()
         self.global_step = 0
         self._stop_requested = False
         self._failed = False
@@ -337,9 +340,9 @@ class RunnerBase:
         record = {"epoch": period, "step": self.global_step, "split": "train", "lr": lr, "loss": loss}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        skipped = [d.num_skipped for d in leaf_datasets(self.stream.dataset) if hasattr(d, "num_skipped")]
-        if skipped:  # every rank holds the same datasets, so every rank joins this collective or none does
-            record["data/num_skipped"] = dist.sum_over_ranks(sum(skipped))
+        # Every rank holds the same datasets (SplitDataset: num_skipped), so every rank joins this collective.
+        skipped = sum(d.num_skipped for d in leaf_datasets(self.stream.dataset))
+        record["data/num_skipped"] = dist.sum_over_ranks(skipped)
         figures = self.progress.report(self.global_step, self.total_steps)
         self.metrics.write({**record, **figures})
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **bar_postfix(figures))

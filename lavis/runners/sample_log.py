@@ -40,6 +40,8 @@ from typing import Any
 
 from lavis.common.errors import DataError
 from lavis.common.fileio import atomic_write_text, read_json_lines
+from lavis.datasets.fewshot import FewShotDataset
+from lavis.datasets.samples import DatasetView, ImageDataset
 
 # The key of task.evaluate's output that holds per-sample fields (never logged as a metric).
 SAMPLES_KEY = "samples"
@@ -244,15 +246,12 @@ def pop_samples(metrics: dict) -> dict:
 
 def _image_files(dataset) -> tuple[Any, dict | None, list | None]:
     """``(image dataset, {sample_id: image file}, [image file per index])`` of a (wrapped) dataset."""
-    from lavis.datasets.samples import ImageDataset
-
-    # Unwrap FewShotDataset (query_ds), QuerySubset and InContextTrainingDataset (dataset); a data set that
-    # is not built from image files (webdataset shards) has no files to name.
-    while not isinstance(dataset, ImageDataset):
-        inner = getattr(dataset, "query_ds", None) or getattr(dataset, "dataset", None)
-        if inner is None:
-            return dataset, None, None
-        dataset = inner
+    # Unwrap FewShotDataset, QuerySubset and InContextTrainingDataset (views); a data set that is not built
+    # from image files (webdataset shards) has no files to name.
+    while isinstance(dataset, DatasetView):
+        dataset = dataset.base
+    if not isinstance(dataset, ImageDataset):
+        return dataset, None, None
     files = [r.get("image_path") for r in dataset.records]
     by_id = {r[dataset.sample_id_key]: r.get("image_path") for r in dataset.records}
     return dataset, by_id, files
@@ -260,10 +259,9 @@ def _image_files(dataset) -> tuple[Any, dict | None, list | None]:
 
 def _pool_files(dataset) -> tuple[list | None, list | None]:
     """``([image file per pool index], [sample id per pool index])`` of a few-shot dataset's demo pool."""
-    pool = getattr(dataset, "pool_ds", None)
-    if pool is None:
+    if not isinstance(dataset, FewShotDataset):
         return None, None
-    inner, _, files = _image_files(pool)
+    inner, _, files = _image_files(dataset.pool_ds)
     if files is None:
         return None, None
     return [str(f) if f is not None else None for f in files], [r[inner.sample_id_key] for r in inner.records]
@@ -282,7 +280,7 @@ def build_samples(
     _, image_by_id, _ = _image_files(dataset)
     pool_files, pool_ids = _pool_files(dataset)
     # The split's own order, whatever the number of ranks the records were gathered from.
-    order = {sample_id: i for i, sample_id in enumerate(dataset.sample_ids())} if hasattr(dataset, "sample_ids") else {}
+    order = {sample_id: i for i, sample_id in enumerate(dataset.sample_ids())}
     records = sorted(records, key=lambda r: order.get(r[key], len(order)))
     samples = []
     for record in records:

@@ -280,11 +280,12 @@ def build_strategy(run, precision: Precision, dist_info: dist.DistInfo) -> Train
 
 def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Trainable parameters FSDP must leave whole: those of AdaLoRA adapters (see FSDPStrategy.wrap)."""
+    from lavis.models.adalora import is_adalora
     from lavis.models.adapters import peft_models
 
     out = []
     for wrapper in peft_models(model).values() if isinstance(model, Flamingo) else ():
-        if hasattr(wrapper.base_model, "update_and_allocate"):  # peft's AdaLoRA model (third-party)
+        if is_adalora(wrapper):
             out += [p for n, p in wrapper.named_parameters() if p.requires_grad and "lora_" in n]
     return out
 

@@ -59,11 +59,12 @@ class ClassificationTask(BaseTask):
         """The datasets, remembering each one's class names and kind (builders with ``class_names()``)."""
         for name, section in datasets_cfg.items():
             builder = registry.get("builder", name)(section)
-            if not hasattr(builder, "classification_kind"):
+            if builder.classification_kind is None:
                 raise ConfigError(
                     f"datasets.{name}: the classification task needs a classification data set "
                     "(hateful_memes, imagenet or their shapes_ stand-ins)"
                 )
+            builder.prepare()  # a stand-in's class names are those of its generated files
             self.class_sets[name] = ClassSet(builder.class_names(), builder.classification_kind)
         return super().build_datasets(datasets_cfg)
 

@@ -101,12 +101,25 @@ class BaseBuilder:
 
     name = "base"
     Config = BuilderConfig
+    #: A classification data set names the prompt and metric of the classification task ("imagenet",
+    #: "hateful_memes") and implements ``class_names()``; None for every other builder.
+    classification_kind: str | None = None
+    #: The key that ``prepare()`` derives ``build_info`` from (e.g. "shapes.root"); None: the user's build_info.
+    build_info_derived_from: str | None = None
 
     def __init__(self, cfg=None):
         self.key_path = f"datasets.{self.name}"
         self.cfg = as_config(cfg, self.Config, self.key_path)
 
     # --- for subclasses -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Make the files ``read_records`` reads available (a synthetic set generates itself and points its
+        build_info at them). Called before reading; must be idempotent. The default does nothing."""
+
+    def class_names(self) -> list[str]:
+        """The class names in label order (classification data sets, see ``classification_kind``)."""
+        raise NotImplementedError(f"{self.key_path}: not a classification data set")
+
     def read_records(self, split: str, role: str) -> tuple[list[dict], SampleFormat, dict]:
         """(records, sample format, {"annotation_file": ..., "question_file": ...}) of an image split."""
         raise NotImplementedError
@@ -167,6 +180,7 @@ class BaseBuilder:
         """``{split: Dataset}`` for every split in ``splits``."""
         if not self.cfg.splits:
             raise ConfigError(f"{self.key_path}.splits: no split to build")
+        self.prepare()
         return {split: self.build_split(split) for split in self.cfg.splits}
 
 

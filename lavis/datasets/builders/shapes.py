@@ -122,7 +122,11 @@ def _with_shards(derived: dict, given: dict) -> dict:
 class _GenerateFirst:
     """Mixin: generate the set, then point ``build_info`` at it before the real reader runs."""
 
-    def _derive_build_info(self, make_info) -> None:
+    build_info_derived_from = "shapes.root"
+
+    def prepare(self) -> None:
+        """Generate the set (once, under a lock) and derive ``build_info`` from ``shapes.root``."""
+        make_info = self.info_factory
         if self.cfg.data_type == "webdataset":
             # Read from shards (python -m lavis.datasets.pack_shards): nothing is generated, so a node that
             # holds only the shards can train; the derived paths serve only to score eval-role splits.
@@ -132,11 +136,6 @@ class _GenerateFirst:
             return
         root = ensure_shapes(self.cfg.shapes)
         self.cfg.build_info = OmegaConf.create(make_info(root))
-
-    def build_datasets(self) -> dict:
-        """Generate (once, under a lock) and read the shapes set: ``{split: Dataset}``."""
-        self._derive_build_info(self.info_factory)
-        return super().build_datasets()
 
 
 @registry.register_builder("shapes_caption")

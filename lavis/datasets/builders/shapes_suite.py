@@ -118,12 +118,13 @@ def _hateful_memes_info(root: Path) -> dict:
 class _GenerateSuiteFirst:
     """Mixin: generate the stand-ins, then point the builder's files at them before the real reader runs."""
 
-    def build_datasets(self) -> dict:
-        """Generate (once, under a lock) and read the stand-in: ``{split: Dataset}``."""
+    build_info_derived_from = "suite.root"
+
+    def prepare(self) -> None:
+        """Generate the stand-in (once, under a lock) and point the builder's files at it."""
         if self.cfg.data_type != "images":
             raise ConfigError(f"{self.key_path}.data_type: the suite stand-ins read images only")
         self.point_at(ensure_suite(self.cfg.suite))
-        return super().build_datasets()
 
     def point_at(self, root: Path) -> None:
         self.cfg.build_info = OmegaConf.create(self.info_factory(root))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from transformers import (
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
@@ -23,21 +23,17 @@ from transformers import (
 
 from lavis.common.errors import ConfigError
 from lavis.common.registry import registry
-from lavis.common.schema import check_mapping
+from lavis.common.special_tokens import END_OF_CHUNK, MEDIA_TOKEN
 from lavis.models import adalora, adapters
 from lavis.models.adapter_export import save_adapter
 from lavis.models.adapters import AdapterConfig, TrainableConfig
+from lavis.models.base import ModelConfig
 from lavis.models.flamingo.checkpoint_io import load_openflamingo_checkpoint
 from lavis.models.flamingo.flamingo import Flamingo
 from lavis.models.flamingo.language_models import family_of_directory, family_of_model
 from lavis.models.flamingo.language_models.mosaic_gpt import MosaicGPTConfig, MosaicGPTForCausalLM
 from lavis.models.flamingo.scoring import score_continuations
-from lavis.models.flamingo.tokenizer import (
-    END_OF_CHUNK,
-    MEDIA_TOKEN,
-    build_tiny_tokenizer,
-    load_tokenizer,
-)
+from lavis.models.flamingo.tokenizer import build_tiny_tokenizer, load_tokenizer
 from lavis.models.flamingo.vision import build_vision_tower, tiny_vision_tower
 from lavis.models.inference import InferenceMixin
 from lavis.models.language_model import resolve_dtype
@@ -169,7 +165,7 @@ class OpenFlamingo(InferenceMixin, Flamingo):
     """OpenFlamingo built from a config section; has ``.tokenizer``, ``.image_processor``, ``.image_size``."""
 
     @dataclass
-    class Config:
+    class Config(ModelConfig):
         """Options of ``model`` (arch ``openflamingo``).
 
         Path keys (``clip_vision_encoder_path``, ``lang_encoder_path``, ``tokenizer_path``) accept the
@@ -220,78 +216,67 @@ class OpenFlamingo(InferenceMixin, Flamingo):
         # Sizes of the random in-process components chosen by a path key set to tiny (tests, CPU demo).
         tiny: TinyConfig = field(default_factory=TinyConfig)
 
-        @staticmethod
-        def value_errors(values: dict, path: str) -> list[str]:
-            """Start-up checks between values (schema.check_mapping calls this): dotted keys, every problem."""
+        def validate(self, path: str) -> list[str]:
+            """Start-up checks between values (the config loader reports them with the schema errors)."""
             errors = []
 
-            def divides(part: str, whole: str, section: dict, prefix: str, what: str) -> None:
-                if section[part] < 1 or section[whole] % section[part]:
-                    errors.append(
-                        f"{prefix}.{part}: {section[part]} does not divide {prefix}.{whole} {section[whole]} ({what})"
-                    )
+            def divides(part: str, whole: str, section, prefix: str, what: str) -> None:
+                p, w = getattr(section, part), getattr(section, whole)
+                if p < 1 or w % p:
+                    errors.append(f"{prefix}.{part}: {p} does not divide {prefix}.{whole} {w} ({what})")
 
-            tiny, prefix = values["tiny"], f"{path}.tiny"
+            tiny, prefix = self.tiny, f"{path}.tiny"
             divides("lm_heads", "lm_hidden_size", tiny, prefix, "the LM's attention heads split its width")
             divides("vision_head_width", "vision_width", tiny, prefix, "the ViT's heads split its width")
             divides(
                 "patch_size", "image_size", tiny, prefix, "the vision tower only accepts images made of whole patches"
             )
-            if values["cross_attn_every_n_layers"] < 1:
-                errors.append(
-                    f"{path}.cross_attn_every_n_layers: must be >= 1, got {values['cross_attn_every_n_layers']}"
-                )
+            if self.cross_attn_every_n_layers < 1:
+                errors.append(f"{path}.cross_attn_every_n_layers: must be >= 1, got {self.cross_attn_every_n_layers}")
             for section in ("perceiver", "cross_attention"):
-                for key, value in values[section].items():
+                for key, value in dataclasses.asdict(getattr(self, section)).items():
                     if value < (0 if key == "depth" else 1):
                         errors.append(f"{path}.{section}.{key}: must be positive, got {value}")
             return errors
 
-    @classmethod
-    def config_from(cls, model_cfg) -> dict:
-        """The section as a plain dict with every default filled; ConfigError listing all problems."""
-        if isinstance(model_cfg, DictConfig):
-            model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-        values, errors = check_mapping(dict(model_cfg or {}), cls.Config, "model", extra_allowed=("arch", "model_type"))
-        if errors:
-            raise ConfigError("invalid model config:\n  " + "\n  ".join(errors))
-        return values
+        def input_image_size(self) -> int | None:
+            """The side in pixels the vision tower takes, when known before it is built (the tiny tower)."""
+            return self.tiny.image_size if self.clip_vision_encoder_path == TINY else None
 
     @classmethod
-    def from_config(cls, model_cfg) -> OpenFlamingo:
+    def from_config(cls, cfg: OpenFlamingo.Config) -> OpenFlamingo:
         """Build tokenizer, vision tower, LM and Flamingo parts; load the checkpoint; apply the policy."""
-        cfg = cls.config_from(model_cfg)
-        tiny = TinyConfig(**cfg["tiny"])
-        uses_tiny = TINY in (cfg["clip_vision_encoder_path"], cfg["lang_encoder_path"], cfg["tokenizer_path"])
+        tiny = cfg.tiny
+        uses_tiny = TINY in (cfg.clip_vision_encoder_path, cfg.lang_encoder_path, cfg.tokenizer_path)
         seeded = torch.random.fork_rng(devices=[]) if uses_tiny else contextlib.nullcontext()
         with seeded:
             if uses_tiny:
                 torch.manual_seed(tiny.seed)
             model = cls._build(cfg, tiny)
-        if cfg["pretrained_checkpoint_path"] is not None:
-            path = _path_key(cfg["pretrained_checkpoint_path"], "pretrained_checkpoint_path", "OpenFlamingo checkpoint")
+        if cfg.pretrained_checkpoint_path is not None:
+            path = _path_key(cfg.pretrained_checkpoint_path, "pretrained_checkpoint_path", "OpenFlamingo checkpoint")
             load_openflamingo_checkpoint(model, path)
-        adapters.apply_trainable_policy(model, cfg["adapters"], cfg["trainable"])
+        adapters.apply_trainable_policy(model, cfg.adapters, cfg.trainable)
         # The Flamingo parts are built (and loaded) in float32; what the policy left frozen is stored in
         # frozen_dtype like the vision tower and the LM. Casting after the policy keeps the parts that train
         # at the checkpoint's full precision instead of rounding them to half and back.
-        cast_frozen_parameters(model.perceiver, resolve_dtype(cfg["frozen_dtype"]))
-        cast_frozen_parameters(model.gated_cross_attn_layers, resolve_dtype(cfg["frozen_dtype"]))
+        cast_frozen_parameters(model.perceiver, resolve_dtype(cfg.frozen_dtype))
+        cast_frozen_parameters(model.gated_cross_attn_layers, resolve_dtype(cfg.frozen_dtype))
         # With a half-precision frozen_dtype, what trains must still be float32 (master weights).
         upcast_trainable_parameters(model)
-        if cfg["gradient_checkpointing"]:
+        if cfg.gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         return model
 
     @classmethod
-    def _build(cls, cfg: dict, tiny: TinyConfig) -> OpenFlamingo:
-        dtype = resolve_dtype(cfg["frozen_dtype"])
-        quantization = cfg["quantization"]
-        env = cfg["lang_encoder_env"]
-        tok_path = _path_key(cfg["tokenizer_path"], "tokenizer_path", "tokenizer directory", env)
+    def _build(cls, cfg: OpenFlamingo.Config, tiny: TinyConfig) -> OpenFlamingo:
+        dtype = resolve_dtype(cfg.frozen_dtype)
+        quantization = cfg.quantization
+        env = cfg.lang_encoder_env
+        tok_path = _path_key(cfg.tokenizer_path, "tokenizer_path", "tokenizer directory", env)
         tokenizer = build_tiny_tokenizer(tiny.tokenizer_vocab_size) if tok_path == TINY else load_tokenizer(tok_path)
 
-        vision_path = cfg["clip_vision_encoder_path"]  # a name or a JSON path: build_vision_tower checks it
+        vision_path = cfg.clip_vision_encoder_path  # a name or a JSON path: build_vision_tower checks it
         if vision_path is None:
             raise ConfigError(
                 "model.clip_vision_encoder_path is not set: give an open_clip model name "
@@ -302,10 +287,10 @@ class OpenFlamingo(InferenceMixin, Flamingo):
                 tiny.image_size, tiny.patch_size, tiny.vision_width, tiny.vision_layers, tiny.vision_head_width
             )
         else:
-            vision = build_vision_tower(vision_path, cfg["clip_vision_encoder_pretrained"])
+            vision = build_vision_tower(vision_path, cfg.clip_vision_encoder_pretrained)
         vision.visual.to(dtype)
 
-        lm_path = _path_key(cfg["lang_encoder_path"], "lang_encoder_path", "language model directory", env)
+        lm_path = _path_key(cfg.lang_encoder_path, "lang_encoder_path", "language model directory", env)
         if lm_path == TINY:
             if quantization is not None:
                 raise ConfigError("model.quantization: the tiny language model cannot be quantised; set it to null")
@@ -319,7 +304,7 @@ class OpenFlamingo(InferenceMixin, Flamingo):
             lang_encoder = family_of_directory(lm_path).load(lm_path, dtype, quantization)
         # v1 (LLaMA) grows the matrices by the 3 added tokens; v2 shrinks 50432 rows to len(tokenizer).
         family = family_of_model(lang_encoder)
-        family.resize_embeddings(lang_encoder, len(tokenizer), cfg["embedding_init_seed"])
+        family.resize_embeddings(lang_encoder, len(tokenizer), cfg.embedding_init_seed)
         family.prepare(lang_encoder)
 
         model = cls(
@@ -329,10 +314,10 @@ class OpenFlamingo(InferenceMixin, Flamingo):
             media_token_id=tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
             eoc_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK),
             pad_token_id=tokenizer.pad_token_id,
-            cross_attn_every_n_layers=cfg["cross_attn_every_n_layers"],
-            perceiver=cfg["perceiver"],
-            cross_attention=cfg["cross_attention"],
-            xattn_semantics=cfg["xattn_semantics"],
+            cross_attn_every_n_layers=cfg.cross_attn_every_n_layers,
+            perceiver=dataclasses.asdict(cfg.perceiver),
+            cross_attention=dataclasses.asdict(cfg.cross_attention),
+            xattn_semantics=cfg.xattn_semantics,
         )
         model.tokenizer = tokenizer
         model.image_processor = vision.image_processor
@@ -394,7 +379,7 @@ class OpenFlamingo(InferenceMixin, Flamingo):
         AdaLoRA re-allocates its ranks from that step's gradients. None for the other methods, so the
         runner need not read the fp16 grad scale (a device sync) to tell whether a step was taken.
         """
-        if not any(hasattr(w.base_model, "update_and_allocate") for w in adapters.peft_models(self).values()):
+        if not any(adalora.is_adalora(w) for w in adapters.peft_models(self).values()):
             return None
         return lambda global_step: adalora.update_adapter_budget(self, global_step)
 

@@ -20,10 +20,8 @@ from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
 
 from lavis.common.errors import ConfigError
+from lavis.common.special_tokens import END_OF_CHUNK, MEDIA_TOKEN, PAD_TOKEN
 
-END_OF_CHUNK = "<|endofchunk|>"
-MEDIA_TOKEN = "<image>"
-PAD_TOKEN = "<PAD>"
 TINY_CORPUS = Path(__file__).with_name("tiny_corpus.txt")
 
 

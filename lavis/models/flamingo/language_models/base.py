@@ -62,11 +62,11 @@ class LanguageModelFamily:
         if self.attention_implementation is not None:
             lm.set_attn_implementation(self.attention_implementation)
 
-    def load(self, path: str, dtype: torch.dtype, quantization, device_map=None) -> nn.Module:
+    def load(self, path: str, dtype: torch.dtype, quantization) -> nn.Module:
         """The causal LM of a local directory, natively (see lavis.models.language_model.load_language_model)."""
         from lavis.models.language_model import load_language_model
 
-        return load_language_model(path, dtype, quantization, device_map)
+        return load_language_model(path, dtype, quantization)
 
     def resize_embeddings(self, lm: nn.Module, num_tokens: int, seed: int) -> None:
         """Resize input (and untied output) embeddings to ``num_tokens`` rows.

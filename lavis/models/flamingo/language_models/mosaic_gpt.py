@@ -135,7 +135,7 @@ def map_mosaic_key(key: str) -> str:
 class MosaicGPTFamily(LanguageModelFamily):
     """MosaicGPT: built from its config.json and loaded through the explicit key map, strictly."""
 
-    def load(self, path, dtype, quantization, device_map=None):
+    def load(self, path, dtype, quantization):
         if quantization is not None:
             raise ConfigError(
                 "model.quantization: the MosaicGPT port (MPT-1B) loads unquantised only; set it "

@@ -46,9 +46,9 @@ def check_mpt_config(config: dict, path: str, family: str) -> None:
 class MptFamily(LanguageModelFamily):
     """MPT with the config checked before the native class loads it."""
 
-    def load(self, path, dtype, quantization, device_map=None):
+    def load(self, path, dtype, quantization):
         check_mpt_config(json.loads((Path(path) / "config.json").read_text()), path, "mpt")
-        return super().load(path, dtype, quantization, device_map)
+        return super().load(path, dtype, quantization)
 
 
 MPT = MptFamily(
