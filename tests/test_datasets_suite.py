@@ -136,7 +136,9 @@ def test_preflight_names_every_missing_default_file(name, tmp_path, monkeypatch)
     monkeypatch.setenv("PETVLM_DATA", str(tmp_path / "nowhere"))
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(
-        f"model: {{arch: openflamingo, model_type: tiny}}\ndatasets: {{{name}: {{}}}}\nrun: {{task: vqa}}\n"
+        # The tiny model's vision tower takes 64 px images (the datasets' defaults are 224 px).
+        f"model: {{arch: openflamingo, model_type: tiny}}\ndatasets: {{{name}: {{vis_processor: "
+        "{train: {image_size: 64}, eval: {image_size: 64}}}}\nrun: {task: vqa}\n"
     )
     _, problems = missing_files(load_config(cfg_path), raw_config(cfg_path, []))
     assert problems and all("nowhere" in p and "PETVLM_DATA" in p for p in problems), problems
