@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import pytest
@@ -13,7 +12,6 @@ from standin_flamingo import (
     StandInFlamingo,
     logits,
     make_batch,
-    new_ids,
     train_steps,
 )
 
@@ -28,13 +26,14 @@ torch.set_num_threads(1)
 # ---------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("train_new_rows", [False, True])
-def test_saved_adapter_loads_onto_plain_llama(tmp_path, train_new_rows):
+def test_saved_adapter_without_trained_rows_loads_onto_plain_llama(tmp_path):
+    """The adapter alone when the embedding does not train (every method, with trained rows, is in
+    test_adapter_conformance.py)."""
     from peft import PeftModel
 
     model = StandInFlamingo(seed=3)
     plain = copy.deepcopy(model.lang_encoder)  # the untouched (resized) LLaMA
-    trainable = A.TrainableConfig(new_token_embeddings=train_new_rows)
+    trainable = A.TrainableConfig(new_token_embeddings=False)
     A.apply_trainable_policy(model, A.AdapterConfig(method="lora", dropout=0.0), trainable)
     train_steps(model)
     model.eval()
@@ -42,18 +41,15 @@ def test_saved_adapter_loads_onto_plain_llama(tmp_path, train_new_rows):
     save_adapter(model, str(out))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
     saved = safetensors.torch.load_file(str(out / "adapter_model.safetensors"))
-    # The trained embedding rows travel with the adapter; otherwise only adapter weights do.
-    assert any("embed_tokens" in k for k in saved) == train_new_rows
-    assert all("lora_" in k or "embed_tokens" in k or "lm_head" in k for k in saved)
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert saved and all(".lora_" in k for k in saved)  # no embedding matrix travels with it
     assert os.listdir(tmp_path) == ["adapter"]  # no temp directory left behind
 
     loaded = PeftModel.from_pretrained(plain, str(out)).eval()
     _, lang_x = make_batch(model)
     expected = logits(model.lang_encoder, lang_x)
     torch.testing.assert_close(logits(loaded, lang_x), expected, rtol=0, atol=1e-6)
-    with loaded.disable_adapter():  # the adapter (and, if trained, the new rows) really carry the change
-        assert not torch.allclose(logits(loaded, lang_x), expected, atol=1e-4) or train_new_rows
+    with loaded.disable_adapter():  # the adapter really carries the change
+        assert not torch.allclose(logits(loaded, lang_x), expected, atol=1e-4)
 
 
 def test_adapter_changes_outputs_and_save_overwrites(tmp_path):
@@ -69,43 +65,6 @@ def test_adapter_changes_outputs_and_save_overwrites(tmp_path):
     (out / "stale.txt").write_text("old")
     save_adapter(model, str(out))  # replaces the whole directory
     assert not (out / "stale.txt").exists()
-
-
-def test_merge_and_export_round_trip(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = StandInFlamingo(seed=5)
-    A.apply_trainable_policy(model, A.AdapterConfig(method="lora", dropout=0.0), A.TrainableConfig())
-    train_steps(model)
-    model.eval()
-    _, lang_x = make_batch(model)
-    expected = logits(model.lang_encoder, lang_x)
-    weights_before = {n: p.detach().clone() for n, p in model.lang_encoder.named_parameters()}
-
-    merge_and_export(model, str(tmp_path / "merged"))
-    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), local_files_only=True).eval()
-    assert not any("lora" in n or "base_layer" in n for n in exported.state_dict())
-    torch.testing.assert_close(logits(exported, lang_x), expected, rtol=0, atol=1e-5)
-    # The training model keeps its unmerged adapter, bit for bit.
-    for name, param in model.lang_encoder.named_parameters():
-        assert torch.equal(param, weights_before[name]), name
-    assert torch.equal(logits(model.lang_encoder, lang_x), expected)
-    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "merged"), local_files_only=True)
-    assert tokenizer.convert_tokens_to_ids("<image>") == new_ids(model)[1]
-
-
-@pytest.mark.parametrize("method", ["ia3", "loha"])
-def test_merge_and_export_other_methods(tmp_path, method):
-    from transformers import AutoModelForCausalLM
-
-    model = StandInFlamingo()
-    A.apply_trainable_policy(model, {"method": method, "dropout": 0.0}, {"new_token_embeddings": False})
-    train_steps(model)
-    model.eval()
-    _, lang_x = make_batch(model)
-    merge_and_export(model, str(tmp_path / "m"))
-    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), local_files_only=True).eval()
-    torch.testing.assert_close(logits(exported, lang_x), logits(model.lang_encoder, lang_x), rtol=0, atol=1e-5)
 
 
 def test_export_without_lm_adapter_is_a_user_error(tmp_path):

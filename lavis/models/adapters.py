@@ -84,6 +84,13 @@ class AdapterConfig(Validated):
                     f"{path}.tinit + {path}.tfinal ({self.tinit} + {self.tfinal}) must be below "
                     f"{path}.total_step ({self.total_step})"
                 )
+            elif self.total_step - self.tfinal < 2:
+                # peft fixes the ranks at step total_step - tfinal from the importance scores of the steps
+                # before it; with none before it (the runner's first step is 1) it fails with a KeyError.
+                problems.append(
+                    f"{path}.total_step - {path}.tfinal ({self.total_step} - {self.tfinal}) must be at least 2: "
+                    f"AdaLoRA's final rank allocation needs an earlier optimizer step to score the ranks"
+                )
             if not 0 < self.target_r <= self.r:
                 problems.append(f"{path}.target_r: must be in [1, r={self.r}], got {self.target_r}")
         if self.method == "ia3":
