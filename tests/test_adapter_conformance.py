@@ -244,6 +244,8 @@ def peft_name(name: str) -> str:
 # peft checks AdaLoRA's rank pattern (keys naming lora_E tensors) with LoRA's rule (keys naming modules) and
 # warns; AdaLoRA's loader then resizes the layers by that very pattern, which the logits check below proves.
 @pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match any targeted module")
+# AdaLoRA may prune a module to rank 0; peft's save takes the empty A and B for unfetched FSDP shards and warns.
+@pytest.mark.filterwarnings("ignore:.* LoRA tensor\\(s\\) have invalid shape")
 def test_save(trained, pretrained, tmp_path):
     """save_adapter writes peft's format, which peft itself loads onto the plain LM to the same outputs."""
     from peft import PeftModel
