@@ -173,7 +173,9 @@ def test_lr_schedule_length_ignores_max_steps(tmp_path):
 
 
 def test_bad_run_values_are_reported_together(tmp_path):
-    with pytest.raises(ConfigError, match=r"run.accum_grad_iters: must be >= 1, got 0; run.best_split: 'x'"):
+    # A run section built in code gets the loader's checks (RunConfig.validate), all in one error.
+    pattern = r"(?s)run: 2 problem\(s\).*run.accum_grad_iters: must be >= 1, got 0.*run.best_split: 'x'"
+    with pytest.raises(ConfigError, match=pattern):
         build_runner(make_cfg(tmp_path, accum_grad_iters=0, best_split="x"))
     with pytest.raises(ConfigError, match=r"run.batch_size_train=40 .* needs more samples"):
         build_runner(make_cfg(tmp_path, run_name="small", batch_size_train=40)).train()

@@ -144,12 +144,15 @@ def test_vqa_split_without_answers_writes_results_and_scores_nothing(tmp_path):
 
 def test_agg_metric_must_be_a_score_of_the_chosen_metrics():
     from lavis.common.errors import ConfigError
+    from lavis.common.schema import config_instance
     from lavis.tasks.captioning import CaptioningTask
 
     run = {"metrics": ["CIDEr", "BLEU"], "agg_metric": "Bleu_4"}
-    assert CaptioningTask(OmegaConf.create({"run": run})).run_cfg.agg_metric == "Bleu_4"
+    assert config_instance(CaptioningTask.Config, run, "run").agg_metric == "Bleu_4"
     with pytest.raises(ConfigError, match=r"run.agg_metric: 'BLEU' is not a score of run.metrics .*Bleu_4"):
-        CaptioningTask(OmegaConf.create({"run": {**run, "agg_metric": "BLEU"}}))
+        config_instance(CaptioningTask.Config, {**run, "agg_metric": "BLEU"}, "run")
+    with pytest.raises(ConfigError, match=r"run.metrics: unknown caption metric 'CIDER2'"):
+        config_instance(CaptioningTask.Config, {**run, "metrics": ["CIDER2"]}, "run")
 
 
 def test_evaluating_a_checkpoint_builds_the_adapters_it_was_trained_with(tmp_path):

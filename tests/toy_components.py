@@ -18,7 +18,7 @@ from lavis.common.registry import registry
 from lavis.datasets.samples import SplitDataset
 from lavis.models.base import TrainableModel
 from lavis.runners.run_config import RunConfig
-from lavis.tasks.base import BaseTask
+from lavis.tasks.base import BaseTask, TaskConfig
 
 DIM = 8
 
@@ -81,9 +81,12 @@ class ToyRegressionTask(BaseTask):
     sample_id_key = "sample_id"
 
     @dataclass
-    class Config:
+    class Config(TaskConfig):
         # Unused by the runner; shows that task keys live beside the runner's in the run section.
         toy_option: int = 0
+
+        def metric_names(self) -> list[str]:
+            return ["agg_metrics", "mse", "n"]
 
     def __init__(self, cfg=None):  # the toy needs no config: cfg may be None
         self.cfg = cfg
@@ -110,10 +113,6 @@ class ToyRegressionTask(BaseTask):
             {"sample_id": sid, "pred": float(p), "target": float(t)}
             for sid, p, t in zip(batch["sample_id"], pred[:, 0], batch["y"][:, 0])
         ]
-
-    @classmethod
-    def metric_names(cls, run):
-        return ["agg_metrics", "mse", "n"]
 
     def evaluate(self, records, split, dataset, result_dir):
         self.evaluated.append((split, len(records)))

@@ -13,6 +13,7 @@ in one ConfigError.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -21,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lavis.common.errors import ConfigError
 from lavis.common.registry import nearest, registry
-from lavis.common.schema import check_mapping, instantiate, merged_schema, well_typed
+from lavis.common.schema import check_mapping, config_instance, instantiate, merged_schema, well_typed
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = ("model", "datasets", "run")
@@ -158,16 +159,15 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
     runner_name = run.get("runner", DEFAULT_RUNNER)
     runner_cls = _lookup("runner", runner_name, "run.runner", errors) if isinstance(runner_name, str) else None
     runner_cls = runner_cls or registry.get("runner", DEFAULT_RUNNER)
-    run_schema = merged_schema("RunSection", runner_cls.Config, *([task_cls.Config] if task_cls is not None else []))
+    run_schema = run_section_schema(runner_cls.Config, task_cls.Config if task_cls is not None else None)
+    # Types first, then the runner's and the task's range and cross-key checks (RunConfig.validate and the
+    # task Config's), all reported with the other errors.
     out["run"], errs = check_mapping(run, run_schema, "run")
     errors += errs
-    if isinstance(out["run"], dict):
-        if isinstance(out["run"].get("lr_sched"), str):
-            _lookup("lr_scheduler", out["run"]["lr_sched"], "run.lr_sched", errors)
-        # Range and cross-key checks (the runner's and the task's), reported with the schema errors.
-        errors += runner_cls.run_problems(out["run"])
-        if task_cls is not None:
-            errors += task_cls.run_problems(out["run"])
+    if isinstance(out["run"], dict) and isinstance(out["run"].get("lr_sched"), str):
+        # A name, like run.task and run.runner: reported even when other values have the wrong type.
+        _lookup("lr_scheduler", out["run"]["lr_sched"], "run.lr_sched", errors)
+    run_config = instantiate(run_schema, out["run"]) if well_typed(errs) else None
 
     if errors:
         listing = "\n  - ".join(dict.fromkeys(errors))
@@ -176,7 +176,27 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
     # The model section is a structured node of its Config: build_model hands the class its instance
     # (OmegaConf.to_object), and a later assignment (evaluate --checkpoint) is type-checked.
     cfg.model = OmegaConf.structured(model_config)
+    # Likewise the run section: the runner and the task take its instance (schema.config_instance of it).
+    cfg.run = OmegaConf.structured(run_config)
     return cfg
+
+
+def run_section_schema(runner_config: type, task_config: type | None) -> type:
+    """The class of the run section: the runner's keys and the task's, flat (the same class on every call)."""
+    return merged_schema("RunSection", runner_config, *([task_config] if task_config is not None else []))
+
+
+def run_section(run, task_config: type, runner_config: type | None = None):
+    """The run section as its typed instance, for the task and the runner that receive it.
+
+    The loader's section (a structured node of this class) is taken as it is; a section built in code
+    (a dict or DictConfig, e.g. in tests) is validated here by the same checks (``schema.config_instance``).
+    ``runner_config`` defaults to the Config of the runner ``run.runner`` names.
+    """
+    if runner_config is None:
+        name = run.runner if dataclasses.is_dataclass(run) else (run or {}).get("runner", DEFAULT_RUNNER)
+        runner_config = registry.get("runner", name, key_path="run.runner").Config
+    return config_instance(run_section_schema(runner_config, task_config), run, "run")
 
 
 def _image_size_problems(size: int | None, datasets: dict) -> list[str]:

@@ -14,6 +14,7 @@ import inspect
 import re
 from pathlib import Path
 
+from lavis.common.config import DEFAULT_RUNNER
 from lavis.common.fileio import atomic_write_text
 from lavis.common.registry import registry
 from lavis.common.schema import default_of, describe, field_types
@@ -88,10 +89,11 @@ def _package_names(kind: str) -> list[str]:
 
 def generate() -> str:
     """The whole reference as Markdown."""
-    from lavis.runners.run_config import RunConfig
-
+    # The runner's keys are its registered Config (runner_iter's adds checks, no keys): common does not
+    # import runners.
+    runner_config = registry.get("runner", DEFAULT_RUNNER).Config
     out = [BEGIN, ""]
-    out += _section("run (runner)", "Keys of the `run` section used by every runner.", RunConfig, "run")
+    out += _section("run (runner)", "Keys of the `run` section used by every runner.", runner_config, "run")
     for name in _package_names("task"):
         cls = registry.get("task", name)
         out += _section(f"run (task `{name}`)", f"Extra `run` keys when `run.task: {name}`.", cls.Config, "run")

@@ -164,12 +164,12 @@ def format_metrics(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
-def metric_name(task, dataset) -> str:
-    """What a split's ``agg_metrics`` is, for tables: "VQA accuracy" for VQA data, else the task's agg_metric."""
+def metric_name(run, dataset) -> str:
+    """What a split's ``agg_metrics`` is, for tables: "VQA accuracy" for VQA data, else the task's label of it
+    (``run`` is the typed run section; its task Config's ``agg_metric_label``, e.g. captioning's agg_metric)."""
     if dataset.sample_id_key == "question_id":
         return "VQA accuracy"
-    run_cfg = getattr(task, "run_cfg", None)
-    return str(run_cfg.get("agg_metric", "agg_metrics")) if run_cfg is not None else "agg_metrics"
+    return run.agg_metric_label()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

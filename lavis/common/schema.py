@@ -13,6 +13,7 @@ into its Config instance (what a component receives), or raises one ConfigError.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, Literal, Union
@@ -72,6 +73,10 @@ def config_instance(schema: type, section, path: str):
         return section
     from omegaconf import OmegaConf
 
+    if OmegaConf.is_config(section) and OmegaConf.get_type(section) is schema:
+        # A structured node of this schema: the loader made it from a checked instance (and an assignment
+        # to it since is type-checked), so it is not validated again.
+        return OmegaConf.to_object(section)
     if OmegaConf.is_config(section):
         section = OmegaConf.to_container(section, resolve=True)
     values, errors = check_mapping(section, schema, path)
@@ -216,12 +221,19 @@ def check_mapping(value, schema: type, path: str, extra_allowed: tuple[str, ...]
     return out, errors
 
 
+@functools.cache
 def merged_schema(name: str, *schemas: type) -> type:
-    """One dataclass holding the fields of several (e.g. the runner's and the task's keys of ``run``)."""
-    seen: dict[str, tuple] = {}
+    """One dataclass holding the fields of several (e.g. the runner's and the task's keys of ``run``).
+
+    ``schemas`` go from the most basic (the runner's) to the most specific (the task's): the class
+    inherits from all of them, so each one's ``validate`` runs (they chain through ``super()``) and a
+    method of a later schema (e.g. the task's ``metric_names``) is found before an earlier one's. A key
+    in two of them would mean two things in one flat section: a TypeError. Cached, so that the loader
+    and a component given a section in code get the same class.
+    """
+    owners: dict[str, type] = {}
     for schema in schemas:
-        hints = field_types(schema)
         for f in dataclasses.fields(schema):
-            spec = dataclasses.field(default=f.default, default_factory=f.default_factory)
-            seen.setdefault(f.name, (f.name, hints[f.name], spec))
-    return dataclasses.make_dataclass(name, list(seen.values()))
+            if owners.setdefault(f.name, schema) is not schema and not issubclass(schema, owners[f.name]):
+                raise TypeError(f"{name}: key {f.name!r} is declared by both {owners[f.name]} and {schema}")
+    return dataclasses.make_dataclass(name, [], bases=tuple(reversed(schemas)))

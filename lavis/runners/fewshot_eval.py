@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lavis.common import dist
+from lavis.common.config import run_section
 from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
@@ -61,19 +62,16 @@ class QuerySubset(DatasetView):
 
 
 def query_subset(dataset, num_samples: int | None, seed: int):
-    """``num_samples`` queries drawn once with ``seed`` (the whole split when None or larger)."""
+    """``num_samples`` (>= 1, FewShotConfig.validate) queries drawn once with ``seed`` (the whole split when None
+    or larger)."""
     if num_samples is None or num_samples >= len(dataset):
         return dataset
-    if num_samples <= 0:
-        raise ConfigError(f"run.num_samples must be positive or null (the whole split), got {num_samples}")
     chosen = np.random.default_rng(seed).choice(len(dataset), size=num_samples, replace=False)
     return QuerySubset(dataset, sorted(int(i) for i in chosen))
 
 
 def splits_to_evaluate(run, datasets) -> list[str]:
     """The splits to evaluate, after checking the run section against the built datasets (ConfigError)."""
-    if run.num_trials < 1 or len(run.trial_seeds) < run.num_trials:
-        raise ConfigError(f"run.trial_seeds: {run.num_trials} trial(s) need as many seeds, got {list(run.trial_seeds)}")
     splits = list(run.test_splits or run.valid_splits)
     if not splits:
         raise ConfigError("run.test_splits (or run.valid_splits): name the split(s) to evaluate")
@@ -136,7 +134,8 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=None) -> dict 
 
     Returns the table, or None when SIGTERM stopped the evaluation (finished work is in the cache).
     """
-    run = cfg.run
+    # The typed run section (validated by the loader, or here for a config built in code).
+    run = run_section(cfg.run, type(task).Config)
     check_split_datasets(datasets)
     splits = splits_to_evaluate(run, datasets)
     dist_info = dist.init_distributed(run.device, run.dist_timeout_s)
@@ -287,7 +286,7 @@ def _evaluate_all(ctx: _Context, datasets, splits) -> tuple[dict, dict, dict]:
                 if ctx.dist_info.is_main:
                     detail[str(shots)] = cell_summary(trials, files)
             table["rows"][f"{name}/{split}"] = row
-            table["metrics"][f"{name}/{split}"] = metric_name(ctx.task, by_split[split])
+            table["metrics"][f"{name}/{split}"] = metric_name(ctx.run, by_split[split])
             results[f"{name}/{split}"] = detail
     return table, results, n_samples
 

@@ -157,9 +157,7 @@ class LinearWarmupStepLR(LRSchedule):
     def __init__(self, optimizer, run_cfg, total_steps, steps_per_epoch):
         super().__init__(optimizer, run_cfg, total_steps, steps_per_epoch)
         self.decay_rate = float(run_cfg.lr_decay_rate)
-        self.decay_steps = int(run_cfg.lr_decay_steps or self.steps_per_epoch)
-        if self.decay_steps <= 0:
-            raise ConfigError(f"run.lr_decay_steps: must be > 0, got {run_cfg.lr_decay_steps}")
+        self.decay_steps = int(run_cfg.lr_decay_steps or self.steps_per_epoch)  # >= 1 (RunConfig.validate)
 
     def base_lr(self, step: int) -> float:
         lr = self.warmup(step)

@@ -193,7 +193,7 @@ def end_of_run_summary(runner, status: str, started: float) -> dict:
     if metric == "agg_metrics" and runner.best_dataset is not None and runner.best_split is not None:
         from lavis.common.logging import metric_name
 
-        metric = metric_name(runner.task, runner.datasets[runner.best_dataset][runner.best_split])
+        metric = metric_name(runner.run_cfg, runner.datasets[runner.best_dataset][runner.best_split])
     return {
         "status": status,
         "steps": runner.global_step,

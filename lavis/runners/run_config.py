@@ -2,7 +2,9 @@
 
 The config loader validates YAML against ``RunConfig`` (merged with the task's own
 ``Config``) and the README's config reference is generated from it: the comment
-above each field is its documentation. It also holds the start-up checks of run values and split names.
+above each field is its documentation. ``RunConfig.validate`` holds the range and cross-key checks of
+these keys (the loader reports them with the schema errors); the checks that need the built datasets
+(split names, the best dataset) or the run's length in steps run at start-up.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lavis.common.errors import ConfigError
+from lavis.common.schema import Validated
 
 
 @dataclass
@@ -39,8 +42,12 @@ class WandbConfig:
 
 
 @dataclass
-class RunConfig:
-    """Every key of the ``run`` section used by ``runner_base`` and ``runner_iter``."""
+class RunConfig(Validated):
+    """Every key of the ``run`` section used by ``runner_base`` and ``runner_iter``.
+
+    The run section is this class merged with the task's ``Config`` (``schema.merged_schema``), so
+    ``validate`` and ``metric_names`` see the task's keys too.
+    """
 
     # Registered task name (e.g. captioning, vqa); required.
     task: Optional[str] = None
@@ -157,85 +164,74 @@ class RunConfig:
     # Timeout of collective operations, in seconds (a hung rank fails instead of waiting forever).
     dist_timeout_s: int = 1800
 
+    def metric_names(self) -> list[str] | None:
+        """The metrics the task's ``evaluate`` returns (its Config says them); None: no task, unknown."""
+        return None
 
-def _number(run, key):
-    """The value of ``run.key`` when it is a number (a wrongly typed value is the schema's error, not ours)."""
-    value = run.get(key)
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    def validate(self, path: str) -> list[str]:
+        problems = super().validate(path)
 
+        def at_least(key: str, low) -> None:
+            value = getattr(self, key)
+            if value is not None and value < low:
+                problems.append(f"{path}.{key}: must be >= {low}{' or null' if key in _OPTIONAL else ''}, got {value}")
 
-def run_problems(run) -> list[str]:
-    """Range and cross-key checks of the runner's keys the schema cannot express, one message per problem.
+        for key in _AT_LEAST_1:
+            at_least(key, 1)
+        for key in _AT_LEAST_0:
+            at_least(key, 0)
+        problems += self.length_problems(path)
+        if 0 <= self.init_lr < self.min_lr:
+            problems.append(f"{path}.min_lr: must be <= {path}.init_lr ({self.init_lr}), got {self.min_lr}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                problems.append(f"{path}.{key}: must be in [0, 1), got {getattr(self, key)}")
+        for key in ("eps", "lr_decay_rate"):
+            if getattr(self, key) <= 0:
+                problems.append(f"{path}.{key}: must be > 0, got {getattr(self, key)}")
+        if self.best_split is not None and self.best_split not in self.valid_splits:
+            problems.append(
+                f"{path}.best_split: {self.best_split!r} is not one of {path}.valid_splits {self.valid_splits}"
+            )
+        names = self.metric_names()
+        if names is not None and self.valid_splits and not self.evaluate and self.best_metric not in names:
+            problems.append(
+                f"{path}.best_metric: {self.best_metric!r} is not a metric of task {self.task!r}; "
+                f"choose one of {', '.join(names)}"
+            )
+        output_dir = Path(self.output_dir).expanduser()
+        if output_dir.exists() and not output_dir.is_dir():
+            problems.append(f"{path}.output_dir: {self.output_dir} exists and is not a directory")
+        return problems
 
-    ``run`` is the run section (a dict or DictConfig, defaults filled); called by the config loader
-    (with the schema errors) and by the runner (for configs built in code).
-    """
-    problems = []
-
-    def at_least(key: str, low, optional: bool = False) -> None:
-        value = _number(run, key)
-        if value is not None and value < low:
-            problems.append(f"run.{key}: must be >= {low}{' or null' if optional else ''}, got {value}")
-
-    for key in (
-        "accum_grad_iters",
-        "log_freq",
-        "val_freq",
-        "batch_size_train",
-        "batch_size_eval",
-        "keep_last",
-        "dist_timeout_s",
-    ):
-        at_least(key, 1)
-    for key in (
-        "save_freq_steps",
-        "num_workers",
-        "warmup_steps",
-        "init_lr",
-        "min_lr",
-        "warmup_lr",
-        "weight_decay",
-        "max_grad_norm",
-    ):
-        at_least(key, 0)
-    for key in ("max_steps", "max_iters", "iters_per_inner_epoch", "lr_decay_steps"):
-        at_least(key, 1, optional=True)
-    if not run.get("evaluate") and run.get("runner", "runner_base") == "runner_base":
-        at_least("max_epoch", 1)
-    init_lr, min_lr = _number(run, "init_lr"), _number(run, "min_lr")
-    if init_lr is not None and min_lr is not None and 0 <= init_lr < min_lr:
-        problems.append(f"run.min_lr: must be <= run.init_lr ({init_lr}), got {min_lr}")
-    for key in ("beta1", "beta2"):
-        value = _number(run, key)
-        if value is not None and not 0 <= value < 1:
-            problems.append(f"run.{key}: must be in [0, 1), got {value}")
-    eps, decay = _number(run, "eps"), _number(run, "lr_decay_rate")
-    if eps is not None and eps <= 0:
-        problems.append(f"run.eps: must be > 0, got {eps}")
-    if decay is not None and decay <= 0:
-        problems.append(f"run.lr_decay_rate: must be > 0, got {decay}")
-    warmup, max_iters = _number(run, "warmup_steps"), _number(run, "max_iters")
-    if run.get("runner") == "runner_iter" and warmup is not None and max_iters is not None and warmup > max_iters:
-        problems.append(f"run.warmup_steps: {warmup} is longer than the run (run.max_iters={max_iters})")
-    valid = list(run.get("valid_splits") or [])
-    best_split = run.get("best_split")
-    if best_split is not None and best_split not in valid:
-        problems.append(f"run.best_split: {best_split!r} is not one of run.valid_splits {valid}")
-    output_dir = run.get("output_dir")
-    if (
-        isinstance(output_dir, str)
-        and Path(output_dir).expanduser().exists()
-        and not Path(output_dir).expanduser().is_dir()
-    ):
-        problems.append(f"run.output_dir: {output_dir} exists and is not a directory")
-    return problems
+    def length_problems(self, path: str) -> list[str]:
+        """The keys that set the run's length (runner_base: epochs)."""
+        if not self.evaluate and self.max_epoch < 1:
+            return [f"{path}.max_epoch: must be >= 1, got {self.max_epoch}"]
+        return []
 
 
-def check_run_values(run) -> None:
-    """``run_problems`` as one ConfigError (a config built in code skips the loader's checks)."""
-    problems = run_problems(run)
-    if problems:
-        raise ConfigError("; ".join(problems))
+@dataclass
+class IterRunConfig(RunConfig):
+    """``runner_iter``'s run keys: those of ``RunConfig``, its length set by ``max_iters``."""
+
+    def length_problems(self, path: str) -> list[str]:
+        if self.evaluate:
+            return []
+        if self.max_iters is None:
+            return [f"{path}.max_iters: runner_iter needs the number of optimizer steps"]
+        if self.warmup_steps > self.max_iters >= 1:
+            return [
+                f"{path}.warmup_steps: {self.warmup_steps} is longer than the run ({path}.max_iters={self.max_iters})"
+            ]
+        return []
+
+
+_AT_LEAST_1 = ("accum_grad_iters", "log_freq", "val_freq", "batch_size_train", "batch_size_eval", "keep_last")
+_AT_LEAST_1 += ("dist_timeout_s", "max_steps", "max_iters", "iters_per_inner_epoch", "lr_decay_steps")
+_AT_LEAST_0 = ("save_freq_steps", "num_workers", "warmup_steps", "init_lr", "min_lr", "warmup_lr", "weight_decay")
+_AT_LEAST_0 += ("max_grad_norm",)
+_OPTIONAL = ("max_steps", "max_iters", "iters_per_inner_epoch", "lr_decay_steps")
 
 
 def check_warmup(run, total_steps: int) -> None:
@@ -256,7 +252,10 @@ def check_splits(run, datasets: dict) -> None:
     present = {split for by_split in datasets.values() for split in by_split}
     keys = ("valid_splits", "test_splits") if run.evaluate else ("train_splits", "valid_splits", "test_splits")
     problems = [
-        f"run.{key}: no dataset has the split {split!r}" for key in keys for split in run[key] if split not in present
+        f"run.{key}: no dataset has the split {split!r}"
+        for key in keys
+        for split in getattr(run, key)
+        if split not in present
     ]
     if problems:
         raise ConfigError(f"{'; '.join(problems)}; available: {available_splits(datasets)}")

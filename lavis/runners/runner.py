@@ -18,6 +18,7 @@ import time
 import torch
 
 from lavis.common import dist
+from lavis.common.config import run_section
 from lavis.common.errors import CheckpointError, ConfigError
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, progress_bar, setup_logging
 from lavis.common.registry import registry
@@ -34,11 +35,9 @@ from lavis.runners.progress import Progress, bar_postfix, train_line
 from lavis.runners.run_config import (
     RunConfig,
     available_splits,
-    check_run_values,
     check_splits,
     check_warmup,
     resolve_best_dataset,
-    run_problems,
 )
 from lavis.runners.run_dir import prepare_run_dir
 from lavis.runners.sample_log import samples_filename, step_tag
@@ -55,17 +54,12 @@ class RunnerBase:
     #: The runner's keys of the ``run`` section (validated by the config loader, with the task's).
     Config = RunConfig
 
-    @classmethod
-    def run_problems(cls, run) -> list[str]:
-        """Range and cross-key checks of the runner's keys (the loader reports them with the schema errors)."""
-        return run_problems(run)
-
     def __init__(self, cfg, task, model, datasets: dict):
         self.cfg = cfg
-        self.run_cfg = run = cfg.run
+        # The typed run section (validated by the loader, or here for a config built in code).
+        self.run_cfg = run = run_section(cfg.run, type(task).Config, type(self).Config)
         self.task = task
         self.datasets = datasets
-        check_run_values(run)
         check_split_datasets(datasets)
         check_splits(run, datasets)
         self.best_split = run.best_split or (run.valid_splits[0] if run.valid_splits else None)

@@ -11,12 +11,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from lavis.common.config import run_section
 from lavis.common.registry import registry
+from lavis.common.schema import Validated
 from lavis.datasets.prompts import IGNORE_INDEX
 
 
 @dataclass
-class GenerationConfig:
+class TaskConfig(Validated):
+    """Base of a task's ``Config``: its keys of the ``run`` section.
+
+    The loader merges it with the runner's keys into one flat section (``schema.merged_schema``): each
+    ``validate`` checks its own keys, and the runner's checks ``run.best_metric`` against ``metric_names``.
+    """
+
+    def metric_names(self) -> list[str]:
+        """Names of the metrics the task's ``evaluate`` returns with these settings (``run.best_metric`` is one)."""
+        return ["agg_metrics"]
+
+    def agg_metric_label(self) -> str:
+        """What ``agg_metrics`` is, for tables and the end-of-run summary."""
+        return "agg_metrics"
+
+
+def too_small(path: str, config, lows: dict[str, int]) -> list[str]:
+    """``<path>.<key>: must be >= low`` for each key of ``config`` below its bound (None = not set)."""
+    return [
+        f"{path}.{key}: must be >= {low}, got {getattr(config, key)}"
+        for key, low in lows.items()
+        if getattr(config, key) is not None and getattr(config, key) < low
+    ]
+
+
+@dataclass
+class GenerationConfig(TaskConfig):
     """Decoding settings used by ``valid_step`` (keys of the ``run`` section)."""
 
     num_beams: int = 3  # beams of beam search when generating for evaluation (1 = greedy)
@@ -27,17 +55,31 @@ class GenerationConfig:
     # outputs, > 0 longer ones; no effect when num_beams is 1.
     length_penalty: float = -2.0
 
+    def validate(self, path: str) -> list[str]:
+        problems = super().validate(path) + too_small(
+            path, self, {"num_beams": 1, "max_new_tokens": 1, "min_new_tokens": 0}
+        )
+        if 1 <= self.max_new_tokens < self.min_new_tokens:
+            problems.append(
+                f"{path}.min_new_tokens: must be <= {path}.max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens}"
+            )
+        return problems
+
 
 @dataclass
-class InContextTrainingConfig:
+class InContextTrainingConfig(TaskConfig):
     """Interleaved (few-shot) training (a key of the ``run`` section)."""
 
     # Each training sample is preceded by 0..train_max_shots random demonstrations of its split (0 = off).
     train_max_shots: int = 0
 
+    def validate(self, path: str) -> list[str]:
+        return super().validate(path) + too_small(path, self, {"train_max_shots": 0})
+
 
 @dataclass
-class FewShotConfig:
+class FewShotConfig(TaskConfig):
     """Few-shot evaluation settings (keys of the ``run`` section, used by evaluate.py)."""
 
     # Demonstrations per query to evaluate, one table column each (0 = zero-shot, see zero_shot_text_demos).
@@ -64,59 +106,35 @@ class FewShotConfig:
     # Published numbers the run report draws beside this run's few-shot curve (lavis/report/references.py).
     reference_results: Optional[Literal["openflamingo-9b"]] = None
 
+    def validate(self, path: str) -> list[str]:
+        problems = super().validate(path) + too_small(path, self, {"num_trials": 1, "num_samples": 1})
+        if any(n < 0 for n in self.num_shots):
+            problems.append(f"{path}.num_shots: shot counts must be >= 0, got {self.num_shots}")
+        if self.num_trials >= 1 and len(self.trial_seeds) < self.num_trials:
+            problems.append(
+                f"{path}.trial_seeds: {self.num_trials} trial(s) need as many seeds, got {self.trial_seeds}"
+            )
+        return problems
+
 
 class BaseTask:
     """What every task provides (the runner's and evaluation's contract) and what the LM tasks share.
 
-    A task declares ``sample_id_key``, ``metric_names`` and implements ``collator``, ``valid_step`` and
-    ``evaluate``; ``loss_count`` and ``train_step`` here serve every task whose batches carry LM labels.
+    A task declares ``sample_id_key`` and its ``Config`` (a ``TaskConfig``: its run keys, their checks and
+    its ``metric_names``) and implements ``collator``, ``valid_step`` and ``evaluate``; ``loss_count`` and
+    ``train_step`` here serve every task whose batches carry LM labels.
     """
 
     #: The key of a record's (and a dataset item's) sample id, e.g. image_id or question_id.
     sample_id_key: str = "id"
+    #: The task's keys of the run section (a subclass of TaskConfig).
+    Config = TaskConfig
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, run=None):
+        """``cfg`` the validated config; ``run`` its typed run section when another task already holds it
+        (caption_vqa's halves share its section)."""
         self.cfg = cfg
-        self.run_cfg = cfg.run
-
-    @classmethod
-    def metric_names(cls, run) -> list[str]:
-        """Names of the metrics ``evaluate`` returns under the run section ``run`` (``run.best_metric`` is one)."""
-        return ["agg_metrics"]
-
-    @classmethod
-    def run_problems(cls, run) -> list[str]:
-        """Checks of the task's keys of the run section (a dict, defaults filled), one message per problem.
-
-        The config loader reports them with the schema errors, before anything is built.
-        """
-        problems = []
-        valid = run.get("valid_splits") or []
-        names = cls.metric_names(run)
-        if valid and not run.get("evaluate") and run.get("best_metric") not in names:
-            problems.append(
-                f"run.best_metric: {run.get('best_metric')!r} is not a metric of task "
-                f"{run.get('task')!r}; choose one of {', '.join(names)}"
-            )
-        for key, low in (
-            ("num_beams", 1),
-            ("max_new_tokens", 1),
-            ("vqa_max_new_tokens", 1),
-            ("min_new_tokens", 0),
-            ("num_trials", 1),
-            ("num_samples", 1),
-            ("train_max_shots", 0),
-        ):
-            value = run.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value < low:
-                problems.append(f"run.{key}: must be >= {low}, got {value}")
-        shots = run.get("num_shots")
-        if isinstance(shots, list) and any(isinstance(n, int) and n < 0 for n in shots):
-            problems.append(f"run.num_shots: shot counts must be >= 0, got {shots}")
-        low, high = run.get("min_new_tokens"), run.get("max_new_tokens")
-        if isinstance(low, int) and isinstance(high, int) and 0 <= low and 1 <= high < low:
-            problems.append(f"run.min_new_tokens: must be <= run.max_new_tokens ({high}), got {low}")
-        return problems
+        self.run_cfg = run if run is not None else run_section(cfg.run, type(self).Config)
 
     def collator(self, model, role: str):
         """``items -> batch`` for ``role`` train or eval (model inputs, labels for train, the sample ids)."""
@@ -151,7 +169,7 @@ class BaseTask:
         datasets = {
             name: registry.get("builder", name)(section).build_datasets() for name, section in datasets_cfg.items()
         }
-        max_shots = self.run_cfg.get("train_max_shots", 0)
+        max_shots = self.run_cfg.train_max_shots
         if max_shots:
             for by_split in datasets.values():
                 for split in self.run_cfg.train_splits:

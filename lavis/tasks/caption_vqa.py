@@ -14,7 +14,7 @@ import torch
 from lavis.common.errors import DataError
 from lavis.common.registry import registry
 from lavis.datasets.prompts import IGNORE_INDEX
-from lavis.tasks.base import BaseTask
+from lavis.tasks.base import BaseTask, too_small
 from lavis.tasks.captioning import CaptioningTask
 from lavis.tasks.vqa import VQATask
 
@@ -72,22 +72,28 @@ class CaptionVQATask(BaseTask):
     sample_id_key = "image_id"
 
     @dataclass
-    class Config(CaptioningTask.Config):
-        """Keys of the ``run`` section: the captioning keys, plus the VQA ones below."""
+    class Config(CaptioningTask.Config, VQATask.Config):
+        """Keys of the ``run`` section: the captioning keys, the VQA ones (read by the VQA half) and those below."""
 
+        # Generation of a caption stops at <|endofchunk|> or after this many new tokens (VQA: vqa_max_new_tokens).
+        max_new_tokens: int = 20
         # New tokens generated for a VQA answer (max_new_tokens applies to captions).
         vqa_max_new_tokens: int = 5
         # Normalise every VQA answer (default: the official evaluation's rule).
         always_normalize: bool = False
 
+        def metric_names(self) -> list[str]:
+            both = [*CaptioningTask.Config.metric_names(self), *VQATask.Config.metric_names(self)]
+            return list(dict.fromkeys(both))
+
+        def validate(self, path: str) -> list[str]:
+            return super().validate(path) + too_small(path, self, {"vqa_max_new_tokens": 1})
+
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.captioning = CaptioningTask(cfg)
-        self.vqa = VQATask(cfg)
-
-    @classmethod
-    def metric_names(cls, run) -> list[str]:
-        return list(dict.fromkeys([*CaptioningTask.metric_names(run), *VQATask.metric_names(run)]))
+        # The halves read their keys from this task's section (it holds both tasks' keys).
+        self.captioning = CaptioningTask(cfg, self.run_cfg)
+        self.vqa = VQATask(cfg, self.run_cfg)
 
     def collator(self, model, role: str):
         return MixedCollator(

@@ -29,48 +29,51 @@ class CaptioningTask(BaseTask):
         # without the strip, exactly v2's (lavis/metrics/postprocess.py).
         caption_postprocess: Literal["default", "openflamingo_v2"] = "default"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.check_agg_metric()
+        def scores(self) -> list[str] | None:
+            """The keys ``metrics`` produce (None when it names an unknown metric: a problem of ``validate``)."""
+            from lavis.common.errors import ConfigError
+            from lavis.metrics.caption import METRIC_KEYS, resolve_metrics
 
-    @classmethod
-    def metric_names(cls, run) -> list[str]:
-        from lavis.common.errors import ConfigError
-        from lavis.metrics.caption import METRIC_KEYS, resolve_metrics
+            try:
+                return [key for name in resolve_metrics(self.metrics) for key in METRIC_KEYS[name]]
+            except ConfigError:
+                return None
 
-        try:
-            scores = [key for name in resolve_metrics(list(run.get("metrics") or [])) for key in METRIC_KEYS[name]]
-        except ConfigError:
-            scores = []  # reported by check_agg_metric when the task is built
-        return ["agg_metrics", *scores]
+        def metric_names(self) -> list[str]:
+            return ["agg_metrics", *(self.scores() or [])]
 
-    def check_agg_metric(self) -> None:
-        """``run.agg_metric`` must be one of the scores ``run.metrics`` produces (checked before any work)."""
-        from lavis.common.errors import ConfigError
-        from lavis.metrics.caption import METRIC_KEYS, resolve_metrics
+        def agg_metric_label(self) -> str:
+            return self.agg_metric
 
-        keys = [key for name in resolve_metrics(list(self.run_cfg.metrics)) for key in METRIC_KEYS[name]]
-        if self.run_cfg.agg_metric not in keys:
-            raise ConfigError(
-                f"run.agg_metric: {self.run_cfg.agg_metric!r} is not a score of run.metrics "
-                f"{list(self.run_cfg.metrics)}; choose one of {', '.join(keys)}"
-            )
+        def validate(self, path: str) -> list[str]:
+            from lavis.common.errors import ConfigError
+            from lavis.metrics.caption import resolve_metrics
+
+            problems = super().validate(path)
+            keys = self.scores()
+            if keys is None:
+                try:
+                    resolve_metrics(self.metrics)
+                except ConfigError as err:
+                    problems.append(f"{path}.metrics: {err}")
+            elif self.agg_metric not in keys:
+                problems.append(
+                    f"{path}.agg_metric: {self.agg_metric!r} is not a score of {path}.metrics "
+                    f"{self.metrics}; choose one of {', '.join(keys)}"
+                )
+            return problems
 
     def collator(self, model, role: str):
         from lavis.datasets.collators import CaptionCollator
 
-        return CaptionCollator(model.tokenizer, role=role, demo_separator=self.run_cfg.get("demo_separator", ""))
+        return CaptionCollator(model.tokenizer, role=role, demo_separator=self.run_cfg.demo_separator)
 
     def valid_step(self, model, batch) -> list[dict]:
         return self.records(batch, self.generate_text(model, batch))
 
     def records(self, batch, texts: list[str]) -> list[dict]:
         """Result records of a batch from its generated texts."""
-        clean = (
-            postprocess_caption_v2
-            if self.run_cfg.get("caption_postprocess") == "openflamingo_v2"
-            else postprocess_caption
-        )
+        clean = postprocess_caption_v2 if self.run_cfg.caption_postprocess == "openflamingo_v2" else postprocess_caption
         return [
             # resps: the raw generation, for the per-sample log (lavis/runners/sample_log.py)
             {"image_id": int(image_id), "caption": clean(text), "resps": text}

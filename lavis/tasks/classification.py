@@ -20,7 +20,7 @@ import torch
 
 from lavis.common.errors import ConfigError, DataError
 from lavis.common.registry import registry
-from lavis.tasks.base import BaseTask, FewShotConfig, InContextTrainingConfig
+from lavis.tasks.base import BaseTask, FewShotConfig, InContextTrainingConfig, too_small
 
 PROMPT_ENSEMBLE_SIZE = 6  # OpenFlamingo's min(6, shots!) permutations
 
@@ -49,6 +49,13 @@ class ClassificationTask(BaseTask):
         compat_openflamingo_v2_zero_shot_classification: bool = False
         # Class names scored in one forward over the cached context (memory vs. speed).
         score_batch_size: int = 100
+
+        def metric_names(self) -> list[str]:
+            """Hateful Memes: roc_auc, accuracy; ImageNet: top1_accuracy, top5_accuracy; agg_metrics = the first."""
+            return ["agg_metrics", "roc_auc", "accuracy", "top1_accuracy", "top5_accuracy"]
+
+        def validate(self, path: str) -> list[str]:
+            return super().validate(path) + too_small(path, self, {"score_batch_size": 1})
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -120,10 +127,6 @@ class ClassificationTask(BaseTask):
             {"id": sample_id, "label": int(label), "class_set": class_set, "class_logprobs": row}
             for sample_id, label, row in zip(batch["id"], batch["label"], scores.cpu().tolist())
         ]
-
-    def metric_names(self) -> list[str]:
-        """Hateful Memes: roc_auc, accuracy; ImageNet: top1_accuracy, top5_accuracy; agg_metrics = the first."""
-        return ["agg_metrics", "roc_auc", "accuracy", "top1_accuracy", "top5_accuracy"]
 
     def evaluate(self, records: list[dict], split: str, dataset, result_dir=None) -> dict:
         from lavis.common.fileio import atomic_write_json

@@ -37,9 +37,8 @@ class VQATask(BaseTask):
         # Answer shown in a demonstration: "answer" (the most frequent) or "first" (answers[0], OpenFlamingo's).
         vqa_demo_answer: Literal["answer", "first"] = "answer"
 
-    @classmethod
-    def metric_names(cls, run) -> list[str]:
-        return ["agg_metrics", "overall", *(f"answer_type/{t}" for t in ANSWER_TYPES)]
+        def metric_names(self) -> list[str]:
+            return ["agg_metrics", "overall", *(f"answer_type/{t}" for t in ANSWER_TYPES)]
 
     def collator(self, model, role: str):
         from lavis.datasets.collators import VQACollator
@@ -47,14 +46,14 @@ class VQATask(BaseTask):
         return VQACollator(
             model.tokenizer,
             role=role,
-            demo_answer=self.run_cfg.get("vqa_demo_answer", "answer"),
-            demo_separator=self.run_cfg.get("demo_separator", ""),
+            demo_answer=self.run_cfg.vqa_demo_answer,
+            demo_separator=self.run_cfg.demo_separator,
         )
 
     def postprocess(self, texts: list[str]) -> list[str]:
         """Answers from raw generations, per ``run.vqa_postprocess`` and ``run.vqa_stemmer``."""
         run = self.run_cfg
-        protocol, stemmer = run.get("vqa_postprocess", "default"), run.get("vqa_stemmer", "none")
+        protocol, stemmer = run.vqa_postprocess, run.vqa_stemmer
         if protocol == "default" and stemmer == "none":
             return [postprocess_answer(t) for t in texts]
         if protocol == "default":
@@ -87,7 +86,7 @@ class VQATask(BaseTask):
             dataset.annotation_file,
             records,
             always_normalize=self.run_cfg.always_normalize,
-            metric=self.run_cfg.get("vqa_metric", "official"),
+            metric=self.run_cfg.vqa_metric,
         )
         metrics = {"overall": accuracy["overall"], "agg_metrics": accuracy["overall"]}
         metrics.update({f"answer_type/{k}": v for k, v in accuracy["perAnswerType"].items()})
