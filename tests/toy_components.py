@@ -134,7 +134,6 @@ def make_cfg(output_dir, **run) -> OmegaConf:
         log_freq=1,
         progress_bar=False,
         max_epoch=2,
-        toy_option=0,
     )
     base.update(run)
     return OmegaConf.create({"model": {"arch": "toy"}, "datasets": {"toy": {}}, "run": base})

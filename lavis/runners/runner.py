@@ -5,7 +5,8 @@ for ``runner_base``, ``iters_per_inner_epoch`` steps for ``runner_iter``. At the
 end of a period the runner evaluates (every ``val_freq`` periods) and saves; at
 every step boundary it may log, save, stop for ``max_steps`` or stop for SIGTERM.
 Checkpoints are only taken at step boundaries after the period-end work, so
-``global_step`` alone says where a resumed run continues.
+``global_step`` alone says where a resumed run continues. Saving and resuming are
+``RunCheckpoints`` (run_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ import torch
 
 from lavis.common import dist
 from lavis.common.config import run_section
-from lavis.common.errors import CheckpointError, ConfigError
+from lavis.common.errors import ConfigError
 from lavis.common.logging import MetricsLog, format_metrics, get_logger, progress_bar, setup_logging
 from lavis.common.registry import registry
 from lavis.datasets.samples import check_split_datasets
 from lavis.runners import checkpoint as ckpt
 from lavis.runners import provenance
-from lavis.runners import sharded_checkpoint as sharded
 from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets, move_to_device
 from lavis.runners.evaluation import evaluate_split
 from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
 from lavis.runners.precision import resolve_precision
 from lavis.runners.progress import Progress, bar_postfix, train_line
+from lavis.runners.run_checkpoints import RunCheckpoints
 from lavis.runners.run_config import (
     RunConfig,
     available_splits,
@@ -42,13 +43,13 @@ from lavis.runners.run_config import (
 from lavis.runners.run_dir import prepare_run_dir
 from lavis.runners.sample_log import samples_filename, step_tag
 from lavis.runners.strategy import build_strategy
-from lavis.runners.train_state import TrainState, config_dict, weights_state
+from lavis.runners.train_state import config_dict
 
 log = get_logger()
 
 
 @registry.register_runner("runner_base")
-class RunnerBase:
+class RunnerBase(RunCheckpoints):
     """Epoch-based runner; see the module docstring. Build it with ``(cfg, task, model, datasets)``."""
 
     #: The runner's keys of the ``run`` section (validated by the config loader, with the task's).
@@ -353,118 +354,6 @@ class RunnerBase:
             if split == self.best_split:
                 self._maybe_save_best(results[self.best_dataset], split)
 
-    def _maybe_save_best(self, metrics: dict, split: str) -> None:
-        key = self.run_cfg.best_metric
-        if key not in metrics:
-            raise ConfigError(f"run.best_metric: {key!r} is not among the metrics of {split}: {sorted(metrics)}")
-        value = float(metrics[key])
-        best = self.best["metric"]
-        better = best is None or (value > best if self.run_cfg.best_mode == "max" else value < best)
-        if not better:
-            return
-        self.best = {"metric": value, "step": self.global_step}
-        weights = self.strategy.gather_trainable_state_dict(self.model)  # a collective under fsdp
-        if self.dist_info.is_main:
-            ckpt.save_checkpoint(
-                self.paths.checkpoints / ckpt.BEST_NAME,
-                weights_state(weights, config_dict(self.cfg), self.global_step, dict(self.best, split=split, key=key)),
-            )
-        log.info("new best %s on %s: %.6g at step %d", key, split, value, self.global_step)
-
-    # --- checkpoints ------------------------------------------------------------------------------------
-
-    def _save(self):
-        rng_states = dist.gather_objects(ckpt.capture_rng_state())
-        if self.strategy.sharded_checkpoints:
-            return self._save_sharded(rng_states)
-        if not self.dist_info.is_main:
-            return None
-        state = self._train_state(
-            rng_states, model=ckpt.trainable_state_dict(self.model), optimizer=self.optimizer.state_dict()
-        )
-        path = ckpt.save_checkpoint(ckpt.step_checkpoint_path(self.paths.run_dir, self.global_step), state.state_dict())
-        ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
-        return path
-
-    def _save_sharded(self, rng_states):
-        # Every rank writes its shards of the weights and optimizer state; rank 0 the rest (run.strategy=fsdp).
-        state = self._train_state(rng_states).state_dict() if self.dist_info.is_main else None
-        path = sharded.save(
-            sharded.step_checkpoint_dir(self.paths.run_dir, self.global_step), self.model, self.optimizer, state
-        )
-        if self.dist_info.is_main:
-            ckpt.prune_step_checkpoints(self.paths.run_dir, self.run_cfg.keep_last)
-        dist.barrier()
-        return path
-
-    def _train_state(self, rng_states, model=None, optimizer=None) -> TrainState:
-        """The run's TrainState at this step boundary (weights and optimizer given for single-file checkpoints)."""
-        return TrainState(
-            config=config_dict(self.cfg),
-            global_step=self.global_step,
-            **self.stream.state(),
-            metrics_lines=self.metrics.lines,
-            scheduler=self.schedule.state_dict(),
-            scaler=self.scaler.state_dict(),
-            rng=rng_states,
-            world_size=self.dist_info.world_size,
-            best=dict(self.best),
-            model_state=self.model.training_state(),
-            model=model,
-            optimizer=optimizer,
-        )
-
-    def _read_resume_state(self, path) -> TrainState:
-        """The TrainState of the checkpoint to resume (a sharded one: its train-state file), checked against
-        the config."""
-        if path.is_dir():
-            if not self.strategy.sharded_checkpoints:
-                raise CheckpointError(
-                    f"{path}: a sharded checkpoint (written with run.strategy=fsdp); resume it "
-                    f"with run.strategy=fsdp, or convert it with lavis.export --format single"
-                )
-            state = TrainState().load_state_dict(ckpt.load_checkpoint(path / sharded.TRAIN_STATE), path, sharded=True)
-        else:
-            state = TrainState().load_state_dict(ckpt.load_checkpoint(path), path)
-        state.check_resumable(self.cfg, self.PLAN_KEYS, path)
-        return state
-
-    def _resume(self, path) -> None:
-        state = self._resume_state
-        sharded_dir = path.is_dir()
-        if sharded_dir:  # the weights and optimizer state are loaded (and re-sharded) from the shards here
-            sharded.load(path, self.model, self.optimizer)
-        if state.model is not None:
-            self.strategy.load_trainable_state_dict(self.model, state.model, str(path))
-        try:
-            self.model.load_training_state(state.model_state)
-        except (AttributeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"{path}: its model training state does not fit the model: {err}") from None
-        try:
-            if state.optimizer is not None:
-                self.optimizer.load_state_dict(state.optimizer)
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: optimizer state does not fit (changed run.param_groups?): {err}") from None
-        self.schedule.load_state_dict(state.scheduler)
-        self.scaler.load_state_dict(state.scaler)
-        self.global_step = state.global_step
-        self.stream.seek(state.data_epoch, state.position)
-        self.best = state.best
-        self.metrics.truncate(state.metrics_lines)
-        if state.world_size == self.dist_info.world_size:
-            ckpt.restore_rng_state(state.rng[self.dist_info.rank])
-        else:
-            log.warning(
-                "%s was written by %d process(es), resuming with %d: the data order and random streams "
-                "differ from the original run%s",
-                path,
-                state.world_size,
-                self.dist_info.world_size,
-                "; the sharded weights and optimizer state were re-sharded" if sharded_dir else "",
-            )
-        log.info("resumed from %s at step %d", path, self.global_step)
-        self._resume_state = None  # the weights and optimizer state it held now live in the model and optimizer
-
     # --- final / evaluation-only -----------------------------------------------------------------------
 
     def _final_test(self) -> dict:
@@ -490,12 +379,6 @@ class RunnerBase:
         return {"status": "evaluated", "run_dir": str(self.paths.run_dir), "test": results}
 
     # --- processes and signals -------------------------------------------------------------------------
-
-    def _load_weights(self, path) -> dict:
-        # A single file or a sharded directory, into the model as it is (sharded or not).
-        weights, state = sharded.read_weights(path)
-        self.strategy.load_trainable_state_dict(self.model, weights, str(path))
-        return state
 
     def _wrap_ddp(self, model):
         # DDP or FSDP, per run.strategy (the name stays: tests count DDP's all-reduces through it).

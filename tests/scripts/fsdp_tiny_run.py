@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from toy_components import make_cfg  # noqa: E402
 
 from lavis.common.registry import registry  # noqa: E402
 from lavis.runners.runner import RunnerBase  # noqa: E402
+from lavis.tasks.base import GenerationConfig  # noqa: E402
 
 out_dir, plan = Path(sys.argv[1]), sys.argv[2]
 rank = int(os.environ.get("RANK", "0"))
@@ -74,6 +76,11 @@ N_TRAIN = 80
 
 class ValidatingTask(CaptionLikeTask):
     """Training as CaptionLikeTask; validation generates a few tokens per sample (under fsdp: synced ranks)."""
+
+    @dataclass
+    class Config(GenerationConfig):
+        def metric_names(self) -> list[str]:
+            return ["agg_metrics", "n", "chars"]
 
     kill_in_call = None
     calls = 0
