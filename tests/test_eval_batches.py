@@ -26,14 +26,8 @@ from lavis.tasks.vqa import VQATask
 from tests.test_flamingo_network import open_gates, tiny_cfg
 
 torch.set_num_threads(1)
-RUN = {
-    "num_beams": 3,
-    "max_new_tokens": 8,
-    "min_new_tokens": 0,
-    "length_penalty": -2.0,
-    "metrics": ["CIDEr"],
-    "agg_metric": "CIDEr",
-}
+DECODING = {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 0, "length_penalty": -2.0}
+RUN = {**DECODING, "metrics": ["CIDEr"], "agg_metric": "CIDEr"}  # captioning's keys; VQA's section: DECODING
 PROCESSORS = {
     "train": {"name": "clip_image_eval", "image_size": 64},
     "eval": {"name": "clip_image_eval", "image_size": 64},
@@ -71,7 +65,10 @@ def run(model, task, dataset, bucket, cache, batch_size=4):
 @pytest.mark.parametrize("kind,shots", [("caption", 4), ("caption", 0), ("vqa", 4)])
 def test_bucketed_and_cached_passes_give_identical_results_files(setup, tmp_path, monkeypatch, kind, shots):
     model, data = setup
-    task = (CaptioningTask if kind == "caption" else VQATask)(OmegaConf.create({"run": RUN}))
+    if kind == "caption":
+        task = CaptioningTask(OmegaConf.create({"run": RUN}))
+    else:
+        task = VQATask(OmegaConf.create({"run": DECODING}))
     fewshot = FewShotDataset(data[kind]["val"], data[kind]["train"], num_shots=shots, seed=1)
     monkeypatch.setattr(eval_batches, "BUCKET_WINDOW", 4)
     encoded = []

@@ -49,9 +49,6 @@ def test_caption_and_answer_with_a_trained_checkpoint_match_the_evaluation_pipel
         "max_new_tokens": 6,
         "min_new_tokens": 0,
         "length_penalty": -2.0,
-        "metrics": ["CIDEr"],
-        "agg_metric": "CIDEr",
-        "always_normalize": False,
     }
     items = [
         {
@@ -62,10 +59,11 @@ def test_caption_and_answer_with_a_trained_checkpoint_match_the_evaluation_pipel
         }
         for i, p in enumerate(images)
     ]
-    task = CaptioningTask(OmegaConf.create({"run": run}))
+    # Each task's run section holds its own keys (validated): captioning's metrics, VQA's always_normalize.
+    task = CaptioningTask(OmegaConf.create({"run": {**run, "metrics": ["CIDEr"], "agg_metric": "CIDEr"}}))
     expected = [r["caption"] for r in task.valid_step(model, CaptionCollator(model.tokenizer, "eval")(items))]
     assert captions == expected
-    task = VQATask(OmegaConf.create({"run": run}))
+    task = VQATask(OmegaConf.create({"run": {**run, "always_normalize": False}}))
     expected = [r["answer"] for r in task.valid_step(model, VQACollator(model.tokenizer, "eval")(items))]
     assert answers == expected
     # Demonstrations change the prompt (and so, for this trained model, may change the text), never crash.
