@@ -22,16 +22,20 @@ import time
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from lavis.datasets.samples import SplitDataset
 from lavis.models.base import TrainableModel
 from lavis.runners.run_config import RunConfig
 from lavis.runners.runner import RunnerBase
+from lavis.tasks.base import TaskConfig
 
 IN, HIDDEN, BATCH = 256, 1024, 64
 
 
-class Blobs(Dataset):
+class Blobs(SplitDataset):
+    sample_id_key = "id"
+
     def __init__(self, n: int):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, IN, generator=g)
@@ -70,6 +74,7 @@ class TimedTask:
     """Just enough of the Task contract for training; records the time of every loss call."""
 
     sample_id_key = "id"
+    Config = TaskConfig  # no run keys of its own
 
     def __init__(self):
         self.stamps: list[float] = []

@@ -25,7 +25,7 @@ import tempfile
 import time
 from decimal import ROUND_HALF_UP, Decimal
 
-from lavis.metrics import vqa_accuracy
+from lavis.metrics.vqa import vqa_accuracy
 from lavis.metrics.vqa_normalize import ARTICLES, CONTRACTIONS, NUMBER_WORDS, PUNCTUATION
 
 ANSWERS = {
