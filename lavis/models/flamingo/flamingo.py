@@ -265,12 +265,12 @@ class Flamingo(TrainableModel):
         media = self.encode_vision(vision_x)
         with self.conditioned_on(media):
             extra = {}
-            expand = max(config.num_beams or 1, config.num_return_sequences or 1)
-            capacity = lang_x.shape[1] + (config.max_new_tokens or 0)
             if config.use_cache is not False:
-                extra["cache"] = reserved_cache(self.lang_encoder.config, capacity)
-            if expand > 1 and config.use_cache is not False and lang_x.shape[1] > 1:
-                self._prefill_once(lang_x, attention_mask, expand, extra["cache"])
+                cache = reserved_cache(self.lang_encoder.config, lang_x.shape[1] + (config.max_new_tokens or 0))
+                expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+                if expand > 1 and lang_x.shape[1] > 1:
+                    self._prefill_once(lang_x, attention_mask, expand, cache)
+                extra["cache"] = cache
             out = self.lang_encoder.generate(
                 input_ids=lang_x, attention_mask=attention_mask, generation_config=config, **extra
             )
