@@ -250,6 +250,25 @@ CASES = [
         r"datasets\.shapes_caption\.num_images: unknown key",
     ),
     (
+        "unknown processor option, at load time with the run's problems",
+        "train",
+        _train("datasets.shapes_caption.vis_processor.train.min_scal=0.5", "run.num_beams=0"),
+        r"(?s)base\.yaml: 2 problem\(s\).*datasets\.shapes_caption\.vis_processor\.train\.min_scal: unknown key\. "
+        r"Did you mean 'min_scale'\?.*run\.num_beams: must be >= 1",
+    ),
+    (
+        "crop scale out of range",
+        "train",
+        _train("datasets.shapes_caption.vis_processor.train.min_scale=1.5"),
+        r"datasets\.shapes_caption\.vis_processor\.train\.min_scale: need 0 < min_scale <= max_scale <= 1",
+    ),
+    (
+        "unknown processor",
+        "train",
+        _train("datasets.shapes_caption.text_processor.eval.name=captiontext"),
+        r"datasets\.shapes_caption\.text_processor\.eval\.name: .*captiontext",
+    ),
+    (
         "loss_reduction not a choice",
         "train",
         _train("run.loss_reduction=mean"),

@@ -133,6 +133,19 @@ def test_the_model_receives_its_config_instance(tmp_path):
     assert instance.tiny.image_size == 64 and instance.arch == "openflamingo"
 
 
+def test_a_builder_and_its_processors_receive_their_config_instances(tmp_path, monkeypatch):
+    from lavis.datasets import processors
+    from lavis.datasets.builders.shapes import ShapesCaptionBuilder
+
+    cfg = load_config(write(tmp_path, MINIMAL), ["datasets.shapes_caption.vis_processor.train.min_scale=0.8"])
+    builder = ShapesCaptionBuilder(cfg.datasets.shapes_caption)
+    assert isinstance(builder.cfg, ShapesCaptionBuilder.Config)
+    received = []
+    monkeypatch.setattr(processors.ClipImageTrainProcessor, "__init__", lambda self, c: received.append(c))
+    builder.processors("train")
+    assert isinstance(received[0], processors.ClipImageTrainProcessor.Config) and received[0].min_scale == 0.8
+
+
 @pytest.mark.parametrize(
     ("replace", "by", "expected"),
     [

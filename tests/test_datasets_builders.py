@@ -1,5 +1,6 @@
 """coco_caption and vqav2 builders on small official-format files written by the test."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -219,7 +220,7 @@ def test_default_yaml_validates_and_uses_the_data_root(builder, monkeypatch, tmp
     monkeypatch.setenv("PETVLM_DATA", str(tmp_path / "root"))
     section = OmegaConf.to_container(read_yaml(path), resolve=True)["datasets"][builder]
     cfg = registry.get("builder", builder)(section).cfg
-    paths = [v for v in _strings(OmegaConf.to_container(cfg)) if os.sep in v]
+    paths = [v for v in _strings(dataclasses.asdict(cfg)) if os.sep in v]
     assert paths and all(p.startswith(str(tmp_path / "root")) for p in paths)
 
 

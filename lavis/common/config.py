@@ -143,12 +143,14 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         errors += errs
         model_config = instantiate(model_cls.Config, out["model"]) if well_typed(errs) else None
 
-    out["datasets"] = {}
+    out["datasets"], dataset_configs = {}, {}
     for name, section in (plain.get("datasets") or {}).items():
         builder_cls = _lookup("builder", name, f"datasets.{name}", errors)
         if builder_cls is not None:
             out["datasets"][name], errs = check_mapping(section, builder_cls.Config, f"datasets.{name}")
             errors += errs
+            if well_typed(errs):
+                dataset_configs[name] = instantiate(builder_cls.Config, out["datasets"][name])
     if model_config is not None:
         errors += _image_size_problems(model_config.input_image_size(), out["datasets"])
 
@@ -178,6 +180,9 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
     cfg.model = OmegaConf.structured(model_config)
     # Likewise the run section: the runner and the task take its instance (schema.config_instance of it).
     cfg.run = OmegaConf.structured(run_config)
+    # And each dataset section: its builder takes the instance of its builder's Config.
+    for name, dataset_config in dataset_configs.items():
+        cfg.datasets[name] = OmegaConf.structured(dataset_config)
     return cfg
 
 

@@ -98,7 +98,7 @@ class MetricsLog:
             return
         if self.path.exists():
             self.lines = len(self._read_lines())
-        mode = getattr(wandb_cfg, "mode", "disabled") if wandb_cfg is not None else "disabled"
+        mode = wandb_cfg.mode if wandb_cfg is not None else "disabled"
         if mode != "disabled":
             import wandb
 

@@ -139,9 +139,7 @@ def main(argv=None) -> int:
 def reading_options(builder, split: str, pattern: str) -> list[str]:
     """The ``--options`` that make ``builder`` read ``split`` from the shards at ``pattern``."""
     key = f"datasets.{builder.name}"
-    caption_style = "shards" in builder.cfg.build_info  # coco_caption: build_info.shards.<split>
-    where = f"{key}.build_info.shards.{split}" if caption_style else f"{key}.build_info.{split}.shards"
-    return [f"{key}.data_type=webdataset", f"{key}.splits=[{split}]", f"{where}={pattern}"]
+    return [f"{key}.data_type=webdataset", f"{key}.splits=[{split}]", f"{key}.{builder.shard_key(split)}={pattern}"]
 
 
 def run_cli(argv=None) -> None:

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 from lavis.common.errors import ConfigError
 from lavis.common.registry import registry
-from lavis.common.schema import check_mapping
+from lavis.common.schema import Validated, check_mapping, config_instance
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,19 +77,23 @@ class ClipImageTrainProcessor:
     """
 
     @dataclass
-    class Config(ClipImageEvalProcessor.Config):
+    class Config(ClipImageEvalProcessor.Config, Validated):
         min_scale: float = 0.9
         max_scale: float = 1.0
         color_jitter: float = 0.0
         horizontal_flip: bool = False
 
+        def validate(self, path: str) -> list[str]:
+            if not 0.0 < self.min_scale <= self.max_scale <= 1.0:
+                return [
+                    f"{path}.min_scale: need 0 < min_scale <= max_scale <= 1, "
+                    f"got min_scale {self.min_scale}, max_scale {self.max_scale}"
+                ]
+            return []
+
     def __init__(self, cfg):
         from torchvision import transforms as T
 
-        if not 0.0 < cfg.min_scale <= cfg.max_scale <= 1.0:
-            raise ConfigError(
-                f"clip_image_train: need 0 < min_scale <= max_scale <= 1, got {cfg.min_scale}, {cfg.max_scale}"
-            )
         self.image_size = int(cfg.image_size)
         steps = [
             T.RandomResizedCrop(
@@ -152,18 +156,29 @@ class QuestionTextProcessor(CaptionTextProcessor):
         return f"{text}?"
 
 
-def build_processor(spec, key_path: str):
-    """The processor described by ``{name: ..., <options>}``; ConfigError naming ``key_path`` otherwise."""
-    from omegaconf import OmegaConf
+def _split_spec(spec, key_path: str) -> tuple[type | None, dict, list[str]]:
+    """(processor class, its options, problems) of a ``{name: ..., <options>}`` mapping."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        names = ", ".join(registry.names("processor"))
+        return None, {}, [f"{key_path}: a processor needs a 'name' (one of {names})"]
+    options = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        return registry.get("processor", spec["name"], key_path=f"{key_path}.name"), options, []
+    except ConfigError as err:
+        return None, options, [str(err)]
 
-    if spec is not None and not isinstance(spec, dict):
-        spec = OmegaConf.to_container(spec, resolve=True)
-    if not spec or "name" not in spec:
-        raise ConfigError(f"{key_path}: a processor needs a 'name' (one of {', '.join(registry.names('processor'))})")
-    options = dict(spec)
-    name = options.pop("name")
-    cls = registry.get("processor", name, key_path=f"{key_path}.name")
-    checked, errors = check_mapping(options, cls.Config, key_path)
-    if errors:
-        raise ConfigError("; ".join(errors))
-    return cls(OmegaConf.create(checked))
+
+def processor_problems(spec, key_path: str) -> list[str]:
+    """Every problem of a processor mapping (its name, its options against the processor's Config)."""
+    cls, options, problems = _split_spec(spec, key_path)
+    if cls is None:
+        return problems
+    return check_mapping(options, cls.Config, key_path)[1]
+
+
+def build_processor(spec: dict, key_path: str):
+    """The processor a ``{name: ..., <options>}`` mapping describes, given its typed Config instance."""
+    cls, options, problems = _split_spec(spec, key_path)
+    if problems:
+        raise ConfigError(problems[0])
+    return cls(config_instance(cls.Config, options, key_path))

@@ -130,9 +130,8 @@ def merge_and_export(model: nn.Module, directory: str) -> None:
         )
     with atomic_directory(directory) as tmp:
         lang_encoder.save_pretrained(tmp, state_dict=state)
-        tokenizer = getattr(net, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        if net.tokenizer is not None:
+            net.tokenizer.save_pretrained(tmp)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -21,6 +21,7 @@ from torch import nn
 from lavis.common.errors import ConfigError
 from lavis.common.schema import Validated, config_instance
 from lavis.common.special_tokens import END_OF_CHUNK, MEDIA_TOKEN
+from lavis.models.base import TrainableModel
 from lavis.models.language_model import is_quantized
 
 logger = logging.getLogger(__name__)
@@ -171,10 +172,10 @@ def peft_models(model: nn.Module) -> dict:
 
 
 def _part(model: nn.Module, part: str) -> nn.Module:
-    module = getattr(model, part, None)
-    if not isinstance(module, nn.Module):
-        raise ConfigError(f"adapters.apply_to: the model has no `{part}` module to put an adapter on")
-    return module
+    try:
+        return model.get_submodule(part)
+    except AttributeError:
+        raise ConfigError(f"adapters.apply_to: the model has no `{part}` module to put an adapter on") from None
 
 
 def _inject(model: nn.Module, part: str, cfg: AdapterConfig):
@@ -192,8 +193,8 @@ def _inject(model: nn.Module, part: str, cfg: AdapterConfig):
         raise ConfigError(f"adapters: cannot apply {cfg.method} to {part}: {error}") from error
 
 
-def _new_token_ids(model: nn.Module) -> list[int]:
-    tokenizer = getattr(model, "tokenizer", None)
+def _new_token_ids(model: TrainableModel) -> list[int]:
+    tokenizer = model.tokenizer
     if tokenizer is None:
         raise ConfigError("trainable.new_token_embeddings needs the model's tokenizer, but the model has none")
     ids = []
@@ -228,7 +229,7 @@ def train_embedding_rows(embedding: nn.Embedding, row_ids: list[int]) -> None:
     setattr(embedding, _ROWS_ATTR, list(row_ids))
 
 
-def apply_trainable_policy(model: nn.Module, adapters_cfg=None, trainable_cfg=None) -> nn.Module:
+def apply_trainable_policy(model: TrainableModel, adapters_cfg=None, trainable_cfg=None) -> TrainableModel:
     """Freeze `model`, inject the adapters of `adapters_cfg`, unfreeze per `trainable_cfg`; return `model`.
 
     `model` is the Flamingo network (attributes vision_encoder, perceiver, lang_encoder,

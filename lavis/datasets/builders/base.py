@@ -13,16 +13,15 @@ processors, one sample per caption); every other split gets the eval role.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
 from lavis.common.errors import ConfigError, DataError
-from lavis.common.schema import check_mapping
-from lavis.datasets.processors import build_processor
+from lavis.common.schema import Validated, config_instance
+from lavis.datasets.processors import build_processor, processor_problems
 from lavis.datasets.samples import ImageDataset, SampleFormat
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class ShardOptions:
 
 
 @dataclass
-class BuilderConfig:
+class BuilderConfig(Validated):
     """Keys shared by every builder's section (``datasets.<builder>``)."""
 
     # images: image files on disk; webdataset: tar shards named in build_info.shards (python -m
@@ -68,6 +67,16 @@ class BuilderConfig:
     # Streaming options, used only with data_type: webdataset.
     webdataset: ShardOptions = field(default_factory=ShardOptions)
 
+    def validate(self, path: str) -> list[str]:
+        # Each role's processor is checked against its own Config here, at load time, with the other errors.
+        tables = {"vis_processor": self.vis_processor, "text_processor": self.text_processor}
+        return [
+            problem
+            for kind, table in tables.items()
+            for role, spec in table.items()
+            for problem in processor_problems(spec, f"{path}.{kind}.{role}")
+        ]
+
 
 def require(record, fields: tuple[str, ...], path, where: str):
     """Check that a JSON record is a mapping holding ``fields``; DataError naming file and record otherwise."""
@@ -86,16 +95,6 @@ def require_list(document, key: str, path) -> list:
     return document[key]
 
 
-def as_config(cfg, schema: type, key_path: str) -> DictConfig:
-    """A section (dict or DictConfig, validated or not) checked against ``schema`` with defaults filled."""
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    checked, errors = check_mapping(cfg or {}, schema, key_path)
-    if errors:
-        raise ConfigError(f"{key_path}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
-    return OmegaConf.create(checked)
-
-
 class BaseBuilder:
     """Builds ``{split: Dataset}`` from a validated section; subclasses read the files."""
 
@@ -109,12 +108,21 @@ class BaseBuilder:
 
     def __init__(self, cfg=None):
         self.key_path = f"datasets.{self.name}"
-        self.cfg = as_config(cfg, self.Config, self.key_path)
+        #: The section as its typed ``Config`` instance (the loader's, or checked here when built in code).
+        self.cfg = config_instance(self.Config, cfg or {}, self.key_path)
 
     # --- for subclasses -------------------------------------------------------------------------
     def prepare(self) -> None:
         """Make the files ``read_records`` reads available (a synthetic set generates itself and points its
         build_info at them). Called before reading; must be idempotent. The default does nothing."""
+
+    def derive(self, **values) -> None:
+        """Replace keys of the section by values derived in ``prepare()``, checked like the user's."""
+        self.cfg = config_instance(self.Config, {**dataclasses.asdict(self.cfg), **values}, self.key_path)
+
+    def shard_key(self, split: str) -> str:
+        """The key, under the section, that names the shard pattern of ``split`` (data_type: webdataset)."""
+        raise NotImplementedError(f"{self.key_path}: this data set is not read from shards")
 
     def class_names(self) -> list[str]:
         """The class names in label order (classification data sets, see ``classification_kind``)."""

@@ -176,11 +176,14 @@ class CocoCaptionBuilder(BaseBuilder):
             records.append({"image_path": self._image_path(image), "image_id": image["cocoid"], "captions": captions})
         return records, CAPTION_EVAL, {"annotation_file": gt_file}
 
+    def shard_key(self, split):
+        return f"build_info.shards.{split}"
+
     def shard_info(self, split, role):
         """Shard pattern, sample format and scoring file of a split stored as shards."""
         shards = self.cfg.build_info.shards
         if split not in shards:
-            raise ConfigError(f"{self.key_path}.build_info.shards.{split}: no shard pattern for split {split!r}")
+            raise ConfigError(f"{self.key_path}.{self.shard_key(split)}: no shard pattern for split {split!r}")
         if role == "train":
             return str(shards[split]), CAPTION_TRAIN, {"annotation_file": None}
         gt_file = self.ground_truth_file(split)

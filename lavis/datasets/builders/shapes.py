@@ -10,13 +10,12 @@ existing ``root`` generated with other settings is an error, never overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from omegaconf import OmegaConf
 
 from lavis.common.errors import ConfigError, DataError
 from lavis.common.registry import registry
@@ -130,12 +129,10 @@ class _GenerateFirst:
         if self.cfg.data_type == "webdataset":
             # Read from shards (python -m lavis.datasets.pack_shards): nothing is generated, so a node that
             # holds only the shards can train; the derived paths serve only to score eval-role splits.
-            self.cfg.build_info = OmegaConf.create(
-                _with_shards(make_info(Path(self.cfg.shapes.root)), OmegaConf.to_container(self.cfg.build_info))
-            )
+            given = dataclasses.asdict(self.cfg)["build_info"]
+            self.derive(build_info=_with_shards(make_info(Path(self.cfg.shapes.root)), given))
             return
-        root = ensure_shapes(self.cfg.shapes)
-        self.cfg.build_info = OmegaConf.create(make_info(root))
+        self.derive(build_info=make_info(ensure_shapes(self.cfg.shapes)))
 
 
 @registry.register_builder("shapes_caption")

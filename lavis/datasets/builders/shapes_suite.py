@@ -14,8 +14,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from lavis.common.errors import ConfigError, DataError
 from lavis.common.registry import registry
 from lavis.datasets import synthetic_suite
@@ -127,7 +125,7 @@ class _GenerateSuiteFirst:
         self.point_at(ensure_suite(self.cfg.suite))
 
     def point_at(self, root: Path) -> None:
-        self.cfg.build_info = OmegaConf.create(self.info_factory(root))
+        self.derive(build_info=self.info_factory(root))
 
 
 @dataclass
@@ -180,8 +178,7 @@ ShapesHatefulMemesBuilder = _register(
 
 
 def _imagenet_point_at(self, root: Path) -> None:
-    self.cfg.root = str(root / "imagenet")
-    self.cfg.classnames = list(synthetic_suite.IMAGENET_CLASSES)
+    self.derive(root=str(root / "imagenet"), classnames=list(synthetic_suite.IMAGENET_CLASSES))
 
 
 ShapesImageNetBuilder = _register("imagenet", ImageNetBuilder, ShapesImageNetConfig, None, point_at=_imagenet_point_at)

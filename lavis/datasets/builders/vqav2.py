@@ -155,10 +155,13 @@ class VQAv2Builder(BaseBuilder):
             )
         return records, VQA, files
 
+    def shard_key(self, split):
+        return f"build_info.{split}.shards"
+
     def shard_info(self, split, role):
         """Shard pattern, sample format and scoring files of a split stored as shards."""
         info = self.split_info(split)
-        pattern = path_or_error(info.shards, f"{self.key_path}.build_info.{split}.shards")
+        pattern = path_or_error(info.shards, f"{self.key_path}.{self.shard_key(split)}")
         if role == "train":
             # The shards hold the questions and answers: training reads no raw file (the paths are passed on
             # unread, for a run that also scores this split).
