@@ -27,7 +27,7 @@ from lavis.common import dist
 from lavis.common.config import run_section
 from lavis.common.errors import ConfigError
 from lavis.common.fileio import atomic_write_json, atomic_write_text
-from lavis.common.logging import MetricsLog, format_metrics, get_logger, metric_name, setup_logging
+from lavis.common.logging import format_metrics, get_logger, metric_name
 from lavis.datasets.fewshot import RICES, FewShotDataset
 from lavis.datasets.samples import DatasetView, check_split_datasets
 from lavis.models.trained import checkpoint_fingerprint, load_trained_weights, model_label
@@ -35,8 +35,8 @@ from lavis.report import report_after_run
 from lavis.runners import eval_cache
 from lavis.runners.eval_results import build_results, cell_summary
 from lavis.runners.evaluation import evaluate_split
-from lavis.runners.precision import resolve_precision
 from lavis.runners.run_dir import RunPaths, prepare_run_dir
+from lavis.runners.run_start import open_logs, start_run
 from lavis.runners.sample_log import fewshot_tag, samples_filename
 
 log = get_logger()
@@ -138,17 +138,15 @@ def run_fewshot_evaluation(cfg, task, model, datasets, checkpoint=None) -> dict 
     run = run_section(cfg.run, type(task).Config)
     check_split_datasets(datasets)
     splits = splits_to_evaluate(run, datasets)
-    dist_info = dist.init_distributed(run.device, run.dist_timeout_s)
-    precision = resolve_precision(run.amp, dist_info.device)
     fingerprints, fingerprint = evaluation_fingerprints(cfg, checkpoint)
-    paths = evaluation_run_dir(run, cfg, fingerprint)
-    setup_logging(dist_info.rank, paths.log)
+    start = start_run(run, lambda: evaluation_run_dir(run, cfg, fingerprint))
+    dist_info, precision, paths = start.dist_info, start.precision, start.paths
+    metrics_log = open_logs(start)
     if checkpoint:
         load_trained_weights(model, checkpoint)  # any checkpoint kind: lavis/models/trained.py
     model.to(dist_info.device).eval()
     label = model_label(cfg, checkpoint)
     started = time.time()
-    metrics_log = MetricsLog(paths.metrics, enabled=dist_info.is_main)
     cache = eval_cache.ResponseCache(paths.run_dir, dist_info.rank).load()
     stop = eval_cache.StopFlag().install()
     context = _Context(run, task, model, dist_info, precision, paths, label, metrics_log, cache, stop, fingerprint)

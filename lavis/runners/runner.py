@@ -21,7 +21,7 @@ import torch
 from lavis.common import dist
 from lavis.common.config import run_section
 from lavis.common.errors import ConfigError
-from lavis.common.logging import MetricsLog, format_metrics, get_logger, progress_bar, setup_logging
+from lavis.common.logging import format_metrics, get_logger, progress_bar
 from lavis.common.registry import registry
 from lavis.datasets.samples import check_split_datasets
 from lavis.runners import checkpoint as ckpt
@@ -30,7 +30,6 @@ from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets
 from lavis.runners.evaluation import evaluate_split
 from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
-from lavis.runners.precision import resolve_precision
 from lavis.runners.progress import Progress, bar_postfix, train_line
 from lavis.runners.run_checkpoints import RunCheckpoints
 from lavis.runners.run_config import (
@@ -41,6 +40,7 @@ from lavis.runners.run_config import (
     resolve_best_dataset,
 )
 from lavis.runners.run_dir import prepare_run_dir
+from lavis.runners.run_start import open_logs, start_run
 from lavis.runners.sample_log import samples_filename, step_tag
 from lavis.runners.strategy import build_strategy
 from lavis.runners.train_state import config_dict
@@ -65,21 +65,17 @@ class RunnerBase(RunCheckpoints):
         check_splits(run, datasets)
         self.best_split = run.best_split or (run.valid_splits[0] if run.valid_splits else None)
         self.best_dataset = None if run.evaluate else resolve_best_dataset(run, datasets, self.best_split)
-        self.dist_info = dist.init_distributed(run.device, run.dist_timeout_s)
-        self.precision = resolve_precision(run.amp, self.dist_info.device)
+        start = start_run(run, lambda: prepare_run_dir(run, cfg))
+        self.dist_info, self.precision, self.paths = start.dist_info, start.precision, start.paths
         self.strategy = build_strategy(run, self.precision, self.dist_info)
-        ckpt.set_seed(run.seed + self.dist_info.rank)
         self.model = self.strategy.place(model)
-        self.paths = prepare_run_dir(run, cfg)
         # A checkpoint to resume is read and checked against the config now, before anything is logged
         # into its run directory; its weights and optimizer state are loaded once they are built.
         self._resume_state = None
         if self.paths.resume_from is not None and not run.evaluate:
             self._resume_state = self._read_resume_state(self.paths.resume_from)
-        setup_logging(self.dist_info.rank, self.paths.log if self.dist_info.is_main else None)
-        self.metrics = MetricsLog(
-            self.paths.metrics,
-            enabled=self.dist_info.is_main,
+        self.metrics = open_logs(
+            start,
             wandb_cfg=run.wandb,
             tensorboard_dir=self.paths.run_dir / "tensorboard" if run.tensorboard else None,
             run_name=self.paths.run_dir.name,
