@@ -7,7 +7,9 @@ allocation) and is skipped when every beam continues itself. When the prompt's p
 per sample and repeated per beam (``batch_repeat_interleave``), those positions hold identical copies in
 the rows of a sample, and beam search only ever permutes the rows of one sample: a reorder then moves
 only the positions after the prefix (the generated tokens). The values are exactly the same as with
-``DynamicCache``; only where they are stored differs.
+``DynamicCache``; only where they are stored differs. Which of these cases a beam reorder is (identity,
+within-sample permutation, any other) is worked out once per decoding step for all layers
+(:class:`ReorderPlan`), not once per layer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,22 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+class ReorderPlan:
+    """One beam reorder (``beam_idx`` on ``device``) and which case it is, shared by the layers of a cache."""
+
+    def __init__(self, beam_idx: torch.Tensor, device):
+        self.beam_idx = beam_idx.to(device)
+        self.rows = torch.arange(self.beam_idx.shape[0], device=device)
+        self.identity = torch.equal(self.beam_idx, self.rows)  # every beam continued itself
+        self._within: dict[int, bool] = {}
+
+    def within_groups(self, group: int) -> bool:
+        """Whether every row takes a row of its own group of ``group`` adjacent rows (one sample's beams)."""
+        if group not in self._within:
+            self._within[group] = torch.equal(self.beam_idx // group, self.rows // group)
+        return self._within[group]
 
 
 class ReservedLayer(DynamicLayer):
@@ -69,14 +87,15 @@ class ReservedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def reorder_cache(self, beam_idx: torch.LongTensor, plan: ReorderPlan | None = None) -> None:
         if self.length == 0:
             return
-        beam_idx = beam_idx.to(self.device)
-        rows = torch.arange(beam_idx.shape[0], device=self.device)
-        if torch.equal(beam_idx, rows):
+        if plan is None:
+            plan = ReorderPlan(beam_idx, self.device)
+        beam_idx = plan.beam_idx
+        if plan.identity:
             return  # every beam continued itself
-        if self.shared and torch.equal(beam_idx // self.group, rows // self.group):
+        if self.shared and plan.within_groups(self.group):
             # Within-sample permutation: the shared prefix is the same in every row it could come from.
             keys, values = self._buffers[:2]
             span = slice(self.shared, self.length)
@@ -107,12 +126,27 @@ class ReservedLayer(DynamicLayer):
             self._publish()
 
 
+class ReservedCache(DynamicCache):
+    """A ``DynamicCache`` whose beam reorder is classified once per step for all its :class:`ReservedLayer` s."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        plans: dict = {}  # one per device (a model split over devices)
+        for layer in self.layers:
+            if isinstance(layer, ReservedLayer) and layer.length:
+                plan = plans.get(layer.device)
+                if plan is None:
+                    plan = plans[layer.device] = ReorderPlan(beam_idx, layer.device)
+                layer.reorder_cache(beam_idx, plan)
+            else:
+                layer.reorder_cache(beam_idx)
+
+
 def reserved_cache(config, capacity: int) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` whose full-attention layers reserve ``capacity`` positions.
 
     Layers of another kind (sliding windows) keep HF's own implementation.
     """
-    cache = DynamicCache(config=config)
+    cache = ReservedCache(config=config)
     if cache.layers:
         cache.layers = [ReservedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     else:  # the config did not list its layers: HF would append DynamicLayers on first use
