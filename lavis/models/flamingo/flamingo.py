@@ -183,8 +183,9 @@ class Flamingo(TrainableModel):
                 cond.prompt_index = None
         else:
             cond.index = media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count)
-        new = (input_ids == self.media_token_id).sum(dim=-1)
-        cond.media_count = new if past_count is None else past_count + new
+        if self.xattn_semantics == "v2":  # v1 indexes each call from its own ids: no count to carry
+            new = (input_ids == self.media_token_id).sum(dim=-1)
+            cond.media_count = new if past_count is None else past_count + new
         return None
 
     def _xattn_hook(self, name: str):
