@@ -147,3 +147,22 @@ def test_media_cache_is_bounded_and_rebinds_on_new_weights(setup):
         model.perceiver.norm.bias.sub_(1.0)
     with pytest.raises(ValueError):
         MediaCache(max_bytes=0)
+
+
+@pytest.mark.parametrize("shots, max_length", [(0, None), (4, None), (4, 40)])
+def test_prompt_lengths_are_those_of_collating_each_item_alone(setup, shots, max_length):
+    """Bucketing sorts by the collator's prompt_lengths (tokenisation only): the lengths of one-item batches,
+    also when the oldest demonstrations are dropped to fit max_length."""
+    from lavis.datasets.collators import CaptionCollator
+    from lavis.runners.sample_log import DemoIndexCollator
+
+    model, data = setup
+    fewshot = FewShotDataset(
+        data["caption"]["val"], data["caption"]["train"], num_shots=shots, seed=3, zero_shot_text_demos=True
+    )
+    items = [fewshot[i] for i in range(len(fewshot))]
+    collate = DemoIndexCollator(CaptionCollator(model.tokenizer, "eval", max_length=max_length))
+    alone = [eval_batches.prompt_length(collate([item])) for item in items]
+    assert collate.prompt_lengths(items) == alone
+    if max_length is not None:
+        assert max(alone) <= max_length and any(collate([item])["num_demos"] != [shots] for item in items)

@@ -221,7 +221,29 @@ class FlamingoCollator:
             "labels": pad_sequences(labels, IGNORE_INDEX, self.padding_side),
         }
 
+    def prompt_lengths(self, items: Sequence[dict]) -> list[int]:
+        """Tokens of each eval item's prompt, as ``self([item])`` would give them, without collating images.
+
+        What length-bucketing sorts by (:mod:`lavis.runners.eval_batches`); prompts are tokenised and
+        truncated row by row, so the lengths do not depend on the other items.
+        """
+        if self.role != "eval":
+            raise ValueError("prompt_lengths is for eval collators (query prompts)")
+        demos = [self.demo_texts(item)[0] for item in items]
+        _, ids, _ = self._eval_ids(items, demos, [self.describe(item) for item in items])
+        return [len(row) for row in ids]
+
     def _eval_text(self, items, demos, samples) -> tuple[dict, list[int]]:
+        prompts, ids, kept = self._eval_ids(items, demos, samples)
+        batch = {
+            "lang_x": pad_sequences(ids, self.tokenizer.pad_token_id, self.padding_side),
+            "attention_mask": pad_sequences([[1] * len(row) for row in ids], 0, self.padding_side),
+            "prompt": prompts,
+        }
+        return batch, kept
+
+    def _eval_ids(self, items, demos, samples) -> tuple[list[str], list[list[int]], list[int]]:
+        """(prompt, token ids, demonstrations kept) of each row, the oldest demonstrations dropped to fit."""
         queries = [self.template.query(**self.template_fields(item, s, False)) for item, s in zip(items, samples)]
         kept = [len(d) for d in demos]
         prompts = ["".join(d) + q for d, q in zip(demos, queries)]
@@ -237,12 +259,7 @@ class FlamingoCollator:
                     kept[i] -= 1
                     prompts[i] = "".join(row_demos[len(row_demos) - kept[i] :]) + query
                     ids[i] = list(self.tokenizer(prompts[i])["input_ids"])
-        batch = {
-            "lang_x": pad_sequences(ids, self.tokenizer.pad_token_id, self.padding_side),
-            "attention_mask": pad_sequences([[1] * len(row) for row in ids], 0, self.padding_side),
-            "prompt": prompts,
-        }
-        return batch, kept
+        return prompts, ids, kept
 
 
 class CaptionCollator(FlamingoCollator):

@@ -44,7 +44,11 @@ class WindowCollator:
         self.batch_size = batch_size
 
     def __call__(self, items: list) -> list[tuple[list[int], dict]]:
-        lengths = [prompt_length(self.collate_fn([item])) for item in items]
+        # A collator that can tell its prompt lengths (tokenisation only) spares collating every item alone.
+        lengths_of = getattr(self.collate_fn, "prompt_lengths", None)
+        lengths = lengths_of(items) if lengths_of is not None else None
+        if lengths is None:
+            lengths = [prompt_length(self.collate_fn([item])) for item in items]
         order = sorted(range(len(items)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
         chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return [(chunk, self.collate_fn([items[i] for i in chunk])) for chunk in chunks]

@@ -222,6 +222,11 @@ class DemoIndexCollator:
     def __init__(self, collator):
         self.collator = collator
 
+    def prompt_lengths(self, items: list[dict]) -> list[int] | None:
+        """The wrapped collator's ``prompt_lengths(items)``; None when it has none."""
+        lengths = getattr(self.collator, "prompt_lengths", None)
+        return lengths(items) if lengths is not None else None
+
     def __call__(self, items: list[dict]) -> dict:
         from lavis.datasets.prompts import TEXT_ONLY_DEMOS_KEY
 
