@@ -26,8 +26,12 @@ DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: 4096 latent sets of OpenFlamingo-9B (64 x 
 
 
 def tensor_digest(tensor: torch.Tensor, hasher=None) -> bytes:
-    """blake2b digest of a tensor's bytes, shape and dtype (a host copy is made for device tensors)."""
-    h = hasher or hashlib.blake2b(digest_size=16)
+    """SHA-256 digest of a tensor's bytes, shape and dtype (a host copy is made for device tensors).
+
+    SHA-256 rather than blake2b: CPUs with SHA extensions hash about twice as fast with it, and the
+    fingerprint hashes every vision and Perceiver weight once per evaluation pass.
+    """
+    h = hasher or hashlib.sha256()
     data = tensor.detach().contiguous()
     if data.device.type != "cpu":
         data = data.cpu()
@@ -38,7 +42,7 @@ def tensor_digest(tensor: torch.Tensor, hasher=None) -> bytes:
 
 def weights_fingerprint(modules: Iterable[torch.nn.Module]) -> bytes:
     """Digest of every parameter and buffer (names included) of ``modules``."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     for module in modules:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             h.update(name.encode())
