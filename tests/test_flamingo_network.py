@@ -85,6 +85,10 @@ def test_v2_media_index_table():
     # A cached decoding step continues the count: a new text token attends the last image.
     assert media_index_v2(torch.tensor([[T], [T]]), M, torch.tensor([3, 2])).tolist() == [[3], [2]]
     assert media_index_v1(torch.tensor([[T], [T]]), M).tolist() == [[0], [0]]
+    # One token per row (the shortcut of cached decoding steps): an <image> attends its own image, text none.
+    one = torch.tensor([[M], [T]])
+    assert media_index_v1(one, M).tolist() == [[1], [0]]
+    assert media_index_v1(one, M).dtype == media_index_v1(CRAFTED, M).dtype
 
 
 @pytest.mark.parametrize("semantics", ["v1", "v2"])

@@ -37,6 +37,10 @@ class MediaKV(NamedTuple):
 def media_index_v1(input_ids: torch.Tensor, media_token_id: int) -> torch.Tensor:
     """Per-token media index of the v1 release ("next image") for ids (B, L) -> LongTensor (B, L)."""
     is_media = input_ids == media_token_id
+    if input_ids.shape[-1] == 1:
+        # One token per row (every cached decoding step): an <image> token attends its own image (1),
+        # any other token attends nothing (0): the general formula below gives exactly this.
+        return is_media.long()
     index = is_media.cumsum(dim=-1)
     index = torch.where(is_media, index, index + 1)
     num_media = is_media.sum(dim=-1, keepdim=True)
@@ -101,9 +105,9 @@ class MaskedCrossAttention(nn.Module):
         """
         kv = media if isinstance(media, MediaKV) else self.media_kv(media)
         attends = (index > 0) & (index <= kv.num_media)
-        columns = attends.any(dim=0).nonzero()
-        if len(columns) == 0:  # e.g. every v1 decoding step
+        if not attends.any():  # e.g. every v1 decoding step
             return None
+        columns = attends.any(dim=0).nonzero()
         first, last = int(columns[0]), int(columns[-1]) + 1
         rows, length = x.shape[0], last - first
         b = kv.k.shape[0]
