@@ -191,6 +191,11 @@ def timed(fn, *args):
     return time.process_time() - cpu, time.perf_counter() - wall, out
 
 
+def secs(seconds: float) -> str:
+    """Seconds with three significant digits at least (0-shot runs of the tiny model take ~0.1 s)."""
+    return f"{seconds:.3f}" if seconds < 1 else f"{seconds:.2f}"
+
+
 def images_matter(model, task, fewshot) -> bool:
     batch = task.collator(model, "eval")([fewshot[i] for i in range(min(BATCH, len(fewshot)))])
     with torch.no_grad():
@@ -261,8 +266,8 @@ def main() -> None:
                 wall_ratio = statistics.median(walls["reference"]) / statistics.median(walls["project"])
                 print(
                     f"{size} ({params / 1e6:.1f}M params) {shots}-shot, {len(fewshot)} queries, CPU s: reference "
-                    f"min {min(ref):.2f} median {statistics.median(ref):.2f} | project min {min(ours):.2f} "
-                    f"median {statistics.median(ours):.2f} | speed-up median {ratio:.2f}x, min "
+                    f"min {secs(min(ref))} median {secs(statistics.median(ref))} | project min {secs(min(ours))} "
+                    f"median {secs(statistics.median(ours))} | speed-up median {ratio:.2f}x, min "
                     f"{min(ref) / min(ours):.2f}x (wall clock median {wall_ratio:.2f}x) | same captions | "
                     f"media cache {len(cache)} images, {cache.nbytes / 2**20:.2f} MiB",
                     flush=True,
