@@ -269,17 +269,23 @@ def test_loss_only_path_without_targets():
 
 
 def test_train_step_asks_for_the_loss_only():
-    """BaseTask.train_step runs the labelled-positions path: the output head sees only the target rows."""
+    """BaseTask.train_step runs the labelled-positions path: the output head sees only the target rows, the
+    decoder only the columns up to the last position that predicts a label."""
     from lavis.tasks.base import BaseTask
 
     model = build_model(tiny_cfg()).train()
     vision_x, ids, mask, labels = training_batch(model)
-    rows = []
+    rows, calls = [], []
     model.lang_encoder.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(a[0].shape))
+    model.lang_encoder.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+    )
     task = BaseTask.__new__(BaseTask)
     batch = {"vision_x": vision_x, "lang_x": ids, "attention_mask": mask, "labels": labels}
     summed = task.train_step(model, batch)
     count = task.loss_count(batch)
     assert rows == [(count, model.lang_encoder.config.hidden_size)]
+    last = int((labels[:, 1:] != -100).nonzero()[:, 1].max())
+    assert calls == [(ids.shape[0], last + 1)] and last + 1 < ids.shape[1]
     full = model(vision_x, ids, mask, labels=labels).loss
     torch.testing.assert_close(summed / count, full, rtol=1e-6, atol=1e-6)
