@@ -14,6 +14,8 @@ AdamW lr 1e-4, gradient clipping at 1.0, fp32, one thread.
   (images read and processed from disk), the loader defaults of lavis.runners.data, the schedule,
   logging every 10 steps and the run directory. The time of a step is taken between two consecutive
   ``train_step`` calls, so everything between steps (data, collation, optimizer, logging) is counted.
+  Its forward asks for the loss alone (``loss_only``): the output head and the cross-entropy run only at
+  the positions that predict a label, the LM only up to the last of them (same loss and gradients).
 
 Times are the CPU time of the process (``num_workers: 0``, one thread: all the work of both sides runs in
 this process, so CPU time is the work done and stays meaningful on a shared, loaded machine).

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from lavis.common.config import read_yaml
 from lavis.models import build_model
 from lavis.models.flamingo.cross_attention import MaskedCrossAttention, media_index_v1, media_index_v2
 from lavis.models.flamingo.perceiver import PerceiverAttention, merge_heads, split_heads
@@ -196,3 +198,94 @@ def test_reserved_layer_after_repeat_moves_only_the_generated_positions_and_stay
     across = torch.tensor([3, 0, 0, 5, 1, 2])  # not something beam search does: the full gather handles it
     layer.reorder_cache(across)
     assert torch.equal(layer.keys, k[within][across]) and torch.equal(layer.values, v[within][across])
+
+
+# ---------------------------------------------------------------- the training loss at the labelled positions
+def training_batch(model):
+    """Right-padded rows with text, images and targets; row 2 has no target; row 0 ends before the others."""
+    texts = [
+        "<image>output: a red circle.<|endofchunk|>",
+        "a circle<image>question: what color is the shape? answer: red<|endofchunk|><image>output: a blue",
+        "<image>this photo shows",
+        "<image>output: two green squares on the left side of the image.<|endofchunk|>",
+    ]
+    tok = model.tokenizer
+    tok.padding_side = "right"
+    batch = tok(texts, return_tensors="pt", padding="longest")
+    ids, mask = batch.input_ids, batch.attention_mask
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # the prompt
+    labels[1, -4:] = -100  # row 1's last columns (an <image> among them) predict nothing
+    labels[2] = -100  # a fully masked row
+    g = torch.Generator().manual_seed(3)
+    vision_x = torch.randn(len(texts), 2, 1, 3, model.image_size, model.image_size, generator=g)
+    return vision_x, ids, mask, labels
+
+
+def loss_and_grads(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(*batch, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny_mpt", "tiny_gpt_neox"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loss_only_path_equals_the_full_logits_loss_and_gradients(config, reduction):
+    """The loss and every trainable gradient of the labelled-positions path equal HF's full-logits loss."""
+    model = build_model(OmegaConf.to_container(read_yaml(f"lavis/configs/models/openflamingo/{config}.yaml").model))
+    model.train()
+    open_gates(model, 0.7)
+    vision_x, ids, mask, labels = batch = training_batch(model)
+    count = (labels[:, 1:] != -100).sum()
+    assert 0 < count and int(labels[:, 1:].ne(-100).nonzero()[:, 1].max()) + 1 < ids.shape[1]  # trimmed
+    kwargs = {"num_items_in_batch": count} if reduction == "sum" else {}
+    full, full_grads = loss_and_grads(model, batch, **kwargs)
+    fast, fast_grads = loss_and_grads(model, batch, loss_only=True, **kwargs)
+    torch.testing.assert_close(fast.loss, full.loss, rtol=1e-6, atol=1e-6)
+    assert fast_grads.keys() == full_grads.keys() and full_grads
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert set(trainable) == set(full_grads)  # the embeddings, the perceiver, every block
+    for name in trainable:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=0, atol=1e-6, msg=name)
+    # The logits of the labelled positions, row-major, are those of the full forward there.
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    torch.testing.assert_close(fast.logits, full.logits[rows, cols], rtol=1e-5, atol=1e-5)
+    assert fast.logits.shape == (int(count), full.logits.shape[-1])
+
+
+def test_loss_only_path_without_targets():
+    """A batch without targets: loss 0 with num_items_in_batch (as HF: sum 0 / 1), NaN as a mean; no grad."""
+    model = build_model(tiny_cfg()).train()
+    vision_x, ids, mask, labels = training_batch(model)
+    labels = torch.full_like(labels, -100)
+    out = model(vision_x, ids, mask, labels, loss_only=True, num_items_in_batch=torch.tensor(1))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.logits.shape[0] == 0
+    assert all(float(p.grad.abs().max()) == 0 for p in model.parameters() if p.grad is not None)
+    assert torch.isnan(model(vision_x, ids, mask, labels, loss_only=True).loss)
+    assert torch.isnan(model(vision_x, ids, mask, labels).loss)
+
+
+def test_train_step_asks_for_the_loss_only():
+    """BaseTask.train_step runs the labelled-positions path: the output head sees only the target rows, the
+    decoder only the columns up to the last position that predicts a label."""
+    from lavis.tasks.base import BaseTask
+
+    model = build_model(tiny_cfg()).train()
+    vision_x, ids, mask, labels = training_batch(model)
+    rows, calls = [], []
+    model.lang_encoder.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(a[0].shape))
+    model.lang_encoder.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    task = BaseTask.__new__(BaseTask)
+    batch = {"vision_x": vision_x, "lang_x": ids, "attention_mask": mask, "labels": labels}
+    summed = task.train_step(model, batch)
+    count = task.loss_count(batch)
+    assert rows == [(count, model.lang_encoder.config.hidden_size)]
+    last = int((labels[:, 1:] != -100).nonzero()[:, 1].max())
+    assert calls == [(ids.shape[0], last + 1)] and last + 1 < ids.shape[1]
+    full = model(vision_x, ids, mask, labels=labels).loss
+    torch.testing.assert_close(summed / count, full, rtol=1e-6, atol=1e-6)

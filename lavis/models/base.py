@@ -4,8 +4,9 @@ A model subclasses it and overrides what it has; the defaults are no-ops, so the
 calls every hook unconditionally (no ``hasattr`` probing). Besides these methods a model has
 ``forward(vision_x, lang_x, attention_mask=None, labels=None, **kwargs)`` returning an output
 with ``.logits`` and, with labels, ``.loss`` (the mean over the targets, or the sum divided by
-``num_items_in_batch`` when given, as HF causal LMs do), and the attributes ``tokenizer`` and
-``image_processor``.
+``num_items_in_batch`` when given, as HF causal LMs do); with ``loss_only=True`` and labels (what
+``BaseTask.train_step`` asks), the same ``.loss`` with logits at the labelled positions only; and the
+attributes ``tokenizer`` and ``image_processor``.
 """
 
 from __future__ import annotations

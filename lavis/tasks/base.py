@@ -198,6 +198,8 @@ class BaseTask:
             lang_x=batch["lang_x"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
+            # The loss alone: the output head and the cross-entropy run only where a label is predicted.
+            loss_only=True,
             # HF's causal-LM loss: the sum over targets divided by this; 1 for a batch without targets
             # (all masked: a loss of 0 rather than the NaN of an empty mean).
             num_items_in_batch=count.clamp(min=1),

@@ -14,9 +14,11 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lavis.common.errors import DataError
 from lavis.models.base import TrainableModel
@@ -25,6 +27,8 @@ from lavis.models.flamingo.kv_cache import reserved_cache
 from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.perceiver import PerceiverResampler
 from lavis.models.flamingo.vision import patch_tokens
+
+IGNORE_INDEX = -100  # the label of a position without a target (HF's, as lavis.datasets.prompts)
 
 
 def decoder_layers(lang_encoder: nn.Module) -> nn.ModuleList:
@@ -218,16 +222,61 @@ class Flamingo(TrainableModel):
         lang_x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        loss_only: bool = False,
         **lm_kwargs,
     ):
         """Logits (and ``.loss`` when ``labels``, -100 = ignored) of ``lang_x`` conditioned on ``vision_x``.
 
         Like the release, no position ids are passed: the LM uses ``arange(L)`` for every row.
+        ``loss_only`` (with ``labels``; the training path): the same ``.loss``, but the output head and the
+        cross-entropy run only at the positions that predict a label, and the LM only up to the last of
+        them; ``.logits`` is then (N_targets, V), the logits of those positions in row-major order. The
+        only LM argument it takes is ``num_items_in_batch`` (see :meth:`_loss_at_targets`).
         """
         self._check_media_tokens(vision_x, lang_x)
         media = self.encode_vision(vision_x)
         with self.conditioned_on(media):
+            if loss_only and labels is not None:
+                return self._loss_at_targets(lang_x, attention_mask, labels, **lm_kwargs)
             return self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+
+    def _loss_at_targets(
+        self,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> CausalLMOutputWithPast:
+        """HF's causal-LM loss, computed only where it has terms (called inside ``conditioned_on``).
+
+        Position ``t`` predicts ``labels[:, t + 1]``; only the positions whose next label is not -100 enter
+        the loss, so the output head (V x D) and the cross-entropy run on those rows alone. A causal LM's
+        position ``t`` influences only positions >= t, so the columns after the last predicting position
+        change neither the loss nor any gradient: the decoder runs on the columns before them. Reduction as
+        HF's ``ForCausalLMLoss``: the sum over the targets divided by ``num_items_in_batch`` when given,
+        else their mean (NaN without targets, as HF's); logits are upcast to float32 first, as there.
+        """
+        lm = self.lang_encoder
+        predicts = labels[:, 1:] != IGNORE_INDEX
+        rows, cols = predicts.nonzero(as_tuple=True)
+        # Without targets the whole row runs, so that every parameter is used as in the full forward.
+        width = int(cols.max()) + 1 if len(cols) else lang_x.shape[1]
+        hidden = family_of_model(lm).decoder(lm)(
+            input_ids=lang_x[:, :width],
+            attention_mask=None if attention_mask is None else attention_mask[:, :width],
+            use_cache=False,
+        )[0]
+        logits = lm.get_output_embeddings()(hidden[rows, cols])
+        targets = labels[:, 1:][rows, cols]
+        if num_items_in_batch is None:
+            loss = F.cross_entropy(logits.float(), targets)
+        else:
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(

@@ -330,14 +330,18 @@ class OpenFlamingo(InferenceMixin, Flamingo):
         lang_x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        loss_only: bool = False,
         **lm_kwargs,
     ):
         """Flamingo's forward; in training mode with ``labels``, ``.loss`` also holds ``training_loss_extras()``.
 
         The extras belong in the forward (not in the task or the runner) so that every task gets them and
-        DistributedDataParallel sees them as part of the one forward pass.
+        DistributedDataParallel sees them as part of the one forward pass. ``loss_only``: see Flamingo.forward.
         """
-        output = super().forward(vision_x, lang_x, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+        output = super().forward(
+            vision_x, lang_x, attention_mask=attention_mask, labels=labels, loss_only=loss_only, **lm_kwargs
+        )
         if labels is not None and self.training:
             extras = self.training_loss_extras()
             if extras is not None:
