@@ -37,12 +37,12 @@ def test_units_sharing_a_parameter_are_merged():
     assert len(merged) == 2 and merged[0] == [a, c] and merged[1] == [b]
 
 
-def test_unknown_strategy_is_a_config_error():
-    class Run:
-        strategy = "zero3"
+def test_unknown_strategy_is_a_config_error_of_the_run_schema():
+    from lavis.common.schema import config_instance
+    from lavis.runners.run_config import RunConfig
 
-    with pytest.raises(ConfigError, match="run.strategy"):
-        build_strategy(Run(), None, None)
+    with pytest.raises(ConfigError, match=r"run\.strategy: 'zero3' is not one of 'ddp', 'fsdp'"):
+        config_instance(RunConfig, {"task": "captioning", "strategy": "zero3"}, "run")
 
 
 def test_fsdp_refuses_mixed_stored_dtypes_in_fp32_at_start_up():
