@@ -71,3 +71,24 @@ def test_read_json_errors_name_the_file_and_the_position(tmp_path):
     latin.write_bytes(b'"caf\xe9"')
     with pytest.raises(DataError, match=r"latin\.json: cannot read questions"):
         read_json(latin, "questions")
+
+
+def test_gc_paused_pauses_the_collector_and_restores_its_state(tmp_path):
+    import gc
+
+    from lavis.common.fileio import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
+    path = tmp_path / "x.json"
+    path.write_text('{"a": [1, 2]}')
+    assert read_json(path) == {"a": [1, 2]} and gc.isenabled()

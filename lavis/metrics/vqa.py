@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from lavis.common.errors import DataError, UserError
-from lavis.common.fileio import read_json
+from lavis.common.fileio import gc_paused, read_json
 from lavis.metrics import write_submission
 from lavis.metrics.vqa_rules import _column, _first_duplicate, _question_accuracies, _records, _sequential_sum
 
@@ -112,6 +112,7 @@ def _group_means(keys: list[str], acc: np.ndarray) -> dict[str, float]:
     return out
 
 
+@gc_paused()  # its tables are millions of small acyclic objects (see fileio.gc_paused)
 def vqa_accuracy(
     questions: Any,
     annotations: Any,
