@@ -250,6 +250,13 @@ CASES = [
         r"datasets\.shapes_caption\.num_images: unknown key",
     ),
     (
+        # Refused when the strategy places the model, which happens before the run directory is made.
+        "fsdp over mixed stored dtypes in fp32",
+        "train",
+        _train("run.strategy=fsdp", "run.amp=fp32", "model.frozen_dtype=bfloat16"),
+        r"run\.strategy=fsdp with run\.amp=fp32: the model stores parameters in",
+    ),
+    (
         "unknown processor option, at load time with the run's problems",
         "train",
         _train("datasets.shapes_caption.vis_processor.train.min_scal=0.5", "run.num_beams=0"),
@@ -261,6 +268,12 @@ CASES = [
         "train",
         _train("datasets.shapes_caption.vis_processor.train.min_scale=1.5"),
         r"datasets\.shapes_caption\.vis_processor\.train\.min_scale: need 0 < min_scale <= max_scale <= 1",
+    ),
+    (
+        "processor name not a string",
+        "train",
+        _train("datasets.shapes_caption.vis_processor.train.name=[a,b]"),
+        r"datasets\.shapes_caption\.vis_processor\.train\.name: expected a string, got list",
     ),
     (
         "unknown processor",
@@ -381,7 +394,9 @@ CASES = [
         lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'best_like.pt'}")(w),
         r"best_like\.pt: not a training checkpoint",
     ),
+
     (
+        # Continues the existing run "done": refusing it must leave that run exactly as it was.
         "resume with changed seed",
         "train",
         lambda w: _train(f"run.resume_ckpt_path={w['step']}", "run.seed=5")(w),
@@ -548,3 +563,5 @@ def test_bad_input_exits_2_with_a_message_naming_it_and_changes_nothing(world, e
     after = _snapshot(world["root"])
     changed = [str(p) for p in before if after.get(p) != before[p]]
     assert not changed, f"modified or deleted: {changed}"
+    added = [str(p) for p in after if p not in before]
+    assert not added, f"written although the input was refused: {added}"

@@ -146,3 +146,14 @@ def test_cli_packs_a_builder_split(shapes_root, tmp_path, capsys):
     assert len(paths) == 1 and all(p.endswith(".tar") for p in paths)  # 13 images -> 1 val image
     assert sum(s.num_records for s in (shards.index_shard(p, VQA) for p in paths)) == 5
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_pack_shards_refuses_a_builder_not_read_from_shards_before_packing(tmp_path, capsys):
+    from lavis.datasets import pack_shards
+
+    out = tmp_path / "shards"
+    with pytest.raises(SystemExit) as stop:
+        pack_shards.run_cli(["--builder", "hateful_memes", "--split", "dev", "--out", str(out)])
+    assert stop.value.code == 2
+    assert "error: --builder: hateful_memes is not read from webdataset shards" in capsys.readouterr().out
+    assert not out.exists()

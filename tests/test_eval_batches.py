@@ -166,3 +166,26 @@ def test_prompt_lengths_are_those_of_collating_each_item_alone(setup, shots, max
     assert collate.prompt_lengths(items) == alone
     if max_length is not None:
         assert max(alone) <= max_length and any(collate([item])["num_demos"] != [shots] for item in items)
+
+
+def test_classification_prompt_lengths_use_the_items_template_before_any_batch(setup):
+    """Hateful Memes' prompt shows each meme's OCR text: bucketing must measure it with that template even
+    when no batch has been collated yet (the collator starts with the ImageNet template)."""
+    from lavis.datasets.classification import HATEFUL_MEMES_TEMPLATE, ClassificationCollator
+
+    model, _ = setup
+    collate = ClassificationCollator(model.tokenizer, "eval", templates={"hateful_memes": HATEFUL_MEMES_TEMPLATE})
+    items = [
+        {
+            "image": torch.zeros(3, 64, 64),
+            "text_input": " ".join(["word"] * n),
+            "class_set": "hateful_memes",
+            "id": n,
+            "image_id": n,
+            "label": 0,
+        }
+        for n in (1, 4, 7, 10)
+    ]
+    lengths = collate.prompt_lengths(items)
+    alone = [int(collate([item])["attention_mask"].sum()) for item in items]
+    assert lengths == alone and len(set(lengths)) == 4

@@ -78,15 +78,26 @@ class ClassificationCollator(FlamingoCollator):
         self.compat_zero_shot = compat_zero_shot
         self.permutations = permutations
 
-    def __call__(self, items):
-        """The batch of ``items``; with ``permutations > 1`` also ``views``: the batch again with each row's
-        demonstrations in other orders (prompt ensembling)."""
+    def _use_template_of(self, items) -> str:
+        """The one class set of ``items``; its template becomes the one prompts are rendered with."""
         sets = {item.get("class_set") for item in items}
         if len(sets) > 1:
             raise DataError(f"a classification batch mixes class sets {sorted(map(str, sets))}")
         (class_set,) = sets
         if class_set in self.templates:
             self.template = self.templates[class_set]
+        return class_set
+
+    def prompt_lengths(self, items):
+        # Length bucketing asks before any batch is collated: the items' template first (Hateful Memes' OCR
+        # prompt is longer than the default ImageNet one).
+        self._use_template_of(items)
+        return super().prompt_lengths(items)
+
+    def __call__(self, items):
+        """The batch of ``items``; with ``permutations > 1`` also ``views``: the batch again with each row's
+        demonstrations in other orders (prompt ensembling)."""
+        class_set = self._use_template_of(items)
         batch = super().__call__(items)
         batch["class_set"] = [class_set] * len(items)
         if self.permutations > 1 and self.role == "eval":

@@ -29,7 +29,7 @@ import math
 import shlex
 from pathlib import Path
 
-from lavis.common.errors import DataError, UserError
+from lavis.common.errors import ConfigError, DataError, UserError
 from lavis.common.fileio import atomic_writer
 from lavis.datasets.samples import SampleFormat, describe_record
 
@@ -116,6 +116,10 @@ def main(argv=None) -> int:
     section = OmegaConf.to_container(merged, resolve=True).get("datasets", {}).get(args.builder, {})
     section["data_type"] = "images"
     builder = cls(section)
+    try:
+        builder.shard_key(args.split)  # a builder that cannot read shards is refused before any packing
+    except NotImplementedError:
+        raise ConfigError(f"--builder: {args.builder} is not read from webdataset shards") from None
     builder.prepare()  # a synthetic set generates itself first
     role = builder.role(args.split)
     records, sample_format, _ = builder.read_records(args.split, role)

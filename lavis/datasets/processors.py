@@ -162,6 +162,8 @@ def _split_spec(spec, key_path: str) -> tuple[type | None, dict, list[str]]:
         names = ", ".join(registry.names("processor"))
         return None, {}, [f"{key_path}: a processor needs a 'name' (one of {names})"]
     options = {k: v for k, v in spec.items() if k != "name"}
+    if not isinstance(spec["name"], str):
+        return None, options, [f"{key_path}.name: expected a string, got {type(spec['name']).__name__}"]
     try:
         return registry.get("processor", spec["name"], key_path=f"{key_path}.name"), options, []
     except ConfigError as err:

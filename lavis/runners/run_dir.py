@@ -28,6 +28,8 @@ class RunPaths:
 
     run_dir: Path
     resume_from: Path | None
+    #: This run made the directory (it did not exist before): a run refused at start-up removes it.
+    created: bool = False
 
     @property
     def checkpoints(self) -> Path:
@@ -103,6 +105,7 @@ def prepare_run_dir(run_cfg, cfg) -> RunPaths:
     if dist.is_main_process():
         try:
             run_dir, resume_from = _run_dir_and_resume_checkpoint(run_cfg)
+            created = not run_dir.exists()
             for sub in (run_dir, run_dir / CHECKPOINT_DIR, run_dir / RESULTS_DIR):
                 sub.mkdir(parents=True, exist_ok=True)
             # Left by writes that a kill interrupted (for the 9B model each is gigabytes); nothing writes now.
@@ -110,7 +113,7 @@ def prepare_run_dir(run_cfg, cfg) -> RunPaths:
                 get_logger().info("removed the temporary file of an interrupted write: %s", stale)
             if resume_from is None or resume_from.parent.parent != run_dir:
                 save_config(run_dir / "config.yaml", cfg)
-            outcome = {"paths": (str(run_dir), str(resume_from) if resume_from else None)}
+            outcome = {"paths": (str(run_dir), str(resume_from) if resume_from else None, created)}
         except (ConfigError, CheckpointError) as err:
             outcome = {"error": err}
         except OSError as err:
@@ -126,8 +129,8 @@ def prepare_run_dir(run_cfg, cfg) -> RunPaths:
     outcome = dist.broadcast_object(outcome)
     if "error" in outcome:
         raise outcome["error"]
-    run_dir, resume_from = outcome["paths"]
-    return RunPaths(Path(run_dir), Path(resume_from) if resume_from else None)
+    run_dir, resume_from, created = outcome["paths"]
+    return RunPaths(Path(run_dir), Path(resume_from) if resume_from else None, created)
 
 
 def save_config(path: Path, cfg) -> None:

@@ -1,10 +1,12 @@
 """The start of every run, training (``RunnerBase``) or few-shot evaluation: one set-up.
 
 ``start_run`` brings up the process group and device, resolves the precision, seeds
-every rank (``run.seed + rank``) and makes the run directory; ``open_logs`` then opens the
-log file and the metrics log in it. What happens between the two differs (training places
-the model with its strategy and reads the checkpoint it resumes before anything is logged;
-evaluation loads the checkpoint it scores), so they are two calls.
+every rank (``run.seed + rank``), runs the caller's start-up checks (``before_run_dir``:
+training places the model with its strategy there, so a model the strategy refuses leaves
+no run directory behind) and makes the run directory; ``open_logs`` then opens the log
+file and the metrics log in it. What happens between the two differs (training reads the
+checkpoint it resumes before anything is logged; evaluation loads the checkpoint it
+scores), so they are two calls.
 """
 
 from __future__ import annotations
@@ -28,11 +30,18 @@ class RunStart:
     paths: RunPaths
 
 
-def start_run(run, make_run_dir: Callable[[], RunPaths]) -> RunStart:
-    """Process group, device, precision and seed from the typed ``run`` section, then ``make_run_dir()``."""
+def start_run(
+    run,
+    make_run_dir: Callable[[], RunPaths],
+    before_run_dir: Callable[[dist.DistInfo, Precision], None] | None = None,
+) -> RunStart:
+    """Process group, device, precision and seed from the typed ``run`` section, then ``before_run_dir`` (a
+    ConfigError there leaves nothing on disk), then ``make_run_dir()``."""
     dist_info = dist.init_distributed(run.device, run.dist_timeout_s)
     precision = resolve_precision(run.amp, dist_info.device)
     set_seed(run.seed + dist_info.rank)
+    if before_run_dir is not None:
+        before_run_dir(dist_info, precision)
     return RunStart(dist_info, precision, make_run_dir())
 
 

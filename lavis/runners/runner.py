@@ -11,7 +11,9 @@ Checkpoints are only taken at step boundaries after the period-end work, so
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import shutil
 import signal
 import threading
 import time
@@ -20,8 +22,8 @@ import torch
 
 from lavis.common import dist
 from lavis.common.config import run_section
-from lavis.common.errors import ConfigError
-from lavis.common.logging import format_metrics, get_logger, progress_bar
+from lavis.common.errors import ConfigError, UserError
+from lavis.common.logging import close_logging, format_metrics, get_logger, progress_bar
 from lavis.common.registry import registry
 from lavis.datasets.samples import check_split_datasets
 from lavis.runners import checkpoint as ckpt
@@ -65,15 +67,21 @@ class RunnerBase(RunCheckpoints):
         check_splits(run, datasets)
         self.best_split = run.best_split or (run.valid_splits[0] if run.valid_splits else None)
         self.best_dataset = None if run.evaluate else resolve_best_dataset(run, datasets, self.best_split)
-        start = start_run(run, lambda: prepare_run_dir(run, cfg))
+
+        def place(dist_info: dist.DistInfo, precision) -> None:
+            # Before the run directory exists: a model the strategy refuses (FSDP with a quantised LM or mixed
+            # stored dtypes) or one that does not fit the device leaves nothing behind.
+            self.strategy = build_strategy(run, precision, dist_info)
+            self.model = self.strategy.place(model)
+
+        start = start_run(run, lambda: prepare_run_dir(run, cfg), before_run_dir=place)
         self.dist_info, self.precision, self.paths = start.dist_info, start.precision, start.paths
-        self.strategy = build_strategy(run, self.precision, self.dist_info)
-        self.model = self.strategy.place(model)
         # A checkpoint to resume is read and checked against the config now, before anything is logged
         # into its run directory; its weights and optimizer state are loaded once they are built.
         self._resume_state = None
         if self.paths.resume_from is not None and not run.evaluate:
-            self._resume_state = self._read_resume_state(self.paths.resume_from)
+            with self._starting():
+                self._resume_state = self._read_resume_state(self.paths.resume_from)
         self.metrics = open_logs(
             start,
             wandb_cfg=run.wandb,
@@ -120,6 +128,35 @@ class RunnerBase(RunCheckpoints):
         if self.run_cfg.evaluate:
             return self._evaluate_only()
         run = self.run_cfg
+        with self._starting():
+            self._set_up_training()
+        try:
+            status = self._train_loop()
+            summary = {
+                "status": status,
+                "run_dir": str(self.paths.run_dir),
+                "step": self.global_step,
+                "best": dict(self.best),
+            }
+            if status == "finished" and run.test_splits:
+                summary["test"] = self._final_test()
+        except BaseException:
+            self._failed = True  # close() then leaves the process group without waiting for the peers
+            provenance.finish_invocation(self.paths, self.dist_info, "failed")
+            raise
+        finally:
+            self.metrics.close()
+        # Only lines the ranks up: the clean exit is close() (barrier, then destroy the process group),
+        # which train.py calls in a finally; a process that exits without it may still cut a peer's receive.
+        dist.barrier()
+        summary["summary"] = provenance.end_of_run_summary(self, status, self._started)
+        provenance.finish_invocation(self.paths, self.dist_info, status, summary["summary"])
+        log.info("%s", provenance.format_summary(summary["summary"]))
+        return summary
+
+    def _set_up_training(self) -> None:
+        """The data stream, the plan, the wrapped model, optimizer, schedule and scaler; the resumed state."""
+        run = self.run_cfg
         stream = TrainStream(
             concat_train_datasets(self.datasets, list(run.train_splits)),
             self.task.collator(self.model, "train"),
@@ -149,29 +186,16 @@ class RunnerBase(RunCheckpoints):
             # its first checkpoint: that attempt's steps are redone, so its lines go.
             self.metrics.truncate(0)
 
+    @contextlib.contextmanager
+    def _starting(self):
+        """Start-up work: a user error in it removes the run directory this run created (nothing ran yet)."""
         try:
-            status = self._train_loop()
-            summary = {
-                "status": status,
-                "run_dir": str(self.paths.run_dir),
-                "step": self.global_step,
-                "best": dict(self.best),
-            }
-            if status == "finished" and run.test_splits:
-                summary["test"] = self._final_test()
-        except BaseException:
-            self._failed = True  # close() then leaves the process group without waiting for the peers
-            provenance.finish_invocation(self.paths, self.dist_info, "failed")
+            yield
+        except UserError:
+            if self.paths.created and self.dist_info.is_main:
+                close_logging()  # log.txt is open in there
+                shutil.rmtree(self.paths.run_dir, ignore_errors=True)
             raise
-        finally:
-            self.metrics.close()
-        # Only lines the ranks up: the clean exit is close() (barrier, then destroy the process group),
-        # which train.py calls in a finally; a process that exits without it may still cut a peer's receive.
-        dist.barrier()
-        summary["summary"] = provenance.end_of_run_summary(self, status, self._started)
-        provenance.finish_invocation(self.paths, self.dist_info, status, summary["summary"])
-        log.info("%s", provenance.format_summary(summary["summary"]))
-        return summary
 
     def evaluate(self, split: str, step: int | None = None, epoch: int | None = None) -> dict:
         """Evaluate the current model on ``split`` of every dataset that has it: ``{dataset: metrics}``."""
@@ -364,11 +388,12 @@ class RunnerBase(RunCheckpoints):
 
     def _evaluate_only(self) -> dict:
         run = self.run_cfg
-        if self.paths.resume_from is not None:
-            self._load_weights(self.paths.resume_from)
-        splits = list(run.test_splits or run.valid_splits)
-        if not splits:
-            raise ConfigError("run.evaluate=true needs run.test_splits or run.valid_splits")
+        with self._starting():
+            if self.paths.resume_from is not None:
+                self._load_weights(self.paths.resume_from)
+            splits = list(run.test_splits or run.valid_splits)
+            if not splits:
+                raise ConfigError("run.evaluate=true needs run.test_splits or run.valid_splits")
         results = {split: self.evaluate(split, step=0) for split in splits}
         self.metrics.close()
         dist.barrier()
