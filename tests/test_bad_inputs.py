@@ -394,7 +394,6 @@ CASES = [
         lambda w: _train(f"run.resume_ckpt_path={w['bad'] / 'best_like.pt'}")(w),
         r"best_like\.pt: not a training checkpoint",
     ),
-
     (
         # Continues the existing run "done": refusing it must leave that run exactly as it was.
         "resume with changed seed",
