@@ -12,7 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lavis.common.errors import DataError
 from lavis.datasets.builders.shapes import ShapesCaptionBuilder, ShapesVQABuilder
+from lavis.datasets.collators import prompt_length
 from lavis.datasets.fewshot import FewShotDataset
 from lavis.metrics.caption import write_caption_results
 from lavis.models import build_model
@@ -162,7 +164,7 @@ def test_prompt_lengths_are_those_of_collating_each_item_alone(setup, shots, max
     )
     items = [fewshot[i] for i in range(len(fewshot))]
     collate = DemoIndexCollator(CaptionCollator(model.tokenizer, "eval", max_length=max_length))
-    alone = [eval_batches.prompt_length(collate([item])) for item in items]
+    alone = [prompt_length(collate([item])) for item in items]
     assert collate.prompt_lengths(items) == alone
     if max_length is not None:
         assert max(alone) <= max_length and any(collate([item])["num_demos"] != [shots] for item in items)
@@ -189,3 +191,21 @@ def test_classification_prompt_lengths_use_the_items_template_before_any_batch(s
     lengths = collate.prompt_lengths(items)
     alone = [int(collate([item])["attention_mask"].sum()) for item in items]
     assert lengths == alone and len(set(lengths)) == 4
+
+
+def test_joint_task_and_plain_collators_tell_the_lengths_of_collating_each_item_alone(setup):
+    """caption_vqa's MixedCollator answers with the collator of the items' kind; a task's collator that is a
+    plain function gets the lengths of collating each item alone."""
+    from lavis.runners.sample_log import DemoIndexCollator
+    from lavis.tasks.caption_vqa import CaptionVQATask
+
+    model, data = setup
+    collate = DemoIndexCollator(CaptionVQATask(OmegaConf.create({"run": RUN})).collator(model, "eval"))
+    for kind in ("caption", "vqa"):
+        fewshot = FewShotDataset(data[kind]["val"], data[kind]["train"], num_shots=2, seed=5)
+        items = [fewshot[i] for i in range(6)]
+        assert collate.prompt_lengths(items) == [prompt_length(collate([item])) for item in items]
+    with pytest.raises(DataError, match="mixes caption and VQA samples"):
+        collate.prompt_lengths([data["caption"]["val"][0], data["vqa"]["val"][0]])
+    plain = DemoIndexCollator(lambda items: {"attention_mask": torch.ones(len(items), 3 + len(items[0]["text"]))})
+    assert plain.prompt_lengths([{"text": "ab"}, {"text": "abcd"}]) == [5, 7]

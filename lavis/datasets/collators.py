@@ -80,7 +80,27 @@ def stack_images(rows: Sequence[Sequence[torch.Tensor]], samples: Sequence[str])
     return vision_x
 
 
-class FlamingoCollator:
+def prompt_length(batch: dict) -> int:
+    """Real (unpadded) tokens of a one-row eval batch."""
+    return int(batch["attention_mask"].sum())
+
+
+class Collator:
+    """``items -> batch``: what a task's ``collator(model, role)`` returns.
+
+    Length bucketing (:mod:`lavis.runners.eval_batches`) also asks an eval collator for each item's prompt
+    length. The default collates each item alone; a collator that can tokenise without images overrides it.
+    """
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        raise NotImplementedError
+
+    def prompt_lengths(self, items: Sequence[dict]) -> list[int]:
+        """Tokens of each eval item's prompt, as ``self([item])`` would give them."""
+        return [prompt_length(self([item])) for item in items]
+
+
+class FlamingoCollator(Collator):
     """What the caption and VQA collators share; subclasses say how an item fills the template.
 
     Args:
@@ -222,11 +242,8 @@ class FlamingoCollator:
         }
 
     def prompt_lengths(self, items: Sequence[dict]) -> list[int]:
-        """Tokens of each eval item's prompt, as ``self([item])`` would give them, without collating images.
-
-        What length-bucketing sorts by (:mod:`lavis.runners.eval_batches`); prompts are tokenised and
-        truncated row by row, so the lengths do not depend on the other items.
-        """
+        """Tokens of each eval item's prompt, as ``self([item])`` would give them, without collating images
+        (prompts are tokenised and truncated row by row, so the lengths do not depend on the other items)."""
         if self.role != "eval":
             raise ValueError("prompt_lengths is for eval collators (query prompts)")
         demos = [self.demo_texts(item)[0] for item in items]

@@ -12,8 +12,7 @@ sentencepiece tokeniser joins characters across the boundary (``Output:`` + ``A 
 ``▁Output : A ▁man``, whereas ``A man`` alone is ``▁A ▁man``), so the ids fed to the model must be
 those of the whole string, and the mask is derived from them.
 
-The collators live in :mod:`lavis.datasets.collators`; ``CaptionCollator`` and ``VQACollator`` are
-also importable from here (lazily, to avoid an import cycle).
+The collators live in :mod:`lavis.datasets.collators`.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lavis.common.errors import ConfigError, DataError
-from lavis.common.special_tokens import END_OF_CHUNK, MEDIA_TOKEN
+from lavis.common.special_tokens import END_OF_CHUNK, IGNORE_INDEX, MEDIA_TOKEN
 
-IGNORE_INDEX = -100
 # Item keys set by lavis.datasets.fewshot.FewShotDataset and read by the collators.
 DEMOS_KEY = "demos"
 TEXT_ONLY_DEMOS_KEY = "demos_text_only"

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
 
+from lavis.datasets.collators import Collator
 from lavis.models.flamingo.flamingo import Flamingo
 from lavis.models.flamingo.media_cache import MediaCache, media_cache_enabled
 from lavis.runners import sample_log
@@ -31,24 +32,15 @@ BUCKET_WINDOW = 8  # batches sorted together: enough to find rows of equal lengt
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def prompt_length(batch: dict) -> int:
-    """Real (unpadded) tokens of a one-row eval batch."""
-    return int(batch["attention_mask"].sum())
-
-
 class WindowCollator:
     """Items of a window -> [(row positions in the window, batch)], rows sorted by prompt length."""
 
-    def __init__(self, collate_fn, batch_size: int):
+    def __init__(self, collate_fn: Collator, batch_size: int):
         self.collate_fn = collate_fn
         self.batch_size = batch_size
 
     def __call__(self, items: list) -> list[tuple[list[int], dict]]:
-        # A collator that can tell its prompt lengths (tokenisation only) spares collating every item alone.
-        lengths_of = getattr(self.collate_fn, "prompt_lengths", None)
-        lengths = lengths_of(items) if lengths_of is not None else None
-        if lengths is None:
-            lengths = [prompt_length(self.collate_fn([item])) for item in items]
+        lengths = self.collate_fn.prompt_lengths(items)
         order = sorted(range(len(items)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
         chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return [(chunk, self.collate_fn([items[i] for i in chunk])) for chunk in chunks]

@@ -40,6 +40,7 @@ from typing import Any
 
 from lavis.common.errors import DataError
 from lavis.common.fileio import atomic_write_text, read_json_lines
+from lavis.datasets.collators import Collator
 from lavis.datasets.fewshot import FewShotDataset
 from lavis.datasets.samples import DatasetView, ImageDataset
 
@@ -212,7 +213,7 @@ def annotate(records: list[dict], batch: dict, key: str) -> list[dict]:
     return records
 
 
-class DemoIndexCollator:
+class DemoIndexCollator(Collator):
     """An eval collator that also passes each item's ``demo_indices`` (few-shot) into the batch.
 
     The collators drop the oldest demonstrations when a prompt is too long (``num_demos`` says how many
@@ -222,10 +223,11 @@ class DemoIndexCollator:
     def __init__(self, collator):
         self.collator = collator
 
-    def prompt_lengths(self, items: list[dict]) -> list[int] | None:
-        """The wrapped collator's ``prompt_lengths(items)``; None when it has none."""
-        lengths = getattr(self.collator, "prompt_lengths", None)
-        return lengths(items) if lengths is not None else None
+    def prompt_lengths(self, items: list[dict]) -> list[int]:
+        # A task's collator may be any callable; a Collator can tell the lengths without collating images.
+        if isinstance(self.collator, Collator):
+            return self.collator.prompt_lengths(items)
+        return super().prompt_lengths(items)
 
     def __call__(self, items: list[dict]) -> dict:
         from lavis.datasets.prompts import TEXT_ONLY_DEMOS_KEY

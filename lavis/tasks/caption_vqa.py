@@ -13,6 +13,7 @@ import torch
 
 from lavis.common.errors import DataError
 from lavis.common.registry import registry
+from lavis.datasets.collators import Collator
 from lavis.datasets.prompts import IGNORE_INDEX
 from lavis.tasks.base import BaseTask, too_small
 from lavis.tasks.captioning import CaptioningTask
@@ -46,7 +47,7 @@ def merge_batches(batches: list[dict], pad_token_id: int) -> dict:
     return merged
 
 
-class MixedCollator:
+class MixedCollator(Collator):
     """Collates caption and VQA items with their own collators (see the module docstring)."""
 
     def __init__(self, caption_collator, vqa_collator, pad_token_id: int):
@@ -54,13 +55,21 @@ class MixedCollator:
         self.vqa_collator = vqa_collator
         self.pad_token_id = pad_token_id
 
+    def _eval_collator(self, items: list[dict]) -> Collator:
+        """The collator of an evaluation batch's one kind of sample."""
+        kinds = {_is_vqa(item) for item in items}
+        if len(kinds) > 1:
+            raise DataError("an evaluation batch mixes caption and VQA samples; evaluate one dataset at a time")
+        return self.vqa_collator if kinds == {True} else self.caption_collator
+
+    def prompt_lengths(self, items: list[dict]) -> list[int]:
+        return self._eval_collator(items).prompt_lengths(items)
+
     def __call__(self, items: list[dict]) -> dict:
+        if self.caption_collator.role == "eval":
+            return self._eval_collator(items)(items)
         vqa = [item for item in items if _is_vqa(item)]
         captions = [item for item in items if not _is_vqa(item)]
-        if self.caption_collator.role == "eval":
-            if vqa and captions:
-                raise DataError("an evaluation batch mixes caption and VQA samples; evaluate one dataset at a time")
-            return self.vqa_collator(vqa) if vqa else self.caption_collator(captions)
         batches = [c(group) for c, group in ((self.caption_collator, captions), (self.vqa_collator, vqa)) if group]
         return merge_batches(batches, self.pad_token_id)
 

@@ -21,14 +21,13 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lavis.common.errors import DataError
+from lavis.common.special_tokens import IGNORE_INDEX
 from lavis.models.base import TrainableModel
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
 from lavis.models.flamingo.kv_cache import reserved_cache
 from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.perceiver import PerceiverResampler
 from lavis.models.flamingo.vision import patch_tokens
-
-IGNORE_INDEX = -100  # the label of a position without a target (HF's, as lavis.datasets.prompts)
 
 
 def decoder_layers(lang_encoder: nn.Module) -> nn.ModuleList:
