@@ -257,6 +257,12 @@ CASES = [
         r"run\.strategy=fsdp with run\.amp=fp32: the model stores parameters in",
     ),
     (
+        "evaluate with no split to evaluate",
+        "train",
+        _train("run.evaluate=true", "run.valid_splits=[]", "run.test_splits=[]"),
+        r"run\.evaluate: true needs run\.test_splits or run\.valid_splits",
+    ),
+    (
         "unknown processor option, at load time with the run's problems",
         "train",
         _train("datasets.shapes_caption.vis_processor.train.min_scal=0.5", "run.num_beams=0"),

@@ -189,6 +189,8 @@ class RunConfig(Validated):
         for key in ("eps", "lr_decay_rate"):
             if getattr(self, key) <= 0:
                 problems.append(f"{path}.{key}: must be > 0, got {getattr(self, key)}")
+        if self.evaluate and not (self.test_splits or self.valid_splits):
+            problems.append(f"{path}.evaluate: true needs {path}.test_splits or {path}.valid_splits to evaluate")
         if self.best_split is not None and self.best_split not in self.valid_splits:
             problems.append(
                 f"{path}.best_split: {self.best_split!r} is not one of {path}.valid_splits {self.valid_splits}"

@@ -388,13 +388,11 @@ class RunnerBase(RunCheckpoints):
 
     def _evaluate_only(self) -> dict:
         run = self.run_cfg
-        with self._starting():
-            if self.paths.resume_from is not None:
+        if self.paths.resume_from is not None:
+            with self._starting():
                 self._load_weights(self.paths.resume_from)
-            splits = list(run.test_splits or run.valid_splits)
-            if not splits:
-                raise ConfigError("run.evaluate=true needs run.test_splits or run.valid_splits")
-        results = {split: self.evaluate(split, step=0) for split in splits}
+        # RunConfig.validate made sure there is a split to evaluate.
+        results = {split: self.evaluate(split, step=0) for split in run.test_splits or run.valid_splits}
         self.metrics.close()
         dist.barrier()
         return {"status": "evaluated", "run_dir": str(self.paths.run_dir), "test": results}
