@@ -7,16 +7,19 @@ exists is never written into, except by resuming the run it holds.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from lavis.common import dist
-from lavis.common.errors import CheckpointError, ConfigError
+from lavis.common.errors import CheckpointError, ConfigError, UserError
 from lavis.common.fileio import atomic_write_text
-from lavis.common.logging import get_logger
+from lavis.common.logging import close_logging, get_logger
 from lavis.runners.checkpoint import CHECKPOINT_DIR, find_latest_checkpoint, remove_stale_temporaries
 
 RESULTS_DIR = "results"
@@ -139,3 +142,16 @@ def save_config(path: Path, cfg) -> None:
         OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else OmegaConf.to_yaml(OmegaConf.create(cfg))
     )
     atomic_write_text(path, text)
+
+
+@contextlib.contextmanager
+def removed_if_refused(paths: RunPaths, is_main: bool) -> Iterator[None]:
+    """Start-up work of a run: a user error in it removes the run directory this run created (nothing ran
+    yet, so nothing is lost), never the directory of a run it continues."""
+    try:
+        yield
+    except UserError:
+        if paths.created and is_main:
+            close_logging()  # log.txt is open in there
+            shutil.rmtree(paths.run_dir, ignore_errors=True)
+        raise

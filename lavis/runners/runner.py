@@ -11,9 +11,7 @@ Checkpoints are only taken at step boundaries after the period-end work, so
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import shutil
 import signal
 import threading
 import time
@@ -22,8 +20,8 @@ import torch
 
 from lavis.common import dist
 from lavis.common.config import run_section
-from lavis.common.errors import ConfigError, UserError
-from lavis.common.logging import close_logging, format_metrics, get_logger, progress_bar
+from lavis.common.errors import ConfigError
+from lavis.common.logging import format_metrics, get_logger, progress_bar
 from lavis.common.registry import registry
 from lavis.datasets.samples import check_split_datasets
 from lavis.runners import checkpoint as ckpt
@@ -41,7 +39,7 @@ from lavis.runners.run_config import (
     check_warmup,
     resolve_best_dataset,
 )
-from lavis.runners.run_dir import prepare_run_dir
+from lavis.runners.run_dir import prepare_run_dir, removed_if_refused
 from lavis.runners.run_start import open_logs, start_run
 from lavis.runners.sample_log import samples_filename, step_tag
 from lavis.runners.strategy import build_strategy
@@ -80,7 +78,7 @@ class RunnerBase(RunCheckpoints):
         # into its run directory; its weights and optimizer state are loaded once they are built.
         self._resume_state = None
         if self.paths.resume_from is not None and not run.evaluate:
-            with self._starting():
+            with removed_if_refused(self.paths, self.dist_info.is_main):
                 self._resume_state = self._read_resume_state(self.paths.resume_from)
         self.metrics = open_logs(
             start,
@@ -128,7 +126,7 @@ class RunnerBase(RunCheckpoints):
         if self.run_cfg.evaluate:
             return self._evaluate_only()
         run = self.run_cfg
-        with self._starting():
+        with removed_if_refused(self.paths, self.dist_info.is_main):
             self._set_up_training()
         try:
             status = self._train_loop()
@@ -185,17 +183,6 @@ class RunnerBase(RunCheckpoints):
             # A first start with resume_ckpt_path=latest may find the metrics of an attempt killed before
             # its first checkpoint: that attempt's steps are redone, so its lines go.
             self.metrics.truncate(0)
-
-    @contextlib.contextmanager
-    def _starting(self):
-        """Start-up work: a user error in it removes the run directory this run created (nothing ran yet)."""
-        try:
-            yield
-        except UserError:
-            if self.paths.created and self.dist_info.is_main:
-                close_logging()  # log.txt is open in there
-                shutil.rmtree(self.paths.run_dir, ignore_errors=True)
-            raise
 
     def evaluate(self, split: str, step: int | None = None, epoch: int | None = None) -> dict:
         """Evaluate the current model on ``split`` of every dataset that has it: ``{dataset: metrics}``."""
@@ -389,7 +376,7 @@ class RunnerBase(RunCheckpoints):
     def _evaluate_only(self) -> dict:
         run = self.run_cfg
         if self.paths.resume_from is not None:
-            with self._starting():
+            with removed_if_refused(self.paths, self.dist_info.is_main):
                 self._load_weights(self.paths.resume_from)
         # RunConfig.validate made sure there is a split to evaluate.
         results = {split: self.evaluate(split, step=0) for split in run.test_splits or run.valid_splits}
