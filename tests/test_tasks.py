@@ -10,11 +10,11 @@ from omegaconf import OmegaConf
 
 from lavis.datasets.collators import CaptionCollator, VQACollator
 from lavis.datasets.fewshot import InContextTrainingDataset
+from lavis.datasets.mixed_collator import MixedCollator
 from lavis.datasets.prompts import DEMOS_KEY, IGNORE_INDEX
 from lavis.datasets.samples import SplitDataset
 from lavis.metrics.postprocess import postprocess_answer, postprocess_caption
 from lavis.models.flamingo.tokenizer import load_llama_tokenizer
-from lavis.tasks.caption_vqa import MixedCollator
 from lavis.tasks.vqa import VQATask
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llama_tokenizer"
