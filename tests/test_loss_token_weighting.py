@@ -3,7 +3,8 @@
 The loss of a step is the sum of the per-token losses over every target token of the global batch
 (all ranks, all micro-batches) divided by their count. So 1 process with batch 16, 2 processes x 8
 (torchrun, gloo) and 1 process with batch 4 x 4 accumulated micro-batches must end with the same
-weights after 10 steps (fp32 tolerance) and log the same losses. The run mixes captions and VQA
+weights after 10 steps (fp32 tolerance) and log the same losses, with random steps and with
+``run.group_by_length`` (steps of samples with equally many demonstrations). The run mixes captions and VQA
 answers with 0..2 in-context demonstrations, so rows have very different target-token counts.
 Dropout is off and the training images are not augmented, so nothing random differs between the runs.
 """
@@ -67,10 +68,14 @@ def relative_l2(a: dict, b: dict) -> float:
     return (diff / norm) ** 0.5
 
 
-def test_one_process_two_processes_and_accumulation_train_the_same_weights(tmp_path, shapes_root):
-    train_main(["--cfg-path", str(_config(tmp_path, shapes_root, "single", batch_size_train=GLOBAL_BATCH))])
-    train_main(["--cfg-path", str(_config(tmp_path, shapes_root, "accum", batch_size_train=4, accum_grad_iters=4))])
-    check_ok(run_entry("train.py", _config(tmp_path, shapes_root, "ddp", batch_size_train=8), nproc=2))
+@pytest.mark.parametrize("group_by_length", [False, True], ids=["random", "grouped"])
+def test_one_process_two_processes_and_accumulation_train_the_same_weights(tmp_path, shapes_root, group_by_length):
+    def config(name, **run):
+        return str(_config(tmp_path, shapes_root, name, group_by_length=group_by_length, **run))
+
+    train_main(["--cfg-path", config("single", batch_size_train=GLOBAL_BATCH)])
+    train_main(["--cfg-path", config("accum", batch_size_train=4, accum_grad_iters=4)])
+    check_ok(run_entry("train.py", config("ddp", batch_size_train=8), nproc=2))
     single, single_losses = _result(tmp_path, "single")
     for name in ("accum", "ddp"):
         weights, losses = _result(tmp_path, name)

@@ -235,9 +235,17 @@ class InContextTrainingDataset(DatasetView):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def num_shots(self, index: int) -> int:
+        """The number of demonstrations before sample ``index`` (drawn from ``(seed, index)``)."""
+        return int(_rng(self.seed, 1, index).integers(self.max_shots + 1))
+
+    def image_counts(self) -> list[int]:
+        """Each sample's images: its demonstrations' and its own (no item is loaded)."""
+        return [self.num_shots(i) + 1 for i in range(len(self))]
+
     def __getitem__(self, index: int) -> dict:
         item = dict(self.dataset[index])
-        k = int(_rng(self.seed, 1, index).integers(self.max_shots + 1))
+        k = self.num_shots(index)
         loaded: dict[int, dict] = {}
 
         def load(j: int) -> dict:

@@ -143,6 +143,11 @@ class SplitDataset(torch.utils.data.Dataset):
         """Called before each epoch; a stream orders itself by it, a map-style dataset (ordered by the
         runner's sampler) ignores it."""
 
+    def image_counts(self) -> list[int]:
+        """How many images each item shows, in index order: what ``run.group_by_length`` groups training
+        batches by (the text of an item grows with its images). One each unless a subclass says otherwise."""
+        return [1] * len(self)
+
 
 def check_split_datasets(datasets: dict) -> None:
     """Every ``datasets[name][split]`` is a :class:`SplitDataset`; TypeError naming the first that is not."""

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from lavis.common.errors import CheckpointError
 
 # run.* keys that fix the data order and the lr schedule (beside the runner's PLAN_KEYS).
-ORDER_KEYS = ("batch_size_train", "accum_grad_iters", "seed", "train_splits", "lr_sched")
+ORDER_KEYS = ("batch_size_train", "accum_grad_iters", "group_by_length", "seed", "train_splits", "lr_sched")
 _ABSENT = "<absent>"
 
 

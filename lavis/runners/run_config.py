@@ -79,6 +79,9 @@ class RunConfig(Validated):
     num_workers: int = 0
     # Micro-batches per optimizer step; gradients are all-reduced only on the last one.
     accum_grad_iters: int = 1
+    # Batch training samples of similar size (number of images, so of demonstrations with train_max_shots)
+    # together: less padding, same set per step for any split over processes (lavis.runners.data).
+    group_by_length: bool = False
 
     # Registered lr schedule, stepped per optimizer step: linear_warmup_cosine_lr, linear_warmup_step_lr or constant_lr.
     lr_sched: str = "linear_warmup_cosine_lr"

@@ -165,6 +165,7 @@ class RunnerBase(RunCheckpoints):
             seed=run.seed,
             num_workers=run.num_workers,
             pin_memory=self.dist_info.device.type == "cuda",
+            group_by_length=run.group_by_length,
         )
         self.stream = stream
         self.steps_per_period, self.total_steps = self.plan(stream)
