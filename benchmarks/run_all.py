@@ -47,6 +47,11 @@ BENCHMARKS = [
         "as above, samples preceded by 0-4 demonstrations (run.train_max_shots: 4, the demo recipe)",
         ">= 1.5x",
     ),
+    (
+        "train_step.py --max-shots 4 --steps 8 --repeats 2 --group-by-length",
+        "as above with run.group_by_length (the demo recipe): same samples, the project's steps grouped by size",
+        ">= 1.5x",
+    ),
     ("runner_overhead.py", "runner vs bare PyTorch loop (s/step ratio)", "<= 1.03"),
     ("lora_memory.py", "LoRA vs full fine-tuning of a 257M LM, peak RSS", "<= 0.5x"),
     (
