@@ -19,6 +19,7 @@ restored main-process RNG, is the rest of the epoch bitwise identical.)
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 
 import torch
@@ -88,6 +89,18 @@ class LengthGroupedSampler(Sampler):
 
     def __len__(self) -> int:
         return (len(self.sizes) - len(self.sizes) % self.step_batch) // self.world_size
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader workers per rank: ``run.num_workers``, or where it is null, 0 on the CPU (workers would take
+    the cores the step computes on) and on a GPU this rank's share of the CPUs less one (1 to 8), so that
+    decoding and collation run beside the step instead of between steps."""
+    if requested is not None:
+        return int(requested)
+    if device.type != "cuda":
+        return 0
+    per_rank = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, per_rank - 1))
 
 
 def concat_train_datasets(datasets: dict, splits: list[str]) -> Dataset:
@@ -186,7 +199,7 @@ class TrainStream:
         return sampler
 
     def _loader_options(self) -> dict:
-        # Workers (when asked for) live for the whole run and keep batches queued ahead of the step.
+        # Workers (when asked for) keep batches queued ahead of the step; each data epoch starts its own.
         if self.num_workers == 0:
             return {"num_workers": 0, "pin_memory": self.pin_memory}
         return {"num_workers": self.num_workers, "pin_memory": self.pin_memory, "prefetch_factor": 4}

@@ -33,6 +33,7 @@ from lavis.datasets.samples import DatasetView, check_split_datasets
 from lavis.models.trained import checkpoint_fingerprint, load_trained_weights, model_label
 from lavis.report import report_after_run
 from lavis.runners import eval_cache
+from lavis.runners.data import loader_workers
 from lavis.runners.eval_results import build_results, cell_summary
 from lavis.runners.evaluation import evaluate_split
 from lavis.runners.run_dir import RunPaths, prepare_run_dir
@@ -309,7 +310,7 @@ def _evaluate_cell(ctx: _Context, name: str, tag: str, fewshot, samples_path: Pa
             dist_info=ctx.dist_info,
             precision=ctx.precision,
             batch_size=ctx.run.batch_size_eval,
-            num_workers=ctx.run.num_workers,
+            num_workers=loader_workers(ctx.run.num_workers, ctx.dist_info.device),
             samples_path=samples_path,
             result_dir=ctx.paths.results,
         )

@@ -75,8 +75,9 @@ class RunConfig(Validated):
     batch_size_train: int = 8
     # Evaluation batch size per process.
     batch_size_eval: int = 8
-    # DataLoader worker processes per rank.
-    num_workers: int = 0
+    # DataLoader worker processes per rank; null = 0 on the CPU, on a GPU the rank's share of the CPUs less one
+    # (1 to 8). Bitwise resume with random augmentations needs 0.
+    num_workers: Optional[int] = None
     # Micro-batches per optimizer step; gradients are all-reduced only on the last one.
     accum_grad_iters: int = 1
     # Batch training samples of similar size (number of images, so of demonstrations with train_max_shots)
@@ -236,7 +237,7 @@ _AT_LEAST_1 = ("accum_grad_iters", "log_freq", "val_freq", "batch_size_train", "
 _AT_LEAST_1 += ("dist_timeout_s", "max_steps", "max_iters", "iters_per_inner_epoch", "lr_decay_steps")
 _AT_LEAST_0 = ("save_freq_steps", "num_workers", "warmup_steps", "init_lr", "min_lr", "warmup_lr", "weight_decay")
 _AT_LEAST_0 += ("max_grad_norm",)
-_OPTIONAL = ("max_steps", "max_iters", "iters_per_inner_epoch", "lr_decay_steps")
+_OPTIONAL = ("max_steps", "max_iters", "iters_per_inner_epoch", "lr_decay_steps", "num_workers")
 
 
 def check_warmup(run, total_steps: int) -> None:

@@ -26,7 +26,7 @@ from lavis.common.registry import registry
 from lavis.datasets.samples import check_split_datasets
 from lavis.runners import checkpoint as ckpt
 from lavis.runners import provenance
-from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets, move_to_device
+from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets, loader_workers, move_to_device
 from lavis.runners.evaluation import evaluate_split
 from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
@@ -163,7 +163,7 @@ class RunnerBase(RunCheckpoints):
             rank=self.dist_info.rank,
             world_size=self.dist_info.world_size,
             seed=run.seed,
-            num_workers=run.num_workers,
+            num_workers=loader_workers(run.num_workers, self.dist_info.device),
             pin_memory=self.dist_info.device.type == "cuda",
             group_by_length=run.group_by_length,
         )
@@ -204,7 +204,7 @@ class RunnerBase(RunCheckpoints):
                 dist_info=self.dist_info,
                 precision=self.precision,
                 batch_size=self.run_cfg.batch_size_eval,
-                num_workers=self.run_cfg.num_workers,
+                num_workers=loader_workers(self.run_cfg.num_workers, self.dist_info.device),
                 samples_path=self.paths.run_dir / samples_filename(name, step_tag(split, at_step)),
                 result_dir=self.paths.results,
             )
