@@ -113,6 +113,8 @@ def runner_loop(steps: int, warmup: int, root: str, i: int) -> float:
     run = dataclasses.asdict(RunConfig())
     run.update(
         task="none",
+        device="cpu",
+        num_workers=0,
         output_dir=root,
         run_name=f"bench{i}",
         batch_size_train=BATCH,

@@ -119,6 +119,8 @@ def run_cfg(root: str, name: str, steps: int, group_by_length: bool = False) -> 
     run = dataclasses.asdict(RunConfig())
     run.update(
         task="captioning",
+        device="cpu",
+        num_workers=0,  # all the work in this process: its CPU time is the iteration's
         output_dir=root,
         run_name=name,
         batch_size_train=BATCH,

@@ -49,22 +49,25 @@ def rank_orders(step_batch, world_size, epoch=0, sizes=SIZES):
     return [list(sampler) for sampler in samplers]
 
 
-def step_sets(step_batch, batch_size, world_size, accum):
-    """The set of samples of each optimizer step, as the ranks' micro-batches make it up."""
-    per_rank = [
-        [o[i : i + batch_size] for i in range(0, len(o), batch_size)] for o in rank_orders(step_batch, world_size)
+def step_sets(batch_size, world_size, accum):
+    """The set of samples of each optimizer step of an epoch, as the ranks' TrainStreams make it up."""
+    streams = [
+        TrainStream(SizedIndices(SIZES), list, batch_size, accum, r, world_size, seed=7, group_by_length=True)
+        for r in range(world_size)
     ]
-    steps = []
-    for s in range(len(per_rank[0]) // accum):
-        steps.append(sorted(i for rank in per_rank for mb in rank[s * accum : (s + 1) * accum] for i in mb))
-    return steps
+    return [
+        sorted(i for stream in streams for micro_batch in stream.next_step() for i in micro_batch)
+        for _ in range(streams[0].steps_per_epoch)
+    ]
 
 
 def test_every_split_of_a_step_trains_the_same_samples():
-    one = step_sets(32, 32, 1, 1)
+    one = step_sets(32, 1, 1)
     assert len(one) == len(SIZES) // 32
     for batch_size, world_size, accum in [(16, 2, 1), (8, 4, 1), (8, 1, 4), (4, 2, 4)]:
-        assert step_sets(32, batch_size, world_size, accum) == one, (batch_size, world_size, accum)
+        assert step_sets(batch_size, world_size, accum) == one, (batch_size, world_size, accum)
+    # Other global batches group otherwise.
+    assert step_sets(16, 1, 1)[: len(one)] != one
 
 
 def test_each_sample_at_most_once_per_epoch_and_epochs_differ():

@@ -17,6 +17,7 @@ from lavis.common.errors import CheckpointError
 from lavis.common.logging import read_metrics
 from lavis.runners import checkpoint as ckpt
 from lavis.runners.progress import without_timing
+from lavis.runners.resume_check import resume_differences
 
 # Two periods of 8 steps (32 samples, batch 4); checkpoints every 3 steps and at period ends.
 COMMON = dict(valid_splits=["val"], test_splits=["test"], save_freq_steps=3, keep_last=2, max_epoch=2)
@@ -174,3 +175,14 @@ def test_close_is_idempotent_after_train_and_after_an_error(tmp_path, monkeypatc
     failing.close()
     failing.close()
     assert calls == [True, False]  # after an error: leave at once, peers may never reach a barrier
+
+
+def test_a_checkpoint_from_before_an_order_key_existed_resumes_under_its_old_meaning():
+    written_before = {"run": {"batch_size_train": 4, "seed": 42}}  # no group_by_length, no train_max_shots
+    now = {"run": {"batch_size_train": 4, "seed": 42, "group_by_length": False, "train_max_shots": 0}}
+    assert resume_differences(written_before, now, ()) == []
+    grouped = {"run": {**now["run"], "group_by_length": True, "train_max_shots": 2}}
+    assert resume_differences(written_before, grouped, ()) == [
+        "run.group_by_length: False -> True",
+        "run.train_max_shots: 0 -> 2",
+    ]

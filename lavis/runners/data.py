@@ -1,16 +1,18 @@
 """Data loaders of the runner: a resumable training stream and sharded evaluation loaders.
 
 The training order is a pure function of (seed, data epoch, rank, world size): a
-DistributedSampler (also with one process) shuffles with its own generator, and the
-DataLoader gets its own generator too, so creating a loader never draws from the
-global torch RNG. A resumed run rebuilds the epoch's order and skips the
+DistributedSampler (also with one process), or with ``run.group_by_length`` a
+LengthGroupedSampler, shuffles with its own generator, and the DataLoader gets its own
+generator too, so creating a loader never draws from the global torch RNG. A resumed run
+rebuilds the epoch's order and skips the
 micro-batches already consumed, replaying the rest of the epoch exactly.
 
 An IterableDataset (webdataset shards, ``lavis.datasets.shards.ShardDataset``)
 partitions itself by rank and orders itself by epoch: it gets no sampler, its
 ``set_epoch(data_epoch)`` is called before each epoch, and a resumed run drops the
 consumed micro-batches from the front of the epoch's stream (they are read again,
-since a stream cannot seek, but the rest of the epoch is the same).
+since a stream cannot seek, but the rest of the epoch is the same). With DataLoader workers a
+stream splits its rank's records among them in contiguous shares, each batched on its own.
 (With ``num_workers`` > 0, random augmentations drawn inside workers restart their
 worker seeds on resume; only with ``num_workers: 0``, where they draw from the
 restored main-process RNG, is the rest of the epoch bitwise identical.)
@@ -26,6 +28,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from lavis.common.errors import ConfigError
+from lavis.datasets.shards import rank_range
 
 
 class SkipSampler(Sampler):
@@ -89,6 +92,14 @@ class LengthGroupedSampler(Sampler):
 
     def __len__(self) -> int:
         return (len(self.sizes) - len(self.sizes) % self.step_batch) // self.world_size
+
+
+def stream_batches(records: int, batch_size: int, num_workers: int) -> int:
+    """Full batches an epoch of ``records`` streamed records gives: each DataLoader worker batches its own
+    contiguous share (``ShardDataset.worker_positions``) and drops its last partial batch."""
+    if num_workers == 0:
+        return records // batch_size
+    return sum((hi - lo) // batch_size for lo, hi in (rank_range(records, w, num_workers) for w in range(num_workers)))
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:
@@ -178,8 +189,10 @@ class TrainStream:
                 f"the same number of samples per epoch), got {dataset.uneven!r}"
             )
         # A stream's len() is what this rank yields per epoch (ShardDataset pads ranks to equal lengths).
-        per_rank = len(dataset) if self.streamed else len(self._sampler(0))
-        self.batches_per_epoch = per_rank // batch_size
+        if self.streamed:
+            self.batches_per_epoch = stream_batches(len(dataset), batch_size, num_workers)
+        else:
+            self.batches_per_epoch = len(self._sampler(0)) // batch_size
         self.steps_per_epoch = self.batches_per_epoch // accum
         if self.steps_per_epoch == 0:
             raise ConfigError(

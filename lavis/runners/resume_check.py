@@ -14,7 +14,10 @@ from omegaconf import OmegaConf
 from lavis.common.errors import CheckpointError
 
 # run.* keys that fix the data order and the lr schedule (beside the runner's PLAN_KEYS).
-ORDER_KEYS = ("batch_size_train", "accum_grad_iters", "group_by_length", "seed", "train_splits", "lr_sched")
+ORDER_KEYS = ("batch_size_train", "accum_grad_iters", "group_by_length", "train_max_shots", "seed", "train_splits")
+ORDER_KEYS += ("lr_sched",)
+# What a key added after a checkpoint was written meant then (its behaviour before the key existed).
+BEFORE_THE_KEY = {"group_by_length": False, "train_max_shots": 0}
 _ABSENT = "<absent>"
 
 
@@ -39,7 +42,8 @@ def resume_differences(old_cfg: dict, new_cfg, plan_keys: tuple[str, ...]) -> li
     old_run, new_run = old.get("run") or {}, new.get("run") or {}
     diffs = []
     for key in (*ORDER_KEYS, *plan_keys):
-        a, b = old_run.get(key, _ABSENT), new_run.get(key, _ABSENT)
+        absent = BEFORE_THE_KEY.get(key, _ABSENT)
+        a, b = old_run.get(key, absent), new_run.get(key, absent)
         if a != b:
             diffs.append(f"run.{key}: {a!r} -> {b!r}")
     # Every dataset section: a changed path, split or processor changes the samples behind the position.
