@@ -5,7 +5,8 @@ Same model weights, same queries, same demonstrations (``FewShotDataset``, rando
 ``length_penalty=-2``, eos ``<|endofchunk|>``), fp32, one thread, v1 (release) masking, batch 8.
 
 - **reference**: what OpenFlamingo v1's ``evaluate.py`` does, written from its behaviour: per batch of 8
-  queries it loads every query's demonstration images again, builds the prompts, stacks ``vision_x``
+  queries it loads every query's demonstration images again (the 0-shot text-only ones too, whose images
+  the prompt then drops), builds the prompts, stacks ``vision_x``
   (B, shots+1, 1, C, H, W), repeats it ``num_beams`` times *before* encoding, encodes vision tower +
   Perceiver once per generate call, and then every LM call of the beam search (the prompt pass and
   each decoding step) recomputes every cross-attention block's keys/values from the repeated media and
@@ -13,11 +14,11 @@ Same model weights, same queries, same demonstrations (``FewShotDataset``, rando
   rows without an image zeroed), under ``torch.inference_mode()``. The Perceiver attention is the
   explicit softmax formula as well. This is what a user would run instead of this project.
 - **project**: ``lavis.runners.eval_batches.predict_records``, the pass ``evaluate.py`` runs for every
-  shot count and trial: length-bucketed batches, each distinct image encoded once (media cache, cleared
-  before every timed run so that no run profits from an earlier one), media keys/values once per
-  generate call shared by the beams, no attention where no token attends an image, and a KV cache
-  reserved once per call (tokens written in place, beams reordered without allocation) instead of HF's
-  concatenating ``DynamicCache``.
+  shot count and trial: text-only demonstrations built without reading their images, length-bucketed
+  batches, each distinct image encoded once (media cache, cleared before every timed run so that no run
+  profits from an earlier one), media keys/values once per generate call shared by the beams, no
+  attention where no token attends an image, and a KV cache reserved once per call (tokens written in
+  place, beams reordered without allocation) instead of HF's concatenating ``DynamicCache``.
 
 Both sides must produce the same caption for every query (asserted), and the images must steer the
 output (asserted: blank images give other tokens). Runs alternate (reference, project, reference, ...);
@@ -240,18 +241,32 @@ def main() -> None:
             params = sum(p.numel() for p in model.parameters())
             for shots in map(int, args.shots.split(",")):
                 # OpenFlamingo's 0-shot prompt: two text-only demonstrations.
-                fewshot = FewShotDataset(
-                    splits["val"], splits["train"], num_shots=shots, seed=42, zero_shot_text_demos=True
+                # The same draw on both sides; the reference reads the text-only demonstrations' images.
+                fewshot, reference_fewshot = (
+                    torch.utils.data.Subset(
+                        FewShotDataset(
+                            splits["val"],
+                            splits["train"],
+                            num_shots=shots,
+                            seed=42,
+                            zero_shot_text_demos=True,
+                            text_demos_keep_images=side == "reference",
+                        ),
+                        range(len(queries)),
+                    )
+                    for side in ("project", "reference")
                 )
-                fewshot = torch.utils.data.Subset(fewshot, range(len(queries)))
                 if args.warmup:
                     project_pass(model, task, fewshot)  # warm-up (allocator, lazy inits)
                 times = {"reference": [], "project": []}
                 walls = {"reference": [], "project": []}
                 outputs = {}
                 for _ in range(args.repeats):
-                    for side, fn in (("reference", reference_loop), ("project", project_pass)):
-                        seconds, wall, outputs[side] = timed(fn, model, task, fewshot)
+                    for side, fn, data in (
+                        ("reference", reference_loop, reference_fewshot),
+                        ("project", project_pass, fewshot),
+                    ):
+                        seconds, wall, outputs[side] = timed(fn, model, task, data)
                         times[side].append(seconds)
                         walls[side].append(wall)
                 if outputs["reference"] != outputs["project"]:

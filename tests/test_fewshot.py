@@ -5,11 +5,18 @@ import os
 
 import pytest
 import torch
+from conftest import shapes_section
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from lavis.common.config import read_yaml
 from lavis.common.errors import ConfigError, DataError
+from lavis.common.registry import registry
+from lavis.datasets import samples
 from lavis.datasets.fewshot import RICES, FewShotDataset, rices_demo_indices
 from lavis.datasets.samples import SplitDataset
+from lavis.models import build_model
+from lavis.tasks.captioning import CaptioningTask
 
 torch.set_num_threads(1)
 
@@ -287,3 +294,37 @@ def test_demo_pool_size_restricts_random_demos_to_a_seeded_subset_per_trial():
 def test_bad_demo_pool_size_is_a_config_error(size):
     with pytest.raises(ConfigError, match="demo pool size"):
         FewShotDataset(caption_dataset(), caption_dataset(), num_shots=1, seed=0, pool_size=size)
+
+
+@pytest.mark.parametrize("builder", ["shapes_caption", "shapes_vqa"])
+def test_text_only_demos_read_no_image_and_give_the_same_prompts(shapes_root, monkeypatch, builder):
+    splits = registry.get("builder", builder)(shapes_section(shapes_root)).build_datasets()
+    decoded = []
+    decode = samples.decode_image
+    monkeypatch.setattr(samples, "decode_image", lambda source, where: decoded.append(source) or decode(source, where))
+
+    def items(keep_images):
+        data = FewShotDataset(
+            splits["val"],
+            splits["train"],
+            0,
+            seed=3,
+            zero_shot_text_demos=True,
+            text_demos_keep_images=keep_images,
+        )
+        decoded.clear()
+        out = [data[i] for i in range(4)]
+        return out, len(decoded)
+
+    lean, lean_reads = items(False)
+    full, full_reads = items(True)
+    assert lean_reads == 4 and full_reads == 4 * 3  # the queries' images only vs queries' and 2 demos' each
+    for a, b in zip(lean, full):
+        assert [d["image"] for d in a["demos"]] == [None, None]
+        assert [{**d, "image": None} for d in b["demos"]] == a["demos"]
+    if builder == "shapes_caption":
+        model = build_model(read_yaml("lavis/configs/models/openflamingo/tiny.yaml").model)
+        collate = CaptioningTask(OmegaConf.create({"run": {}})).collator(model, "eval")
+        x, y = collate(lean), collate(full)
+        for key in ("lang_x", "attention_mask", "vision_x"):
+            assert torch.equal(x[key], y[key]), key

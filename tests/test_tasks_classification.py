@@ -91,8 +91,18 @@ def test_zero_shot_compat_switch_gives_the_query_the_first_demos_image(model, su
         task, data = task_and_data(
             suite_root, "hateful_memes", "dev", compat_openflamingo_v2_zero_shot_classification=compat
         )
-        fewshot = FewShotDataset(data["dev"], data["train"], num_shots=0, seed=0, zero_shot_text_demos=True)
+        assert task.text_demos_keep_images is compat
+        fewshot = FewShotDataset(
+            data["dev"],
+            data["train"],
+            num_shots=0,
+            seed=0,
+            zero_shot_text_demos=True,
+            text_demos_keep_images=task.text_demos_keep_images,
+        )
         item = fewshot[0]
+        # Without the compat mode the text-only demonstrations' images are not even read.
+        assert all((demo["image"] is None) is not compat for demo in item["demos"])
         batch = task.collator(model, "eval")([item])
         assert batch["lang_x"][0].tolist().count(model.media_token_id) == 1  # demos' <image> tags stripped
         assert batch["vision_x"].shape[1] == 1

@@ -119,7 +119,13 @@ class ClassificationCollator(FlamingoCollator):
         if text_only and self.compat_zero_shot and item.get(DEMOS_KEY):
             # OpenFlamingo v2's 0-shot classification: the demo images are passed but their <image> tags
             # stripped, so the query's only <image> token attends the first demonstration's image.
-            return [item[DEMOS_KEY][0]["image"]]
+            image = item[DEMOS_KEY][0]["image"]
+            if image is None:
+                raise DataError(
+                    f"{sample}: the v2 0-shot compatibility mode needs the text-only demonstrations' images; "
+                    "build the FewShotDataset with text_demos_keep_images=task.text_demos_keep_images"
+                )
+            return [image]
         return super().row_images(item, text_only, sample)
 
     def eval_fields(self, items):

@@ -114,6 +114,8 @@ class FewShotDataset(DatasetView):
         pool_size: random demonstrations come only from this many pool items, a subset drawn once from
             ``(seed, trial)`` (OpenFlamingo v2's 2048-sample query set); None = the whole pool. RICES
             ignores it (v2's RICES searches the whole training split).
+        text_demos_keep_images: text-only demonstrations are loaded with their images (a task's
+            compatibility mode, ``BaseTask.text_demos_keep_images``); by default their images are not read.
 
     The dataset contract (``sample_id_key``, ``sample_ids()``, ``annotation_file``...) is the query
     dataset's (:class:`DatasetView`).
@@ -130,6 +132,7 @@ class FewShotDataset(DatasetView):
         zero_shot_text_demos: bool = False,
         rices: RICES | None = None,
         pool_size: int | None = None,
+        text_demos_keep_images: bool = False,
     ):
         for name, value in (("num_shots", num_shots), ("seed", seed), ("trial", trial)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -147,6 +150,8 @@ class FewShotDataset(DatasetView):
         self.method = method
         self.text_only = num_shots == 0 and zero_shot_text_demos
         self.num_demos = ZERO_SHOT_TEXT_DEMOS if self.text_only else num_shots
+        # Text-only demonstrations show no image: build them from their records, without decoding one.
+        self._demo_item = pool_ds.text_item if self.text_only and not text_demos_keep_images else pool_ds.__getitem__
         self._rices_choice: list[list[int]] | None = None
         # Pool indices random demonstrations may come from (None = all); a separate stream from the draws.
         self.pool_subset: list[int] | None = None
@@ -187,7 +192,7 @@ class FewShotDataset(DatasetView):
         def load(j: int) -> dict:
             # A random draw reads candidates' ids from the items; keep them, the chosen ones are the demos.
             if j not in loaded:
-                loaded[j] = self.pool_ds[j]
+                loaded[j] = self._demo_item(j)
             return loaded[j]
 
         query_ids = item_ids(query)
@@ -207,7 +212,7 @@ class FewShotDataset(DatasetView):
         query = dict(self.query_ds[index])
         loaded: dict[int, dict] = {}
         indices = self._draw(index, query, loaded)
-        query[DEMOS_KEY] = [loaded[j] if j in loaded else self.pool_ds[j] for j in indices]
+        query[DEMOS_KEY] = [loaded[j] if j in loaded else self._demo_item(j) for j in indices]
         query["demo_indices"] = indices
         if self.text_only:
             query[TEXT_ONLY_DEMOS_KEY] = True

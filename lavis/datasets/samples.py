@@ -143,6 +143,11 @@ class SplitDataset(torch.utils.data.Dataset):
         """Called before each epoch; a stream orders itself by it, a map-style dataset (ordered by the
         runner's sampler) ignores it."""
 
+    def text_item(self, index: int) -> dict:
+        """The item of ``index`` without reading its image (``"image"`` is None): the ids and text that a
+        text-only demonstration shows. Here the whole item; a dataset of records builds it from the record."""
+        return self[index]
+
     def image_counts(self) -> list[int]:
         """How many images each item shows, in index order: what ``run.group_by_length`` groups training
         batches by (the text of an item grows with its images). One each unless a subclass says otherwise."""
@@ -229,6 +234,9 @@ class ImageDataset(SampleSource):
         except (OSError, ValueError) as err:
             raise BadSample(f"{where}: image processor failed: {err}") from err
         return self.sample_format.make_item(record, pixels, self.text_processor)
+
+    def text_item(self, index: int) -> dict:
+        return self.sample_format.make_item(self.records[index], None, self.text_processor)
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self.records) <= index < len(self.records):

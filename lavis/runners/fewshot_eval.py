@@ -265,6 +265,7 @@ def _evaluate_all(ctx: _Context, datasets, splits) -> tuple[dict, dict, dict]:
                         zero_shot_text_demos=run.zero_shot_text_demos,
                         rices=rices,
                         pool_size=run.demo_pool_size,
+                        text_demos_keep_images=ctx.task.text_demos_keep_images,
                     )
                     tag = fewshot_tag(split, shots, trial)
                     files.append(ctx.paths.run_dir / samples_filename(name, tag))

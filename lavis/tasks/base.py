@@ -136,6 +136,12 @@ class BaseTask:
         self.cfg = cfg
         self.run_cfg = run if run is not None else run_section(cfg.run, type(self).Config)
 
+    @property
+    def text_demos_keep_images(self) -> bool:
+        """Whether OpenFlamingo's text-only 0-shot demonstrations still pass their images to the model.
+        They do not (so their images are not even read) except in a task's compatibility mode."""
+        return False
+
     def collator(self, model, role: str):
         """``items -> batch`` for ``role`` train or eval (model inputs, labels for train, the sample ids)."""
         raise NotImplementedError

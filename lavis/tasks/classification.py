@@ -75,6 +75,11 @@ class ClassificationTask(BaseTask):
             self.class_sets[name] = ClassSet(builder.class_names(), builder.classification_kind)
         return super().build_datasets(datasets_cfg)
 
+    @property
+    def text_demos_keep_images(self) -> bool:
+        # v2's 0-shot bug: the query's <image> attends the first text-only demonstration's image.
+        return bool(self.run_cfg.compat_openflamingo_v2_zero_shot_classification)
+
     def collator(self, model, role: str):
         from lavis.datasets.classification import (
             HATEFUL_MEMES_TEMPLATE,
