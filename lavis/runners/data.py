@@ -77,7 +77,7 @@ class LengthGroupedSampler(Sampler):
         """The epoch's global batches, one per optimizer step, in training order."""
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        usable = len(self.sizes) - len(self.sizes) % self.step_batch
+        usable = self.usable()
         order = torch.randperm(len(self.sizes), generator=generator)[:usable].tolist()
         window = self.step_batch * self.WINDOW
         steps = []
@@ -90,16 +90,19 @@ class LengthGroupedSampler(Sampler):
         for step in self.step_batches():
             yield from step[self.rank :: self.world_size]
 
+    def usable(self) -> int:
+        """The samples of an epoch that fill whole steps."""
+        return len(self.sizes) - len(self.sizes) % self.step_batch
+
     def __len__(self) -> int:
-        return (len(self.sizes) - len(self.sizes) % self.step_batch) // self.world_size
+        return self.usable() // self.world_size
 
 
 def stream_batches(records: int, batch_size: int, num_workers: int) -> int:
     """Full batches an epoch of ``records`` streamed records gives: each DataLoader worker batches its own
     contiguous share (``ShardDataset.worker_positions``) and drops its last partial batch."""
-    if num_workers == 0:
-        return records // batch_size
-    return sum((hi - lo) // batch_size for lo, hi in (rank_range(records, w, num_workers) for w in range(num_workers)))
+    shares = max(1, num_workers)  # no worker: the main process batches all of them
+    return sum((hi - lo) // batch_size for lo, hi in (rank_range(records, w, shares) for w in range(shares)))
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:
