@@ -151,13 +151,15 @@ def reference_computation(model, beams: int):
         )
     for obj, name, fn in patched:
         setattr(obj, name, fn)
-    # HF's own growing cache (concatenation per token, index_select per beam reorder).
-    reserved = flamingo_network.reserved_cache
+    # HF's own beam search (generate) and its growing cache (concatenation per token, index_select per
+    # beam reorder).
+    reserved, settings = flamingo_network.reserved_cache, flamingo_network.beam_settings
     flamingo_network.reserved_cache = lambda config, capacity: DynamicCache(config=config)
+    flamingo_network.beam_settings = lambda config, lm_config: None
     try:
         yield
     finally:
-        flamingo_network.reserved_cache = reserved
+        flamingo_network.reserved_cache, flamingo_network.beam_settings = reserved, settings
         for obj, name, _ in patched:
             delattr(obj, name)
 

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from lavis.common.errors import DataError
 from lavis.common.special_tokens import IGNORE_INDEX
 from lavis.models.base import TrainableModel
+from lavis.models.flamingo.beam_search import BeamSettings, beam_search
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
 from lavis.models.flamingo.kv_cache import reserved_cache
 from lavis.models.flamingo.language_models import family_of_model
@@ -33,6 +34,11 @@ from lavis.models.flamingo.vision import patch_tokens
 def decoder_layers(lang_encoder: nn.Module) -> nn.ModuleList:
     """The decoder layer list of a causal LM of a supported family (see language_models)."""
     return family_of_model(lang_encoder).decoder_layers(lang_encoder)
+
+
+def beam_settings(config: GenerationConfig, lm_config: GenerationConfig | None) -> BeamSettings | None:
+    """The settings of our own beam search for ``config``, or None where HF's ``generate`` runs instead."""
+    return BeamSettings.of(config, lm_config)
 
 
 def pad_after_eos(tokens: torch.Tensor, eos_token_id, pad_token_id: int | None) -> torch.Tensor:
@@ -312,6 +318,11 @@ class Flamingo(TrainableModel):
             settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_k", "top_p")}
         config = GenerationConfig(**settings)
         media = self.encode_vision(vision_x)
+        search = beam_settings(config, self.lang_encoder.generation_config)
+        if search is not None:
+            with self.conditioned_on(media):
+                new = self._beam_search(lang_x, attention_mask, search)
+            return pad_after_eos(new, config.eos_token_id, config.pad_token_id)
         with self.conditioned_on(media):
             extra = {}
             if config.use_cache is not False:
@@ -324,6 +335,45 @@ class Flamingo(TrainableModel):
                 input_ids=lang_x, attention_mask=attention_mask, generation_config=config, **extra
             )
         return pad_after_eos(out[:, lang_x.shape[1] :], config.eos_token_id, config.pad_token_id)
+
+    def _beam_search(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, search: BeamSettings):
+        """:func:`beam_search` over the LM with a reserved KV cache: the new tokens (B * returned, n).
+
+        Every LM call gets what HF's generation loop would pass (the last token, the mask of all tokens
+        so far, its position from that mask where the family takes positions, the cache), so the
+        logits of each step are HF's own.
+        """
+        lm, beams = self.lang_encoder, search.num_beams
+        rows, length = lang_x.shape[0] * beams, lang_x.shape[1]
+        cache = reserved_cache(lm.config, length + search.max_new_tokens)
+        if length > 1:
+            self._prefill_once(lang_x, attention_mask, beams, cache)
+        mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
+        full_mask = torch.ones(rows, length + search.max_new_tokens, dtype=mask.dtype, device=mask.device)
+        full_mask[:, :length] = mask.repeat_interleave(beams, dim=0)
+        # HF's positions: mask cumsum - 1 (1 at pads) at the last token, then one more per new token.
+        first = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -1:].repeat_interleave(beams, dim=0)
+        after = mask.long().sum(-1, keepdim=True).repeat_interleave(beams, dim=0) - 1
+        takes_positions = family_of_model(lm).takes_position_ids
+        state = {"tokens": lang_x[:, -1:].repeat_interleave(beams, dim=0), "length": length}
+
+        def step(tokens: torch.Tensor | None, beam_rows: torch.Tensor | None) -> torch.Tensor:
+            if tokens is not None:
+                cache.reorder_cache(beam_rows)
+                state["tokens"], state["length"] = tokens[:, None], state["length"] + 1
+            offset = state["length"] - length
+            extra = {"position_ids": after + offset if offset else first} if takes_positions else {}
+            out = lm(
+                input_ids=state["tokens"],
+                attention_mask=full_mask[:, : state["length"]],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
+            return out.logits[:, -1]
+
+        return beam_search(step, lang_x.shape[0], search)
 
     def _prefill_once(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, expand: int, cache) -> None:
         """Fill ``cache`` with every prompt token but the last, computed once per sample, repeated per beam.

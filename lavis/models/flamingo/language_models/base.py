@@ -30,6 +30,9 @@ class LanguageModelFamily:
     # A transformers attention implementation the family's LMs run with (None = transformers' default):
     # GPT-NeoX's computes in the order of the transformers release the v2 checkpoints were made with.
     attention_implementation: str | None = None
+    # Whether the LM's forward takes position ids: HF generation then passes them, computed from the
+    # attention mask (rotary LMs: LLaMA, GPT-NeoX); ALiBi LMs (MPT) take none.
+    takes_position_ids: bool = True
     description: str = ""  # for error messages: which releases use the family
 
     def decoder_layers(self, lm: nn.Module) -> nn.ModuleList:

@@ -167,6 +167,7 @@ class MosaicGPTFamily(LanguageModelFamily):
 
 MOSAIC_GPT = MosaicGPTFamily(
     name="mosaic_gpt",
+    takes_position_ids=False,
     layers_path="transformer.blocks",
     lora_target_modules=("Wqkv", "out_proj", "up_proj", "down_proj"),
     description="MosaicGPT (MPT-1B-RedPajama, OpenFlamingo-3B; our port)",

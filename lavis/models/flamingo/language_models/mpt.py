@@ -53,6 +53,7 @@ class MptFamily(LanguageModelFamily):
 
 MPT = MptFamily(
     name="mpt",
+    takes_position_ids=False,
     layers_path="transformer.blocks",
     lora_target_modules=("Wqkv", "out_proj", "up_proj", "down_proj"),
     description="MPT (MPT-7B, OpenFlamingo-9B v2; MptForCausalLM)",
