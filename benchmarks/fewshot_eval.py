@@ -135,7 +135,8 @@ def reference_computation(model, beams: int):
     """Within the block the model computes as OpenFlamingo does (see the module docstring)."""
     encode = model.encode_vision
     patched = [
-        (model, "encode_vision", lambda vision_x: encode(vision_x.repeat_interleave(beams, dim=0))),
+        # Every image slot, padding included (the release has no per-row image count).
+        (model, "encode_vision", lambda vision_x, counts=None: encode(vision_x.repeat_interleave(beams, dim=0))),
         # HF's own prompt pass, on every beam row, instead of the once-per-sample prefix.
         (model, "_prefill_once", lambda *args: None),
     ]

@@ -7,7 +7,8 @@ AdamW lr 1e-4, gradient clipping at 1.0, fp32, one thread.
 
 - **reference**: OpenFlamingo v1's ``train_one_epoch`` step, written from its behaviour, on batches
   already collated in memory (so it pays no data loading at all): forward with the release's attention
-  formulas (keys/values and the dense masked softmax over every image, the explicit-softmax Perceiver),
+  formulas (keys/values and the dense masked softmax over every image, the explicit-softmax Perceiver;
+  the vision tower and Perceiver on every image slot of ``vision_x``, a shorter row's padding included),
   backward, the gradient of every embedding row but <image> and <|endofchunk|> zeroed, clip_grad_norm_,
   AdamW step, zero_grad.
 - **project**: ``RunnerBase.train()`` as train.py runs it, with the captioning task, the real dataset
@@ -15,7 +16,8 @@ AdamW lr 1e-4, gradient clipping at 1.0, fp32, one thread.
   logging every 10 steps and the run directory. The time of a step is taken between two consecutive
   ``train_step`` calls, so everything between steps (data, collation, optimizer, logging) is counted.
   Its forward asks for the loss alone (``loss_only``): the output head and the cross-entropy run only at
-  the positions that predict a label, the LM only up to the last of them (same loss and gradients).
+  the positions that predict a label, the LM only up to the last of them; and the image slots past a
+  row's <image> count (padding) skip the vision tower and the Perceiver (same loss and gradients).
 
 Two workloads: single-image samples (the default) and, with ``--max-shots K``, what train.py trains with
 ``run.train_max_shots: K`` (the demo recipe: K = 4): each sample preceded by 0..K random demonstrations of

@@ -289,3 +289,30 @@ def test_train_step_asks_for_the_loss_only():
     assert calls == [(ids.shape[0], last + 1)] and last + 1 < ids.shape[1]
     full = model(vision_x, ids, mask, labels=labels).loss
     torch.testing.assert_close(summed / count, full, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
+def test_padding_images_are_not_encoded_and_change_no_loss_or_gradient(semantics):
+    """Slots past a row's <image> count (rows with fewer images than the batch's widest) skip the vision
+    tower and the Perceiver; loss and every gradient equal those of encoding every slot (noise images)."""
+    from lavis.models.flamingo import flamingo as network
+
+    model = build_model(tiny_cfg(xattn_semantics=semantics)).train()
+    open_gates(model, 0.7)
+    batch = training_batch(model)  # 2 image slots; only row 1 has 2 <image> tokens
+    counts = (batch[1] == model.media_token_id).sum(-1)
+    assert counts.tolist() == [1, 2, 1, 1]
+    encoded = []
+    hook = model.perceiver.register_forward_hook(lambda m, args, out: encoded.append(args[0].shape[:2]))
+    skipped, skipped_grads = loss_and_grads(model, batch, loss_only=True)
+    assert encoded == [(5, 1)]  # the 5 real images, not the 8 slots
+    encoded.clear()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(network.Flamingo, "encode_vision", lambda self, vision_x, counts=None: self._encode_images(vision_x))
+        every, every_grads = loss_and_grads(model, batch, loss_only=True)
+    hook.remove()
+    assert encoded == [(4, 2)]
+    torch.testing.assert_close(skipped.loss, every.loss, rtol=1e-6, atol=1e-6)
+    assert skipped_grads.keys() == every_grads.keys() and any("perceiver" in n for n in every_grads)
+    for name, grad in every_grads.items():
+        torch.testing.assert_close(skipped_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

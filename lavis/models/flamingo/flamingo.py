@@ -122,16 +122,27 @@ class Flamingo(TrainableModel):
         self.vision_encoder.eval()
         return self
 
-    def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
+    def encode_vision(self, vision_x: torch.Tensor, media_counts: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T_img, F, C, H, W) -> Perceiver latents (B, T_img, n_latents, D_vis); the tower gets no grad.
 
         With a :class:`~lavis.models.flamingo.media_cache.MediaCache` enabled and no gradient recorded,
-        each distinct image is encoded once and its latents reused (see that module).
+        each distinct image is encoded once and its latents reused (see that module). ``media_counts``
+        (B,), the <image> tokens of each row: a row's slots past its count are padding (a batch of
+        samples with 1..T images) that no token can attend, so they are not encoded and their latents
+        are zeros: the same outputs and gradients (a masked latent gets exactly zero weight) for less
+        work. With no image in the batch at all everything is encoded, so every Perceiver parameter
+        still takes part in the step (as DDP and FSDP expect).
         """
         if vision_x.ndim != 6:
             raise DataError(f"vision_x must be (batch, images, frames, C, H, W), got shape {tuple(vision_x.shape)}")
         if self.media_cache is not None and not torch.is_grad_enabled():
             return self.media_cache.encode(vision_x, self._encode_images)
+        if media_counts is not None:
+            b, t = vision_x.shape[:2]
+            real = torch.arange(t, device=media_counts.device) < media_counts[:, None].clamp(max=t)
+            if bool(real.any()) and not bool(real.all()):
+                latents = self._encode_images(vision_x[real][:, None])[:, 0]  # (N_real, n, D)
+                return latents.new_zeros(b, t, *latents.shape[1:]).index_put((real,), latents)
         return self._encode_images(vision_x)
 
     def _encode_images(self, vision_x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +155,8 @@ class Flamingo(TrainableModel):
             return torch.utils.checkpoint.checkpoint(self.perceiver, tokens, use_reentrant=False)
         return self.perceiver(tokens)
 
-    def _check_media_tokens(self, vision_x: torch.Tensor, lang_x: torch.Tensor) -> None:
+    def _check_media_tokens(self, vision_x: torch.Tensor, lang_x: torch.Tensor) -> torch.Tensor:
+        """The <image> tokens of each row (B,), after checking that ``vision_x`` holds that many images."""
         counts = (lang_x == self.media_token_id).sum(dim=-1)
         if vision_x.shape[0] != lang_x.shape[0]:
             raise DataError(f"vision_x has {vision_x.shape[0]} rows but lang_x has {lang_x.shape[0]}")
@@ -155,6 +167,7 @@ class Flamingo(TrainableModel):
                 f"row {row} of lang_x has {int(counts[row])} <image> tokens but vision_x holds only "
                 f"{vision_x.shape[1]} images per row"
             )
+        return counts
 
     @contextlib.contextmanager
     def conditioned_on(self, media: torch.Tensor):
@@ -239,8 +252,7 @@ class Flamingo(TrainableModel):
         them; ``.logits`` is then (N_targets, V), the logits of those positions in row-major order. The
         only LM argument it takes is ``num_items_in_batch`` (see :meth:`_loss_at_targets`).
         """
-        self._check_media_tokens(vision_x, lang_x)
-        media = self.encode_vision(vision_x)
+        media = self.encode_vision(vision_x, self._check_media_tokens(vision_x, lang_x))
         with self.conditioned_on(media):
             if loss_only and labels is not None:
                 return self._loss_at_targets(lang_x, attention_mask, labels, **lm_kwargs)
@@ -299,7 +311,7 @@ class Flamingo(TrainableModel):
         Any ``GenerationConfig`` field may be given (num_beams, max_new_tokens, min_new_tokens,
         do_sample, temperature, top_k, top_p, length_penalty, num_return_sequences, use_cache, ...).
         """
-        self._check_media_tokens(vision_x, lang_x)
+        counts = self._check_media_tokens(vision_x, lang_x)
         # use_cache explicit: an LM config with use_cache false (MPT-7B's) must not turn the cache off here.
         settings = {
             "max_new_tokens": 20,
@@ -317,7 +329,7 @@ class Flamingo(TrainableModel):
             # Sampling knobs the LM's own generation config may carry would only raise warnings.
             settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_k", "top_p")}
         config = GenerationConfig(**settings)
-        media = self.encode_vision(vision_x)
+        media = self.encode_vision(vision_x, counts)
         search = beam_settings(config, self.lang_encoder.generation_config)
         if search is not None:
             with self.conditioned_on(media):

@@ -66,7 +66,7 @@ def score_continuations(
     share one forward over the cached context.
     """
     _check(model, lang_x, attention_mask, continuations)
-    model._check_media_tokens(vision_x, lang_x)
+    counts = model._check_media_tokens(vision_x, lang_x)
     b = lang_x.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(lang_x)
@@ -82,7 +82,7 @@ def score_continuations(
         cont_ids = torch.cat([cont_ids, cont_ids[-1:].expand(fill, -1)])
         lengths = torch.cat([lengths, lengths[-1:].expand(fill)])
 
-    media = model.encode_vision(vision_x)
+    media = model.encode_vision(vision_x, counts)
     scores = []
     with model.conditioned_on(media):
         out = model.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, use_cache=True)
