@@ -270,7 +270,7 @@ def test_loss_only_path_without_targets():
 
 def test_train_step_asks_for_the_loss_only():
     """BaseTask.train_step runs the labelled-positions path: the output head sees only the target rows, the
-    decoder only the columns up to the last position that predicts a label."""
+    decoder only the columns up to the last position that predicts a label (packed rows)."""
     from lavis.tasks.base import BaseTask
 
     model = build_model(tiny_cfg()).train()
@@ -286,7 +286,8 @@ def test_train_step_asks_for_the_loss_only():
     count = task.loss_count(batch)
     assert rows == [(count, model.lang_encoder.config.hidden_size)]
     last = int((labels[:, 1:] != -100).nonzero()[:, 1].max())
-    assert calls == [(ids.shape[0], last + 1)] and last + 1 < ids.shape[1]
+    # The rows up to their last target, packed: as wide as the widest, fewer than the batch's rows.
+    assert len(calls) == 1 and calls[0][1] == last + 1 < ids.shape[1] and calls[0][0] < ids.shape[0]
     full = model(vision_x, ids, mask, labels=labels).loss
     torch.testing.assert_close(summed / count, full, rtol=1e-6, atol=1e-6)
 
@@ -316,3 +317,54 @@ def test_padding_images_are_not_encoded_and_change_no_loss_or_gradient(semantics
     assert skipped_grads.keys() == every_grads.keys() and any("perceiver" in n for n in every_grads)
     for name, grad in every_grads.items():
         torch.testing.assert_close(skipped_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- packed training rows
+def test_packing_places_every_kept_token_once_with_positions_restarting_per_sample():
+    from lavis.models.flamingo.packing import Packing
+
+    ids = torch.arange(1, 1 + 5 * 9).reshape(5, 9)
+    widths = [9, 3, 0, 5, 4]  # row 2 has no target: dropped
+    packing = Packing(ids, widths, pad_token_id=0)
+    assert packing.input_ids.shape == (3, 9)  # first-fit decreasing: [9], [5, 4], [3] (not 4 padded rows)
+    kept = sorted(packing.input_ids[packing.input_ids > 0].tolist())
+    assert kept == sorted(int(ids[r, c]) for r, w in enumerate(widths) for c in range(w))
+    assert packing.positions.tolist()[1] == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    assert packing.positions.tolist()[2] == [0, 1, 2, 0, 1, 2, 3, 4, 5]  # the free tail: its own sequence
+    hidden = torch.randn(3, 9, 4)
+    padded = packing.unpack(hidden)
+    assert torch.equal(
+        packing.repack(torch.zeros_like(hidden), padded)[packing.input_ids > 0], hidden[packing.input_ids > 0]
+    )
+    rows, cols = torch.tensor([3, 4]), torch.tensor([4, 0])
+    assert packing.input_ids[packing.locate(rows, cols)].tolist() == [int(ids[3, 4]), int(ids[4, 0])]
+
+
+@pytest.mark.parametrize(
+    ("config", "semantics", "packs"),
+    [("tiny", "v1", True), ("tiny", "v2", True), ("tiny_gpt_neox", "v2", True), ("tiny_mpt", "v2", False)],
+)
+def test_packed_rows_give_the_padded_loss_and_gradients(config, semantics, packs):
+    """LMs with position ids train on packed rows (fewer tokens); the loss and every gradient are those of the
+    padded rows. MPT (ALiBi, no position ids) keeps its padded rows."""
+    from lavis.models.flamingo import packing as packing_module
+
+    cfg = OmegaConf.to_container(read_yaml(f"lavis/configs/models/openflamingo/{config}.yaml").model)
+    model = build_model({**cfg, "xattn_semantics": semantics}).train()
+    open_gates(model, 0.7)
+    batch = training_batch(model)  # rows of 4 lengths, one without a target
+    seen = []
+    hook = model.lang_encoder.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    packed, packed_grads = loss_and_grads(model, batch, loss_only=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(packing_module.Packing, "for_targets", classmethod(lambda cls, *args: None))
+        padded, padded_grads = loss_and_grads(model, batch, loss_only=True)
+    hook.remove()
+    assert (seen[0][0] * seen[0][1] < seen[1][0] * seen[1][1]) == packs, seen
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(packed.logits, padded.logits, rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lavis.models.flamingo.packing import Packing
 from lavis.models.flamingo.perceiver import feed_forward, merge_heads, scaled_attention, split_heads
 
 XATTN_SEMANTICS = ("v1", "v2")
@@ -135,9 +136,19 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor | MediaKV, index: torch.Tensor) -> torch.Tensor:
-        """Apply the block; the feed-forward is not masked (every token gets it, as in the release)."""
-        attended = self.attn(x, media, index)
+    def forward(
+        self, x: torch.Tensor, media: torch.Tensor | MediaKV, index: torch.Tensor, packing: Packing | None = None
+    ) -> torch.Tensor:
+        """Apply the block; the feed-forward is not masked (every token gets it, as in the release).
+
+        With ``packing``, ``x`` holds packed rows (lavis.models.flamingo.packing) and ``index`` is of the
+        padded rows: only the attention runs on the padded layout, next to each sample's images.
+        """
+        if packing is None:
+            attended = self.attn(x, media, index)
+        else:
+            attended = self.attn(packing.unpack(x), media, index)
+            attended = None if attended is None else packing.repack(attended.new_zeros(x.shape), attended)
         if attended is not None:  # adding the zero output of a call with no image would change nothing
             x = attended * self.attn_gate.tanh() + x
         x = self.ff(x) * self.ff_gate.tanh() + x

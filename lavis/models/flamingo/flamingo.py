@@ -27,6 +27,7 @@ from lavis.models.flamingo.beam_search import BeamSettings, beam_search
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
 from lavis.models.flamingo.kv_cache import reserved_cache
 from lavis.models.flamingo.language_models import family_of_model
+from lavis.models.flamingo.packing import Packing
 from lavis.models.flamingo.perceiver import PerceiverResampler
 from lavis.models.flamingo.vision import patch_tokens
 
@@ -62,6 +63,8 @@ class _Conditioning:
     # Per cross-attention block, the media keys/values: computed at the first LM call, reused by every
     # later one (decoding steps) and shared by the beams of a sample (never repeated per beam).
     kv: dict = field(default_factory=dict)
+    # A packed training call: ``index`` is set for the padded rows; the blocks unpack for their attention.
+    packing: Packing | None = None
 
 
 class Flamingo(TrainableModel):
@@ -181,7 +184,7 @@ class Flamingo(TrainableModel):
     def _on_lm_call(self, module, args, kwargs):
         """Pre-hook of the decoder stack: compute the media index of this call's tokens."""
         cond = self._cond
-        if cond.media is None:
+        if cond.media is None or cond.packing is not None:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -222,10 +225,11 @@ class Flamingo(TrainableModel):
             kv = cond.kv.get(name)
             if kv is None:
                 kv = cond.kv[name] = block.attn.media_kv(cond.media.to(dtype))
+            x = hidden.to(dtype)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(block, hidden.to(dtype), kv, cond.index, use_reentrant=False)
+                out = torch.utils.checkpoint.checkpoint(block, x, kv, cond.index, cond.packing, use_reentrant=False)
             else:
-                out = block(hidden.to(dtype), kv, cond.index)
+                out = block(x, kv, cond.index, cond.packing)
             out = out.to(hidden.dtype)
             if args:
                 return (out, *args[1:]), kwargs
@@ -270,21 +274,40 @@ class Flamingo(TrainableModel):
         Position ``t`` predicts ``labels[:, t + 1]``; only the positions whose next label is not -100 enter
         the loss, so the output head (V x D) and the cross-entropy run on those rows alone. A causal LM's
         position ``t`` influences only positions >= t, so the columns after the last predicting position
-        change neither the loss nor any gradient: the decoder runs on the columns before them. Reduction as
+        change neither the loss nor any gradient: the decoder runs on the columns before them, and for an
+        LM that takes position ids on those columns packed into as few rows as fit (:class:`Packing`: the
+        same hidden states without the padding). Reduction as
         HF's ``ForCausalLMLoss``: the sum over the targets divided by ``num_items_in_batch`` when given,
         else their mean (NaN without targets, as HF's); logits are upcast to float32 first, as there.
         """
         lm = self.lang_encoder
+        family = family_of_model(lm)
         predicts = labels[:, 1:] != IGNORE_INDEX
         rows, cols = predicts.nonzero(as_tuple=True)
-        # Without targets the whole row runs, so that every parameter is used as in the full forward.
-        width = int(cols.max()) + 1 if len(cols) else lang_x.shape[1]
-        hidden = family_of_model(lm).decoder(lm)(
-            input_ids=lang_x[:, :width],
-            attention_mask=None if attention_mask is None else attention_mask[:, :width],
-            use_cache=False,
-        )[0]
-        logits = lm.get_output_embeddings()(hidden[rows, cols])
+        # Rotary LMs take position ids, so their rows can be packed (lavis.models.flamingo.packing).
+        packing = (
+            Packing.for_targets(lang_x, attention_mask, predicts, self.pad_token_id)
+            if family.takes_position_ids
+            else None
+        )
+        if packing is not None:
+            cond = self._cond
+            cond.index = media_index(lang_x[:, : packing.width], self.media_token_id, self.xattn_semantics)
+            cond.packing = packing
+            hidden = family.decoder(lm)(
+                input_ids=packing.input_ids, position_ids=packing.positions, attention_mask=None, use_cache=False
+            )[0]
+            cond.packing = None
+            hidden = hidden[packing.locate(rows, cols)]
+        else:
+            # Without targets the whole row runs, so that every parameter is used as in the full forward.
+            width = int(cols.max()) + 1 if len(cols) else lang_x.shape[1]
+            hidden = family.decoder(lm)(
+                input_ids=lang_x[:, :width],
+                attention_mask=None if attention_mask is None else attention_mask[:, :width],
+                use_cache=False,
+            )[0][rows, cols]
+        logits = lm.get_output_embeddings()(hidden)
         targets = labels[:, 1:][rows, cols]
         if num_items_in_batch is None:
             loss = F.cross_entropy(logits.float(), targets)
