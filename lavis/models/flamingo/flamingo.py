@@ -142,7 +142,7 @@ class Flamingo(TrainableModel):
             return self.media_cache.encode(vision_x, self._encode_images)
         if media_counts is not None:
             b, t = vision_x.shape[:2]
-            real = torch.arange(t, device=media_counts.device) < media_counts[:, None].clamp(max=t)
+            real = torch.arange(t, device=media_counts.device) < media_counts[:, None]
             if bool(real.any()) and not bool(real.all()):
                 latents = self._encode_images(vision_x[real][:, None])[:, 0]  # (N_real, n, D)
                 return latents.new_zeros(b, t, *latents.shape[1:]).index_put((real,), latents)
@@ -296,9 +296,7 @@ class Flamingo(TrainableModel):
             cond.packing = packing
             hidden = family.decoder(lm)(
                 input_ids=packing.input_ids, position_ids=packing.positions, attention_mask=None, use_cache=False
-            )[0]
-            cond.packing = None
-            hidden = hidden[packing.locate(rows, cols)]
+            )[0][packing.locate(rows, cols)]
         else:
             # Without targets the whole row runs, so that every parameter is used as in the full forward.
             width = int(cols.max()) + 1 if len(cols) else lang_x.shape[1]

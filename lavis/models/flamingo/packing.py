@@ -26,7 +26,7 @@ class Packing:
     """
 
     def __init__(self, input_ids: torch.Tensor, widths: list[int], pad_token_id: int):
-        batch, length = input_ids.shape
+        batch = input_ids.shape[0]
         capacity = max(widths)
         bins: list[list[int]] = []  # rows placed in each bin, in order
         room: list[int] = []
@@ -75,10 +75,6 @@ class Packing:
             if bool((kept & (attention_mask == 0)).any()):
                 return None
         return cls(input_ids, widths, 0 if pad_token_id is None else int(pad_token_id))
-
-    @property
-    def packed_tokens(self) -> int:
-        return self.input_ids.numel()
 
     def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
         """Packed (bins, width, D) -> padded (batch, width, D); dropped and padding positions are zeros."""
