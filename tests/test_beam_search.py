@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 from lavis.models import build_model
 from lavis.models.flamingo import flamingo as network
 from lavis.models.flamingo.beam_search import BeamSettings
+from lavis.models.flamingo.language_models import family_of_model
 from tests.test_flamingo_network import PROMPTS, open_gates, prompts_batch, tiny_cfg
 
 torch.set_num_threads(1)
@@ -106,3 +107,38 @@ def test_settings_it_does_not_implement_go_to_hf(monkeypatch):
     monkeypatch.setattr(model.lang_encoder, "generate", lambda *a, **kw: calls.append(1) or hf(*a, **kw))
     model.generate(*batch, num_beams=3, max_new_tokens=4)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_llama_decoding_step_is_the_forward(padded):
+    """LLaMA's direct decoding step gives the forward's logits bit for bit (with and without padding)."""
+    lm = family_model("llama", "v1").lang_encoder
+    step = family_of_model(lm).decoding_step(lm)
+    assert step is not None
+    ids = torch.randint(3, lm.config.vocab_size, (4, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    if padded:
+        mask[1, :3] = 0
+        mask[3, :1] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = []
+    for fast in (False, True):
+        cache = network.reserved_cache(lm.config, 8)
+        with torch.no_grad():
+            lm(input_ids=ids[:, :6], attention_mask=mask[:, :6], position_ids=positions[:, :6], cache=cache)
+            args = (ids[:, 6:], mask[:, :7], positions[:, 6:7], cache)
+            if fast:
+                logits.append(step(*args))
+            else:
+                out = lm(input_ids=args[0], attention_mask=args[1], position_ids=args[2], cache=cache, logits_to_keep=1)
+                logits.append(out.logits[:, -1])
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_decoding_step_is_offered_only_where_it_is_the_forward():
+    lm = family_model("llama", "v1").lang_encoder
+    lm.set_attn_implementation("eager")  # create_causal_mask builds another mask for eager attention
+    assert family_of_model(lm).decoding_step(lm) is None
+    for family in ("mpt", "gpt_neox", "mosaic_gpt"):
+        other = family_model(family, "v2").lang_encoder
+        assert family_of_model(other).decoding_step(other) is None

