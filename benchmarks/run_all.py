@@ -25,14 +25,15 @@ from lavis.common.fileio import atomic_write_text  # noqa: E402
 # (script and its arguments, what it compares, target)
 BENCHMARKS = [
     (
-        "fewshot_eval.py --models tiny,40m --shots 0,8 --repeats 3",
-        "few-shot captioning: OpenFlamingo's loop vs evaluate.py's pass (tiny + 40M, 0/8 shots)",
-        ">= 3x at 8 shots, >= 2x at 0",
+        # A tiny-model pass takes 0.07-0.7 s, so its median needs more repeats to be steady on a shared machine.
+        "fewshot_eval.py --models tiny --shots 0,8,32 --repeats 7",
+        "few-shot captioning: OpenFlamingo's loop vs evaluate.py's pass (tiny, 0/8/32 shots)",
+        ">= 3x at 8/32 shots, >= 2x at 0",
     ),
     (
-        "fewshot_eval.py --models tiny --shots 32 --repeats 3",
-        "few-shot captioning as above (tiny, 32 shots)",
-        ">= 3x",
+        "fewshot_eval.py --models 40m --shots 0,8 --repeats 3",
+        "few-shot captioning as above (40M, 0/8 shots)",
+        ">= 3x at 8 shots, >= 2x at 0",
     ),
     (
         # The reference alone takes ~115 s of CPU per run here: 2 repeats, no warm-up pass (a cold first
