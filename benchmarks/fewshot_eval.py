@@ -56,7 +56,7 @@ from lavis.datasets.builders.shapes import ShapesCaptionBuilder
 from lavis.datasets.fewshot import FewShotDataset
 from lavis.metrics.postprocess import postprocess_caption
 from lavis.models import build_model
-from lavis.models.flamingo import flamingo as flamingo_network
+from lavis.models.flamingo import generation as flamingo_generation
 from lavis.models.flamingo.perceiver import merge_heads, split_heads
 from lavis.runners.eval_batches import predict_records, shared_media_cache
 from lavis.runners.precision import resolve_precision
@@ -154,13 +154,13 @@ def reference_computation(model, beams: int):
         setattr(obj, name, fn)
     # HF's own beam search (generate) and its growing cache (concatenation per token, index_select per
     # beam reorder).
-    reserved, settings = flamingo_network.reserved_cache, flamingo_network.beam_settings
-    flamingo_network.reserved_cache = lambda config, capacity: DynamicCache(config=config)
-    flamingo_network.beam_settings = lambda config, lm_config: None
+    reserved, settings = flamingo_generation.reserved_cache, flamingo_generation.beam_settings
+    flamingo_generation.reserved_cache = lambda config, capacity: DynamicCache(config=config)
+    flamingo_generation.beam_settings = lambda config, lm_config: None
     try:
         yield
     finally:
-        flamingo_network.reserved_cache, flamingo_network.beam_settings = reserved, settings
+        flamingo_generation.reserved_cache, flamingo_generation.beam_settings = reserved, settings
         for obj, name, _ in patched:
             delattr(obj, name)
 

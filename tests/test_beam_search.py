@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig
 
 from lavis.models import build_model
-from lavis.models.flamingo import flamingo as network
+from lavis.models.flamingo import generation as network
 from lavis.models.flamingo.beam_search import BeamSettings
 from lavis.models.flamingo.language_models import family_of_model
 from tests.test_flamingo_network import PROMPTS, open_gates, prompts_batch, tiny_cfg

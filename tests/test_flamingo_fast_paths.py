@@ -145,7 +145,7 @@ def test_reserved_kv_cache_generates_what_hf_dynamic_cache_does(monkeypatch, sem
     gives the tokens of HF's concatenating DynamicCache, on the tiny OpenFlamingo with left padding."""
     from transformers import DynamicCache
 
-    from lavis.models.flamingo import flamingo as network
+    from lavis.models.flamingo import generation as network
 
     model = build_model(tiny_cfg(xattn_semantics=semantics)).eval()
     open_gates(model, 1.5)

@@ -10,7 +10,8 @@ from lavis.common.config import read_yaml
 from lavis.common.errors import CheckpointError, ConfigError, DataError
 from lavis.models import build_model
 from lavis.models.flamingo.cross_attention import media_index_v1, media_index_v2
-from lavis.models.flamingo.flamingo import Flamingo, pad_after_eos
+from lavis.models.flamingo.flamingo import Flamingo
+from lavis.models.flamingo.generation import pad_after_eos
 from lavis.models.flamingo.openflamingo import OpenFlamingo
 from lavis.models.flamingo.vision import build_vision_tower
 

@@ -17,15 +17,13 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lavis.common.errors import DataError
 from lavis.common.special_tokens import IGNORE_INDEX
 from lavis.models.base import TrainableModel
-from lavis.models.flamingo.beam_search import BeamSettings, beam_search
 from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
-from lavis.models.flamingo.kv_cache import reserved_cache
+from lavis.models.flamingo.generation import FlamingoGeneration
 from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.packing import Packing
 from lavis.models.flamingo.perceiver import PerceiverResampler
@@ -35,21 +33,6 @@ from lavis.models.flamingo.vision import patch_tokens
 def decoder_layers(lang_encoder: nn.Module) -> nn.ModuleList:
     """The decoder layer list of a causal LM of a supported family (see language_models)."""
     return family_of_model(lang_encoder).decoder_layers(lang_encoder)
-
-
-def beam_settings(config: GenerationConfig, lm_config: GenerationConfig | None) -> BeamSettings | None:
-    """The settings of our own beam search for ``config``, or None where HF's ``generate`` runs instead."""
-    return BeamSettings.of(config, lm_config)
-
-
-def pad_after_eos(tokens: torch.Tensor, eos_token_id, pad_token_id: int | None) -> torch.Tensor:
-    """Replace everything after each row's first eos by ``pad_token_id`` (HF beam search repeats the eos)."""
-    if pad_token_id is None or eos_token_id is None:
-        return tokens
-    eos = torch.as_tensor(eos_token_id, device=tokens.device).flatten()
-    is_eos = torch.isin(tokens, eos)
-    after_eos = (is_eos.cumsum(dim=-1) - is_eos.long()) > 0
-    return tokens.masked_fill(after_eos, pad_token_id)
 
 
 @dataclass
@@ -67,7 +50,7 @@ class _Conditioning:
     packing: Packing | None = None
 
 
-class Flamingo(TrainableModel):
+class Flamingo(FlamingoGeneration, TrainableModel):
     """OpenFlamingo: ``forward(vision_x, lang_x, attention_mask, labels)`` and ``generate(...)``.
 
     ``vision_x`` is float (B, T_img, F=1, C, H, W); images of a row are stacked in the order of its
@@ -319,123 +302,6 @@ class Flamingo(TrainableModel):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
             loss = loss / num_items_in_batch
         return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        vision_x: torch.Tensor,
-        lang_x: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        **generation_kwargs,
-    ) -> torch.Tensor:
-        """HF generation with the KV cache; returns only the NEW tokens, (B * num_return_sequences, N_new).
-
-        Media are encoded once per call and shared by all decoding steps and beams. Defaults are the
-        release's: greedy, ``eos_token_id`` = ``<|endofchunk|>``, no sampling, ``length_penalty=1``.
-        Rows that ended early are padded with ``pad_token_id`` (default: the tokenizer's pad id).
-        Any ``GenerationConfig`` field may be given (num_beams, max_new_tokens, min_new_tokens,
-        do_sample, temperature, top_k, top_p, length_penalty, num_return_sequences, use_cache, ...).
-        """
-        counts = self._check_media_tokens(vision_x, lang_x)
-        # use_cache explicit: an LM config with use_cache false (MPT-7B's) must not turn the cache off here.
-        settings = {
-            "max_new_tokens": 20,
-            "num_beams": 1,
-            "do_sample": False,
-            "early_stopping": False,
-            "use_cache": True,
-            "length_penalty": 1.0,
-            "eos_token_id": self.eoc_token_id,
-            "pad_token_id": self.pad_token_id,
-            "bos_token_id": None,
-        }
-        settings.update(generation_kwargs)
-        if not settings.get("do_sample"):
-            # Sampling knobs the LM's own generation config may carry would only raise warnings.
-            settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_k", "top_p")}
-        config = GenerationConfig(**settings)
-        media = self.encode_vision(vision_x, counts)
-        search = beam_settings(config, self.lang_encoder.generation_config)
-        if search is not None:
-            with self.conditioned_on(media):
-                new = self._beam_search(lang_x, attention_mask, search)
-            return pad_after_eos(new, config.eos_token_id, config.pad_token_id)
-        with self.conditioned_on(media):
-            extra = {}
-            if config.use_cache is not False:
-                cache = reserved_cache(self.lang_encoder.config, lang_x.shape[1] + (config.max_new_tokens or 0))
-                expand = max(config.num_beams or 1, config.num_return_sequences or 1)
-                if expand > 1 and lang_x.shape[1] > 1:
-                    self._prefill_once(lang_x, attention_mask, expand, cache)
-                extra["cache"] = cache
-            out = self.lang_encoder.generate(
-                input_ids=lang_x, attention_mask=attention_mask, generation_config=config, **extra
-            )
-        return pad_after_eos(out[:, lang_x.shape[1] :], config.eos_token_id, config.pad_token_id)
-
-    def _beam_search(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, search: BeamSettings):
-        """:func:`beam_search` over the LM with a reserved KV cache: the new tokens (B * returned, n).
-
-        Every LM call gets what HF's generation loop would pass (the last token, the mask of all tokens
-        so far, its position from that mask where the family takes positions, the cache), so the
-        logits of each step are HF's own.
-        """
-        lm, beams = self.lang_encoder, search.num_beams
-        rows, length = lang_x.shape[0] * beams, lang_x.shape[1]
-        cache = reserved_cache(lm.config, length + search.max_new_tokens)
-        if length > 1:
-            self._prefill_once(lang_x, attention_mask, beams, cache)
-        mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
-        full_mask = torch.ones(rows, length + search.max_new_tokens, dtype=mask.dtype, device=mask.device)
-        full_mask[:, :length] = mask.repeat_interleave(beams, dim=0)
-        # HF's positions: mask cumsum - 1 (1 at pads) at the last token, then one more per new token.
-        first = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -1:].repeat_interleave(beams, dim=0)
-        after = mask.long().sum(-1, keepdim=True).repeat_interleave(beams, dim=0) - 1
-        family = family_of_model(lm)
-        fast = family.decoding_step(lm)
-        state = {"tokens": lang_x[:, -1:].repeat_interleave(beams, dim=0), "length": length}
-
-        def step(tokens: torch.Tensor | None, beam_rows: torch.Tensor | None) -> torch.Tensor:
-            if tokens is not None:
-                cache.reorder_cache(beam_rows)
-                state["tokens"], state["length"] = tokens[:, None], state["length"] + 1
-            offset = state["length"] - length
-            positions = after + offset if offset else first
-            if fast is not None:
-                self._index_call(state["tokens"], cache)  # the decoder pre-hook's work, which fast skips
-                return fast(state["tokens"], full_mask[:, : state["length"]], positions, cache)
-            extra = {"position_ids": positions} if family.takes_position_ids else {}
-            out = lm(
-                input_ids=state["tokens"],
-                attention_mask=full_mask[:, : state["length"]],
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                **extra,
-            )
-            return out.logits[:, -1]
-
-        return beam_search(step, lang_x.shape[0], search)
-
-    def _prefill_once(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, expand: int, cache) -> None:
-        """Fill ``cache`` with every prompt token but the last, computed once per sample, repeated per beam.
-
-        HF generation would run the prompt once per beam row (identical rows); here the prefix runs on
-        the B samples, its cache is repeated ``expand`` times, and generation feeds only the last prompt
-        token. Positions follow HF's rule (mask cumsum - 1, pads 0), so the prompt is computed as before.
-        """
-        mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        self._cond.prompt_index = media_index(lang_x, self.media_token_id, self.xattn_semantics)
-        self.lang_encoder(
-            input_ids=lang_x[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=positions[:, :-1],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache.batch_repeat_interleave(expand)
 
     # ------------------------------------------------------------------ training helpers
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
