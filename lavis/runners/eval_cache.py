@@ -174,7 +174,7 @@ class ResponseCache:
 
 
 class StopFlag:
-    """SIGTERM -> a flag that every rank checks at batch boundaries (:func:`dist.any_rank`)."""
+    """SIGTERM -> a flag that every rank checks at batch or step boundaries (:func:`dist.any_rank`)."""
 
     def __init__(self):
         self.requested = False
@@ -187,7 +187,7 @@ class StopFlag:
         return self
 
     def _on_sigterm(self, signum, frame):
-        self.requested = True  # only a flag: the batch in flight finishes and is saved first
+        self.requested = True  # only a flag: the batch or step in flight finishes and is saved first
 
     def check(self) -> None:
         """Raise EvaluationInterrupted on every rank once any rank got SIGTERM."""

@@ -12,8 +12,6 @@ Checkpoints are only taken at step boundaries after the period-end work, so
 from __future__ import annotations
 
 import gc
-import signal
-import threading
 import time
 
 import torch
@@ -27,6 +25,7 @@ from lavis.datasets.samples import check_split_datasets
 from lavis.runners import checkpoint as ckpt
 from lavis.runners import provenance
 from lavis.runners.data import TrainStream, concat_train_datasets, leaf_datasets, loader_workers, move_to_device
+from lavis.runners.eval_cache import StopFlag
 from lavis.runners.evaluation import evaluate_split
 from lavis.runners.objective import micro_batch_weights
 from lavis.runners.optim import build_lr_schedule, build_optimizer
@@ -91,7 +90,6 @@ class RunnerBase(RunCheckpoints):
         self.schedule = None  # built by train()
         self.total_steps: int | None = None  # planned by train()
         self.global_step = 0
-        self._stop_requested = False
         self._failed = False
         self._closed = False
         log.info(
@@ -240,7 +238,8 @@ class RunnerBase(RunCheckpoints):
     def _train_loop(self) -> str:
         run = self.run_cfg
         bar = progress_bar(self.total_steps, self.global_step, self.dist_info.is_main and run.progress_bar)
-        restore_signal = self._install_sigterm()
+        # SIGTERM only sets a flag: the loop saves at the next step boundary, agreed by all ranks.
+        stop = StopFlag().install()
         self.model.train()  # a model may arrive in eval mode (HF from_pretrained); evaluation restores the mode
         status = "finished"
         try:
@@ -259,7 +258,7 @@ class RunnerBase(RunCheckpoints):
                 period_end = self.global_step % self.steps_per_period == 0 or self.global_step == self.total_steps
                 if period_end:
                     self._end_of_period(period)
-                preempted = dist.any_rank(self._stop_requested)
+                preempted = dist.any_rank(stop.requested)
                 reached_max = run.max_steps is not None and self.global_step >= run.max_steps
                 if (
                     preempted
@@ -284,7 +283,7 @@ class RunnerBase(RunCheckpoints):
                     return "max_steps"
         finally:
             bar.close()
-            restore_signal()
+            stop.uninstall()
         return status
 
     def _optimizer_step(self, micro_batches: list):
@@ -385,19 +384,8 @@ class RunnerBase(RunCheckpoints):
         dist.barrier()
         return {"status": "evaluated", "run_dir": str(self.paths.run_dir), "test": results}
 
-    # --- processes and signals -------------------------------------------------------------------------
+    # --- processes -------------------------------------------------------------------------
 
     def _wrap_ddp(self, model):
         # DDP or FSDP, per run.strategy (the name stays: tests count DDP's all-reduces through it).
         return self.strategy.wrap(model)
-
-    def _install_sigterm(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def on_sigterm(signum, frame):
-            # Only a flag: the loop saves at the next step boundary, agreed by all ranks.
-            self._stop_requested = True
-
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-        return lambda: signal.signal(signal.SIGTERM, previous)
