@@ -6,13 +6,16 @@ nccl DDP; FSDP through the runner with a sharded save, a resume and an evaluatio
 (skipped steps counted); bf16 (fp32 master weights); SDPA vs eager attention parity; 8-bit and 4-bit frozen LM
 through bitsandbytes (load, forward, one LoRA step); throughput of a LoRA step on a ~1B-parameter random
 OpenFlamingo in bf16 (tokens/s and model FLOPs utilisation against the GPU's peak).
+
+The helpers every check uses (``Skip``, ``model_cfg``, ``batch_for``, ``train_runner``, ``WORK``) are in
+gpu_checks/common.py, the throughput check in gpu_checks/throughput.py; this script holds the other checks and
+runs them all.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -20,90 +23,12 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from test_training_hooks import TINY_YAML, CaptionLikeDataset, CaptionLikeTask  # noqa: E402
-from toy_components import make_cfg  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_checks.common import TINY_YAML, TRAIN_PARTS, WORK, Skip, batch_for, model_cfg, train_runner  # noqa: E402
+from gpu_checks.throughput import check_throughput  # noqa: E402
 
 from lavis.common.config import read_yaml  # noqa: E402
-from lavis.common.registry import registry  # noqa: E402
 from lavis.models import build_model  # noqa: E402
-
-WORK = Path(tempfile.mkdtemp(prefix="gpu_check-"))
-LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-TRAIN_PARTS = {"perceiver": True, "gated_cross_attn": True, "new_token_embeddings": False, "lm_embeddings": False}
-# Dense peak tensor-core TFLOP/s (bf16, or fp16 where there is no bf16) from the vendors' data sheets.
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 125.0,
-    "A10": 125.0,
-    "L4": 121.0,
-    "V100": 125.0,
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-}
-
-
-class Skip(Exception):
-    """A check that cannot run here (an optional package is missing)."""
-
-
-def model_cfg(**overrides) -> dict:
-    cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(read_yaml(TINY_YAML).model).items()}
-    cfg.update(adapters=LORA, trainable=TRAIN_PARTS)
-    for key, value in overrides.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
-    return cfg
-
-
-def batch_for(model, n: int, seed: int = 0) -> dict:
-    task = CaptionLikeTask(make_cfg(WORK))
-    dataset = CaptionLikeDataset(n, model.image_size, seed=seed)
-    batch = task.collator(model, "train")([dataset[i] for i in range(n)])
-    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def train_runner(run_name: str, amp: str = "fp32", model=None, **run):
-    """The runner on the tiny model and a caption-like set (24 samples, batch 4): (runner, summary)."""
-    from test_training_hooks import CaptionLikeTask as Task
-
-    class EvalTask(Task):
-        def valid_step(self, model, batch):
-            return [{"sample_id": i, "text": t} for i, t in zip(batch["sample_id"], self.generate_text(model, batch))]
-
-        def evaluate(self, records, split, dataset):
-            return {"agg_metrics": float(len(records)), "n": len(records)}
-
-    settings = dict(
-        device="cuda",
-        amp=amp,
-        batch_size_train=4,
-        max_epoch=1,
-        warmup_steps=1,
-        init_lr=1e-3,
-        valid_splits=["val"],
-        best_metric="n",
-        max_new_tokens=4,
-        num_beams=1,
-        min_new_tokens=0,
-        length_penalty=1.0,
-        batch_size_eval=4,
-        save_epoch_end=False,
-        run_name=run_name,
-    )
-    cfg = make_cfg(WORK, **{**settings, **run})
-    torch.manual_seed(0)
-    model = model if model is not None else build_model(model_cfg())
-    datasets = {
-        "lm": {"train": CaptionLikeDataset(24, model.image_size), "val": CaptionLikeDataset(5, model.image_size, 1)}
-    }
-    runner = registry.get("runner", "runner_base")(cfg, EvalTask(cfg), model, datasets)
-    return runner, runner.train()
-
 
 # --- the checks: each returns its figures as a short string, or raises -------------------------------------
 
@@ -288,73 +213,6 @@ def check_bitsandbytes(bits: str) -> str:
     assert torch.isfinite(loss) and moved == len(lora), (loss, moved, len(lora))
     peak = torch.cuda.max_memory_allocated() / 2**20
     return f"loss {loss.item():.3f}, {moved} LoRA tensors updated, {peak:.0f} MiB peak"
-
-
-def check_throughput() -> str:
-    """LoRA step of a ~1B-parameter random OpenFlamingo in bf16: tokens/s and MFU."""
-    if not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise Skip("this GPU has no native bf16")
-    torch.manual_seed(0)
-    tiny = {
-        "lm_hidden_size": 2048,
-        "lm_layers": 16,
-        "lm_heads": 16,
-        "lm_intermediate_size": 5504,
-        "image_size": 224,
-        "patch_size": 14,
-        "vision_width": 768,
-        "vision_layers": 12,
-        "vision_head_width": 64,
-    }
-    model = build_model(
-        model_cfg(
-            tiny=tiny,
-            frozen_dtype="bfloat16",
-            cross_attn_every_n_layers=4,
-            perceiver={"depth": 2, "heads": 8, "dim_head": 64, "num_latents": 64, "ff_mult": 2},
-            cross_attention={"heads": 8, "dim_head": 64, "ff_mult": 2},
-        )
-    ).cuda()
-    n_total = sum(p.numel() for p in model.parameters())
-    n_vision = sum(p.numel() for p in model.vision_encoder.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    batch_size, seq = 8, 256
-    lang_x = torch.randint(3, 600, (batch_size, seq), device="cuda")
-    lang_x[:, 0] = model.media_token_id
-    vision_x = torch.randn(batch_size, 1, 1, 3, 224, 224, device="cuda")
-    mask = torch.ones_like(lang_x)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(vision_x, lang_x, mask, lang_x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    steps, start = 10, time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    tokens = steps * batch_size * seq
-    # Model FLOPs per text token: forward 2N and backward 2N through the (frozen) LM and Flamingo parts for
-    # the input gradients, plus 2N_trainable for the weight gradients; the frozen vision tower runs forward only.
-    n_text = n_total - n_vision
-    image_tokens = (224 // 14) ** 2 + 1
-    flops = tokens * (4 * n_text + 2 * n_train) + steps * batch_size * image_tokens * 2 * n_vision
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    achieved = flops / seconds / 1e12
-    mfu = f"MFU {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else "MFU n/a (peak of this GPU unknown)"
-    return (
-        f"{n_total / 1e9:.2f}B params ({n_train / 1e6:.1f}M trainable), batch {batch_size}x{seq}: "
-        f"{tokens / seconds:,.0f} tokens/s, {achieved:.1f} TFLOP/s, {mfu}"
-    )
 
 
 CHECKS = [
