@@ -148,3 +148,12 @@ def trained_checkpoint(shapes_root, tmp_path_factory) -> Path:
     checkpoints = sorted((out / "run" / "checkpoints").glob("step_*.pt"))
     assert checkpoints, "the pre-training run saved no checkpoint"
     return checkpoints[-1]
+
+
+@pytest.fixture(scope="session")
+def bad_inputs_world(tmp_path_factory, shapes_root) -> dict:
+    """The files test_bad_inputs_config.py's and test_bad_inputs_files.py's cases point at, built once
+    (bad_inputs_harness.build_world: a config, a finished run with checkpoints, COCO-style data, results files)."""
+    from bad_inputs_harness import build_world
+
+    return build_world(tmp_path_factory.mktemp("bad_inputs"), shapes_root)
