@@ -62,6 +62,36 @@ def test_cross_attention_equals_the_release_formula(semantics, group):
     assert torch.equal(fast[index == 0], torch.zeros_like(fast[index == 0]))
 
 
+@pytest.mark.parametrize("semantics", ["v1", "v2"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_per_image_segments_give_the_release_outputs_and_gradients(semantics, group):
+    """Prompts with several images take the per-image segment path: outputs and gradients are the dense
+    release formula's, with rows of other lengths, left padding and an index past the images given."""
+    torch.manual_seed(0)
+    attn = MaskedCrossAttention(32, 16, dim_head=8, heads=4)
+    ids = torch.tensor(
+        [
+            [M, 5, 5, 5, M, 5, M, 5, 5, 5, 5, M, 5],
+            [0, 0, 0, 1, M, 5, 5, M, 5, 5, 5, 5, 5],
+            [0, 0, 0, 0, 0, 0, 0, 0, 1, M, 5, M, 5],
+        ]
+    )
+    index = media_index_v1(ids, M) if semantics == "v1" else media_index_v2(ids, M)
+    index[0, -1] = 7  # past the 4 images given: attends nothing
+    index = index.repeat_interleave(group, dim=0)
+    media = torch.randn(3, 4, 5, 16)
+    x = torch.randn(3 * group, ids.shape[1], 32, requires_grad=True)
+    fast = attn(x, media, index)
+    grads_fast = torch.autograd.grad(fast.square().sum(), [x, *attn.parameters()])
+    slow = release_cross_attention(attn, x, media.repeat_interleave(group, dim=0), index)
+    grads_slow = torch.autograd.grad(slow.square().sum(), [x, *attn.parameters()])
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    attending = (index > 0) & (index <= 4)
+    assert torch.equal(fast[~attending], torch.zeros_like(fast[~attending]))
+
+
 def test_a_call_where_no_token_attends_an_image_does_no_attention():
     attn = MaskedCrossAttention(32, 16, dim_head=8, heads=4)
     calls = []
