@@ -9,6 +9,8 @@ own search and cache in their place (benchmarks/fewshot_eval.py's reference).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import GenerationConfig
 
@@ -16,6 +18,12 @@ from lavis.models.flamingo.beam_search import BeamSettings, beam_search
 from lavis.models.flamingo.cross_attention import media_index
 from lavis.models.flamingo.kv_cache import reserved_cache
 from lavis.models.flamingo.language_models import family_of_model
+from lavis.models.flamingo.shared_prompt import (
+    can_share_prompt,
+    share_prompt,
+    shared_prompt_attention,
+    shared_prompt_mask,
+)
 
 
 def beam_settings(config: GenerationConfig, lm_config: GenerationConfig | None) -> BeamSettings | None:
@@ -99,16 +107,24 @@ class FlamingoGeneration:
         lm, beams = self.lang_encoder, search.num_beams
         rows, length = lang_x.shape[0] * beams, lang_x.shape[1]
         cache = reserved_cache(lm.config, length + search.max_new_tokens)
-        if length > 1:
-            self._prefill_once(lang_x, attention_mask, beams, cache)
+        family = family_of_model(lm)
+        fast = family.decoding_step(lm)
         mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
+        shared = None  # the 4-d mask of a shared-prompt cache
+        if length > 1:
+            self._prefill_once(lang_x, attention_mask, 1, cache)
+            text = lm.config.get_text_config(decoder=True)
+            heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None)
+            if fast is not None and kv_heads in (None, heads) and can_share_prompt(cache):
+                share_prompt(cache, beams)
+                shared = shared_prompt_mask(mask[:, :-1], beams, search.max_new_tokens)
+            else:
+                cache.batch_repeat_interleave(beams)
         full_mask = torch.ones(rows, length + search.max_new_tokens, dtype=mask.dtype, device=mask.device)
         full_mask[:, :length] = mask.repeat_interleave(beams, dim=0)
         # HF's positions: mask cumsum - 1 (1 at pads) at the last token, then one more per new token.
         first = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -1:].repeat_interleave(beams, dim=0)
         after = mask.long().sum(-1, keepdim=True).repeat_interleave(beams, dim=0) - 1
-        family = family_of_model(lm)
-        fast = family.decoding_step(lm)
         state = {"tokens": lang_x[:, -1:].repeat_interleave(beams, dim=0), "length": length}
 
         def step(tokens: torch.Tensor | None, beam_rows: torch.Tensor | None) -> torch.Tensor:
@@ -119,7 +135,10 @@ class FlamingoGeneration:
             positions = after + offset if offset else first
             if fast is not None:
                 self._index_call(state["tokens"], cache)  # the decoder pre-hook's work, which fast skips
-                return fast(state["tokens"], full_mask[:, : state["length"]], positions, cache)
+                if shared is None:
+                    return fast(state["tokens"], full_mask[:, : state["length"]], positions, cache)
+                # The prompt once per sample, then this step's and the earlier steps' tokens of every beam.
+                return fast(state["tokens"], shared[..., : length - 1 + beams * (offset + 1)], positions, cache)
             extra = {"position_ids": positions} if family.takes_position_ids else {}
             out = lm(
                 input_ids=state["tokens"],
@@ -131,13 +150,15 @@ class FlamingoGeneration:
             )
             return out.logits[:, -1]
 
-        return beam_search(step, lang_x.shape[0], search)
+        with contextlib.nullcontext() if shared is None else shared_prompt_attention(lm):
+            return beam_search(step, lang_x.shape[0], search)
 
     def _prefill_once(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, expand: int, cache) -> None:
         """Fill ``cache`` with every prompt token but the last, computed once per sample, repeated per beam.
 
         HF generation would run the prompt once per beam row (identical rows); here the prefix runs on
-        the B samples, its cache is repeated ``expand`` times, and generation feeds only the last prompt
+        the B samples, its cache is repeated ``expand`` times (1: not at all; our beam search may share
+        it instead, lavis.models.flamingo.shared_prompt), and generation feeds only the last prompt
         token. Positions follow HF's rule (mask cumsum - 1, pads 0), so the prompt is computed as before.
         """
         mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
@@ -151,4 +172,5 @@ class FlamingoGeneration:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache.batch_repeat_interleave(expand)
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# (input_ids (B, 1), attention_mask (B, cached + 1), position_ids (B, 1), cache) -> last-position logits (B, V)
+# (input_ids (B, 1), attention_mask (B, cached + 1), position_ids (B, 1), cache) -> last-position logits (B, V);
+# with a shared-prompt cache (lavis.models.flamingo.shared_prompt) the mask is its 4-d SDPA mask.
 DecodingStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 

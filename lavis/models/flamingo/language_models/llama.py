@@ -27,8 +27,12 @@ class LlamaFamily(LanguageModelFamily):
         def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
             hidden = decoder.embed_tokens(input_ids)
             # A one-token query may see every cached position but the padded ones; with none padded,
-            # create_causal_mask returns no mask at all (and SDPA then runs unmasked).
-            mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+            # create_causal_mask returns no mask at all (and SDPA then runs unmasked). A 4-d mask is
+            # already SDPA's (a shared-prompt cache's, lavis.models.flamingo.shared_prompt).
+            if attention_mask.dim() == 4:
+                mask = attention_mask
+            else:
+                mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
             position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
             for layer in layers:
                 hidden = layer(

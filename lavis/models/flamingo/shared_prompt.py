@@ -1,0 +1,132 @@
+"""Beams that share their prompt: one copy of its keys/values per sample, not one per beam.
+
+The beams of a sample continue the same prompt, so after the prompt pass the rows of a sample hold
+identical keys/values for every prompt position. Repeating them per beam (``batch_repeat_interleave``)
+costs a copy, ``num_beams`` times the memory, and at every decoding step ``num_beams`` reads of the
+same prompt: at 8 shots the prompt is most of the cache, and a one-token query is bound by reading it.
+
+Here a :class:`SharedPromptLayer` keeps a layer's prompt once per sample (B rows) and appends the
+beams' new tokens after it, interleaved by step (positions ``P + step * beams + beam``). A decoding
+step's ``B * beams`` queries are folded into ``beams`` queries of their sample's row
+(:func:`shared_prompt_sdpa`) and one SDPA call reads the prompt once per sample; the mask of
+:func:`shared_prompt_mask` lets each beam see the prompt (its padding masked) and its own tokens. A
+beam reorder permutes only the new tokens. Attention weights and values are the same as with the
+repeated cache, up to float rounding of the sum over keys (test: the same tokens as HF generation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from lavis.models.flamingo.kv_cache import ReorderPlan, ReservedLayer
+
+ATTENTION = "flamingo_shared_prompt"
+
+
+def shared_prompt_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """HF's SDPA attention, with one-token queries of ``beams`` rows folded onto a shared-prompt cache.
+
+    ``key`` of fewer rows than ``query`` comes from a :class:`SharedPromptLayer`: (B, h, L, d) for
+    queries (B * beams, h, 1, d) and a mask (B, 1, beams, L). Any other call is plain SDPA.
+    """
+    rows, heads, length, dim = query.shape
+    if key.shape[0] == rows:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    samples = key.shape[0]
+    if length != 1 or rows % samples or key.shape[1] != heads:
+        raise ValueError(f"shared-prompt attention takes one-token queries per beam, got {tuple(query.shape)}")
+    q = query.reshape(samples, rows // samples, heads, dim).transpose(1, 2)  # (B, h, beams, d)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.transpose(1, 2).reshape(rows, 1, heads, dim), None
+
+
+AttentionInterface.register(ATTENTION, shared_prompt_sdpa)
+
+
+@contextlib.contextmanager
+def shared_prompt_attention(lm):
+    """Within the block ``lm``'s attention layers run :func:`shared_prompt_sdpa` (plain SDPA otherwise)."""
+    before = lm.config._attn_implementation
+    lm.config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        lm.config._attn_implementation = before
+
+
+def shared_prompt_mask(prompt_mask: torch.Tensor, beams: int, new_tokens: int) -> torch.Tensor:
+    """(B, 1, beams, P + beams * new_tokens) bool: beam j sees the prompt's real tokens and its own new ones."""
+    samples, prompt = prompt_mask.shape
+    step_slots = torch.arange(beams * new_tokens, device=prompt_mask.device) % beams
+    own = (step_slots == torch.arange(beams, device=prompt_mask.device)[:, None]).expand(samples, 1, -1, -1)
+    return torch.cat((prompt_mask.bool()[:, None, None, :].expand(-1, 1, beams, -1), own), dim=-1)
+
+
+class SharedPromptLayer(ReservedLayer):
+    """A :class:`ReservedLayer` whose first ``prompt`` positions are stored once per sample (see module)."""
+
+    def __init__(self, layer: ReservedLayer, beams: int):
+        super().__init__(layer.capacity)
+        self.beams, self.prompt = beams, layer.length
+        self.device, self.is_initialized, self.length = layer.device, True, layer.length
+        steps = max(1, layer._buffers[0].shape[2] - layer.length)  # the new tokens the reservation has room for
+        self._buffers = [self._grown(t[:, :, : layer.length], layer.length + beams * steps) for t in layer._buffers[:2]]
+        self._publish()
+
+    @staticmethod
+    def _grown(filled: torch.Tensor, capacity: int) -> torch.Tensor:
+        b, h, n, d = filled.shape
+        out = filled.new_empty((b, h, capacity, d))
+        out[:, :, :n] = filled
+        return out
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        rows, heads, new, dim = key_states.shape
+        if new != 1 or rows != self._buffers[0].shape[0] * self.beams:
+            raise ValueError(f"a shared-prompt cache takes one token per beam row, got keys {tuple(key_states.shape)}")
+        end = self.length + self.beams
+        if end > self._buffers[0].shape[2]:
+            self._buffers = [self._grown(t[:, :, : self.length], 2 * end) for t in self._buffers]
+        for buffer, states in zip(self._buffers, (key_states, value_states)):
+            buffer[:, :, self.length : end] = states.reshape(-1, self.beams, heads, dim).transpose(1, 2)
+        self.length = end
+        self._publish()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """The positions each beam row sees: the prompt and its own new tokens."""
+        return self.prompt + (self.length - self.prompt) // self.beams
+
+    def reorder_cache(self, beam_idx: torch.LongTensor, plan: ReorderPlan | None = None) -> None:
+        plan = plan or ReorderPlan(beam_idx, self.device)
+        if plan.identity or self.length == self.prompt:
+            return
+        if not plan.within_groups(self.beams):
+            raise ValueError("a shared-prompt cache can only reorder beams within their sample")
+        local = (plan.beam_idx % self.beams).view(-1, 1, 1, self.beams, 1)
+        for buffer in self._buffers:
+            new = buffer[:, :, self.prompt : self.length].unflatten(2, (-1, self.beams))  # (B, h, steps, beams, d)
+            new.copy_(new.gather(3, local.expand_as(new)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ValueError("a shared-prompt cache already serves its beams")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ValueError("a shared-prompt cache cannot select rows")
+
+
+def can_share_prompt(cache) -> bool:
+    """Whether every layer of ``cache`` is a filled :class:`ReservedLayer` (no sliding window, nothing else)."""
+    return bool(cache.layers) and all(type(layer) is ReservedLayer and layer.length for layer in cache.layers)
+
+
+def share_prompt(cache, beams: int) -> None:
+    """Turn the layers of ``cache`` (B rows, :func:`can_share_prompt`) into shared-prompt layers for ``beams``."""
+    if not can_share_prompt(cache):
+        raise ValueError("only a cache of filled reserved layers can share its prompt")
+    cache.layers = [SharedPromptLayer(layer, beams) for layer in cache.layers]
