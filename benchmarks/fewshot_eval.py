@@ -6,7 +6,8 @@ Same model weights, same queries, same demonstrations (``FewShotDataset``, rando
 
 - **reference**: what OpenFlamingo v1's ``evaluate.py`` does, written from its behaviour: per batch of 8
   queries it loads every query's demonstration images again (the 0-shot text-only ones too, whose images
-  the prompt then drops), builds the prompts, stacks ``vision_x``
+  the prompt then drops) through open_clip's eval transform (the release's ``image_processor``), builds
+  the prompts, stacks ``vision_x``
   (B, shots+1, 1, C, H, W), repeats it ``num_beams`` times *before* encoding, encodes vision tower +
   Perceiver once per generate call, and then every LM call of the beam search (the prompt pass and
   each decoding step) recomputes every cross-attention block's keys/values from the repeated media and
@@ -14,11 +15,13 @@ Same model weights, same queries, same demonstrations (``FewShotDataset``, rando
   rows without an image zeroed), under ``torch.inference_mode()``. The Perceiver attention is the
   explicit softmax formula as well. This is what a user would run instead of this project.
 - **project**: ``lavis.runners.eval_batches.predict_records``, the pass ``evaluate.py`` runs for every
-  shot count and trial: text-only demonstrations built without reading their images, length-bucketed
-  batches, each distinct image encoded once (media cache, cleared before every timed run so that no run
-  profits from an earlier one), media keys/values once per generate call shared by the beams, no
-  attention where no token attends an image, and a KV cache reserved once per call (tokens written in
-  place, beams reordered without allocation) instead of HF's concatenating ``DynamicCache``.
+  shot count and trial: the images through ``clip_image_eval`` (the same pixels, bit for bit, with
+  ToTensor and Normalize fused), text-only demonstrations built without reading their images,
+  length-bucketed batches, each distinct image encoded once (media cache, cleared before every timed run
+  so that no run profits from an earlier one), media keys/values once per generate call shared by the
+  beams, no attention where no token attends an image and each token's over its own image's latents
+  only, a KV cache reserved once per call (tokens written in place) instead of HF's concatenating
+  ``DynamicCache``, holding the prompt once per sample for all its beams (lavis.models.flamingo.shared_prompt).
 
 Both sides must produce the same caption for every query (asserted), and the images must steer the
 output (asserted: blank images give other tokens). Runs alternate (reference, project, reference, ...);
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import tempfile
 import time
@@ -165,6 +169,18 @@ def reference_computation(model, beams: int):
             delattr(obj, name)
 
 
+def with_open_clip_preprocessing(splits: dict) -> dict:
+    """The splits with the release's image preprocessing: open_clip's eval transform (torchvision's ToTensor
+    and Normalize), as OpenFlamingo gets it from ``open_clip.create_model_and_transforms``."""
+    import open_clip
+
+    out = {}
+    for name, split in splits.items():
+        out[name] = copy.copy(split)
+        out[name].vis_processor = open_clip.image_transform(split.vis_processor.image_size, is_train=False)
+    return out
+
+
 def reference_loop(model, task, fewshot) -> dict:
     """OpenFlamingo's loop: batches of 8 in query order, every image loaded and encoded again."""
     collate = task.collator(model, "eval")
@@ -237,6 +253,7 @@ def main() -> None:
                 },
             }
         ).build_datasets()
+        release_splits = with_open_clip_preprocessing(splits)
         queries = torch.utils.data.Subset(splits["val"], range(min(args.queries, len(splits["val"]))))
         queries.sample_ids = lambda: [splits["val"].sample_ids()[i] for i in queries.indices]
         for size in args.models.split(","):
@@ -248,8 +265,8 @@ def main() -> None:
                 fewshot, reference_fewshot = (
                     torch.utils.data.Subset(
                         FewShotDataset(
-                            splits["val"],
-                            splits["train"],
+                            (splits if side == "project" else release_splits)["val"],
+                            (splits if side == "project" else release_splits)["train"],
                             num_shots=shots,
                             seed=42,
                             zero_shot_text_demos=True,
