@@ -150,8 +150,8 @@ def test_generation_logits_match_the_release_formula_path():
 
 @pytest.mark.parametrize("semantics", ["v1", "v2"])
 def test_prompt_run_once_per_sample_generates_what_the_per_beam_prompt_does(semantics):
-    """Beam search over a prompt prefix computed once per sample equals the plain (uncached) generation,
-    also for prompts whose last token is an <image> (its media index comes from the whole prompt)."""
+    """Beam search over a prompt computed once per sample equals the plain (uncached) generation, also
+    for prompts whose last token is an <image> (its media index comes from the whole prompt)."""
     model = build_model(tiny_cfg(xattn_semantics=semantics)).eval()
     open_gates(model, 1.5)
     prompts = [*PROMPTS, "<image>output: a red circle.<|endofchunk|><image>"]
@@ -164,8 +164,8 @@ def test_prompt_run_once_per_sample_generates_what_the_per_beam_prompt_does(sema
     hook.remove()
     plain = model.generate(vision_x, ids, mask, num_beams=3, max_new_tokens=5, min_new_tokens=5, use_cache=False)
     assert torch.equal(once, plain)
-    # The prefix ran on the 4 samples, then every call fed one token per beam row.
-    assert calls[0] == (4, ids.shape[1] - 1) and all(shape == (12, 1) for shape in calls[1:])
+    # The whole prompt ran on the 4 samples, then every call fed one token per beam row.
+    assert calls[0] == (4, ids.shape[1]) and all(shape == (12, 1) for shape in calls[1:])
 
 
 @pytest.mark.parametrize("semantics", ["v1", "v2"])

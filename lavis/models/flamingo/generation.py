@@ -110,38 +110,38 @@ class FlamingoGeneration:
         family = family_of_model(lm)
         fast = family.decoding_step(lm)
         mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
+        # The whole prompt once per sample (HF runs it once per beam row: identical rows); its last
+        # position's logits are the first step's of every beam.
+        prompt_logits = self._prompt_pass(lang_x, attention_mask, cache)
+        text = lm.config.get_text_config(decoder=True)
+        heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None)
         shared = None  # the 4-d mask of a shared-prompt cache
-        if length > 1:
-            self._prefill_once(lang_x, attention_mask, 1, cache)
-            text = lm.config.get_text_config(decoder=True)
-            heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None)
-            if fast is not None and kv_heads in (None, heads) and can_share_prompt(cache):
-                share_prompt(cache, beams)
-                shared = shared_prompt_mask(mask[:, :-1], beams, search.max_new_tokens)
-            else:
-                cache.batch_repeat_interleave(beams)
+        if fast is not None and kv_heads in (None, heads) and can_share_prompt(cache):
+            share_prompt(cache, beams)
+            shared = shared_prompt_mask(mask, beams, search.max_new_tokens)
+        else:
+            cache.batch_repeat_interleave(beams)
         full_mask = torch.ones(rows, length + search.max_new_tokens, dtype=mask.dtype, device=mask.device)
         full_mask[:, :length] = mask.repeat_interleave(beams, dim=0)
-        # HF's positions: mask cumsum - 1 (1 at pads) at the last token, then one more per new token.
-        first = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -1:].repeat_interleave(beams, dim=0)
-        after = mask.long().sum(-1, keepdim=True).repeat_interleave(beams, dim=0) - 1
-        state = {"tokens": lang_x[:, -1:].repeat_interleave(beams, dim=0), "length": length}
+        # HF's positions: mask cumsum - 1 at the last prompt token, then one more per new token.
+        last = mask.long().sum(-1, keepdim=True).repeat_interleave(beams, dim=0) - 1
+        state = {"length": length}
 
         def step(tokens: torch.Tensor | None, beam_rows: torch.Tensor | None) -> torch.Tensor:
-            if tokens is not None:
-                cache.reorder_cache(beam_rows)
-                state["tokens"], state["length"] = tokens[:, None], state["length"] + 1
-            offset = state["length"] - length
-            positions = after + offset if offset else first
+            if tokens is None:
+                return prompt_logits.repeat_interleave(beams, dim=0)
+            cache.reorder_cache(beam_rows)
+            state["length"] += 1
+            tokens, new = tokens[:, None], state["length"] - length
             if fast is not None:
-                self._index_call(state["tokens"], cache)  # the decoder pre-hook's work, which fast skips
+                self._index_call(tokens, cache)  # the decoder pre-hook's work, which fast skips
                 if shared is None:
-                    return fast(state["tokens"], full_mask[:, : state["length"]], positions, cache)
-                # The prompt once per sample, then this step's and the earlier steps' tokens of every beam.
-                return fast(state["tokens"], shared[..., : length - 1 + beams * (offset + 1)], positions, cache)
-            extra = {"position_ids": positions} if family.takes_position_ids else {}
+                    return fast(tokens, full_mask[:, : state["length"]], last + new, cache)
+                # The prompt once per sample, then the new tokens of every beam.
+                return fast(tokens, shared[..., : length + beams * new], last + new, cache)
+            extra = {"position_ids": last + new} if family.takes_position_ids else {}
             out = lm(
-                input_ids=state["tokens"],
+                input_ids=tokens,
                 attention_mask=full_mask[:, : state["length"]],
                 cache=cache,
                 use_cache=True,
@@ -157,20 +157,29 @@ class FlamingoGeneration:
         """Fill ``cache`` with every prompt token but the last, computed once per sample, repeated per beam.
 
         HF generation would run the prompt once per beam row (identical rows); here the prefix runs on
-        the B samples, its cache is repeated ``expand`` times (1: not at all; our beam search may share
-        it instead, lavis.models.flamingo.shared_prompt), and generation feeds only the last prompt
-        token. Positions follow HF's rule (mask cumsum - 1, pads 0), so the prompt is computed as before.
+        the B samples, its cache is repeated ``expand`` times, and HF's generation feeds only the last
+        prompt token.
+        """
+        self._prompt_pass(lang_x, attention_mask, cache, end=-1)
+        cache.batch_repeat_interleave(expand)
+
+    def _prompt_pass(
+        self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, cache, end: int | None = None
+    ) -> torch.Tensor:
+        """Run the prompt's tokens ``[:end]`` into ``cache`` (B rows); the logits of the last one run (B, V).
+
+        Positions follow HF's rule (mask cumsum - 1, pads 0), and every token gets the media index of the
+        whole prompt, so the prompt is computed as in one call of all its tokens.
         """
         mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         self._cond.prompt_index = media_index(lang_x, self.media_token_id, self.xattn_semantics)
-        self.lang_encoder(
-            input_ids=lang_x[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=positions[:, :-1],
+        out = self.lang_encoder(
+            input_ids=lang_x[:, :end],
+            attention_mask=mask[:, :end],
+            position_ids=positions[:, :end],
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        if expand > 1:
-            cache.batch_repeat_interleave(expand)
+        return out.logits[:, -1]
