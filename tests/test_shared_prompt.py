@@ -14,78 +14,63 @@ from transformers import DynamicCache
 from lavis.models import build_model
 from lavis.models.flamingo import generation
 from lavis.models.flamingo.kv_cache import ReservedLayer
-from lavis.models.flamingo.shared_prompt import SharedPromptLayer, shared_prompt_mask, shared_prompt_sdpa
+from lavis.models.flamingo.shared_prompt import SharedPrompt, SharedPromptLayer, shared_prompt_sdpa
 from tests.test_flamingo_network import PROMPTS, open_gates, prompts_batch, tiny_cfg
 
 torch.set_num_threads(1)
 SAMPLES, BEAMS, HEADS, PROMPT, DIM = 2, 3, 2, 4, 8
 
 
-def logical_keys(layer: SharedPromptLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """What each beam row sees, in the repeated layout: (B * beams, h, prompt + steps, d)."""
-    out = []
-    for buffer in (layer.keys, layer.values):
-        prompt = buffer[:, :, : layer.prompt].repeat_interleave(layer.beams, dim=0)
-        new = buffer[:, :, layer.prompt :].unflatten(2, (-1, layer.beams)).permute(0, 3, 1, 2, 4).flatten(0, 1)
-        out.append(torch.cat((prompt, new), dim=2))
-    return out[0], out[1]
-
-
 def filled_pair(capacity: int):
-    """A repeated layer and a shared one holding the same prompt (2 samples x 3 beams)."""
+    """A repeated layer and a shared one holding the same prompt (2 samples x 3 beams), sample 0 left-padded."""
     torch.manual_seed(0)
     k, v = torch.randn(SAMPLES, HEADS, PROMPT, DIM), torch.randn(SAMPLES, HEADS, PROMPT, DIM)
     repeated, base = ReservedLayer(capacity), ReservedLayer(capacity)
     repeated.update(k, v)
     repeated.batch_repeat_interleave(BEAMS)
     base.update(k, v)
-    return repeated, SharedPromptLayer(base, BEAMS)
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    return repeated, SharedPromptLayer(base, BEAMS), SharedPrompt(prompt_mask, BEAMS), prompt_mask
 
 
 @pytest.mark.parametrize("capacity", [PROMPT + 8, 1])  # 1: the buffers must grow past the reservation
-def test_shared_layer_holds_what_the_repeated_layer_holds_through_updates_and_reorders(capacity):
-    repeated, shared = filled_pair(capacity)
+def test_each_beam_attends_what_it_attends_with_the_prompt_repeated_per_beam(capacity):
+    """Steps of beam search (reorders within samples, one token per beam row): the folded attention over
+    the shared layer equals plain SDPA over the repeated, reordered layer with the padding mask."""
+    repeated, shared, prompt, prompt_mask = filled_pair(capacity)
     orders = [torch.tensor([1, 1, 0, 5, 3, 3]), torch.arange(6), torch.tensor([2, 0, 1, 4, 4, 4])]
-    for step in range(4):
+    for step in range(5):
+        if step:
+            order = orders[step % len(orders)]
+            repeated.reorder_cache(order)
+            prompt.reorder(order)
+        mask = prompt.next_mask()
         k, v = torch.randn(SAMPLES * BEAMS, HEADS, 1, DIM), torch.randn(SAMPLES * BEAMS, HEADS, 1, DIM)
         repeated.update(k, v)
-        shared.update(k, v)
+        keys, values = shared.update(k, v)
         assert shared.get_seq_length() == repeated.get_seq_length() == PROMPT + step + 1
-        order = orders[step % len(orders)]
-        repeated.reorder_cache(order)
-        shared.reorder_cache(order)
-        keys, values = logical_keys(shared)
-        assert torch.equal(keys, repeated.keys) and torch.equal(values, repeated.values)
-    # The prompt is stored once per sample: B rows, not B x beams.
-    assert shared.keys.shape[0] == SAMPLES and shared.keys.shape[2] == PROMPT + 4 * BEAMS
+        query = torch.randn(SAMPLES * BEAMS, HEADS, 1, DIM)
+        out, _ = shared_prompt_sdpa(None, query, keys, values, mask, scaling=DIM**-0.5)
+        row_mask = torch.cat((prompt_mask, torch.ones(SAMPLES, step + 1, dtype=torch.long)), 1).bool()
+        row_mask = row_mask.repeat_interleave(BEAMS, dim=0)[:, None, None, :]
+        expected = F.scaled_dot_product_attention(query, repeated.keys, repeated.values, attn_mask=row_mask)
+        torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    # The prompt is stored once per sample: B rows, not B x beams; nothing was moved by the reorders.
+    assert shared.keys.shape[0] == SAMPLES and shared.keys.shape[2] == PROMPT + 5 * BEAMS
 
 
-def test_shared_layer_refuses_what_it_cannot_represent():
-    _, shared = filled_pair(PROMPT + 4)
+def test_shared_prompt_refuses_what_it_cannot_represent():
+    _, shared, prompt, _ = filled_pair(PROMPT + 4)
+    prompt.next_mask()
     shared.update(torch.randn(6, HEADS, 1, DIM), torch.randn(6, HEADS, 1, DIM))
     with pytest.raises(ValueError, match="within their sample"):
-        shared.reorder_cache(torch.tensor([3, 0, 0, 5, 1, 2]))
+        prompt.reorder(torch.tensor([3, 0, 0, 5, 1, 2]))
+    with pytest.raises(ValueError, match="ancestries"):
+        shared.reorder_cache(torch.tensor([1, 1, 0, 5, 3, 3]))
     with pytest.raises(ValueError, match="one token per beam row"):
         shared.update(torch.randn(6, HEADS, 2, DIM), torch.randn(6, HEADS, 2, DIM))
     with pytest.raises(ValueError, match="already serves"):
         shared.batch_repeat_interleave(2)
-
-
-def test_folded_attention_equals_sdpa_over_the_repeated_prompt_with_padding():
-    repeated, shared = filled_pair(PROMPT + 8)
-    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # sample 0 left-padded
-    steps = 3
-    for _ in range(steps):
-        k, v = torch.randn(6, HEADS, 1, DIM), torch.randn(6, HEADS, 1, DIM)
-        repeated.update(k, v)
-        shared.update(k, v)
-    query = torch.randn(SAMPLES * BEAMS, HEADS, 1, DIM)
-    mask = shared_prompt_mask(prompt_mask, BEAMS, 5)[..., : PROMPT + BEAMS * steps]
-    out, _ = shared_prompt_sdpa(None, query, shared.keys, shared.values, mask, scaling=DIM**-0.5)
-    row_mask = torch.cat((prompt_mask, torch.ones(SAMPLES, steps, dtype=torch.long)), 1).bool()
-    row_mask = row_mask.repeat_interleave(BEAMS, dim=0)[:, None, None, :]
-    expected = F.scaled_dot_product_attention(query, repeated.keys, repeated.values, attn_mask=row_mask)
-    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("semantics", ["v1", "v2"])
@@ -97,9 +82,10 @@ def test_beam_search_on_the_tiny_openflamingo_shares_the_prompt_and_generates_hf
     shared_rows = []
     share = generation.share_prompt
 
-    def recording(cache, beams):
-        share(cache, beams)
+    def recording(cache, beams, prompt_mask):
+        shared = share(cache, beams, prompt_mask)
         shared_rows.extend(layer.keys.shape[0] for layer in cache.layers)
+        return shared
 
     monkeypatch.setattr(generation, "share_prompt", recording)
     ours = model.generate(vision_x, ids, mask, **settings)

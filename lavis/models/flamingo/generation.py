@@ -22,7 +22,6 @@ from lavis.models.flamingo.shared_prompt import (
     can_share_prompt,
     share_prompt,
     shared_prompt_attention,
-    shared_prompt_mask,
 )
 
 
@@ -115,10 +114,9 @@ class FlamingoGeneration:
         prompt_logits = self._prompt_pass(lang_x, attention_mask, cache)
         text = lm.config.get_text_config(decoder=True)
         heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None)
-        shared = None  # the 4-d mask of a shared-prompt cache
+        shared = None
         if fast is not None and kv_heads in (None, heads) and can_share_prompt(cache):
-            share_prompt(cache, beams)
-            shared = shared_prompt_mask(mask, beams, search.max_new_tokens)
+            shared = share_prompt(cache, beams, mask)
         else:
             cache.batch_repeat_interleave(beams)
         full_mask = torch.ones(rows, length + search.max_new_tokens, dtype=mask.dtype, device=mask.device)
@@ -130,15 +128,17 @@ class FlamingoGeneration:
         def step(tokens: torch.Tensor | None, beam_rows: torch.Tensor | None) -> torch.Tensor:
             if tokens is None:
                 return prompt_logits.repeat_interleave(beams, dim=0)
-            cache.reorder_cache(beam_rows)
+            if shared is None:
+                cache.reorder_cache(beam_rows)
+            else:
+                shared.reorder(beam_rows)
             state["length"] += 1
             tokens, new = tokens[:, None], state["length"] - length
             if fast is not None:
                 self._index_call(tokens, cache)  # the decoder pre-hook's work, which fast skips
                 if shared is None:
                     return fast(tokens, full_mask[:, : state["length"]], last + new, cache)
-                # The prompt once per sample, then the new tokens of every beam.
-                return fast(tokens, shared[..., : length + beams * new], last + new, cache)
+                return fast(tokens, shared.next_mask(), last + new, cache)
             extra = {"position_ids": last + new} if family.takes_position_ids else {}
             out = lm(
                 input_ids=tokens,

@@ -6,12 +6,14 @@ costs a copy, ``num_beams`` times the memory, and at every decoding step ``num_b
 same prompt: at 8 shots the prompt is most of the cache, and a one-token query is bound by reading it.
 
 Here a :class:`SharedPromptLayer` keeps a layer's prompt once per sample (B rows) and appends the
-beams' new tokens after it, interleaved by step (positions ``P + step * beams + beam``). A decoding
-step's ``B * beams`` queries are folded into ``beams`` queries of their sample's row
-(:func:`shared_prompt_sdpa`) and one SDPA call reads the prompt once per sample; the mask of
-:func:`shared_prompt_mask` lets each beam see the prompt (its padding masked) and its own tokens. A
-beam reorder permutes only the new tokens. Attention weights and values are the same as with the
-repeated cache, up to float rounding of the sum over keys (test: the same tokens as HF generation).
+beams' new tokens after it, interleaved by step (positions ``P + step * beams + slot``): a token stays
+where it was written. A decoding step's ``B * beams`` queries are folded into ``beams`` queries of
+their sample's row (:func:`shared_prompt_sdpa`), so one SDPA call reads the prompt once per sample,
+and the mask of :class:`SharedPrompt` lets each beam see the prompt (its padding masked) and, at each
+earlier step, the slot its own ancestor wrote. A beam reorder then moves no keys or values at all: it
+permutes the beams' ancestries, (B * beams, steps) integers for every layer together. Each beam attends
+exactly the keys it attends with the repeated cache, in another order, so the result is the same up to
+float rounding of the sum over keys (test: the same tokens as HF generation).
 """
 
 from __future__ import annotations
@@ -59,14 +61,6 @@ def shared_prompt_attention(lm):
         lm.config._attn_implementation = before
 
 
-def shared_prompt_mask(prompt_mask: torch.Tensor, beams: int, new_tokens: int) -> torch.Tensor:
-    """(B, 1, beams, P + beams * new_tokens) bool: beam j sees the prompt's real tokens and its own new ones."""
-    samples, prompt = prompt_mask.shape
-    step_slots = torch.arange(beams * new_tokens, device=prompt_mask.device) % beams
-    own = (step_slots == torch.arange(beams, device=prompt_mask.device)[:, None]).expand(samples, 1, -1, -1)
-    return torch.cat((prompt_mask.bool()[:, None, None, :].expand(-1, 1, beams, -1), own), dim=-1)
-
-
 class SharedPromptLayer(ReservedLayer):
     """A :class:`ReservedLayer` whose first ``prompt`` positions are stored once per sample (see module)."""
 
@@ -103,15 +97,7 @@ class SharedPromptLayer(ReservedLayer):
         return self.prompt + (self.length - self.prompt) // self.beams
 
     def reorder_cache(self, beam_idx: torch.LongTensor, plan: ReorderPlan | None = None) -> None:
-        plan = plan or ReorderPlan(beam_idx, self.device)
-        if plan.identity or self.length == self.prompt:
-            return
-        if not plan.within_groups(self.beams):
-            raise ValueError("a shared-prompt cache can only reorder beams within their sample")
-        local = (plan.beam_idx % self.beams).view(-1, 1, 1, self.beams, 1)
-        for buffer in self._buffers:
-            new = buffer[:, :, self.prompt : self.length].unflatten(2, (-1, self.beams))  # (B, h, steps, beams, d)
-            new.copy_(new.gather(3, local.expand_as(new)))
+        raise ValueError("a shared-prompt cache is reordered through its SharedPrompt's ancestries")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise ValueError("a shared-prompt cache already serves its beams")
@@ -120,13 +106,46 @@ class SharedPromptLayer(ReservedLayer):
         raise ValueError("a shared-prompt cache cannot select rows")
 
 
+class SharedPrompt:
+    """The beams' ancestries over a shared-prompt cache, and the attention mask they give (see the module).
+
+    ``ancestors[r, s]``: the slot, among its sample's ``beams`` slots of step ``s``, of the token beam row
+    ``r`` continues at that step.
+    """
+
+    def __init__(self, prompt_mask: torch.Tensor, beams: int):
+        samples, _ = prompt_mask.shape
+        self.beams = beams
+        self.prompt_mask = prompt_mask.bool()[:, None, None, :].expand(-1, 1, beams, -1)
+        self.slots = torch.arange(beams, device=prompt_mask.device)
+        self.rows = torch.arange(samples * beams, device=prompt_mask.device)
+        self.ancestors = torch.empty(samples * beams, 0, dtype=torch.long, device=prompt_mask.device)
+
+    def reorder(self, beam_rows: torch.Tensor) -> None:
+        """Row ``r`` continues row ``beam_rows[r]``, a beam of the same sample (beam search's reorder)."""
+        if not torch.equal(beam_rows // self.beams, self.rows // self.beams):
+            raise ValueError("a shared-prompt cache can only reorder beams within their sample")
+        self.ancestors = self.ancestors.index_select(0, beam_rows)
+
+    def next_mask(self) -> torch.Tensor:
+        """The mask (B, 1, beams, P + beams * steps) of the step about to run: each row's new token takes
+        its own slot, after the prompt and its ancestors' tokens."""
+        own = self.slots.repeat(self.rows.shape[0] // self.beams)[:, None]
+        self.ancestors = torch.cat((self.ancestors, own), dim=1)
+        seen = self.ancestors[..., None] == self.slots  # (B * beams, steps, beams)
+        seen = seen.view(-1, self.beams, self.ancestors.shape[1] * self.beams)[:, None]
+        return torch.cat((self.prompt_mask, seen), dim=-1)
+
+
 def can_share_prompt(cache) -> bool:
     """Whether every layer of ``cache`` is a filled :class:`ReservedLayer` (no sliding window, nothing else)."""
     return bool(cache.layers) and all(type(layer) is ReservedLayer and layer.length for layer in cache.layers)
 
 
-def share_prompt(cache, beams: int) -> None:
-    """Turn the layers of ``cache`` (B rows, :func:`can_share_prompt`) into shared-prompt layers for ``beams``."""
+def share_prompt(cache, beams: int, prompt_mask: torch.Tensor) -> SharedPrompt:
+    """Turn the layers of ``cache`` (B rows, :func:`can_share_prompt`) into shared-prompt layers for ``beams``;
+    the :class:`SharedPrompt` that reorders and masks them."""
     if not can_share_prompt(cache):
         raise ValueError("only a cache of filled reserved layers can share its prompt")
     cache.layers = [SharedPromptLayer(layer, beams) for layer in cache.layers]
+    return SharedPrompt(prompt_mask, beams)
