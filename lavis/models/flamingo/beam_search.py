@@ -157,18 +157,23 @@ def beam_search(
         running, running_scores = _gather(candidates, chosen), _gather(open_scores, chosen)
         beam_rows = (_gather(source, chosen) + offsets).flatten()
 
-        # The best finished hypotheses so far (HF's order of additions, for identical rounding).
+        # The best finished hypotheses so far (HF's order of additions, for identical rounding). A step
+        # where no top continuation ends adds none: every candidate then scores below the kept ones
+        # (a masked score), so the merge would keep them as they are, and it is skipped.
         just_finished = ends & is_top[None, :]
-        done_scores = top_scores / ((t + 1) ** s.length_penalty)
-        done_scores += (is_finished.all(dim=-1, keepdim=True) & (s.early_stopping is True)).to(torch.float32) * _MASKED
-        done_scores += (~improvable).to(torch.float32) * _MASKED
-        done_scores += (~just_finished) * _MASKED
-        merged_scores = torch.cat((finished_scores, done_scores), dim=1)
-        best = torch.topk(merged_scores, k=k)[1]
-        finished = _gather(torch.cat((finished, candidates), dim=1), best)
-        finished_scores = _gather(merged_scores, best)
-        finished_lengths = _gather(torch.cat((finished_lengths, torch.full_like(candidates[:, :, 0], t + 1)), 1), best)
-        is_finished = _gather(torch.cat((is_finished, just_finished), dim=1), best)
+        if bool(just_finished.any()):
+            done_scores = top_scores / ((t + 1) ** s.length_penalty)
+            all_done = is_finished.all(dim=-1, keepdim=True) & (s.early_stopping is True)
+            done_scores += all_done.to(torch.float32) * _MASKED
+            done_scores += (~improvable).to(torch.float32) * _MASKED
+            done_scores += (~just_finished) * _MASKED
+            merged_scores = torch.cat((finished_scores, done_scores), dim=1)
+            best = torch.topk(merged_scores, k=k)[1]
+            finished = _gather(torch.cat((finished, candidates), dim=1), best)
+            finished_scores = _gather(merged_scores, best)
+            lengths = torch.cat((finished_lengths, torch.full_like(candidates[:, :, 0], t + 1)), 1)
+            finished_lengths = _gather(lengths, best)
+            is_finished = _gather(torch.cat((is_finished, just_finished), dim=1), best)
 
         # HF's heuristic: can the best running beam still beat the worst kept hypothesis?
         best_length = s.max_new_tokens if (s.early_stopping == "never" and s.length_penalty > 0.0) else t + 1
