@@ -30,6 +30,10 @@ same samples in other batches. Then both train on the first ``steps x 8`` sample
 step, and the time of a step is the mean over the whole second epoch (the same samples on both sides); the
 check is that the project's first loss equals the reference's formulas on the project's first batch.
 
+The arithmetic of both sides on the same first batches (matmul, convolution and attention FLOPs of forward +
+backward, torch's ``FlopCounterMode``) is printed too: its ratio is the speed-up at equal FLOP rates, so it says
+how much of a speed-up comes from doing less work and how much from doing it faster.
+
 Times are the CPU time of the process (``num_workers: 0``, one thread: all the work of both sides runs in
 this process, so CPU time is the work done and stays meaningful on a shared, loaded machine).
 Runs alternate (reference, project, ...); min and median of the per-step times of the repeats.
@@ -51,6 +55,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fewshot_eval import build, reference_computation  # noqa: E402
@@ -178,6 +183,29 @@ def reference_loop(model, batches: list[dict], task) -> tuple[float, list[float]
     return stamps, losses
 
 
+def gflop_per_step(model, batches: list[dict], loss_of) -> float:
+    """Matmul, convolution and attention GFLOP of forward + backward, per step (torch's FlopCounterMode)."""
+    total = 0
+    model.train()
+    for batch in batches:
+        with FlopCounterMode(display=False) as counter:
+            loss_of(model, batch).backward()
+        total += counter.get_total_flops()
+        model.zero_grad(set_to_none=True)
+    return total / len(batches) / 1e9
+
+
+def work_ratio(batches: list[dict], task) -> str:
+    """Both sides' arithmetic on the same batches: the speed-up a side gets at equal FLOP rates."""
+    reference = model_40m()
+    with reference_computation(reference, beams=1):
+        ref = gflop_per_step(
+            reference, batches, lambda m, b: m(b["vision_x"], b["lang_x"], b["attention_mask"], labels=b["labels"]).loss
+        )
+    ours = gflop_per_step(model_40m(), batches, task.train_step)
+    return f"work on the same batches (GFLOP/step): reference {ref:.1f}, project {ours:.1f}, ratio {ref / ours:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -236,6 +264,7 @@ def main() -> None:
                 ref_losses = [reference_loss(task.first_batch)]
             if not all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref_losses, task.losses)):
                 raise SystemExit(f"first losses differ: reference {ref_losses} vs project {task.losses}")
+        print(work_ratio(batches[:4], task), flush=True)
     r, o = statistics.median(ref_times), statistics.median(ours_times)
     print(f"reference s/step: min {min(ref_times):.4f} median {r:.4f}")
     print(f"project s/step (train.py iteration, data included): min {min(ours_times):.4f} median {o:.4f}")
