@@ -71,6 +71,9 @@ def test_shared_prompt_refuses_what_it_cannot_represent():
         shared.update(torch.randn(6, HEADS, 2, DIM), torch.randn(6, HEADS, 2, DIM))
     with pytest.raises(ValueError, match="already serves"):
         shared.batch_repeat_interleave(2)
+    query = torch.randn(6, HEADS, 1, DIM)
+    with pytest.raises(ValueError, match="needs its SharedPrompt mask"):
+        shared_prompt_sdpa(None, query, shared.keys, shared.values, None)  # would mix the beams
 
 
 @pytest.mark.parametrize("semantics", ["v1", "v2"])
@@ -94,3 +97,31 @@ def test_beam_search_on_the_tiny_openflamingo_shares_the_prompt_and_generates_hf
     monkeypatch.setattr(generation, "reserved_cache", lambda config, _: DynamicCache(config=config))
     monkeypatch.setattr(generation, "beam_settings", lambda config, lm_config: None)  # HF's own generate
     assert torch.equal(ours, model.generate(vision_x, ids, mask, **settings))
+
+
+@pytest.mark.parametrize(("hf_search", "boost"), [(False, 1.02), (True, 1.5)])
+def test_v2_beams_that_generate_an_image_token_keep_their_own_image_count(hf_search, boost):
+    """Under v2 a generated <image> moves a row's media index on; after a beam reorder each row must carry
+    the count of the row it continues. With <image> about as likely as the top token, beams that try it
+    and beams that do not trade places, and the cached generation must still equal the uncached one
+    (which recounts from the whole sequence at every step). ``hf_search``: a repetition penalty sends
+    the search to HF's beam search, which reorders through the cache (and penalises the prompt's <image>,
+    hence the larger ``boost``). Both cases fail without the count following the beams."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(xattn_semantics="v2")).eval()
+    open_gates(model, 1.5)
+    vision_x, ids, mask = prompts_batch(model, PROMPTS)
+    settings = {"num_beams": 3, "max_new_tokens": 8, "min_new_tokens": 8}
+    if hf_search:
+        settings["repetition_penalty"] = 1.1
+    head = model.lang_encoder.get_output_embeddings().weight
+    with torch.no_grad():
+        top = model.generate(vision_x, ids, mask, **settings)[0, 0]
+        head[model.media_token_id] = head[top] * boost
+    fed = []  # the tokens of every decoding call: some beam must have been fed <image>
+    embed = model.lang_encoder.get_input_embeddings()
+    hook = embed.register_forward_pre_hook(lambda m, args: fed.append(args[0]) if args[0].shape[1] == 1 else None)
+    cached = model.generate(vision_x, ids, mask, **settings)
+    hook.remove()
+    assert any((tokens == model.media_token_id).any() for tokens in fed)  # the case is exercised
+    assert torch.equal(cached, model.generate(vision_x, ids, mask, use_cache=False, **settings))

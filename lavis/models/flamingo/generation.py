@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 
 from lavis.models.flamingo.beam_search import BeamSettings, beam_search
 from lavis.models.flamingo.cross_attention import media_index
-from lavis.models.flamingo.kv_cache import reserved_cache
+from lavis.models.flamingo.kv_cache import ReservedCache, reserved_cache
 from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.shared_prompt import (
     can_share_prompt,
@@ -87,6 +87,8 @@ class FlamingoGeneration:
             extra = {}
             if config.use_cache is not False:
                 cache = reserved_cache(self.lang_encoder.config, lang_x.shape[1] + (config.max_new_tokens or 0))
+                if isinstance(cache, ReservedCache):  # HF's beam search reorders through the cache
+                    cache.after_reorder = self._follow_beams
                 expand = max(config.num_beams or 1, config.num_return_sequences or 1)
                 if expand > 1 and lang_x.shape[1] > 1:
                     self._prefill_once(lang_x, attention_mask, expand, cache)
@@ -99,9 +101,11 @@ class FlamingoGeneration:
     def _beam_search(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, search: BeamSettings):
         """:func:`beam_search` over the LM with a reserved KV cache: the new tokens (B * returned, n).
 
-        Every LM call gets what HF's generation loop would pass (the last token, the mask of all tokens
-        so far, its position from that mask where the family takes positions, the cache), so the
-        logits of each step are HF's own.
+        The whole prompt runs once per sample (HF runs it once per beam row) and its last logits are the
+        first step's of every beam. Every later LM call gets what HF's generation loop would pass (the
+        last token, the mask of all tokens so far, its position from that mask where the family takes
+        positions, the cache), except that for LLaMA the cache holds the prompt once per sample and the
+        mask is its 4-d one (lavis.models.flamingo.shared_prompt): the logits are HF's up to float rounding.
         """
         lm, beams = self.lang_encoder, search.num_beams
         rows, length = lang_x.shape[0] * beams, lang_x.shape[1]
@@ -132,6 +136,7 @@ class FlamingoGeneration:
                 cache.reorder_cache(beam_rows)
             else:
                 shared.reorder(beam_rows)
+            self._follow_beams(beam_rows)
             state["length"] += 1
             tokens, new = tokens[:, None], state["length"] - length
             if fast is not None:
@@ -152,6 +157,13 @@ class FlamingoGeneration:
 
         with contextlib.nullcontext() if shared is None else shared_prompt_attention(lm):
             return beam_search(step, lang_x.shape[0], search)
+
+    def _follow_beams(self, beam_rows: torch.Tensor) -> None:
+        """After a beam reorder (row r continues row ``beam_rows[r]``): under v2, row r has seen the
+        ``<image>`` tokens of the row it continues, generated ones included."""
+        cond = self._cond
+        if cond.media_count is not None and cond.media_count.shape[0] == beam_rows.shape[0]:
+            cond.media_count = cond.media_count.index_select(0, beam_rows.to(cond.media_count.device))
 
     def _prefill_once(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None, expand: int, cache) -> None:
         """Fill ``cache`` with every prompt token but the last, computed once per sample, repeated per beam.

@@ -10,9 +10,15 @@ only the positions after the prefix (the generated tokens). The values are exact
 ``DynamicCache``; only where they are stored differs. Which of these cases a beam reorder is (identity,
 within-sample permutation, any other) is worked out once per decoding step for all layers
 (:class:`ReorderPlan`), not once per layer.
+
+Our beam search runs the whole prompt once per sample: for LLaMA it then keeps the prompt once per
+sample for all beams (lavis.models.flamingo.shared_prompt builds on these layers); for the other
+families it repeats the layers per beam as above.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -127,7 +133,13 @@ class ReservedLayer(DynamicLayer):
 
 
 class ReservedCache(DynamicCache):
-    """A ``DynamicCache`` whose beam reorder is classified once per step for all its :class:`ReservedLayer` s."""
+    """A ``DynamicCache`` whose beam reorder is classified once per step for all its :class:`ReservedLayer` s.
+
+    ``after_reorder(beam_idx)``, when set, runs after every reorder: the model's own per-row state that
+    must follow the beams (Flamingo's count of the ``<image>`` tokens each row has seen).
+    """
+
+    after_reorder: Callable[[torch.Tensor], None] | None = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         plans: dict = {}  # one per device (a model split over devices)
@@ -139,6 +151,8 @@ class ReservedCache(DynamicCache):
                 layer.reorder_cache(beam_idx, plan)
             else:
                 layer.reorder_cache(beam_idx)
+        if self.after_reorder is not None:
+            self.after_reorder(beam_idx)
 
 
 def reserved_cache(config, capacity: int) -> DynamicCache:

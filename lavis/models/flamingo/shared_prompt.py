@@ -42,6 +42,11 @@ def shared_prompt_sdpa(module, query, key, value, attention_mask, dropout=0.0, s
     samples = key.shape[0]
     if length != 1 or rows % samples or key.shape[1] != heads:
         raise ValueError(f"shared-prompt attention takes one-token queries per beam, got {tuple(query.shape)}")
+    # Without its mask every beam would see every beam's tokens: refuse rather than mix them.
+    expected = (samples, 1, rows // samples, key.shape[2])
+    if attention_mask is None or tuple(attention_mask.shape) != expected:
+        got = None if attention_mask is None else tuple(attention_mask.shape)
+        raise ValueError(f"shared-prompt attention needs its SharedPrompt mask {expected}, got {got}")
     q = query.reshape(samples, rows // samples, heads, dim).transpose(1, 2)  # (B, h, beams, d)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
     return out.transpose(1, 2).reshape(rows, 1, heads, dim), None
@@ -52,7 +57,11 @@ AttentionInterface.register(ATTENTION, shared_prompt_sdpa)
 
 @contextlib.contextmanager
 def shared_prompt_attention(lm):
-    """Within the block ``lm``'s attention layers run :func:`shared_prompt_sdpa` (plain SDPA otherwise)."""
+    """Within the block ``lm``'s attention layers run :func:`shared_prompt_sdpa` (plain SDPA otherwise).
+
+    The switch is on the LM's config, read by its attention layers at every call: one generation at a
+    time per model (not re-entrant, not thread-safe). LLaMA's config has no sub-configs to keep apart.
+    """
     before = lm.config._attn_implementation
     lm.config._attn_implementation = ATTENTION
     try:
