@@ -65,6 +65,13 @@ def test_train_processor_rejects_bad_scale():
         build_processor({"name": "clip_image_train", "min_scale": 0.0}, "vis.train")
 
 
+@pytest.mark.parametrize("name", ["clip_image_eval", "clip_image_train"])
+@pytest.mark.parametrize(("options", "key"), [({"std": [0.3, 0.0, 0.3]}, "std"), ({"mean": [0.5, 0.5]}, "mean/std")])
+def test_image_processors_reject_bad_normalisation(name, options, key):
+    with pytest.raises(ConfigError, match=rf"vis\.{key}"):
+        build_processor({"name": name, **options}, "vis")
+
+
 def test_text_processors():
     caption = build_processor({"name": "caption_text", "lowercase": True, "max_words": 4}, "text.train")
     assert caption("  A  Red\tCircle on\nthe left ") == "a red circle on"

@@ -54,7 +54,7 @@ class NormalizedTensor:
 
     def __call__(self, image):
         pixels = torch.from_numpy(np.array(image))  # (H, W, 3) uint8, a writable copy
-        out = torch.empty(pixels.shape[2], *pixels.shape[:2])
+        out = torch.empty(pixels.shape[2], *pixels.shape[:2], dtype=torch.float32)
         out.copy_(pixels.permute(2, 0, 1))
         return out.div_(255).sub_(self.mean).div_(self.std)
 
@@ -64,11 +64,18 @@ class ClipImageEvalProcessor:
     """open_clip's eval transform: shorter side to ``image_size``, center crop, CLIP normalisation."""
 
     @dataclass
-    class Config:
+    class Config(Validated):
         image_size: int = 224
         interpolation: Literal["bicubic", "bilinear"] = "bicubic"
         mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
         std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+
+        def validate(self, path: str) -> list[str]:
+            if len(self.mean) != 3 or len(self.std) != 3:
+                return [f"{path}.mean/std: need 3 values each (R, G, B), got {self.mean} and {self.std}"]
+            if any(s == 0 for s in self.std):
+                return [f"{path}.std: every value must be non-zero (the pixels are divided by it), got {self.std}"]
+            return []
 
     def __init__(self, cfg):
         from torchvision import transforms as T
@@ -98,7 +105,7 @@ class ClipImageTrainProcessor:
     """
 
     @dataclass
-    class Config(ClipImageEvalProcessor.Config, Validated):
+    class Config(ClipImageEvalProcessor.Config):
         min_scale: float = 0.9
         max_scale: float = 1.0
         color_jitter: float = 0.0
@@ -110,7 +117,7 @@ class ClipImageTrainProcessor:
                     f"{path}.min_scale: need 0 < min_scale <= max_scale <= 1, "
                     f"got min_scale {self.min_scale}, max_scale {self.max_scale}"
                 ]
-            return []
+            return super().validate(path)
 
     def __init__(self, cfg):
         from torchvision import transforms as T

@@ -122,8 +122,8 @@ def beam_search(
 
     ``step(tokens, beam_rows)`` runs the LM on one token per row (B * num_beams rows, beams of a sample
     adjacent) after reordering its cache so that row r continues row ``beam_rows[r]``, and returns the
-    next-token logits (B * num_beams, V). The first call gets ``tokens=None, beam_rows=None`` and runs
-    the last prompt token. Positions after a hypothesis ends hold ``settings.fill_token_id``.
+    next-token logits (B * num_beams, V). The first call gets ``tokens=None, beam_rows=None`` and returns
+    the logits after the prompt. Positions after a hypothesis ends hold ``settings.fill_token_id``.
     """
     s, b, k = settings, batch, settings.num_beams
     logits = step(None, None)
@@ -158,8 +158,9 @@ def beam_search(
         beam_rows = (_gather(source, chosen) + offsets).flatten()
 
         # The best finished hypotheses so far (HF's order of additions, for identical rounding). A step
-        # where no top continuation ends adds none: every candidate then scores below the kept ones
-        # (a masked score), so the merge would keep them as they are, and it is skipped.
+        # where no top continuation ends adds none: every candidate then has a masked score, at most
+        # the kept ones' (a tie only with a slot still unfilled, which is never returned, as a sample
+        # stops only once its slots are all filled), so the merge is skipped.
         just_finished = ends & is_top[None, :]
         if bool(just_finished.any()):
             done_scores = top_scores / ((t + 1) ** s.length_penalty)

@@ -83,8 +83,8 @@ def segment_attention(
     the most tokens a row gives one image; a group's rows side by side, as they share their media row),
     each segment attends only its image's ``n`` latents, a view of the keys, and the outputs go back to
     their tokens. The scores kept are the dense path's (a masked key gets weight exactly 0 there), so
-    the result is the same to float rounding. Tokens that attend nothing get an arbitrary row (the caller
-    zeroes it).
+    the result is the same to float rounding. Tokens that attend nothing get zeros (the caller zeroes them
+    anyway), and slots no token fills hold a zero query.
     """
     rows, length, heads, dim = q.shape
     t_img, n = kv.num_media, kv.num_latents
@@ -98,9 +98,11 @@ def segment_attention(
     # Slot layout (b, T_img, group, S): row r = b * group + g.
     slot = ((row // group * t_img + image) * group + row % group) * slots + offset
     slot = torch.where(attends, slot, b * t_img * group * slots)  # one spare slot takes the rest
-    token = torch.zeros(b * t_img * group * slots + 1, dtype=torch.long, device=q.device)
+    # Unfilled slots read a zero query row (appended last), not some token's query.
+    token = torch.full((b * t_img * group * slots + 1,), rows * length, dtype=torch.long, device=q.device)
     token.scatter_(0, slot.flatten(), torch.arange(rows * length, device=q.device))
-    q_seg = q.reshape(rows * length, heads, dim).index_select(0, token[:-1])
+    q_rows = torch.cat((q.reshape(rows * length, heads, dim), q.new_zeros(1, heads, dim)))
+    q_seg = q_rows.index_select(0, token[:-1])
     q_seg = q_seg.view(b, t_img, group * slots, heads, dim).permute(0, 3, 1, 2, 4)  # (b, h, T_img, gS, d)
     k = kv.k.view(b, heads, t_img, n, dim)
     v = kv.v.view(b, heads, t_img, n, dim)

@@ -42,7 +42,7 @@ class _Conditioning:
     media: torch.Tensor | None = None  # (B, T_img, n_latents, D_vis), as encoded: one row per sample
     index: torch.Tensor | None = None  # (B_lm, L_call) media index of the current LM call
     media_count: torch.Tensor | None = None  # (B_lm,) <image> tokens seen so far (v2 with a KV cache)
-    prompt_index: torch.Tensor | None = None  # (B, L) media index of a prompt being run in two parts
+    prompt_index: torch.Tensor | None = None  # (B, L) media index of a prompt being run in parts
     # Per cross-attention block, the media keys/values: computed at the first LM call, reused by every
     # later one (decoding steps) and shared by the beams of a sample (never repeated per beam).
     kv: dict = field(default_factory=dict)
@@ -188,8 +188,8 @@ class Flamingo(FlamingoGeneration, TrainableModel):
         if past_count is not None and past_count.shape[0] != rows:  # the prompt was run once per sample
             past_count = past_count.repeat_interleave(rows // past_count.shape[0], dim=0)
         if cond.prompt_index is not None:
-            # The prompt is split into a once-per-sample prefix and its last token (first decoding call):
-            # both parts get the media index of the whole prompt, as when it is run in one call.
+            # A prompt run in parts (HF generate: a once-per-sample prefix, then its last token in the
+            # first decoding call): every part gets the media index of the whole prompt, as in one call.
             part = cond.prompt_index[:, past_len : past_len + input_ids.shape[1]]
             cond.index = part.repeat_interleave(rows // part.shape[0], dim=0)
             if past_len + input_ids.shape[1] >= cond.prompt_index.shape[1]:

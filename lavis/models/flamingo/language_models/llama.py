@@ -15,6 +15,8 @@ class LlamaFamily(LanguageModelFamily):
     wrappers (argument merging, output capture, ``create_causal_mask``); the step below computes what
     ``LlamaForCausalLM.forward`` does for such a call with the same modules and tensors, so its logits
     are the forward's, bit for bit (tests/test_beam_search.py compares the tokens with HF generation).
+    It also takes a shared-prompt cache's 4-d mask (lavis.models.flamingo.shared_prompt), which the
+    forward cannot.
     """
 
     def decoding_step(self, lm: nn.Module) -> DecodingStep | None:
