@@ -126,6 +126,8 @@ def release_cross_attention(attn, x, media, index):
 
 def release_perceiver_attention(attn, media, latents):
     """OpenFlamingo's PerceiverAttention with the explicit softmax."""
+    if latents.dim() == 2:  # the release repeats the learned latents for every image
+        latents = latents.expand(*media.shape[:-2], *latents.shape)
     media, latents = attn.norm_media(media), attn.norm_latents(latents)
     q = split_heads(attn.to_q(latents), attn.heads) * attn.scale
     k, v = attn.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)

@@ -34,6 +34,8 @@ def release_cross_attention(attn: MaskedCrossAttention, x, media, index):
 
 
 def release_perceiver_attention(attn: PerceiverAttention, media, latents):
+    if latents.dim() == 2:  # the release repeats the learned latents for every image
+        latents = latents.expand(*media.shape[:-2], *latents.shape)
     media, latents = attn.norm_media(media), attn.norm_latents(latents)
     q = split_heads(attn.to_q(latents), attn.heads) * attn.scale
     k, v = attn.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
@@ -100,14 +102,22 @@ def test_a_call_where_no_token_attends_an_image_does_no_attention():
     assert not calls
 
 
-def test_perceiver_attention_equals_the_release_formula():
+@pytest.mark.parametrize("shared", [False, True])
+def test_perceiver_attention_equals_the_release_formula(shared):
+    """Per-image latents, and the first layer's shared ones (queries and keys/values computed once, not per
+    image): the release's outputs, and its gradients."""
     torch.manual_seed(0)
     attn = PerceiverAttention(32, dim_head=8, heads=4)
-    media, latents = torch.randn(2, 3, 10, 32), torch.randn(2, 3, 4, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            attn(media, latents), release_perceiver_attention(attn, media, latents), atol=1e-5, rtol=1e-5
-        )
+    media = torch.randn(2, 3, 10, 32)
+    latents = torch.randn(4, 32) if shared else torch.randn(2, 3, 4, 32)
+    latents.requires_grad_(True)
+    fast = attn(media, latents)
+    grads_fast = torch.autograd.grad(fast.square().sum(), [latents, *attn.parameters()])
+    slow = release_perceiver_attention(attn, media, latents)
+    grads_slow = torch.autograd.grad(slow.square().sum(), [latents, *attn.parameters()])
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("semantics", ["v1", "v2"])
@@ -191,43 +201,6 @@ def test_reserved_kv_cache_generates_what_hf_dynamic_cache_does(monkeypatch, sem
             m.setattr(network, "reserved_cache", lambda config, _: DynamicCache(config=config))
             dynamic = model.generate(vision_x, ids, mask, **settings)
         assert torch.equal(reserved, dynamic)
-
-
-def test_reserved_layer_reorders_beams_like_index_select():
-    from lavis.models.flamingo.kv_cache import ReservedLayer
-
-    torch.manual_seed(0)
-    layer = ReservedLayer(capacity=3)
-    k, v = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
-    layer.update(k[:, :, :2], v[:, :, :2])
-    layer.update(k[:, :, 2:], v[:, :, 2:])  # past the capacity: the buffers grow
-    order = torch.tensor([2, 2, 0, 1])
-    layer.reorder_cache(order)
-    assert torch.equal(layer.keys, k[order]) and torch.equal(layer.values, v[order])
-    before = layer.keys.data_ptr()
-    layer.reorder_cache(torch.arange(4))  # every beam continues itself: nothing moves
-    assert layer.keys.data_ptr() == before and torch.equal(layer.keys, k[order])
-    layer.update(k[:, :, :1], v[:, :, :1])
-    assert layer.get_seq_length() == 6 and torch.equal(layer.keys[:, :, 5], k[:, :, 0])
-
-
-def test_reserved_layer_after_repeat_moves_only_the_generated_positions_and_stays_exact():
-    from lavis.models.flamingo.kv_cache import ReservedLayer
-
-    torch.manual_seed(0)
-    layer = ReservedLayer(capacity=8)
-    prefix_k, prefix_v = torch.randn(2, 2, 4, 3), torch.randn(2, 2, 4, 3)
-    layer.update(prefix_k, prefix_v)
-    layer.batch_repeat_interleave(3)  # 2 samples x 3 beams
-    k = torch.cat((prefix_k.repeat_interleave(3, dim=0), torch.randn(6, 2, 2, 3)), dim=2)
-    v = torch.cat((prefix_v.repeat_interleave(3, dim=0), torch.randn(6, 2, 2, 3)), dim=2)
-    layer.update(k[:, :, 4:], v[:, :, 4:])
-    within = torch.tensor([1, 1, 0, 5, 3, 3])  # each sample's beams permuted among themselves
-    layer.reorder_cache(within)
-    assert torch.equal(layer.keys, k[within]) and torch.equal(layer.values, v[within])
-    across = torch.tensor([3, 0, 0, 5, 1, 2])  # not something beam search does: the full gather handles it
-    layer.reorder_cache(across)
-    assert torch.equal(layer.keys, k[within][across]) and torch.equal(layer.values, v[within][across])
 
 
 # ---------------------------------------------------------------- the training loss at the labelled positions

@@ -67,12 +67,23 @@ class PerceiverAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """media (b, T, n, D), latents (b, T, m, D) -> (b, T, m, D)."""
+        """media (b, T, n, D), latents (b, T, m, D), or (m, D) shared by every image -> (b, T, m, D).
+
+        Shared latents (the first layer's: the learned ones, the same for every image) have their
+        queries and their keys/values computed once, not once per image; each row of a projection is
+        computed on its own, so the values are the same as per image.
+        """
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
-        q = split_heads(self.to_q(latents), self.heads)
-        k, v = self.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
-        k, v = split_heads(k, self.heads), split_heads(v, self.heads)
+        if latents.dim() == 2:
+            lead = (*media.shape[:-2], *latents.shape)
+            q = self.to_q(latents).expand(*lead[:-1], -1)
+            kv = torch.cat((self.to_kv(media), self.to_kv(latents).expand(*lead[:-1], -1)), dim=-2)
+        else:
+            q = self.to_q(latents)
+            kv = self.to_kv(torch.cat((media, latents), dim=-2))
+        k, v = kv.chunk(2, dim=-1)
+        q, k, v = split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
         return self.to_out(merge_heads(scaled_attention(q, k, v, self.scale)))
 
 
@@ -96,7 +107,7 @@ class PerceiverResampler(nn.Module):
         """x (b, T, F, v, D) vision tokens -> (b, T, num_latents, D)."""
         b, t, f, v, d = x.shape
         x = x.reshape(b, t, f * v, d)  # frames are flattened into one token set per media
-        latents = self.latents.to(x.dtype).expand(b, t, *self.latents.shape)
+        latents = self.latents.to(x.dtype)  # (m, D): shared by every image until the first attention
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents

@@ -1,7 +1,9 @@
-"""The beams of a sample read one copy of their prompt's keys/values (lavis.models.flamingo.shared_prompt).
+"""The KV caches of generation: reserved per call (lavis.models.flamingo.kv_cache) and shared by the beams of
+a sample (lavis.models.flamingo.shared_prompt).
 
-Checked against what it replaces: the prompt repeated per beam row (``ReservedLayer.batch_repeat_interleave``)
-and plain SDPA over it, and, on the tiny OpenFlamingo, HF generation with its own ``DynamicCache``.
+Checked against what they replace: HF's ``index_select`` reorder; the prompt repeated per beam row
+(``ReservedLayer.batch_repeat_interleave``) and plain SDPA over it; and, on the tiny OpenFlamingo, HF
+generation with its own ``DynamicCache`` and the uncached generation.
 """
 
 from __future__ import annotations
@@ -125,3 +127,40 @@ def test_v2_beams_that_generate_an_image_token_keep_their_own_image_count(hf_sea
     hook.remove()
     assert any((tokens == model.media_token_id).any() for tokens in fed)  # the case is exercised
     assert torch.equal(cached, model.generate(vision_x, ids, mask, use_cache=False, **settings))
+
+
+def test_reserved_layer_reorders_beams_like_index_select():
+    from lavis.models.flamingo.kv_cache import ReservedLayer
+
+    torch.manual_seed(0)
+    layer = ReservedLayer(capacity=3)
+    k, v = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
+    layer.update(k[:, :, :2], v[:, :, :2])
+    layer.update(k[:, :, 2:], v[:, :, 2:])  # past the capacity: the buffers grow
+    order = torch.tensor([2, 2, 0, 1])
+    layer.reorder_cache(order)
+    assert torch.equal(layer.keys, k[order]) and torch.equal(layer.values, v[order])
+    before = layer.keys.data_ptr()
+    layer.reorder_cache(torch.arange(4))  # every beam continues itself: nothing moves
+    assert layer.keys.data_ptr() == before and torch.equal(layer.keys, k[order])
+    layer.update(k[:, :, :1], v[:, :, :1])
+    assert layer.get_seq_length() == 6 and torch.equal(layer.keys[:, :, 5], k[:, :, 0])
+
+
+def test_reserved_layer_after_repeat_moves_only_the_generated_positions_and_stays_exact():
+    from lavis.models.flamingo.kv_cache import ReservedLayer
+
+    torch.manual_seed(0)
+    layer = ReservedLayer(capacity=8)
+    prefix_k, prefix_v = torch.randn(2, 2, 4, 3), torch.randn(2, 2, 4, 3)
+    layer.update(prefix_k, prefix_v)
+    layer.batch_repeat_interleave(3)  # 2 samples x 3 beams
+    k = torch.cat((prefix_k.repeat_interleave(3, dim=0), torch.randn(6, 2, 2, 3)), dim=2)
+    v = torch.cat((prefix_v.repeat_interleave(3, dim=0), torch.randn(6, 2, 2, 3)), dim=2)
+    layer.update(k[:, :, 4:], v[:, :, 4:])
+    within = torch.tensor([1, 1, 0, 5, 3, 3])  # each sample's beams permuted among themselves
+    layer.reorder_cache(within)
+    assert torch.equal(layer.keys, k[within]) and torch.equal(layer.values, v[within])
+    across = torch.tensor([3, 0, 0, 5, 1, 2])  # not something beam search does: the full gather handles it
+    layer.reorder_cache(across)
+    assert torch.equal(layer.keys, k[within][across]) and torch.equal(layer.values, v[within][across])
