@@ -78,6 +78,25 @@ def test_shared_prompt_refuses_what_it_cannot_represent():
         shared_prompt_sdpa(None, query, shared.keys, shared.values, None)  # would mix the beams
 
 
+@pytest.mark.parametrize(("kv_heads", "shares"), [(4, True), (2, False)])
+def test_share_prompt_declines_grouped_query_attention_and_leaves_the_cache_as_it_was(kv_heads, shares):
+    from transformers import LlamaConfig
+
+    from lavis.models.flamingo.kv_cache import reserved_cache
+    from lavis.models.flamingo.shared_prompt import share_prompt
+
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads, num_hidden_layers=2)
+    cache = reserved_cache(config, 8)
+    for layer in cache.layers:
+        layer.update(torch.randn(SAMPLES, kv_heads, PROMPT, DIM), torch.randn(SAMPLES, kv_heads, PROMPT, DIM))
+    before = list(cache.layers)
+    shared = share_prompt(cache, BEAMS, torch.ones(SAMPLES, PROMPT, dtype=torch.long), config)
+    assert (shared is not None) == shares
+    assert all(isinstance(layer, SharedPromptLayer) for layer in cache.layers) == shares
+    if not shares:
+        assert cache.layers == before
+
+
 @pytest.mark.parametrize("semantics", ["v1", "v2"])
 def test_beam_search_on_the_tiny_openflamingo_shares_the_prompt_and_generates_hf_tokens(monkeypatch, semantics):
     model = build_model(tiny_cfg(xattn_semantics=semantics)).eval()
@@ -87,8 +106,8 @@ def test_beam_search_on_the_tiny_openflamingo_shares_the_prompt_and_generates_hf
     shared_rows = []
     share = generation.share_prompt
 
-    def recording(cache, beams, prompt_mask):
-        shared = share(cache, beams, prompt_mask)
+    def recording(cache, beams, prompt_mask, config):
+        shared = share(cache, beams, prompt_mask, config)
         shared_rows.extend(layer.keys.shape[0] for layer in cache.layers)
         return shared
 

@@ -18,11 +18,7 @@ from lavis.models.flamingo.beam_search import BeamSettings, beam_search
 from lavis.models.flamingo.cross_attention import media_index
 from lavis.models.flamingo.kv_cache import ReservedCache, reserved_cache
 from lavis.models.flamingo.language_models import family_of_model
-from lavis.models.flamingo.shared_prompt import (
-    can_share_prompt,
-    share_prompt,
-    shared_prompt_attention,
-)
+from lavis.models.flamingo.shared_prompt import share_prompt, shared_prompt_attention
 
 
 def beam_settings(config: GenerationConfig, lm_config: GenerationConfig | None) -> BeamSettings | None:
@@ -116,15 +112,12 @@ class FlamingoGeneration:
         # The whole prompt once per sample (HF runs it once per beam row: identical rows); its last
         # position's logits are the first step's of every beam.
         prompt_logits = self._prompt_pass(lang_x, attention_mask, cache)
-        text = lm.config.get_text_config(decoder=True)
-        heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None)
-        shared = None
-        if fast is not None and kv_heads in (None, heads) and can_share_prompt(cache):
-            shared = share_prompt(cache, beams, mask)
-        else:
+        # The prompt once per sample for all beams needs our decoding step (it passes the 4-d mask).
+        shared = None if fast is None else share_prompt(cache, beams, mask, lm.config)
+        if shared is None:
             cache.batch_repeat_interleave(beams)
-        full_mask = torch.ones(rows, length + search.max_new_tokens, dtype=mask.dtype, device=mask.device)
-        full_mask[:, :length] = mask.repeat_interleave(beams, dim=0)
+            full_mask = torch.ones(rows, length + search.max_new_tokens, dtype=mask.dtype, device=mask.device)
+            full_mask[:, :length] = mask.repeat_interleave(beams, dim=0)
         # HF's positions: mask cumsum - 1 at the last prompt token, then one more per new token.
         last = mask.long().sum(-1, keepdim=True).repeat_interleave(beams, dim=0) - 1
         state = {"length": length}
@@ -185,7 +178,8 @@ class FlamingoGeneration:
         """
         mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        self._cond.prompt_index = media_index(lang_x, self.media_token_id, self.xattn_semantics)
+        if end is not None:  # the rest of the prompt comes in a later call
+            self._cond.prompt_index = media_index(lang_x, self.media_token_id, self.xattn_semantics)
         out = self.lang_encoder(
             input_ids=lang_x[:, :end],
             attention_mask=mask[:, :end],

@@ -76,9 +76,9 @@ class PerceiverAttention(nn.Module):
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
         if latents.dim() == 2:
-            lead = (*media.shape[:-2], *latents.shape)
-            q = self.to_q(latents).expand(*lead[:-1], -1)
-            kv = torch.cat((self.to_kv(media), self.to_kv(latents).expand(*lead[:-1], -1)), dim=-2)
+            images = media.shape[:-2]
+            q = self.to_q(latents).expand(*images, -1, -1)
+            kv = torch.cat((self.to_kv(media), self.to_kv(latents).expand(*images, -1, -1)), dim=-2)
         else:
             q = self.to_q(latents)
             kv = self.to_kv(torch.cat((media, latents), dim=-2))

@@ -146,15 +146,15 @@ class SharedPrompt:
         return torch.cat((self.prompt_mask, seen), dim=-1)
 
 
-def can_share_prompt(cache) -> bool:
-    """Whether every layer of ``cache`` is a filled :class:`ReservedLayer` (no sliding window, nothing else)."""
-    return bool(cache.layers) and all(type(layer) is ReservedLayer and layer.length for layer in cache.layers)
-
-
-def share_prompt(cache, beams: int, prompt_mask: torch.Tensor) -> SharedPrompt:
-    """Turn the layers of ``cache`` (B rows, :func:`can_share_prompt`) into shared-prompt layers for ``beams``;
-    the :class:`SharedPrompt` that reorders and masks them."""
-    if not can_share_prompt(cache):
-        raise ValueError("only a cache of filled reserved layers can share its prompt")
+def share_prompt(cache, beams: int, prompt_mask: torch.Tensor, config) -> SharedPrompt | None:
+    """Turn the layers of ``cache`` (B rows) into shared-prompt layers for ``beams``: the :class:`SharedPrompt`
+    that reorders and masks them. None, and ``cache`` untouched, where it cannot: a layer that is not a
+    filled :class:`ReservedLayer` (a sliding window, ...), or grouped-query attention in the LM ``config``
+    (fewer key/value heads than query heads; :func:`shared_prompt_sdpa` folds beams, not heads)."""
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "num_key_value_heads", None) not in (None, text.num_attention_heads):
+        return None
+    if not cache.layers or any(type(layer) is not ReservedLayer or not layer.length for layer in cache.layers):
+        return None
     cache.layers = [SharedPromptLayer(layer, beams) for layer in cache.layers]
     return SharedPrompt(prompt_mask, beams)
