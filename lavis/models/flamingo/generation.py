@@ -19,6 +19,7 @@ from lavis.models.flamingo.cross_attention import media_index
 from lavis.models.flamingo.kv_cache import ReservedCache, reserved_cache
 from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.shared_prompt import share_prompt, shared_prompt_attention
+from lavis.models.inference_mode import inference_method
 
 
 def beam_settings(config: GenerationConfig, lm_config: GenerationConfig | None) -> BeamSettings | None:
@@ -39,7 +40,7 @@ def pad_after_eos(tokens: torch.Tensor, eos_token_id, pad_token_id: int | None) 
 class FlamingoGeneration:
     """``generate`` and what it is made of; see the module docstring."""
 
-    @torch.no_grad()
+    @inference_method
     def generate(
         self,
         vision_x: torch.Tensor,

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from lavis.common.errors import DataError
+from lavis.models.inference_mode import inference_method
 
 
 def _check(
@@ -48,7 +49,7 @@ def _padded(continuations: Sequence[Sequence[int]], pad_id: int, device) -> tupl
     return ids, lengths
 
 
-@torch.no_grad()
+@inference_method
 def score_continuations(
     model,
     vision_x: torch.Tensor,
