@@ -60,6 +60,7 @@ from lavis.datasets.builders.shapes import ShapesCaptionBuilder
 from lavis.datasets.fewshot import FewShotDataset
 from lavis.metrics.postprocess import postprocess_caption
 from lavis.models import build_model
+from lavis.models.flamingo import flamingo as flamingo_network
 from lavis.models.flamingo import generation as flamingo_generation
 from lavis.models.flamingo.perceiver import merge_heads, split_heads
 from lavis.runners.eval_batches import predict_records, shared_media_cache
@@ -163,10 +164,19 @@ def reference_computation(model, beams: int):
     reserved, settings = flamingo_generation.reserved_cache, flamingo_generation.beam_settings
     flamingo_generation.reserved_cache = lambda config, capacity: DynamicCache(config=config)
     flamingo_generation.beam_settings = lambda config, lm_config: None
+    # Every LM call computes its cross-attention, v1 decoding steps included: no check whether a token attends.
+    conditioning = flamingo_network._Conditioning
+    set_index = conditioning.set_index
+
+    def attend_always(cond, index):
+        cond.index, cond.attends = index, True
+
+    conditioning.set_index = attend_always
     try:
         yield
     finally:
         flamingo_generation.reserved_cache, flamingo_generation.beam_settings = reserved, settings
+        conditioning.set_index = set_index
         for obj, name, _ in patched:
             delattr(obj, name)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import GenerationConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from lavis.models import build_model
 from lavis.models.flamingo import generation as network
 from lavis.models.flamingo.beam_search import BeamSettings
 from lavis.models.flamingo.language_models import family_of_model
+from lavis.models.flamingo.language_models.llama import RotaryTable
 from tests.test_flamingo_network import PROMPTS, open_gates, prompts_batch, tiny_cfg
 
 torch.set_num_threads(1)
@@ -109,11 +111,18 @@ def test_settings_it_does_not_implement_go_to_hf(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("rope_type", ["default", "dynamic"])
 @pytest.mark.parametrize("padded", [True, False])
-def test_llama_decoding_step_is_the_forward(padded):
-    """LLaMA's direct decoding step gives the forward's logits bit for bit (with and without padding)."""
+def test_llama_decoding_step_is_the_forward(padded, rope_type):
+    """LLaMA's direct decoding step gives the forward's logits bit for bit (with and without padding), with
+    its table of rotary cos/sin (a static rotary type) or HF's rotary call (a dynamic one)."""
     lm = family_model("llama", "v1").lang_encoder
-    step = family_of_model(lm).decoding_step(lm)
+    if rope_type != "default":
+        rope = {**lm.config.rope_parameters, "rope_type": rope_type, "factor": 2.0}
+        lm.config.rope_parameters = rope
+        lm.model.rotary_emb = LlamaRotaryEmbedding(lm.config)
+    assert RotaryTable.applies(lm.model.rotary_emb) == (rope_type == "default")
+    step = family_of_model(lm).decoding_step(lm, 8)
     assert step is not None
     ids = torch.randint(3, lm.config.vocab_size, (4, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(4, 8, dtype=torch.long)
@@ -138,7 +147,7 @@ def test_llama_decoding_step_is_the_forward(padded):
 def test_decoding_step_is_offered_only_where_it_is_the_forward():
     lm = family_model("llama", "v1").lang_encoder
     lm.set_attn_implementation("eager")  # create_causal_mask builds another mask for eager attention
-    assert family_of_model(lm).decoding_step(lm) is None
+    assert family_of_model(lm).decoding_step(lm, 8) is None
     for family in ("mpt", "gpt_neox", "mosaic_gpt"):
         other = family_model(family, "v2").lang_encoder
-        assert family_of_model(other).decoding_step(other) is None
+        assert family_of_model(other).decoding_step(other, 8) is None

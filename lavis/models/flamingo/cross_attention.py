@@ -181,14 +181,21 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(
-        self, x: torch.Tensor, media: torch.Tensor | MediaKV, index: torch.Tensor, packing: Packing | None = None
+        self,
+        x: torch.Tensor,
+        media: torch.Tensor | MediaKV | None,
+        index: torch.Tensor | None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """Apply the block; the feed-forward is not masked (every token gets it, as in the release).
 
+        ``index`` None: no token of the call attends an image, so the attention is skipped (``media`` unused).
         With ``packing``, ``x`` holds packed rows (lavis.models.flamingo.packing) and ``index`` is of the
         padded rows: only the attention runs on the padded layout, next to each sample's images.
         """
-        if packing is None:
+        if index is None:
+            attended = None
+        elif packing is None:
             attended = self.attn(x, media, index)
         else:
             attended = self.attn(packing.unpack(x), media, index)

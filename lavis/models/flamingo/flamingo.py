@@ -41,6 +41,7 @@ class _Conditioning:
 
     media: torch.Tensor | None = None  # (B, T_img, n_latents, D_vis), as encoded: one row per sample
     index: torch.Tensor | None = None  # (B_lm, L_call) media index of the current LM call
+    attends: bool = False  # whether a token of the current call attends an image
     media_count: torch.Tensor | None = None  # (B_lm,) <image> tokens seen so far (v2 with a KV cache)
     prompt_index: torch.Tensor | None = None  # (B, L) media index of a prompt being run in parts
     # Per cross-attention block, the media keys/values: computed at the first LM call, reused by every
@@ -48,6 +49,13 @@ class _Conditioning:
     kv: dict = field(default_factory=dict)
     # A packed training call: ``index`` is set for the padded rows; the blocks unpack for their attention.
     packing: Packing | None = None
+
+    def set_index(self, index: torch.Tensor) -> None:
+        """Set the current call's media index, and whether any token attends an image: decided once per LM
+        call (one host sync) rather than by every block, which skips its attention when none does (every
+        v1 decoding step)."""
+        self.index = index
+        self.attends = bool(((index > 0) & (index <= self.media.shape[1])).any())
 
 
 class Flamingo(FlamingoGeneration, TrainableModel):
@@ -191,11 +199,11 @@ class Flamingo(FlamingoGeneration, TrainableModel):
             # A prompt run in parts (HF generate: a once-per-sample prefix, then its last token in the
             # first decoding call): every part gets the media index of the whole prompt, as in one call.
             part = cond.prompt_index[:, past_len : past_len + input_ids.shape[1]]
-            cond.index = part.repeat_interleave(rows // part.shape[0], dim=0)
+            cond.set_index(part.repeat_interleave(rows // part.shape[0], dim=0))
             if past_len + input_ids.shape[1] >= cond.prompt_index.shape[1]:
                 cond.prompt_index = None
         else:
-            cond.index = media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count)
+            cond.set_index(media_index(input_ids, self.media_token_id, self.xattn_semantics, past_count))
         if self.xattn_semantics == "v2":  # v1 indexes each call from its own ids: no count to carry
             new = (input_ids == self.media_token_id).sum(dim=-1)
             cond.media_count = new if past_count is None else past_count + new
@@ -209,14 +217,14 @@ class Flamingo(FlamingoGeneration, TrainableModel):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             dtype = block.ff_gate.dtype
-            kv = cond.kv.get(name)
-            if kv is None:
+            index, kv = (cond.index, cond.kv.get(name)) if cond.attends else (None, None)
+            if index is not None and kv is None:
                 kv = cond.kv[name] = block.attn.media_kv(cond.media.to(dtype))
             x = hidden.to(dtype)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(block, x, kv, cond.index, cond.packing, use_reentrant=False)
+                out = torch.utils.checkpoint.checkpoint(block, x, kv, index, cond.packing, use_reentrant=False)
             else:
-                out = block(x, kv, cond.index, cond.packing)
+                out = block(x, kv, index, cond.packing)
             out = out.to(hidden.dtype)
             if args:
                 return (out, *args[1:]), kwargs
@@ -279,7 +287,7 @@ class Flamingo(FlamingoGeneration, TrainableModel):
         )
         if packing is not None:
             cond = self._cond
-            cond.index = media_index(lang_x[:, : packing.width], self.media_token_id, self.xattn_semantics)
+            cond.set_index(media_index(lang_x[:, : packing.width], self.media_token_id, self.xattn_semantics))
             cond.packing = packing
             hidden = family.decoder(lm)(
                 input_ids=packing.input_ids, position_ids=packing.positions, attention_mask=None, use_cache=False

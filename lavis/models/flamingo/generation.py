@@ -108,7 +108,7 @@ class FlamingoGeneration:
         rows, length = lang_x.shape[0] * beams, lang_x.shape[1]
         cache = reserved_cache(lm.config, length + search.max_new_tokens)
         family = family_of_model(lm)
-        fast = family.decoding_step(lm)
+        fast = family.decoding_step(lm, length + search.max_new_tokens)
         mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
         # The whole prompt once per sample (HF runs it once per beam row: identical rows); its last
         # position's logits are the first step's of every beam.

@@ -48,12 +48,13 @@ class LanguageModelFamily:
         """The decoder stack whose forward sees each call's ``input_ids`` (where Flamingo hooks in)."""
         return lm.get_decoder()
 
-    def decoding_step(self, lm: nn.Module) -> DecodingStep | None:
+    def decoding_step(self, lm: nn.Module, max_positions: int) -> DecodingStep | None:
         """A function computing one cached decoding call of ``lm`` without its forward's wrappers, or None.
 
         None (the default): the caller runs the LM's forward. A family returns a function only where it
-        computes exactly what that forward would (same logits), for the LM as it is configured now.
-        The function does not run the decoder stack's forward pre-hooks: the caller does their work first.
+        computes exactly what that forward would (same logits), for the LM as it is configured now, at
+        positions below ``max_positions``. The function does not run the decoder stack's forward
+        pre-hooks: the caller does their work first.
         """
         return None
 

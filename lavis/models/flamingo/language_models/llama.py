@@ -3,9 +3,36 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lavis.models.flamingo.language_models.base import DecodingStep, LanguageModelFamily
+
+
+class RotaryTable:
+    """A static rotary embedding's cos/sin, computed once for positions ``0 .. size - 1`` and looked up per call.
+
+    HF's rotary module recomputes cos/sin of every position at every decoding call (about ten operations).
+    Each position's values are elementwise in it, so a row of the table equals that call's, bit for bit.
+    Only for rotary types whose frequencies never change: HF rescales "dynamic" and "longrope" ones as
+    the positions grow.
+    """
+
+    def __init__(self, rotary: nn.Module, size: int):
+        self.rotary, self.size = rotary, size
+        self.cos = self.sin = None
+
+    @staticmethod
+    def applies(rotary: nn.Module) -> bool:
+        rope_type = rotary.rope_type
+        return isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope"
+
+    def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None:
+            positions = torch.arange(self.size, device=hidden.device)[None]
+            cos, sin = self.rotary(hidden, position_ids=positions)
+            self.cos, self.sin = cos[0], sin[0]
+        return F.embedding(position_ids, self.cos), F.embedding(position_ids, self.sin)
 
 
 class LlamaFamily(LanguageModelFamily):
@@ -19,12 +46,13 @@ class LlamaFamily(LanguageModelFamily):
     forward cannot.
     """
 
-    def decoding_step(self, lm: nn.Module) -> DecodingStep | None:
+    def decoding_step(self, lm: nn.Module, max_positions: int) -> DecodingStep | None:
         # The mask below is what create_causal_mask builds for SDPA; other attention kernels take others.
         if lm.config._attn_implementation != "sdpa":
             return None
         decoder, head = self.decoder(lm), lm.get_output_embeddings()
         layers = decoder.layers[: lm.config.num_hidden_layers]
+        rotary = RotaryTable(decoder.rotary_emb, max_positions) if RotaryTable.applies(decoder.rotary_emb) else None
 
         def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
             hidden = decoder.embed_tokens(input_ids)
@@ -35,7 +63,10 @@ class LlamaFamily(LanguageModelFamily):
                 mask = attention_mask
             else:
                 mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
-            position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
+            if rotary is None:
+                position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
+            else:
+                position_embeddings = rotary(hidden, position_ids)
             for layer in layers:
                 hidden = layer(
                     hidden,
