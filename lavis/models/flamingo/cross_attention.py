@@ -72,6 +72,11 @@ def media_index(
     raise ValueError(f"xattn semantics must be one of {XATTN_SEMANTICS}, got {semantics!r}")
 
 
+def attends_image(index: torch.Tensor, num_media: int) -> torch.Tensor:
+    """Which tokens attend an image: a media index in ``1 .. num_media`` (0, or past the images given: none)."""
+    return (index > 0) & (index <= num_media)
+
+
 def segment_attention(
     q: torch.Tensor, kv: MediaKV, index: torch.Tensor, attends: torch.Tensor, group: int, scale: float
 ) -> torch.Tensor:
@@ -144,7 +149,7 @@ class MaskedCrossAttention(nn.Module):
         only the span of the call's tokens that attend an image is computed; None when no token does.
         """
         kv = media if isinstance(media, MediaKV) else self.media_kv(media)
-        attends = (index > 0) & (index <= kv.num_media)
+        attends = attends_image(index, kv.num_media)
         if not attends.any():  # e.g. every v1 decoding step
             return None
         columns = attends.any(dim=0).nonzero()

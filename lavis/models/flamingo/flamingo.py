@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from lavis.common.errors import DataError
 from lavis.common.special_tokens import IGNORE_INDEX
 from lavis.models.base import TrainableModel
-from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, media_index
+from lavis.models.flamingo.cross_attention import GatedCrossAttentionBlock, attends_image, media_index
 from lavis.models.flamingo.generation import FlamingoGeneration
 from lavis.models.flamingo.language_models import family_of_model
 from lavis.models.flamingo.packing import Packing
@@ -55,7 +55,7 @@ class _Conditioning:
         call (one host sync) rather than by every block, which skips its attention when none does (every
         v1 decoding step)."""
         self.index = index
-        self.attends = bool(((index > 0) & (index <= self.media.shape[1])).any())
+        self.attends = bool(attends_image(index, self.media.shape[1]).any())
 
 
 class Flamingo(FlamingoGeneration, TrainableModel):

@@ -52,7 +52,10 @@ class LlamaFamily(LanguageModelFamily):
             return None
         decoder, head = self.decoder(lm), lm.get_output_embeddings()
         layers = decoder.layers[: lm.config.num_hidden_layers]
-        rotary = RotaryTable(decoder.rotary_emb, max_positions) if RotaryTable.applies(decoder.rotary_emb) else None
+        # HF's rotary module itself where its frequencies change with the positions.
+        rotary = decoder.rotary_emb
+        if RotaryTable.applies(rotary):
+            rotary = RotaryTable(rotary, max_positions)
 
         def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
             hidden = decoder.embed_tokens(input_ids)
@@ -63,10 +66,7 @@ class LlamaFamily(LanguageModelFamily):
                 mask = attention_mask
             else:
                 mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
-            if rotary is None:
-                position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
-            else:
-                position_embeddings = rotary(hidden, position_ids)
+            position_embeddings = rotary(hidden, position_ids)
             for layer in layers:
                 hidden = layer(
                     hidden,
