@@ -32,7 +32,9 @@ check is that the project's first loss equals the reference's formulas on the pr
 
 The arithmetic of both sides on the same first batches (matmul, convolution and attention FLOPs of forward +
 backward, torch's ``FlopCounterMode``) is printed too: its ratio is the speed-up at equal FLOP rates, so it says
-how much of a speed-up comes from doing less work and how much from doing it faster.
+how much of a speed-up comes from doing less work and how much from doing it faster. So is each side's FLOP
+rate next to this core's float32 GEMM rate (a 1024 x 1024 matmul), and the ceiling: the speed-up the project
+would have if its arithmetic ran at the GEMM rate and nothing else took time.
 
 Times are the CPU time of the process (``num_workers: 0``, one thread: all the work of both sides runs in
 this process, so CPU time is the work done and stays meaningful on a shared, loaded machine).
@@ -195,15 +197,25 @@ def gflop_per_step(model, batches: list[dict], loss_of) -> float:
     return total / len(batches) / 1e9
 
 
-def work_ratio(batches: list[dict], task) -> str:
-    """Both sides' arithmetic on the same batches: the speed-up a side gets at equal FLOP rates."""
+def work_per_step(batches: list[dict], task) -> tuple[float, float]:
+    """Both sides' GFLOP per step on the same batches: (reference, project)."""
     reference = model_40m()
     with reference_computation(reference, beams=1):
         ref = gflop_per_step(
             reference, batches, lambda m, b: m(b["vision_x"], b["lang_x"], b["attention_mask"], labels=b["labels"]).loss
         )
-    ours = gflop_per_step(model_40m(), batches, task.train_step)
-    return f"work on the same batches (GFLOP/step): reference {ref:.1f}, project {ours:.1f}, ratio {ref / ours:.2f}"
+    return ref, gflop_per_step(model_40m(), batches, task.train_step)
+
+
+def gemm_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """This core's float32 matrix-multiply rate (GFLOP/s of CPU time): the ceiling of any step's arithmetic."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    start = time.process_time()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.process_time() - start) / 1e9
 
 
 def main() -> None:
@@ -264,8 +276,19 @@ def main() -> None:
                 ref_losses = [reference_loss(task.first_batch)]
             if not all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref_losses, task.losses)):
                 raise SystemExit(f"first losses differ: reference {ref_losses} vs project {task.losses}")
-        print(work_ratio(batches[:4], task), flush=True)
+        ref_work, our_work = work_per_step(batches[:4], task)
     r, o = statistics.median(ref_times), statistics.median(ours_times)
+    gemm = gemm_gflops()
+    print(
+        f"work on the same batches (GFLOP/step): reference {ref_work:.1f}, project {our_work:.1f}, "
+        f"ratio {ref_work / our_work:.2f}"
+    )
+    # The speed-up the project would reach if all of its arithmetic ran at the GEMM rate and nothing else
+    # (attention, norms, optimizer, data) took any time: what no change that keeps the arithmetic can beat.
+    print(
+        f"arithmetic rate (GFLOP/s, median steps): reference {ref_work / r:.0f}, project {our_work / o:.0f}; "
+        f"this core's float32 GEMM {gemm:.0f}; ceiling at equal work {r / (our_work / gemm):.2f}x"
+    )
     print(f"reference s/step: min {min(ref_times):.4f} median {r:.4f}")
     print(f"project s/step (train.py iteration, data included): min {min(ours_times):.4f} median {o:.4f}")
     name = f"train_step_{args.max_shots}shot" if args.max_shots else "train_step"
