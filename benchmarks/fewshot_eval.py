@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from release_formulas import release_cross_attention, release_perceiver_attention
 from transformers import DynamicCache
 
 from lavis.common.config import read_yaml
@@ -62,7 +63,6 @@ from lavis.metrics.postprocess import postprocess_caption
 from lavis.models import build_model
 from lavis.models.flamingo import flamingo as flamingo_network
 from lavis.models.flamingo import generation as flamingo_generation
-from lavis.models.flamingo.perceiver import merge_heads, split_heads
 from lavis.runners.eval_batches import predict_records, shared_media_cache
 from lavis.runners.precision import resolve_precision
 from lavis.tasks.captioning import CaptioningTask
@@ -111,32 +111,6 @@ def build(size: str, semantics: str, **overrides):
 
 
 # ---------------------------------------------------------------- the reference's computation
-def release_cross_attention(attn, x, media, index):
-    """OpenFlamingo's MaskedCrossAttention: keys/values from the media at every call, dense masked softmax."""
-    b, t_img, n, _ = media.shape
-    q = split_heads(attn.to_q(attn.norm(x)), attn.heads) * attn.scale
-    k, v = attn.to_kv(media.reshape(b, t_img * n, -1)).chunk(2, dim=-1)
-    k, v = split_heads(k, attn.heads), split_heads(v, attn.heads)
-    sim = q @ k.transpose(-1, -2)
-    media_time = torch.arange(1, t_img + 1).repeat_interleave(n)
-    sim = sim.masked_fill(index[:, None, :, None] != media_time, -torch.finfo(sim.dtype).max)
-    weights = (sim - sim.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
-    weights = weights.masked_fill(~((index > 0) & (index <= t_img))[:, None, :, None], 0.0)
-    return attn.to_out(merge_heads(weights @ v))
-
-
-def release_perceiver_attention(attn, media, latents):
-    """OpenFlamingo's PerceiverAttention with the explicit softmax."""
-    if latents.dim() == 2:  # the release repeats the learned latents for every image
-        latents = latents.expand(*media.shape[:-2], *latents.shape)
-    media, latents = attn.norm_media(media), attn.norm_latents(latents)
-    q = split_heads(attn.to_q(latents), attn.heads) * attn.scale
-    k, v = attn.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
-    k, v = split_heads(k, attn.heads), split_heads(v, attn.heads)
-    sim = q @ k.transpose(-1, -2)
-    return attn.to_out(merge_heads((sim - sim.amax(-1, keepdim=True).detach()).softmax(-1) @ v))
-
-
 @contextlib.contextmanager
 def reference_computation(model, beams: int):
     """Within the block the model computes as OpenFlamingo does (see the module docstring)."""

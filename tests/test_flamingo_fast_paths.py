@@ -1,11 +1,15 @@
 """The fused attention paths equal the plain formulas of the release, and do only the work that changes.
 
-The references below are the release's masked attention written out term by term (dense similarity over
-every image's latents, masked_fill, amax subtraction, softmax, rows without an image zeroed), run on the
-media repeated per beam: what OpenFlamingo computes at every LM call.
+The references are the release's masked attention written out term by term (dense similarity over every
+image's latents, masked_fill, amax subtraction, softmax, rows without an image zeroed;
+``benchmarks/release_formulas.py``, the few-shot benchmark's baseline too), run on the media repeated per
+beam: what OpenFlamingo computes at every LM call.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,34 +18,13 @@ from omegaconf import OmegaConf
 from lavis.common.config import read_yaml
 from lavis.models import build_model
 from lavis.models.flamingo.cross_attention import MaskedCrossAttention, media_index_v1, media_index_v2
-from lavis.models.flamingo.perceiver import PerceiverAttention, merge_heads, split_heads
+from lavis.models.flamingo.perceiver import PerceiverAttention
 from tests.test_flamingo_network import PROMPTS, open_gates, prompts_batch, tiny_cfg
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from release_formulas import release_cross_attention, release_perceiver_attention  # noqa: E402
+
 torch.set_num_threads(1)
-
-
-def release_cross_attention(attn: MaskedCrossAttention, x, media, index):
-    b, t_img, n, _ = media.shape
-    q = split_heads(attn.to_q(attn.norm(x)), attn.heads) * attn.scale
-    k, v = attn.to_kv(media.reshape(b, t_img * n, -1)).chunk(2, dim=-1)
-    k, v = split_heads(k, attn.heads), split_heads(v, attn.heads)
-    sim = q @ k.transpose(-1, -2)
-    media_time = torch.arange(1, t_img + 1).repeat_interleave(n)
-    sim = sim.masked_fill(index[:, None, :, None] != media_time, -torch.finfo(sim.dtype).max)
-    attn_w = (sim - sim.amax(dim=-1, keepdim=True)).softmax(dim=-1)
-    attn_w = attn_w.masked_fill(~((index > 0) & (index <= t_img))[:, None, :, None], 0.0)
-    return attn.to_out(merge_heads(attn_w @ v))
-
-
-def release_perceiver_attention(attn: PerceiverAttention, media, latents):
-    if latents.dim() == 2:  # the release repeats the learned latents for every image
-        latents = latents.expand(*media.shape[:-2], *latents.shape)
-    media, latents = attn.norm_media(media), attn.norm_latents(latents)
-    q = split_heads(attn.to_q(latents), attn.heads) * attn.scale
-    k, v = attn.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
-    k, v = split_heads(k, attn.heads), split_heads(v, attn.heads)
-    sim = q @ k.transpose(-1, -2)
-    return attn.to_out(merge_heads((sim - sim.amax(-1, keepdim=True)).softmax(-1) @ v))
 
 
 M = 9  # the media token id of these crafted rows
