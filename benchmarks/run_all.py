@@ -111,7 +111,7 @@ FIGURE = re.compile(r"^([A-Za-z_][\w]*)=([-+\w.]+)$")
 
 
 def verdict(targets: tuple[Target, ...], figures: list[str]) -> str:
-    """ "met", or each target missed with the value printed; empty for a benchmark without a target."""
+    """Either "met" or each target missed with the value printed; empty for a benchmark without a target."""
     if not targets:
         return ""
     values = dict(FIGURE.match(line).groups() for line in figures)
