@@ -159,11 +159,16 @@ def run_cfg(root: str, name: str, steps: int, group_by_length: bool = False) -> 
     return run
 
 
+def release_loss(model, batch: dict) -> torch.Tensor:
+    """OpenFlamingo's training loss of ``batch``: its forward with the labels, every position's logits."""
+    return model(batch["vision_x"], batch["lang_x"], batch["attention_mask"], labels=batch["labels"]).loss
+
+
 def reference_loss(batch: dict) -> float:
     """The reference's loss (release formulas, full logits) of ``batch`` under the initial weights."""
     model = model_40m()
     with torch.no_grad(), reference_computation(model, beams=1):
-        return float(model(batch["vision_x"], batch["lang_x"], batch["attention_mask"], labels=batch["labels"]).loss)
+        return float(release_loss(model, batch))
 
 
 def reference_loop(model, batches: list[dict], task) -> tuple[float, list[float]]:
@@ -177,7 +182,7 @@ def reference_loop(model, batches: list[dict], task) -> tuple[float, list[float]
     with reference_computation(model, beams=1):
         for batch in batches:
             stamps.append(time.process_time())
-            loss = model(batch["vision_x"], batch["lang_x"], batch["attention_mask"], labels=batch["labels"]).loss
+            loss = release_loss(model, batch)
             loss.backward()
             embedding.weight.grad = embedding.weight.grad * keep  # OpenFlamingo masks the old rows' gradient
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -186,28 +191,6 @@ def reference_loop(model, batches: list[dict], task) -> tuple[float, list[float]
             if len(losses) < 3:
                 losses.append(float(loss.detach()))
     return stamps, losses
-
-
-def gflop_per_step(model, batches: list[dict], loss_of) -> float:
-    """Matmul, convolution and attention GFLOP of forward + backward, per step (torch's FlopCounterMode)."""
-    total = 0
-    model.train()
-    for batch in batches:
-        with FlopCounterMode(display=False) as counter:
-            loss_of(model, batch).backward()
-        total += counter.get_total_flops()
-        model.zero_grad(set_to_none=True)
-    return total / len(batches) / 1e9
-
-
-def work_per_step(batches: list[dict], task) -> tuple[float, float]:
-    """Both sides' GFLOP per step on the same batches: (reference, project)."""
-    reference = model_40m()
-    with reference_computation(reference, beams=1):
-        ref = gflop_per_step(
-            reference, batches, lambda m, b: m(b["vision_x"], b["lang_x"], b["attention_mask"], labels=b["labels"]).loss
-        )
-    return ref, gflop_per_step(model_40m(), batches, task.train_step)
 
 
 class ArithmeticTimer(TorchDispatchMode):
@@ -227,18 +210,26 @@ class ArithmeticTimer(TorchDispatchMode):
         return out
 
 
-def arithmetic_seconds(batches: list[dict], task) -> float:
-    """The project's CPU seconds per step inside its counted arithmetic (forward + backward), same batches."""
-    model = model_40m()
+def forward_backward(model, batches: list[dict], loss_of, mode: TorchDispatchMode) -> None:
+    """Forward + backward of every batch under ``mode`` (entered once: it sees them all); gradients dropped."""
     model.train()
-    task.train_step(model, batches[0]).backward()  # warm-up: first-call allocations and kernel selection
-    model.zero_grad(set_to_none=True)
-    timer = ArithmeticTimer()
-    for batch in batches:
-        with timer:
-            task.train_step(model, batch).backward()
-        model.zero_grad(set_to_none=True)
-    return timer.seconds / len(batches)
+    with mode:
+        for batch in batches:
+            loss_of(model, batch).backward()
+            model.zero_grad(set_to_none=True)
+
+
+def work_per_step(batches: list[dict], task) -> tuple[float, float, float]:
+    """Per step on the same batches: both sides' GFLOP (reference, project) and the project's CPU seconds
+    inside exactly the counted ops (timed on a second pass, so no first-call allocation is timed)."""
+    reference, ours = model_40m(), model_40m()
+    ref_flops, our_flops, timer = FlopCounterMode(display=False), FlopCounterMode(display=False), ArithmeticTimer()
+    with reference_computation(reference, beams=1):
+        forward_backward(reference, batches, release_loss, ref_flops)
+    forward_backward(ours, batches, task.train_step, our_flops)
+    forward_backward(ours, batches, task.train_step, timer)
+    n = len(batches)
+    return ref_flops.get_total_flops() / n / 1e9, our_flops.get_total_flops() / n / 1e9, timer.seconds / n
 
 
 def gemm_gflops(size: int = 1024, repeats: int = 20) -> float:
@@ -310,8 +301,7 @@ def main() -> None:
                 ref_losses = [reference_loss(task.first_batch)]
             if not all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref_losses, task.losses)):
                 raise SystemExit(f"first losses differ: reference {ref_losses} vs project {task.losses}")
-        ref_work, our_work = work_per_step(batches[:4], task)
-        our_arithmetic = arithmetic_seconds(batches[:4], task)
+        ref_work, our_work, our_arithmetic = work_per_step(batches[:4], task)
     r, o = statistics.median(ref_times), statistics.median(ours_times)
     gemm = gemm_gflops()
     print(
