@@ -210,8 +210,8 @@ class ArithmeticTimer(TorchDispatchMode):
         return out
 
 
-def forward_backward(model, batches: list[dict], loss_of, mode: TorchDispatchMode) -> None:
-    """Forward + backward of every batch under ``mode`` (entered once: it sees them all); gradients dropped."""
+def forward_backward(model, batches: list[dict], loss_of, mode) -> None:
+    """Forward + backward of every batch under ``mode`` (a FlopCounterMode or a dispatch mode, entered once)."""
     model.train()
     with mode:
         for batch in batches:
